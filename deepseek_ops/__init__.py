@@ -1,0 +1,16 @@
+"""deepseek_ops: Hopper kernels for DeepSeek-V3 building blocks, as PyTorch ops.
+
+Every op is a torch op under torch.ops.deepseek_ops with a CUDA kernel (sm_90a), a CPU kernel
+(the reference in deepseek_ops.reference) and a fake kernel for torch.compile. The functions
+here validate their arguments and dispatch to those ops.
+"""
+from deepseek_ops._extension import build_summary, cuda_kernels_built
+from deepseek_ops.quant import dequant_fp8_block, per_block_quant_fp8, per_token_group_quant_fp8
+
+__all__ = [
+    "build_summary",
+    "cuda_kernels_built",
+    "dequant_fp8_block",
+    "per_block_quant_fp8",
+    "per_token_group_quant_fp8",
+]

@@ -1,0 +1,74 @@
+"""Parity harness shared by tests/, `python -m deepseek_ops check` and the benchmarks."""
+import functools
+
+import torch
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """1 - 2*sum(x*y) / sum(x*x + y*y), in float64: 0 for equal tensors, scale-free (DeepGEMM's metric)."""
+    x, y = x.double(), y.double()
+    denominator = (x * x + y * y).sum()
+    if denominator == 0:
+        return 0.0
+    return float(1 - 2 * (x * y).sum() / denominator)
+
+
+def max_rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in float64."""
+    out, ref = out.double(), ref.double()
+    scale = ref.abs().max() if ref.numel() else torch.tensor(0.0)
+    if scale == 0:
+        return float((out - ref).abs().max()) if out.numel() else 0.0
+    return float((out - ref).abs().max() / scale)
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fills an output buffer with NaN (or 0x7f bytes for types without NaN) before a kernel writes it."""
+    if t.dtype.is_floating_point and t.element_size() >= 2:
+        return t.fill_(float("nan"))
+    t.view(torch.uint8).fill_(0x7F)  # e4m3 NaN; an implausible value for integer types
+    return t
+
+
+def assert_written(t: torch.Tensor, name: str = "output"):
+    """Every element of a poisoned buffer was overwritten (no NaN left)."""
+    if t.dtype.is_floating_point:
+        bad = torch.isnan(t.float())
+    else:
+        bad = t.view(torch.uint8) == 0x7F
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(f"{name}: {int(bad.sum())} of {t.numel()} elements not written, first at {idx}")
+
+
+def assert_bitwise_equal(out: torch.Tensor, ref: torch.Tensor, name: str = "output"):
+    """Same shape, dtype and bits; prints the first mismatches."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype} != {ref.dtype}"
+    a = out.contiguous().view(torch.uint8).cpu()
+    b = ref.contiguous().view(torch.uint8).cpu()
+    mismatch = (a != b).reshape(out.shape + (-1,)).any(-1) if out.dim() else (a != b).any()
+    if mismatch.any():
+        idx = mismatch.nonzero()[:5].tolist()
+        firsts = [(i, out[tuple(i)].float().item(), ref[tuple(i)].float().item()) for i in idx]
+        raise AssertionError(f"{name}: {int(mismatch.sum())} of {out.numel()} elements differ; first "
+                             f"(index, got, expected): {firsts}")
+
+
+@functools.lru_cache(maxsize=None)
+def hopper_available() -> bool:
+    """A Hopper (sm_90) GPU is visible and the extension has its CUDA kernels."""
+    from deepseek_ops import cuda_kernels_built
+
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and cuda_kernels_built())
+
+
+def skip_reason() -> str:
+    from deepseek_ops import build_summary, cuda_kernels_built
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    if not cuda_kernels_built():
+        return f"extension {build_summary()}"
+    return f"the kernels need sm_90 (Hopper); this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
