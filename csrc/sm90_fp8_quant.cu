@@ -1,7 +1,9 @@
 // FP8 quantization in the DeepSeek-V3 recipe: 1 x group_size activation groups and 128 x 128
 // weight blocks, scale = max(amax, 1e-4) / 448 (optionally rounded up to a power of two, UE8M0),
-// values = x / scale rounded to nearest even into e4m3. Bit-identical to deepseek_ops/reference.py:
-// the division is IEEE (no reciprocal multiply) and the e4m3 rounding is cvt.rn.
+// values = x * (1 / scale) rounded to nearest even into e4m3. Bit-identical to
+// deepseek_ops/reference.py: the scale division and the reciprocal are IEEE round-to-nearest, the
+// multiply is one rounded fp32 product, and the e4m3 rounding is cvt.rn. (An IEEE division per
+// element costs ~20 instructions: enough to make the kernel issue-bound, so it multiplies.)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -65,10 +67,11 @@ __device__ __forceinline__ float scale_from_amax(float amax) {
 template <typename T>
 __device__ __forceinline__ void quantize_store(const Vec16<T>& x, float scale, uint8_t* dst) {
   constexpr int kElems = Vec16<T>::kElems;
+  const float inv_scale = __frcp_rn(scale);
   uint16_t pairs[kElems / 2];
 #pragma unroll
   for (int i = 0; i < kElems / 2; ++i) {
-    pairs[i] = ptx::cvt_e4m3x2(__fdiv_rn(x.v[2 * i], scale), __fdiv_rn(x.v[2 * i + 1], scale));
+    pairs[i] = ptx::cvt_e4m3x2(__fmul_rn(x.v[2 * i], inv_scale), __fmul_rn(x.v[2 * i + 1], inv_scale));
   }
   if constexpr (kElems == 8) {
     ptx::st_cs_v2(dst, *reinterpret_cast<const int2*>(pairs));

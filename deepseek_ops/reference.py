@@ -18,8 +18,15 @@ def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_from_amax(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
-    scale = torch.clamp(amax, min=SCALE_FLOOR) / FP8_MAX
+    # Tensor / tensor: an IEEE division on every device (CUDA torch turns "/ scalar" into a
+    # multiply by the reciprocal, which can differ in the last bit).
+    scale = torch.clamp(amax, min=SCALE_FLOOR) / torch.full_like(amax, FP8_MAX)
     return round_scale_ue8m0(scale) if ue8m0 else scale
+
+
+def _quantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """values * (1 / scale), each step rounded in fp32, then round-to-nearest-even into e4m3."""
+    return (values * torch.reciprocal(scales)).to(FP8)
 
 
 def column_major_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -35,7 +42,7 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int, ue8m0: bool, col
     m, k = x.shape
     groups = x.float().reshape(m, k // group_size, group_size)
     scales = _scale_from_amax(groups.abs().amax(dim=-1), ue8m0)  # [M, G]
-    x_fp8 = (groups / scales.unsqueeze(-1)).to(FP8).reshape(m, k)
+    x_fp8 = _quantize(groups, scales.unsqueeze(-1)).reshape(m, k)
     return x_fp8, column_major_scales(scales) if column_major else scales
 
 
@@ -46,7 +53,7 @@ def per_block_quant_fp8(w: torch.Tensor, block_size: int, ue8m0: bool):
     padded[:n, :k] = w.float()  # zero padding never changes an amax
     blocks = padded.reshape(nb, block_size, kb, block_size)
     scales = _scale_from_amax(blocks.abs().amax(dim=(1, 3)), ue8m0)  # [NB, KB]
-    w_fp8 = (blocks / scales[:, None, :, None]).to(FP8).reshape(nb * block_size, kb * block_size)
+    w_fp8 = _quantize(blocks, scales[:, None, :, None]).reshape(nb * block_size, kb * block_size)
     return w_fp8[:n, :k].contiguous(), scales
 
 
