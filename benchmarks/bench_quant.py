@@ -1,0 +1,135 @@
+"""FP8 quantization: per_token_group_quant_fp8 and per_block_quant_fp8 against PyTorch.
+
+Peers: `torch` is the reference implementation (deepseek_ops.reference) run eagerly on the GPU
+tensors, `torch_compile` the same function through torch.compile. Bytes = input read + e4m3
+values written + fp32 scales written; GB/s is reported against the copy probe of the same run.
+"""
+from typing import Callable, Dict, List, Tuple
+
+import pytest
+import torch
+
+from benchmarks.report import OURS, Record, throughput
+from benchmarks.timing import bench, bench_graph, host_overhead_us
+from deepseek_ops import reference
+
+TOKEN_GROUP_SHAPES = [(16384, 7168), (4096, 7168), (128, 7168)]  # (M, K): prefill, chunk, decode batch
+BLOCK_SHAPES = [(7168, 16384)]  # (N, K): one DeepSeek-V3 weight
+GROUP = 128
+SHORT_OP_MS = 0.05  # under ~50 us the kernel time comes from CUDA-graph replay (protocol)
+
+
+def token_group_bytes(m: int, k: int, in_bytes: int = 2, group: int = GROUP) -> int:
+    return in_bytes * m * k + m * k + 4 * m * (k // group)
+
+
+def block_bytes(n: int, k: int, in_bytes: int = 2, block: int = 128) -> int:
+    return in_bytes * n * k + n * k + 4 * (-(-n // block)) * (-(-k // block))
+
+
+def _mismatch(out: Tuple[torch.Tensor, torch.Tensor], ref: Tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Fraction of values or scales whose bits differ from the reference (0.0: bitwise equal)."""
+    worst = 0.0
+    for o, r in zip(out, ref):
+        if o.shape != r.shape or o.dtype != r.dtype:
+            return 1.0
+        a = o.contiguous().view(torch.uint8).reshape(o.numel(), -1)
+        b = r.contiguous().view(torch.uint8).reshape(r.numel(), -1)
+        worst = max(worst, float((a != b).any(-1).double().mean()) if o.numel() else 0.0)
+    return worst
+
+
+def time_op(fn: Callable[[], object]) -> float:
+    """Median ms: eager CUDA events with an L2 flush, or CUDA-graph replay for short ops."""
+    ms = bench(fn)
+    return bench_graph(fn) if ms < SHORT_OP_MS else ms
+
+
+def token_group_impls(x: torch.Tensor) -> Dict[str, Callable[[], Tuple[torch.Tensor, torch.Tensor]]]:
+    import deepseek_ops
+
+    compiled = torch.compile(reference.per_token_group_quant_fp8, fullgraph=True, dynamic=False)
+    return {OURS: lambda: deepseek_ops.per_token_group_quant_fp8(x, GROUP),
+            "torch": lambda: reference.per_token_group_quant_fp8(x, GROUP, False, False),
+            "torch_compile": lambda: compiled(x, GROUP, False, False)}
+
+
+def block_impls(w: torch.Tensor) -> Dict[str, Callable[[], Tuple[torch.Tensor, torch.Tensor]]]:
+    import deepseek_ops
+
+    compiled = torch.compile(reference.per_block_quant_fp8, fullgraph=True, dynamic=False)
+    return {OURS: lambda: deepseek_ops.per_block_quant_fp8(w, 128),
+            "torch": lambda: reference.per_block_quant_fp8(w, 128, False),
+            "torch_compile": lambda: compiled(w, 128, False)}
+
+
+def _measure(kernel: str, shape: dict, impls: dict, ref, bytes_moved: int) -> List[Record]:
+    """Checks ours bitwise against the reference (raises if not), then times every impl."""
+    records = []
+    for impl, fn in impls.items():
+        error = _mismatch(fn(), ref)
+        if impl == OURS and error != 0.0:
+            raise AssertionError(f"{kernel} {shape}: deepseek_ops differs from the reference in "
+                                 f"{error:.3%} of elements; not timed")
+        ms = time_op(fn)
+        _, gbps = throughput(ms, bytes_moved=bytes_moved)
+        records.append(Record(kernel, dict(shape), impl, ms, None, gbps, error))
+        if impl == OURS and ms < SHORT_OP_MS:
+            print(f"{kernel} {shape}: host overhead {host_overhead_us(fn):.1f} us per eager call", flush=True)
+    return records
+
+
+def run(quick: bool = False, device: str = "cuda") -> List[Record]:
+    records: List[Record] = []
+    for m, k in TOKEN_GROUP_SHAPES[:1] if quick else TOKEN_GROUP_SHAPES:
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        ref = reference.per_token_group_quant_fp8(x, GROUP, False, False)
+        records += _measure("per_token_group_quant_fp8", {"M": m, "K": k}, token_group_impls(x), ref,
+                            token_group_bytes(m, k))
+        del x, ref
+    for n, k in BLOCK_SHAPES:
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+        ref = reference.per_block_quant_fp8(w, 128, False)
+        records += _measure("per_block_quant_fp8", {"M": n, "K": k}, block_impls(w), ref, block_bytes(n, k))
+        del w, ref
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return records
+
+
+# pytest-benchmark entries (`pytest benchmarks/ --benchmark-only` on the H200): wall time of a
+# synchronized call; the CUDA-event median and GB/s go into extra_info.
+# (the gpu marker skips them without a Hopper GPU: benchmarks/conftest.py)
+
+
+def _pytest_bench(benchmark, impl_fn, ref, bytes_moved: int):
+    out = impl_fn()
+    assert _mismatch(out, ref) == 0.0, "deepseek_ops differs from the reference; not timed"
+    ms = bench(impl_fn)
+    benchmark.extra_info.update({"median_ms_cuda_events": ms, "gbps": throughput(ms, bytes_moved=bytes_moved)[1]})
+
+    def call():
+        impl_fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
+
+
+@pytest.mark.gpu
+def test_per_token_group_quant_fp8(benchmark):
+    import deepseek_ops
+
+    m, k = TOKEN_GROUP_SHAPES[0]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    _pytest_bench(benchmark, lambda: deepseek_ops.per_token_group_quant_fp8(x, GROUP),
+                  reference.per_token_group_quant_fp8(x, GROUP, False, False), token_group_bytes(m, k))
+
+
+@pytest.mark.gpu
+def test_per_block_quant_fp8(benchmark):
+    import deepseek_ops
+
+    n, k = BLOCK_SHAPES[0]
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    _pytest_bench(benchmark, lambda: deepseek_ops.per_block_quant_fp8(w, 128),
+                  reference.per_block_quant_fp8(w, 128, False), block_bytes(n, k))

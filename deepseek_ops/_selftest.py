@@ -1,0 +1,236 @@
+"""Parity self-test behind `python -m deepseek_ops check`: one check per op, per device.
+
+CHECKS maps an op name to check(device) -> (error, passed):
+  device "cpu":  the op's CPU kernel (the reference) against an independent recomputation (float64
+                 where that means something), and the fake/meta kernel's shapes, dtypes and strides
+                 against the real outputs.
+  device "cuda": only called when a Hopper GPU and the CUDA build are present; the CUDA kernel
+                 against the CPU reference on the same inputs, with the op's metric (bitwise for
+                 quantization and data movement, calc_diff or max_rel_error for GEMM/attention).
+`error` is what the table prints (the metric's value); `passed` says whether it is within bound.
+A check that raises counts as failed, with its message.
+
+Adding the checks of a new op family: append to the END of this file (others append too)
+
+    @register_check("fp8_gemm")
+    def _check_fp8_gemm(device: torch.device) -> Tuple[float, bool]:
+        ...fresh random inputs, call the public deepseek_ops function on `device`, compare...
+        return error, error < bound
+
+Use fresh random inputs (never zeros) of a few odd shapes, small enough to run in seconds on a
+2-core CPU; `assert_meta_matches` covers the fake kernel.
+"""
+import math
+import traceback
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+from deepseek_ops import testing
+
+CheckFn = Callable[[torch.device], Tuple[float, bool]]
+CHECKS: Dict[str, CheckFn] = {}
+
+
+def register_check(op_name: str) -> Callable[[CheckFn], CheckFn]:
+    """Decorator: registers `check(device) -> (error, passed)` as the self-test of op_name."""
+
+    def decorate(fn: CheckFn) -> CheckFn:
+        if op_name in CHECKS:
+            raise ValueError(f"a self-test for {op_name!r} is already registered")
+        CHECKS[op_name] = fn
+        return fn
+
+    return decorate
+
+
+def meta_matches(outputs, meta_outputs) -> bool:
+    """The fake kernel's outputs have the real outputs' shapes, dtypes and strides."""
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    meta_outputs = meta_outputs if isinstance(meta_outputs, (tuple, list)) else (meta_outputs,)
+    return len(outputs) == len(meta_outputs) and all(
+        o.shape == m.shape and o.dtype == m.dtype and o.stride() == m.stride()
+        for o, m in zip(outputs, meta_outputs))
+
+
+def assert_meta_matches(fn: Callable, *args):
+    """Runs fn on `args` and on their meta copies; raises if the outputs' metadata differ."""
+    real = fn(*args)
+    meta = fn(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args))
+    if not meta_matches(real, meta):
+        raise AssertionError(f"fake kernel disagrees with the real outputs: "
+                             f"{_describe(real)} vs meta {_describe(meta)}")
+    return real
+
+
+def _describe(outputs) -> str:
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return ", ".join(f"{tuple(o.shape)}/{o.dtype}/{o.stride()}" for o in outputs)
+
+
+def available_devices() -> Tuple[List[str], str]:
+    """Devices to check on this machine, and why CUDA is left out (empty when it is not)."""
+    if testing.hopper_available():
+        return ["cpu", "cuda"], ""
+    return ["cpu"], testing.skip_reason()
+
+
+def run_checks(devices: Sequence[str], only: Sequence[str] = ()) -> List[Tuple[str, str, float, bool, str]]:
+    """(op, device, error, passed, note) for every registered check (or those named in `only`)."""
+    rows = []
+    for op_name, check in CHECKS.items():
+        if only and op_name not in only:
+            continue
+        for device in devices:
+            try:
+                error, passed = check(torch.device(device))
+                rows.append((op_name, device, float(error), bool(passed), ""))
+            except Exception as exc:  # noqa: BLE001 - a crashing check is a failed check
+                note = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                rows.append((op_name, device, math.nan, False, note))
+                traceback.print_exc()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 quantization
+
+
+def _e4m3_ulp(q: torch.Tensor) -> torch.Tensor:
+    """Spacing of e4m3 values at q (float64): 2**(e - 3) for normals, 2**-9 for subnormals."""
+    exponent = torch.floor(torch.log2(q.abs().clamp(min=2.0 ** -6)))
+    return torch.exp2(exponent - 3)
+
+
+# Round to nearest is within 0.5 ulp of the exact x / s. The op first forms x * (1 / s) in fp32
+# (as the CUDA kernels do): two roundings of <= 2**-24 relative each, and |q| <= 16 ulps of q, so
+# they can add up to 2**-19 ulp; the bound leaves room for that and nothing more.
+QUANT_ULP_BOUND = 0.5 + 2.0 ** -18
+
+
+def _quant_error_ulps(x: torch.Tensor, q: torch.Tensor, scales_full: torch.Tensor) -> float:
+    """max |x / s - q| in e4m3 ulps of q (round to nearest: <= 0.5), all in float64."""
+    if x.numel() == 0:
+        return 0.0
+    exact = x.double() / scales_full.double()
+    qd = q.double()
+    return float(((exact - qd).abs() / _e4m3_ulp(qd)).max())
+
+
+def _expected_scales(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
+    """max(amax, 1e-4) / 448 in float64, rounded once to fp32 (= IEEE fp32 division); ue8m0:
+    the smallest power of two >= that scale."""
+    scale = (amax.double().clamp(min=1e-4) / 448.0).float()
+    if ue8m0:
+        scale = torch.exp2(torch.ceil(torch.log2(scale.double()))).float()
+    return scale
+
+
+def _random_input(shape, dtype, device) -> torch.Tensor:
+    # Rows of very different magnitudes, so that scales span many binades.
+    x = torch.randn(shape, dtype=torch.float32)
+    if x.dim() == 2 and x.shape[0] > 0:
+        x = x * torch.exp2(torch.randint(-12, 8, (x.shape[0], 1)).float())
+    return x.to(dtype=dtype, device=device)
+
+
+def _bitwise_mismatch(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Fraction of elements whose bits differ (1.0 on a shape or dtype mismatch)."""
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return 1.0
+    if out.numel() == 0:
+        return 0.0
+    a = out.contiguous().cpu().view(torch.uint8).reshape(out.numel(), -1)
+    b = ref.contiguous().cpu().view(torch.uint8).reshape(ref.numel(), -1)
+    return float((a != b).any(-1).double().mean())
+
+
+_TOKEN_GROUP_CASES = [  # (M, K, group_size, dtype, ue8m0, column_major)
+    (129, 768, 128, torch.bfloat16, False, False),
+    (7, 384, 64, torch.float16, True, True),
+    (33, 256, 32, torch.float32, False, True),
+    (0, 128, 128, torch.bfloat16, True, False),
+]
+
+
+@register_check("per_token_group_quant_fp8")
+def _check_per_token_group_quant(device: torch.device) -> Tuple[float, bool]:
+    import deepseek_ops
+
+    worst, passed = 0.0, True
+    for m, k, group, dtype, ue8m0, column_major in _TOKEN_GROUP_CASES:
+        x = _random_input((m, k), dtype, device)
+        fn = lambda t: deepseek_ops.per_token_group_quant_fp8(  # noqa: E731
+            t, group, "ue8m0" if ue8m0 else None, column_major)
+        if device.type == "cpu":
+            q, s = assert_meta_matches(fn, x)
+            amax = x.double().reshape(m, k // group, group).abs().amax(-1) if m else x.new_zeros(0, k // group)
+            scales_ok = torch.equal(s, _expected_scales(amax, ue8m0))
+            err = _quant_error_ulps(x, q, s.repeat_interleave(group, 1))
+            worst = max(worst, err)
+            passed &= scales_ok and err <= QUANT_ULP_BOUND and (not column_major or s.stride(0) == 1)
+        else:
+            q, s = fn(x)
+            q_ref, s_ref = fn(x.cpu())
+            err = max(_bitwise_mismatch(q, q_ref), _bitwise_mismatch(s, s_ref))
+            worst = max(worst, err)
+            passed &= err == 0.0 and s.stride() == s_ref.stride()
+    return worst, passed
+
+
+_BLOCK_CASES = [  # (N, K, dtype, ue8m0)
+    (200, 384, torch.bfloat16, False),
+    (576, 256, torch.float32, True),
+    (1, 128, torch.float16, False),
+]
+
+
+@register_check("per_block_quant_fp8")
+def _check_per_block_quant(device: torch.device) -> Tuple[float, bool]:
+    import deepseek_ops
+    from deepseek_ops.reference import expand_block_scales
+
+    worst, passed = 0.0, True
+    for n, k, dtype, ue8m0 in _BLOCK_CASES:
+        w = torch.randn(n, k, dtype=torch.float32).to(dtype=dtype, device=device)
+        fn = lambda t: deepseek_ops.per_block_quant_fp8(t, 128, "ue8m0" if ue8m0 else None)  # noqa: E731
+        if device.type == "cpu":
+            q, s = assert_meta_matches(fn, w)
+            nb = -(-n // 128)
+            amax = torch.stack([w[i * 128:(i + 1) * 128].double().abs().reshape(-1, k // 128, 128).amax((0, 2))
+                                for i in range(nb)])
+            scales_ok = torch.equal(s, _expected_scales(amax, ue8m0))
+            err = _quant_error_ulps(w, q, expand_block_scales(s, n, k))
+            worst = max(worst, err)
+            passed &= scales_ok and err <= QUANT_ULP_BOUND
+        else:
+            q, s = fn(w)
+            q_ref, s_ref = fn(w.cpu())
+            err = max(_bitwise_mismatch(q, q_ref), _bitwise_mismatch(s, s_ref))
+            worst = max(worst, err)
+            passed &= err == 0.0
+    return worst, passed
+
+
+@register_check("dequant_fp8_block")
+def _check_dequant(device: torch.device) -> Tuple[float, bool]:
+    import deepseek_ops
+
+    worst, passed = 0.0, True
+    for n, k, out_dtype in [(200, 384, torch.bfloat16), (129, 256, torch.float32), (7, 128, torch.float16)]:
+        w = torch.randn(n, k).to(device)
+        q, s = deepseek_ops.per_block_quant_fp8(w)
+        fn = lambda a, b: deepseek_ops.dequant_fp8_block(a, b, 128, out_dtype)  # noqa: E731
+        if device.type == "cpu":
+            out = assert_meta_matches(fn, q, s)
+            # Independent: each element is one fp8 value times one fp32 scale, exact in float64,
+            # then rounded once to out_dtype.
+            rows = torch.arange(n).div(128, rounding_mode="floor")
+            cols = torch.arange(k).div(128, rounding_mode="floor")
+            expected = (q.double() * s.double()[rows][:, cols]).to(out_dtype)
+            err = _bitwise_mismatch(out, expected)
+        else:
+            err = _bitwise_mismatch(fn(q, s), fn(q.cpu(), s.cpu()))
+        worst = max(worst, err)
+        passed &= err == 0.0
+    return worst, passed
