@@ -69,3 +69,14 @@ def check_cuda_arch(t: torch.Tensor, op: str):
         if (major, minor) != (9, 0):
             raise RuntimeError(f"deepseek_ops.{op}: the CUDA kernels need a Hopper GPU (sm_90), "
                                f"got sm_{major}{minor} on {t.device}; use CPU tensors for the reference")
+
+
+def check_values_in_range(name: str, t: torch.Tensor, low: int, high: int, meaning: str = ""):
+    """Every element in [low, high). Reads the data (a device sync on CUDA): call outside graph capture."""
+    if t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi >= high:
+        bad = lo if lo < low else hi
+        what = f" ({meaning})" if meaning else ""
+        raise ValueError(f"argument '{name}': expected values in [{low}, {high}){what}, got {bad}")

@@ -234,3 +234,192 @@ def _check_dequant(device: torch.device) -> Tuple[float, bool]:
         worst = max(worst, err)
         passed &= err == 0.0
     return worst, passed
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert parallelism (deepseek_ops.ep): layout counts, dispatch permutation, combine
+
+
+def _ep_routing(num_tokens: int, num_experts: int, topk: int):
+    topk_idx = torch.rand(num_tokens, num_experts).topk(topk, dim=1).indices
+    topk_idx[torch.rand(num_tokens, topk) < 0.15] = -1
+    return topk_idx, torch.rand(num_tokens, topk)
+
+
+@register_check("ep_dispatch_layout")
+def _check_ep_layout(device: torch.device) -> Tuple[float, bool]:
+    from deepseek_ops import ep
+
+    worst = 0.0
+    for num_tokens, num_experts, num_ranks, topk in [(37, 16, 4, 4), (300, 256, 8, 8), (1, 4, 1, 2)]:
+        topk_idx, _ = _ep_routing(num_tokens, num_experts, topk)
+        fn = lambda idx: ep.get_dispatch_layout(idx, num_experts, num_ranks)  # noqa: E731
+        if device.type == "cpu":
+            got = assert_meta_matches(fn, topk_idx)
+            per_expert = torch.zeros(num_experts, dtype=torch.int32)
+            in_rank = torch.zeros(num_tokens, num_ranks, dtype=torch.bool)
+            for t, row in enumerate(topk_idx.tolist()):  # independent: one pair at a time
+                for e in row:
+                    if e >= 0:
+                        per_expert[e] += 1
+                        in_rank[t, e // (num_experts // num_ranks)] = True
+            want = (in_rank.sum(0, dtype=torch.int32), per_expert, in_rank)
+        else:
+            got, want = fn(topk_idx.to(device)), fn(topk_idx)
+        worst = max([worst] + [_bitwise_mismatch(g.cpu(), w) for g, w in zip(got, want)])
+    return worst, worst == 0.0
+
+
+@register_check("ep_permute")
+def _check_ep_permute(device: torch.device) -> Tuple[float, bool]:
+    from deepseek_ops import reference
+
+    ops = torch.ops.deepseek_ops
+    worst = 0.0
+    for num_tokens, hidden, num_experts, topk, alignment in [(45, 256, 8, 3, 16), (257, 512, 64, 8, 128)]:
+        topk_idx, weights = _ep_routing(num_tokens, num_experts, topk)
+        x = torch.randn(num_tokens, hidden).to(torch.bfloat16)
+        num_rows = num_tokens * topk + num_experts * (alignment - 1)
+        fn = lambda a, i, w: ops.ep_permute(a, None, w, i, num_experts, alignment, num_rows)  # noqa: E731
+        if device.type == "cpu":
+            got = assert_meta_matches(fn, x, topk_idx, weights)
+            # Independent: pair (t, k) of expert e lands at e's aligned start + its rank among e's pairs.
+            m_indices, row_of = got[3], got[4]
+            counts = torch.bincount(topk_idx[topk_idx >= 0], minlength=num_experts)
+            starts = torch.cumsum((counts + alignment - 1) // alignment * alignment, 0)
+            starts = torch.cat([torch.zeros(1, dtype=starts.dtype), starts[:-1]])
+            seen = [0] * num_experts
+            bad = 0
+            for t, row in enumerate(topk_idx.tolist()):
+                for k, e in enumerate(row):
+                    want_row = -1 if e < 0 else int(starts[e]) + seen[e]
+                    if e >= 0:
+                        seen[e] += 1
+                        bad += int(m_indices[want_row] != e) + int(not torch.equal(got[0][want_row], x[t]))
+                    bad += int(row_of[t, k] != want_row)
+            worst = max(worst, bad / max(1, num_tokens * topk))
+        else:
+            got = [g.cpu() for g in fn(x.to(device), topk_idx.to(device), weights.to(device))]
+            want = fn(x, topk_idx, weights)
+            valid = want[3] >= 0
+            errs = [_bitwise_mismatch(got[i], want[i]) for i in (2, 3, 4, 5)]
+            errs.append(_bitwise_mismatch(got[0][valid], want[0][valid]))
+            worst = max([worst] + errs)
+    return worst, worst == 0.0
+
+
+@register_check("ep_combine")
+def _check_ep_combine(device: torch.device) -> Tuple[float, bool]:
+    ops = torch.ops.deepseek_ops
+    worst = 0.0
+    for num_tokens, hidden, num_experts, topk in [(45, 256, 8, 3), (129, 7168, 32, 8)]:
+        topk_idx, weights = _ep_routing(num_tokens, num_experts, topk)
+        num_rows = num_tokens * topk + num_experts * 127
+        row_of = ops.ep_permute(torch.zeros(num_tokens, 16, dtype=torch.bfloat16), None, None, topk_idx,
+                                num_experts, 128, num_rows)[4]
+        y = torch.randn(num_rows, hidden).to(torch.bfloat16)
+        if device.type == "cpu":
+            out = assert_meta_matches(ops.ep_combine, y, row_of, weights)
+            # Independent: token by token, pair by pair, in k order.
+            want = torch.zeros(num_tokens, hidden)
+            for t in range(num_tokens):
+                for k in range(topk):
+                    if row_of[t, k] >= 0:
+                        want[t] = want[t] + weights[t, k] * y[row_of[t, k]].float()
+            err = _bitwise_mismatch(out, want.to(torch.bfloat16))
+        else:
+            out = ops.ep_combine(y.to(device), row_of.to(device), weights.to(device))
+            err = _bitwise_mismatch(out.cpu(), ops.ep_combine(y, row_of, weights))
+        worst = max(worst, err)
+    return worst, worst == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 GEMMs (dense and grouped): calc_diff against float64 (DeepGEMM's metric, bound 1e-5)
+
+GEMM_CALC_DIFF_BOUND = 1e-5
+
+
+def _gemm_operands(m, n, k, groups=None):
+    """Random e4m3 a [m, k], b [(groups,) n, k] and positive scales that differ per row / block (CPU)."""
+    lead = () if groups is None else (groups,)
+    a = (torch.randn(m, k) * 3).to(torch.float8_e4m3fn)
+    a_scales = torch.rand(m, k // 128) * 2 + 0.05
+    b = (torch.randn(*lead, n, k) * 3).to(torch.float8_e4m3fn)
+    b_scales = torch.rand(*lead, -(-n // 128), k // 128) * 2 + 0.05
+    return a, a_scales, b, b_scales
+
+
+@register_check("fp8_gemm")
+def _check_fp8_gemm(device: torch.device) -> Tuple[float, bool]:
+    import deepseek_ops
+    from deepseek_ops.reference import column_major_scales
+
+    worst = 0.0
+    for m, n, k, out_dtype in [(65, 2112, 512, torch.bfloat16), (7, 112, 256, torch.float32),
+                               (130, 144, 384, torch.bfloat16)]:
+        a, a_scales, b, b_scales = _gemm_operands(m, n, k)
+        a_scales = column_major_scales(a_scales)
+        if device.type == "cpu":
+            out = assert_meta_matches(lambda *t: deepseek_ops.fp8_gemm(*t, out_dtype=out_dtype), a, a_scales, b,
+                                      b_scales)
+            # Independent: dequantize through dequant_fp8_block, matmul in float64.
+            want = (a.double() * a_scales.double().repeat_interleave(128, 1)) @ \
+                deepseek_ops.dequant_fp8_block(b, b_scales, 128, torch.float32).double().T
+        else:
+            args = [t.to(device) for t in (a, a_scales, b, b_scales)]
+            out = deepseek_ops.fp8_gemm(*args, out_dtype=out_dtype).cpu()
+            want = deepseek_ops.fp8_gemm(a, a_scales, b, b_scales, out_dtype=torch.float32).double()
+        worst = max(worst, testing.calc_diff(out, want))
+    return worst, worst < GEMM_CALC_DIFF_BOUND
+
+
+@register_check("grouped_fp8_gemm_contiguous")
+def _check_grouped_fp8_gemm_contiguous(device: torch.device) -> Tuple[float, bool]:
+    import deepseek_ops
+
+    sizes, n, k = [3, 0, 130, 1], 272, 256
+    offsets = [0]
+    for s in sizes:
+        offsets.append(offsets[-1] + -(-s // 128) * 128)
+    a, a_scales, b, b_scales = _gemm_operands(offsets[-1], n, k, groups=len(sizes))
+    m_indices = torch.full((offsets[-1],), -1, dtype=torch.int32)
+    for g, s in enumerate(sizes):
+        m_indices[offsets[g]:offsets[g] + s] = g
+    args = [t.to(device) for t in (a, a_scales, b, b_scales, m_indices)]
+    out = torch.zeros(offsets[-1], n, dtype=torch.bfloat16, device=device)
+    deepseek_ops.grouped_fp8_gemm_contiguous(*args, out=out)
+    out = out.cpu()
+    worst, untouched = 0.0, bool((out[m_indices < 0] == 0).all())
+    for g in range(len(sizes)):
+        rows = m_indices == g
+        if rows.any():
+            want = deepseek_ops.fp8_gemm(a[rows], a_scales[rows], b[g], b_scales[g], out_dtype=torch.float32)
+            worst = max(worst, testing.calc_diff(out[rows], want))
+    if device.type == "cpu":
+        assert_meta_matches(deepseek_ops.grouped_fp8_gemm_contiguous, a, a_scales, b, b_scales, m_indices)
+    return worst, worst < GEMM_CALC_DIFF_BOUND and untouched
+
+
+@register_check("grouped_fp8_gemm_masked")
+def _check_grouped_fp8_gemm_masked(device: torch.device) -> Tuple[float, bool]:
+    import deepseek_ops
+
+    groups, m_max, n, k = 3, 70, 160, 384
+    a = (torch.randn(groups, m_max, k) * 3).to(torch.float8_e4m3fn)
+    _, a_scales, b, b_scales = _gemm_operands(groups * m_max, n, k, groups=groups)
+    a_scales = a_scales.view(groups, m_max, k // 128)
+    masked_m = torch.tensor([70, 0, 9], dtype=torch.int32)
+    args = [t.to(device) for t in (a, a_scales, b, b_scales, masked_m)]
+    out = torch.zeros(groups, m_max, n, dtype=torch.bfloat16, device=device)
+    deepseek_ops.grouped_fp8_gemm_masked(*args, expected_m=32, out=out)
+    out = out.cpu()
+    worst, untouched = 0.0, bool((out[0, 70:] == 0).all() and (out[1] == 0).all() and (out[2, 9:] == 0).all())
+    for g, rows in enumerate(masked_m.tolist()):
+        if rows:
+            want = deepseek_ops.fp8_gemm(a[g, :rows], a_scales[g, :rows], b[g], b_scales[g], out_dtype=torch.float32)
+            worst = max(worst, testing.calc_diff(out[g, :rows], want))
+    if device.type == "cpu":
+        assert_meta_matches(lambda *t: deepseek_ops.grouped_fp8_gemm_masked(*t, 32), a, a_scales, b, b_scales,
+                            masked_m)
+    return worst, worst < GEMM_CALC_DIFF_BOUND and untouched

@@ -1,0 +1,140 @@
+"""fp8_gemm (dense, DeepSeek-V3 scaling) against cuBLAS, shapes of issue 3.
+
+Peers, same inputs, same process:
+  cublas_block       torch._scaled_mm with 1x128 (a) / 128x128 (b) block scales (cuBLASLt); it
+                     rejects some shapes (e.g. N not a multiple of 128): recorded as unsupported;
+  cublas_tensorwise  torch._scaled_mm with one scale per tensor, fast accumulation: the upper
+                     bound of scaled FP8 in cuBLAS (not the same math: no per-block scales);
+  cublas_bf16        torch.matmul on the dequantized bf16 operands.
+TFLOP/s = 2MNK / t. Bytes = A + B + D (bf16) + both scale tensors. Each output is checked against
+the float64 reference before timing (calc_diff < 1e-5 for ours, recorded as `error` for all).
+Kernel time: CUDA events with an L2 flush, or CUDA-graph replay under ~50 us (protocol); our
+host overhead per call is printed beside.
+"""
+from typing import Callable, Dict, List
+
+import pytest
+import torch
+
+from benchmarks.report import OURS, Record, throughput
+from benchmarks.timing import bench, bench_graph, host_overhead_us
+from deepseek_ops import reference
+from deepseek_ops.testing import calc_diff
+
+NK_SHAPES = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+M_VALUES = [64, 128, 4096]
+SHORT_OP_MS = 0.05
+CALC_DIFF_BOUND = 1e-5
+
+
+def gemm_bytes(m: int, n: int, k: int, out_bytes: int = 2) -> int:
+    return m * k + n * k + out_bytes * m * n + 4 * (m * (k // 128) + -(-n // 128) * (k // 128))
+
+
+def make_inputs(m: int, n: int, k: int) -> dict:
+    """Quantized random activations and weights, as the model produces them (M-major a scales)."""
+    import deepseek_ops
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    a, a_scales = deepseek_ops.per_token_group_quant_fp8(x, 128, column_major_scales=True)
+    b, b_scales = deepseek_ops.per_block_quant_fp8(w, 128)
+    return {"a": a, "a_scales": a_scales, "b": b, "b_scales": b_scales}
+
+
+def cublas_block_fn(a, a_scales, b, b_scales) -> Callable[[], torch.Tensor]:
+    """torch._scaled_mm, DeepSeek recipe: scale_a (M, K/128) outer-dim-major (strides (1, M)),
+    mat2 = b^T (column-major), scale_b = b_scales^T (K/128, N/128)."""
+    scale_a = a_scales.t().contiguous().t()  # stride (1, M) exactly: no M padding allowed
+    scale_b = b_scales.t()
+    return lambda: torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=torch.bfloat16)
+
+
+def cublas_tensorwise_fn(a, b) -> Callable[[], torch.Tensor]:
+    one = torch.ones((), device=a.device)
+    return lambda: torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+
+def impls(inp: dict) -> Dict[str, Callable[[], torch.Tensor]]:
+    import deepseek_ops
+
+    a, a_scales, b, b_scales = inp["a"], inp["a_scales"], inp["b"], inp["b_scales"]
+    n, k = b.shape
+    a_bf16 = reference._dequant_fp8_a(a, a_scales).to(torch.bfloat16)
+    b_bf16 = reference.dequant_fp8_block(b, b_scales, 128, torch.bfloat16)
+    return {
+        OURS: lambda: deepseek_ops.fp8_gemm(a, a_scales, b, b_scales),
+        "cublas_block": cublas_block_fn(a, a_scales, b, b_scales),
+        "cublas_tensorwise": cublas_tensorwise_fn(a, b),
+        "cublas_bf16": lambda: torch.matmul(a_bf16, b_bf16.t()),
+    }
+
+
+def time_op(fn: Callable[[], object]) -> float:
+    ms = bench(fn)
+    return bench_graph(fn) if ms < SHORT_OP_MS else ms
+
+
+def measure_shape(m: int, n: int, k: int) -> List[Record]:
+    inp = make_inputs(m, n, k)
+    ref = reference.fp8_gemm(inp["a"], inp["a_scales"], inp["b"], inp["b_scales"], torch.float64)
+    shape = {"M": m, "N": n, "K": k}
+    flops, bytes_moved = 2.0 * m * n * k, gemm_bytes(m, n, k)
+    records = []
+    for impl, fn in impls(inp).items():
+        try:
+            out = fn()
+        except RuntimeError as exc:  # e.g. cuBLASLt block scaling rejecting N % 128 != 0
+            print(f"fp8_gemm {shape}: {impl} unsupported ({str(exc).splitlines()[0][:120]})", flush=True)
+            continue
+        error = calc_diff(out, ref)
+        if impl == OURS and not error < CALC_DIFF_BOUND:
+            raise AssertionError(f"fp8_gemm {shape}: calc_diff {error:.3g} >= {CALC_DIFF_BOUND}; not timed")
+        ms = time_op(fn)
+        tflops, gbps = throughput(ms, flops=flops, bytes_moved=bytes_moved)
+        records.append(Record("fp8_gemm", dict(shape), impl, ms, tflops, gbps, error))
+        if impl == OURS:
+            floor_ms = max(bytes_moved / 4.8e12, flops / 1979e12) * 1e3
+            print(f"fp8_gemm {shape}: ours {ms * 1e3:.1f} us, {tflops:.0f} TFLOP/s ({tflops / 1979:.0%} of FP8 peak), "
+                  f"{gbps:.0f} GB/s, floor {floor_ms * 1e3:.1f} us; host overhead "
+                  f"{host_overhead_us(fn):.1f} us per eager call", flush=True)
+    del inp, ref
+    torch.cuda.empty_cache()
+    return records
+
+
+def run(quick: bool = False) -> List[Record]:
+    records: List[Record] = []
+    ms = [64, 4096] if quick else M_VALUES
+    shapes = NK_SHAPES[:2] if quick else NK_SHAPES
+    for m in ms:
+        for n, k in shapes:
+            records += measure_shape(m, n, k)
+    return records
+
+
+# pytest-benchmark entries (`pytest benchmarks/ --benchmark-only` on the H200).
+
+def _pytest_bench(benchmark, m: int, n: int, k: int):
+    inp = make_inputs(m, n, k)
+    fn = impls(inp)[OURS]
+    ref = reference.fp8_gemm(inp["a"], inp["a_scales"], inp["b"], inp["b_scales"], torch.float64)
+    assert calc_diff(fn(), ref) < CALC_DIFF_BOUND, "deepseek_ops differs from the reference; not timed"
+    ms = time_op(fn)
+    benchmark.extra_info.update({"median_ms": ms, "tflops": 2.0 * m * n * k / ms / 1e9})
+
+    def call():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
+
+
+@pytest.mark.gpu
+def test_fp8_gemm(benchmark):
+    _pytest_bench(benchmark, 4096, 7168, 16384)
+
+
+@pytest.mark.gpu
+def test_fp8_gemm_decode(benchmark):
+    _pytest_bench(benchmark, 64, 7168, 16384)

@@ -1,0 +1,66 @@
+"""Sweeps every instantiated tile configuration of the FP8 GEMMs on the issue's shapes (H200).
+
+`python -m benchmarks.tune_fp8_gemm [--quick]` prints, per shape, the time of each
+(BLOCK_M, BLOCK_N) forced through DSO_FP8_GEMM_CONFIG beside the heuristic's pick, so the host
+heuristic (csrc/sm90_fp8_gemm.cu, select_sm90_fp8_gemm_config) can be corrected from data.
+Every configuration's output is checked against the float64 reference before it is timed.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from benchmarks.bench_fp8_gemm import M_VALUES, NK_SHAPES, CALC_DIFF_BOUND, make_inputs, time_op
+from deepseek_ops import reference
+from deepseek_ops.testing import calc_diff
+
+BLOCK_NS = (16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192)
+
+
+def sweep(m: int, n: int, k: int):
+    import deepseek_ops
+
+    inp = make_inputs(m, n, k)
+    args = (inp["a"], inp["a_scales"], inp["b"], inp["b_scales"])
+    ref = reference.fp8_gemm(*args, torch.float64)
+    os.environ.pop("DSO_FP8_GEMM_CONFIG", None)
+    results = {"heuristic": time_op(lambda: deepseek_ops.fp8_gemm(*args))}
+    for block_m in (64, 128):
+        for block_n in BLOCK_NS:
+            if block_n > max(16, n):
+                continue
+            os.environ["DSO_FP8_GEMM_CONFIG"] = f"{block_m}x{block_n}"
+            try:
+                out = deepseek_ops.fp8_gemm(*args)
+            except RuntimeError as exc:
+                print(f"  {block_m}x{block_n}: {str(exc).splitlines()[0]}", file=sys.stderr)
+                continue
+            diff = calc_diff(out, ref)
+            if not diff < CALC_DIFF_BOUND:
+                print(f"  {block_m}x{block_n}: WRONG RESULT, calc_diff {diff:.3g}", file=sys.stderr)
+                continue
+            results[f"{block_m}x{block_n}"] = time_op(lambda: deepseek_ops.fp8_gemm(*args))
+    os.environ.pop("DSO_FP8_GEMM_CONFIG", None)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="two shapes per M only")
+    opts = parser.parse_args(argv)
+    for m in M_VALUES:
+        for n, k in NK_SHAPES[:2] if opts.quick else NK_SHAPES:
+            results = sweep(m, n, k)
+            best = min((v, c) for c, v in results.items() if c != "heuristic")
+            flops = 2.0 * m * n * k
+            print(f"M={m} N={n} K={k}: heuristic {results['heuristic'] * 1e3:.1f} us "
+                  f"({flops / results['heuristic'] / 1e9:.0f} TFLOP/s), best {best[1]} {best[0] * 1e3:.1f} us "
+                  f"({flops / best[0] / 1e9:.0f} TFLOP/s)", flush=True)
+            ranked = sorted((v, c) for c, v in results.items() if c != "heuristic")[:5]
+            print("   top: " + ", ".join(f"{c} {v * 1e3:.1f}us" for v, c in ranked), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

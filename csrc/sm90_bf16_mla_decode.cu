@@ -1,0 +1,639 @@
+// MLA decode on a paged latent cache: absorbed MLA is MQA with one 576-wide KV head whose first
+// 512 entries are also V. Three kernels:
+//   1. sm90_mla_metadata: the split-KV schedule. Work = 64-token tiles plus a fixed overhead per
+//      split; it is cut into num_parts equal contiguous pieces over (request, tile) order, so long
+//      requests are split across SMs and short ones are packed together. One thread, no host sync.
+//   2. sm90_bf16_mla_decode: CTA (head block of 64 packed query rows, part). For each request of its
+//      piece: S = Q K^T (bf16, fp32 accumulators), online softmax in the log2 domain, O += P V, with
+//      either warpgroup MMAs (wgmma, the default: S m64n32k16 per warpgroup, PV m64n256k16 with V the
+//      K tile read MN-major) or warp MMAs (mma.sync m16n8k16 via ldmatrix; DSO_MLA_BACKEND=mma_sync).
+//      Both leave the same fragment in the same registers, so softmax and epilogue are shared.
+//      Pages stream into shared memory with cp.async straight from the block table, the next page
+//      in flight while this one is multiplied. A request done by one CTA writes out/lse directly;
+//      otherwise each split writes its normalized O and lse to fp32 workspaces.
+//   3. sm90_mla_combine: log-sum-exp merge of the splits of every split request.
+//
+// Warp layout (8 warps = 2 warpgroups): warp w owns query rows 16 * (w % 4) .. +15 and column half
+// w / 4 (= its warpgroup): tokens 32 * half .. +31 of S and latent columns 256 * half .. +255 of O
+// (128 fp32 registers a thread).
+// Shared tiles (Q, K, P) use the wgmma 128-byte-swizzle layout: 64-column (128-byte) blocks of 64 rows,
+// 16-byte chunks XOR-ed with row % 8. It is also bank-conflict free for ldmatrix.
+// The two warps of a row group exchange their row maxima (and at the end row sums) via shared memory.
+#include <cuda_bf16.h>
+
+#include <cfloat>
+#include <climits>
+
+#include "common.h"
+#include <cstdlib>
+#include <cstring>
+
+#include "cp_async.cuh"
+#include "fence.cuh"
+#include "fp8.cuh"
+#include "ldmatrix.cuh"
+#include "mma_sync.cuh"
+#include "sm90_bf16_mla_decode.h"
+#include "wgmma.cuh"
+#include "wgmma_bf16.cuh"
+
+namespace dso {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kNumWarps = kThreads / 32;
+constexpr int BLOCK_M = kMlaBlockRows;   // packed query rows per CTA
+constexpr int BLOCK_N = kMlaPageSize;    // tokens per tile = one page
+constexpr int kRowBytes = kMlaHeadDimQK * 2;          // 1152: one bf16 token or query row
+constexpr int kRowChunks = kRowBytes / 16;            // 72 16-byte chunks
+constexpr int kTileBytes = BLOCK_N * kRowBytes;       // 73728 (also the Q tile)
+constexpr int kPRowBytes = BLOCK_N * 2;               // one bf16 row of P
+constexpr int kFp8TokenChunks = kMlaFp8TokenBytes / 16;  // 41
+constexpr int kFp8PageBytes = BLOCK_N * kMlaFp8TokenBytes;
+constexpr int kSplitOverheadTiles = 5;  // a split's fixed cost (Q load, epilogue, combine) in tiles
+constexpr int kMaxSeqlen = 1 << 24;     // device seqlens are clamped here so tile counts cannot overflow
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+constexpr int kSwizzleBlockBytes = BLOCK_N * 128;    // one 64-column block of a 64-row tile
+static_assert(kRowChunks % 8 == 0, "rows split into whole 128-byte swizzle blocks");
+static_assert(BLOCK_M == BLOCK_N, "Q and K tiles share one layout");
+static_assert(kMlaFp8TokenBytes % 16 == 0, "packed FP8 tokens are copied in 16-byte chunks");
+static_assert(kFp8PageBytes <= kTileBytes, "the FP8 staging page reuses the second bf16 tile buffer");
+static_assert(BLOCK_M == 4 * 16 && kNumWarps == 8, "4 row groups of 16 x 2 column halves");
+
+// Shared memory: Q tile, two K tiles (FP8: one K tile + the raw staging page), P, row statistics.
+constexpr int kSmemQ = 0;
+constexpr int kSmemK = kSmemQ + kTileBytes;
+constexpr int kSmemP = kSmemK + 2 * kTileBytes;
+constexpr int kSmemMax = kSmemP + BLOCK_M * kPRowBytes;
+constexpr int kSmemSum = kSmemMax + 2 * BLOCK_M * 4;
+constexpr int kSmemBytes = kSmemSum + 2 * BLOCK_M * 4;
+static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory a Hopper CTA may use");
+
+// Tiles of a request: at least one, so an empty request still has a CTA that writes out = 0, lse = +inf.
+__host__ __device__ __forceinline__ int num_tiles_of(int seqlen) {
+  seqlen = seqlen < 0 ? 0 : (seqlen > kMaxSeqlen ? kMaxSeqlen : seqlen);
+  const int tiles = (seqlen + BLOCK_N - 1) / BLOCK_N;
+  return tiles > 0 ? tiles : 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schedule
+// ---------------------------------------------------------------------------------------------
+
+__global__ void sm90_mla_metadata_kernel(const int* __restrict__ cache_seqlens, int batch, int num_parts,
+                                         int* __restrict__ tile_sched, int* __restrict__ split_offsets) {
+  if (threadIdx.x != 0) return;
+  int64_t total = 0;
+  for (int r = 0; r < batch; ++r) total += num_tiles_of(cache_seqlens[r]) + kSplitOverheadTiles;
+  const int64_t per_part = (total + num_parts - 1) / num_parts + kSplitOverheadTiles;
+
+  int req = 0, tile = 0, split = 0, num_splits_so_far = 0;
+  split_offsets[0] = 0;
+  for (int part = 0; part < num_parts; ++part) {
+    const int begin_req = req, begin_tile = tile, begin_split = split;
+    int end_req = -1, end_tile = 0;
+    // The last part takes whatever is left, so every tile is scheduled exactly once.
+    int64_t budget = part == num_parts - 1 ? INT64_MAX / 2 : per_part;
+    while (req < batch) {
+      const int tiles = num_tiles_of(cache_seqlens[req]);
+      const int left = tiles - tile;
+      if (budget >= left + kSplitOverheadTiles) {  // the request ends in this part
+        budget -= left + kSplitOverheadTiles;
+        end_req = req, end_tile = tiles;
+        num_splits_so_far += split + 1;
+        split_offsets[req + 1] = num_splits_so_far;
+        ++req, tile = 0, split = 0;
+      } else {
+        const int64_t take = budget - kSplitOverheadTiles;
+        if (take > 0) {
+          tile += static_cast<int>(take);
+          end_req = req, end_tile = tile;
+          ++split;
+        }
+        break;
+      }
+    }
+    int* row = tile_sched + part * kMlaSchedCols;
+    const bool empty = end_req < 0;
+    row[0] = empty ? batch : begin_req;
+    row[1] = empty ? 0 : begin_tile;
+    row[2] = end_req;
+    row[3] = end_tile;
+    row[4] = empty ? 0 : begin_split;
+    row[5] = row[6] = row[7] = 0;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------------------------
+
+// Byte offset of 16-byte chunk `chunk` (of 72) of row `row` (of 64) in a Q or K tile: 9 blocks of
+// 64 rows x 128 bytes (columns 64 b .. 64 b + 63), the wgmma SWIZZLE_128B atom layout.
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+  return (chunk >> 3) * kSwizzleBlockBytes + row * 128 + (((chunk ^ row) & 7) << 4);
+}
+
+// The same for P (8 chunks a row).
+__device__ __forceinline__ uint32_t swizzled_p(int row, int chunk) {
+  return row * kPRowBytes + (((chunk ^ row) & 7) << 4);
+}
+
+struct Request {
+  int idx;
+  int seqlen;       // clamped to the block table's capacity: no read past a request's own pages
+  int tile_begin, tile_end;
+  int num_splits;
+  int split_global;  // workspace row of this CTA's split
+};
+
+// Q rows row_base .. row_base + 63 of request `req` (zero rows past the last query row).
+__device__ __forceinline__ void load_q(const MlaDecodeArgs& args, int req, int row_base, int num_rows,
+                                       uint8_t* smem_q) {
+  const int rows = args.s_q * args.h_q;
+  const uint8_t* gmem_q = static_cast<const uint8_t*>(args.q) + (static_cast<int64_t>(req) * rows + row_base) * kRowBytes;
+  for (int i = threadIdx.x; i < BLOCK_M * kRowChunks; i += kThreads) {
+    const int row = i / kRowChunks, chunk = i % kRowChunks;
+    const bool valid = row < num_rows;
+    const uint8_t* src = valid ? gmem_q + row * kRowBytes + chunk * 16 : gmem_q;
+    ptx::cp_async_cg_16(smem_q + swizzled(row, chunk), src, valid ? 16 : 0);
+  }
+}
+
+// Page of tile `tile` of request `req`, clamped into the cache so that a bad entry cannot read out of bounds.
+__device__ __forceinline__ int64_t page_of(const MlaDecodeArgs& args, const Request& r, int tile) {
+  if (tile * BLOCK_N >= r.seqlen) return 0;  // no valid token: nothing is read (and tile may be past max_blocks)
+  int page = args.block_table[static_cast<int64_t>(r.idx) * args.block_table_stride + tile];
+  page = page < 0 ? 0 : (page >= args.num_blocks ? args.num_blocks - 1 : page);
+  return page;
+}
+
+// bf16 page -> swizzled K tile; tokens at or past seqlen are zero-filled (never NaN garbage).
+__device__ __forceinline__ void load_tile_bf16(const MlaDecodeArgs& args, const Request& r, int tile,
+                                               uint8_t* smem_k) {
+  const uint8_t* gmem_page = static_cast<const uint8_t*>(args.kv_cache) + page_of(args, r, tile) * kTileBytes;
+  const int num_valid = r.seqlen - tile * BLOCK_N;
+  for (int i = threadIdx.x; i < BLOCK_N * kRowChunks; i += kThreads) {
+    const int token = i / kRowChunks, chunk = i % kRowChunks;
+    const bool valid = token < num_valid;
+    const uint8_t* src = valid ? gmem_page + token * kRowBytes + chunk * 16 : gmem_page;
+    ptx::cp_async_cg_16(smem_k + swizzled(token, chunk), src, valid ? 16 : 0);
+  }
+}
+
+// Packed FP8 page -> linear staging buffer, invalid tokens zero-filled (their scales become 0 too).
+__device__ __forceinline__ void load_tile_fp8(const MlaDecodeArgs& args, const Request& r, int tile,
+                                              uint8_t* smem_stage) {
+  const uint8_t* gmem_page = static_cast<const uint8_t*>(args.kv_cache) + page_of(args, r, tile) * kFp8PageBytes;
+  const int num_valid = r.seqlen - tile * BLOCK_N;
+  for (int i = threadIdx.x; i < BLOCK_N * kFp8TokenChunks; i += kThreads) {
+    const bool valid = i / kFp8TokenChunks < num_valid;
+    ptx::cp_async_cg_16(smem_stage + i * 16, valid ? gmem_page + i * 16 : gmem_page, valid ? 16 : 0);
+  }
+}
+
+// Staging page -> bf16 K tile: value * scale of its 128-group, rounded to bf16 (as the reference
+// dequantizes); the RoPE part is copied.
+__device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint8_t* smem_k) {
+  constexpr int kUnits = 32 + 8;  // 32 chunks of 16 e4m3 values, 8 chunks of bf16 RoPE
+  for (int i = threadIdx.x; i < BLOCK_N * kUnits; i += kThreads) {
+    const int token = i / kUnits, unit = i % kUnits;
+    const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes;
+    if (unit < 32) {
+      const int4 raw = *reinterpret_cast<const int4*>(src + unit * 16);
+      const float scale = reinterpret_cast<const float*>(src + 512)[unit / 8];
+      const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&raw);
+      uint32_t bf16x2[8];
+#pragma unroll
+      for (int p = 0; p < 8; ++p) {
+        const float2 v = ptx::e4m3x2_to_float2(pairs[p]);
+        const __nv_bfloat162 b = __floats2bfloat162_rn(v.x * scale, v.y * scale);
+        bf16x2[p] = *reinterpret_cast<const uint32_t*>(&b);
+      }
+      *reinterpret_cast<int4*>(smem_k + swizzled(token, 2 * unit)) =
+          make_int4(bf16x2[0], bf16x2[1], bf16x2[2], bf16x2[3]);
+      *reinterpret_cast<int4*>(smem_k + swizzled(token, 2 * unit + 1)) =
+          make_int4(bf16x2[4], bf16x2[5], bf16x2[6], bf16x2[7]);
+    } else {
+      const int chunk = unit - 32;
+      *reinterpret_cast<int4*>(smem_k + swizzled(token, 64 + chunk)) =
+          *reinterpret_cast<const int4*>(src + 512 + 16 + chunk * 16);
+    }
+  }
+}
+
+// Per-thread state of one warp's share of a request: O columns 256 * half .. +255 of rows
+// g and g + 8 of its row group, the running row max (log2 domain) and partial row sum.
+struct Consumer {
+  int warp_idx, lane, row_group, half, g, t;
+  bool active;              // its row group holds at least one real query row
+  float o[32][4];           // 32 n8 tiles of the 16 x 256 O slice
+  float row_max[2], row_sum[2];
+  int key_limit[2];         // keys < key_limit are visible to row g (+ 8)
+};
+
+__device__ __forceinline__ void consumer_reset(Consumer& c, const MlaDecodeArgs& args, const Request& r, int row_base) {
+#pragma unroll
+  for (int j = 0; j < 32; ++j) c.o[j][0] = c.o[j][1] = c.o[j][2] = c.o[j][3] = 0.0f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    c.row_max[h] = -INFINITY;
+    c.row_sum[h] = 0.0f;
+    // Bottom-right causal alignment: query i of s_q sees keys < seqlen - s_q + 1 + i.
+    const int row = row_base + 16 * c.row_group + c.g + 8 * h;
+    const int q_idx = row / args.h_q;
+    const int limit = args.causal ? r.seqlen - args.s_q + 1 + q_idx : r.seqlen;
+    c.key_limit[h] = limit < r.seqlen ? limit : r.seqlen;
+  }
+}
+
+// Orders the accumulators after a wgmma wait (the compiler does not see wgmma write them).
+template <int kN>
+__device__ __forceinline__ void fence_accumulators(float (&d)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) ptx::wgmma_fence_operand(d[i]);
+}
+
+// Descriptor start address advanced by `bytes` (the address field counts 16-byte units).
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
+// Warpgroup `half`: S[64 rows, tokens 32 half .. +31] = Q K^T over 36 k-steps (Q and K K-major).
+__device__ __forceinline__ void scores_wgmma(const Consumer& c, const uint8_t* smem_q, const uint8_t* smem_k,
+                                             float (&s)[4][4]) {
+  float(&d)[16] = reinterpret_cast<float(&)[16]>(s);
+  const uint64_t desc_q = ptx::make_smem_desc_sw128(smem_q);
+  const uint64_t desc_k = ptx::make_smem_desc_sw128(smem_k + 32 * c.half * 128);
+  ptx::wgmma_fence();
+#pragma unroll
+  for (int k_idx = 0; k_idx < kMlaHeadDimQK / 16; ++k_idx) {
+    const uint32_t offset = (k_idx / 4) * kSwizzleBlockBytes + (k_idx % 4) * 32;
+    ptx::wgmma_m64n32k16_bf16_f32(d, desc_advance(desc_q, offset), desc_advance(desc_k, offset), k_idx > 0);
+  }
+  ptx::wgmma_commit_group();
+  ptx::wgmma_wait_group<0>();
+  fence_accumulators(d);
+}
+
+// The same with warp MMAs: ldmatrix fragments of Q and K, 2 x 36 m16n8k16 per 16 tokens.
+__device__ __forceinline__ void scores_mma_sync(const Consumer& c, const uint8_t* smem_q, const uint8_t* smem_k,
+                                                float (&s)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+  const int a_row = 16 * c.row_group + (c.lane & 15);
+  const int b_row = 32 * c.half + (c.lane & 7) + ((c.lane >> 4) << 3);
+#pragma unroll 4
+  for (int k_idx = 0; k_idx < kMlaHeadDimQK / 16; ++k_idx) {
+    uint32_t a[4];
+    ptx::ldmatrix_x4(a, smem_q + swizzled(a_row, 2 * k_idx + (c.lane >> 4)));
+#pragma unroll
+    for (int n_pair = 0; n_pair < 2; ++n_pair) {
+      uint32_t b[4];
+      ptx::ldmatrix_x4(b, smem_k + swizzled(b_row + 16 * n_pair, 2 * k_idx + ((c.lane >> 3) & 1)));
+      ptx::mma_m16n8k16_bf16_f32(s[2 * n_pair], a, b[0], b[1]);
+      ptx::mma_m16n8k16_bf16_f32(s[2 * n_pair + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// S slice = Q rows (16) x tokens 32 * half .. +31 of the tile, scaled to the log2 domain and masked.
+template <bool kWgmma>
+__device__ __forceinline__ void compute_scores(const Consumer& c, const uint8_t* smem_q, const uint8_t* smem_k,
+                                               int tile, float scale_log2, float (&s)[4][4]) {
+  if constexpr (kWgmma) {
+    scores_wgmma(c, smem_q, smem_k, s);
+  } else {
+    scores_mma_sync(c, smem_q, smem_k, s);
+  }
+  // NOTE: masked scores are selected to -inf, never multiplied: a NaN would survive * 0.
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int token = tile * BLOCK_N + 32 * c.half + 8 * j + 2 * c.t + (e & 1);
+      s[j][e] = token < c.key_limit[e >> 1] ? s[j][e] * scale_log2 : -INFINITY;
+    }
+  }
+}
+
+// Online softmax step: new row max from both halves, rescale O and the row sums, P (bf16) to smem.
+__device__ __forceinline__ void softmax_update(Consumer& c, float (&s)[4][4], const float* smem_max,
+                                               uint8_t* smem_p) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = 16 * c.row_group + c.g + 8 * h;
+    const float new_max = fmaxf(c.row_max[h], fmaxf(smem_max[row], smem_max[BLOCK_M + row]));
+    const float base = new_max == -INFINITY ? 0.0f : new_max;  // fully masked so far: keep exp2 finite
+    const float rescale = exp2f(c.row_max[h] - base);
+    c.row_max[h] = new_max;
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float p0 = exp2f(s[j][2 * h] - base), p1 = exp2f(s[j][2 * h + 1] - base);
+      // NOTE: the row sum takes the fp32 values: summing the bf16-rounded ones costs lse ~1e-4 accuracy.
+      sum += p0 + p1;
+      *reinterpret_cast<__nv_bfloat162*>(smem_p + swizzled_p(row, 4 * c.half + j) + 4 * c.t) =
+          __floats2bfloat162_rn(p0, p1);
+    }
+    c.row_sum[h] = c.row_sum[h] * rescale + sum;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      c.o[j][2 * h] *= rescale;
+      c.o[j][2 * h + 1] *= rescale;
+    }
+  }
+}
+
+// Warpgroup `half`: O[64 rows, columns 256 half .. +255] += P V. P is K-major (tokens contiguous); V is
+// the K tile itself, MN-major (columns contiguous): 4 MN blocks 8 KB apart, 8-token groups 1 KB apart.
+__device__ __forceinline__ void pv_wgmma(Consumer& c, const uint8_t* smem_p, const uint8_t* smem_k) {
+  float(&d)[128] = reinterpret_cast<float(&)[128]>(c.o);
+  const uint64_t desc_p = ptx::make_smem_desc_sw128(smem_p);
+  const uint64_t desc_v = ptx::make_smem_desc_sw128_mn(smem_k + 4 * c.half * kSwizzleBlockBytes, kSwizzleBlockBytes,
+                                                       8 * 128);
+  ptx::wgmma_fence();
+#pragma unroll
+  for (int k_idx = 0; k_idx < BLOCK_N / 16; ++k_idx) {
+    ptx::wgmma_m64n256k16_bf16_f32_mn_b(d, desc_advance(desc_p, 32 * k_idx), desc_advance(desc_v, 16 * 128 * k_idx),
+                                        1);
+  }
+  ptx::wgmma_commit_group();
+  ptx::wgmma_wait_group<0>();
+  fence_accumulators(d);
+}
+
+// The same with warp MMAs; V fragments come from the K tile through ldmatrix.trans.
+__device__ __forceinline__ void pv_mma_sync(Consumer& c, const uint8_t* smem_p, const uint8_t* smem_k) {
+  const int a_row = 16 * c.row_group + (c.lane & 15);
+  const int b_token = (c.lane & 7) + (((c.lane >> 3) & 1) << 3);
+#pragma unroll
+  for (int k_idx = 0; k_idx < BLOCK_N / 16; ++k_idx) {
+    uint32_t a[4];
+    ptx::ldmatrix_x4(a, smem_p + swizzled_p(a_row, 2 * k_idx + (c.lane >> 4)));
+#pragma unroll
+    for (int n_pair = 0; n_pair < 16; ++n_pair) {
+      uint32_t b[4];
+      ptx::ldmatrix_x4_trans(b, smem_k + swizzled(16 * k_idx + b_token, 32 * c.half + 2 * n_pair + (c.lane >> 4)));
+      ptx::mma_m16n8k16_bf16_f32(c.o[2 * n_pair], a, b[0], b[1]);
+      ptx::mma_m16n8k16_bf16_f32(c.o[2 * n_pair + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// O slice += P (16 rows x 64 tokens) x V (64 tokens x 256 columns); V is the K tile read transposed.
+template <bool kWgmma>
+__device__ __forceinline__ void accumulate_pv(Consumer& c, const uint8_t* smem_p, const uint8_t* smem_k) {
+  if constexpr (kWgmma) {
+    pv_wgmma(c, smem_p, smem_k);
+  } else {
+    pv_mma_sync(c, smem_p, smem_k);
+  }
+}
+
+// One tile: scores, max exchange, softmax, P exchange, PV. Every thread reaches both barriers.
+template <bool kWgmma>
+__device__ __forceinline__ void process_tile(Consumer& c, const uint8_t* smem_q, const uint8_t* smem_k,
+                                             uint8_t* smem_p, float* smem_max, int tile, float scale_log2) {
+  float s[4][4];
+  if (c.active) {
+    compute_scores<kWgmma>(c, smem_q, smem_k, tile, scale_log2, s);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float m = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) m = fmaxf(m, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      if (c.t == 0) smem_max[c.half * BLOCK_M + 16 * c.row_group + c.g + 8 * h] = m;
+    }
+  }
+  __syncthreads();
+  if (c.active) softmax_update(c, s, smem_max, smem_p);
+  if constexpr (kWgmma) ptx::fence_proxy_async_shared();  // P stores -> wgmma (async proxy) reads
+  __syncthreads();
+  if (c.active) accumulate_pv<kWgmma>(c, smem_p, smem_k);
+}
+
+// Normalized O and lse of the request (or of this split of it).
+__device__ __forceinline__ void write_results(Consumer& c, const MlaDecodeArgs& args, const Request& r, int row_base,
+                                              float* smem_sum) {
+  if (c.active) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sum = c.row_sum[h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (c.t == 0) smem_sum[c.half * BLOCK_M + 16 * c.row_group + c.g + 8 * h] = sum;
+    }
+  }
+  __syncthreads();
+  if (!c.active) return;
+  const int rows = args.s_q * args.h_q;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int local_row = 16 * c.row_group + c.g + 8 * h;
+    const int row = row_base + local_row;
+    if (row >= rows) continue;
+    const float sum = smem_sum[local_row] + smem_sum[BLOCK_M + local_row];
+    const bool has_keys = sum > 0.0f;
+    const float inv = has_keys ? 1.0f / sum : 0.0f;
+    const float lse_log2 = c.row_max[h] + log2f(sum);
+    const int col = 256 * c.half + 2 * c.t;
+    if (r.num_splits == 1) {
+      __nv_bfloat16* gmem_out = static_cast<__nv_bfloat16*>(args.out) + (static_cast<int64_t>(r.idx) * rows + row) * kMlaHeadDimV + col;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        *reinterpret_cast<__nv_bfloat162*>(gmem_out + 8 * j) =
+            __floats2bfloat162_rn(c.o[j][2 * h] * inv, c.o[j][2 * h + 1] * inv);
+      }
+      if (c.half == 0 && c.t == 0) {
+        const int q_idx = row / args.h_q, head_idx = row % args.h_q;
+        args.lse[(static_cast<int64_t>(r.idx) * args.h_q + head_idx) * args.s_q + q_idx] =
+            has_keys ? lse_log2 * kLn2 : INFINITY;
+      }
+    } else {
+      float* gmem_o = args.o_accum + (static_cast<int64_t>(r.split_global) * rows + row) * kMlaHeadDimV + col;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        *reinterpret_cast<float2*>(gmem_o + 8 * j) = make_float2(c.o[j][2 * h] * inv, c.o[j][2 * h + 1] * inv);
+      }
+      if (c.half == 0 && c.t == 0) {
+        args.lse_accum[static_cast<int64_t>(r.split_global) * rows + row] = has_keys ? lse_log2 * kLn2 : -INFINITY;
+      }
+    }
+  }
+}
+
+template <bool kFp8, bool kWgmma>
+__global__ void __launch_bounds__(kThreads, 1) sm90_bf16_mla_decode_kernel(const __grid_constant__ MlaDecodeArgs args) {
+  // NOTE: 1024-byte alignment: the base offset of every 128-byte-swizzled wgmma operand is 0.
+  extern __shared__ __align__(1024) uint8_t smem[];
+  uint8_t* smem_q = smem + kSmemQ;
+  uint8_t* smem_p = smem + kSmemP;
+  float* smem_max = reinterpret_cast<float*>(smem + kSmemMax);
+  float* smem_sum = reinterpret_cast<float*>(smem + kSmemSum);
+
+  const int rows = args.s_q * args.h_q;
+  const int row_base = blockIdx.x * BLOCK_M;
+  const int num_rows = min(BLOCK_M, rows - row_base);
+  const int* sched = args.tile_sched + blockIdx.y * kMlaSchedCols;
+  const int begin_req = sched[0], begin_tile = sched[1], end_req = sched[2], end_tile = sched[3];
+  const float scale_log2 = args.softmax_scale * kLog2e;
+
+  Consumer c;
+  c.warp_idx = threadIdx.x / 32;
+  c.lane = threadIdx.x % 32;
+  c.row_group = c.warp_idx % 4;
+  c.half = c.warp_idx / 4;
+  c.g = c.lane / 4;
+  c.t = c.lane % 4;
+  // wgmma is warpgroup-wide: every warp takes part (rows past num_rows hold zero queries).
+  c.active = kWgmma || 16 * c.row_group < num_rows;
+
+  for (int req = begin_req; req <= end_req; ++req) {
+    Request r;
+    r.idx = req;
+    const int seqlen = min(max(args.cache_seqlens[req], 0), kMaxSeqlen);
+    r.seqlen = min(seqlen, args.max_blocks * BLOCK_N);
+    r.tile_begin = req == begin_req ? begin_tile : 0;
+    r.tile_end = req == end_req ? end_tile : num_tiles_of(args.cache_seqlens[req]);
+    const int split_base = args.split_offsets[req];
+    r.num_splits = args.split_offsets[req + 1] - split_base;
+    r.split_global = split_base + (req == begin_req ? sched[4] : 0);
+    if (r.tile_begin >= r.tile_end) continue;
+
+    __syncthreads();  // the previous request's readers of Q and K are done
+    load_q(args, req, row_base, num_rows, smem_q);
+    if constexpr (kFp8) {
+      load_tile_fp8(args, r, r.tile_begin, smem + kSmemK + kTileBytes);
+    } else {
+      load_tile_bf16(args, r, r.tile_begin, smem + kSmemK);
+    }
+    ptx::cp_async_commit();
+    consumer_reset(c, args, r, row_base);
+
+    for (int tile = r.tile_begin; tile < r.tile_end; ++tile) {
+      const int stage = (tile - r.tile_begin) & 1;
+      ptx::cp_async_wait<0>();
+      if constexpr (kWgmma) ptx::fence_proxy_async_shared();  // cp.async writes -> wgmma reads
+      __syncthreads();  // this tile landed for every thread; the previous tile's readers are done
+      uint8_t* smem_k = smem + kSmemK + (kFp8 ? 0 : stage * kTileBytes);
+      if constexpr (kFp8) {
+        dequant_tile_fp8(smem + kSmemK + kTileBytes, smem_k);
+        if constexpr (kWgmma) ptx::fence_proxy_async_shared();
+        __syncthreads();  // K tile complete, staging free
+        if (tile + 1 < r.tile_end) load_tile_fp8(args, r, tile + 1, smem + kSmemK + kTileBytes);
+      } else {
+        if (tile + 1 < r.tile_end) load_tile_bf16(args, r, tile + 1, smem + kSmemK + (stage ^ 1) * kTileBytes);
+      }
+      ptx::cp_async_commit();
+      process_tile<kWgmma>(c, smem_q, smem_k, smem_p, smem_max, tile, scale_log2);
+    }
+    write_results(c, args, r, row_base, smem_sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kCombineWarps = 4;
+
+// One warp per (request, query row) of a split request: out = sum_s exp(lse_s - lse) * o_s.
+__global__ void __launch_bounds__(kCombineWarps * 32) sm90_mla_combine_kernel(const __grid_constant__ MlaDecodeArgs args) {
+  const int req = blockIdx.y;
+  const int rows = args.s_q * args.h_q;
+  const int row = blockIdx.x * kCombineWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int split_begin = args.split_offsets[req];
+  const int num_splits = args.split_offsets[req + 1] - split_begin;
+  if (row >= rows || num_splits <= 1) return;
+
+  const float* lse_accum = args.lse_accum + static_cast<int64_t>(split_begin) * rows + row;
+  float max_lse = -INFINITY;
+  for (int s = lane; s < num_splits; s += 32) max_lse = fmaxf(max_lse, lse_accum[static_cast<int64_t>(s) * rows]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
+  const float base = max_lse == -INFINITY ? 0.0f : max_lse;
+  float sum = 0.0f;
+  for (int s = lane; s < num_splits; s += 32) sum += expf(lse_accum[static_cast<int64_t>(s) * rows] - base);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  const bool has_keys = sum > 0.0f;
+  const float lse = has_keys ? base + logf(sum) : INFINITY;
+
+  // Each lane owns 16 columns: 4 float4 at lane * 4 + 128 * i.
+  float4 acc[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int s = 0; s < num_splits; ++s) {
+    const float split_lse = lse_accum[static_cast<int64_t>(s) * rows];
+    if (split_lse == -INFINITY) continue;  // an empty split holds zeros; skipping it also skips its 0 weight
+    const float weight = expf(split_lse - lse);
+    const float4* o = reinterpret_cast<const float4*>(
+        args.o_accum + (static_cast<int64_t>(split_begin + s) * rows + row) * kMlaHeadDimV);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 v = o[lane + 32 * i];
+      acc[i].x += weight * v.x, acc[i].y += weight * v.y, acc[i].z += weight * v.z, acc[i].w += weight * v.w;
+    }
+  }
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(args.out) + (static_cast<int64_t>(req) * rows + row) * kMlaHeadDimV;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(acc[i].x, acc[i].y);
+    const __nv_bfloat162 hi = __floats2bfloat162_rn(acc[i].z, acc[i].w);
+    uint2 packed;
+    packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+    packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(out + 4 * (lane + 32 * i)) = packed;
+  }
+  if (lane == 0) {
+    const int q_idx = row / args.h_q, head_idx = row % args.h_q;
+    args.lse[(static_cast<int64_t>(req) * args.h_q + head_idx) * args.s_q + q_idx] = lse;
+  }
+}
+
+}  // namespace
+
+void launch_mla_metadata(const int* cache_seqlens, int batch, int num_parts, int* tile_sched, int* split_offsets,
+                         cudaStream_t stream) {
+  sm90_mla_metadata_kernel<<<1, 32, 0, stream>>>(cache_seqlens, batch, num_parts, tile_sched, split_offsets);
+  DSO_LAUNCH_CHECK();
+}
+
+namespace {
+
+// DSO_MLA_BACKEND=mma_sync selects the warp-MMA kernel (a private switch for testing both paths).
+bool use_mma_sync_backend() {
+  const char* backend = std::getenv("DSO_MLA_BACKEND");
+  return backend != nullptr && std::strcmp(backend, "mma_sync") == 0;
+}
+
+template <bool kFp8, bool kWgmma>
+void launch_decode_kernel(const MlaDecodeArgs& args, dim3 grid, cudaStream_t stream) {
+  auto kernel = sm90_bf16_mla_decode_kernel<kFp8, kWgmma>;
+  DSO_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(args);
+  DSO_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_mla_decode(const MlaDecodeArgs& args, cudaStream_t stream) {
+  const int rows = args.s_q * args.h_q;
+  const dim3 grid(ceil_div(rows, BLOCK_M), args.num_parts);
+  const bool mma_sync = use_mma_sync_backend();
+  if (args.fp8_cache) {
+    mma_sync ? launch_decode_kernel<true, false>(args, grid, stream) : launch_decode_kernel<true, true>(args, grid, stream);
+  } else {
+    mma_sync ? launch_decode_kernel<false, false>(args, grid, stream)
+             : launch_decode_kernel<false, true>(args, grid, stream);
+  }
+  const dim3 combine_grid(ceil_div(rows, kCombineWarps), args.batch);
+  sm90_mla_combine_kernel<<<combine_grid, kCombineWarps * 32, 0, stream>>>(args);
+  DSO_LAUNCH_CHECK();
+}
+
+}  // namespace dso

@@ -1,0 +1,62 @@
+// Launcher of the FP8 GEMM kernels (csrc/sm90_fp8_gemm.cu): dense and grouped (MoE) variants of
+// d = (a * a_scales) @ (b * b_scales)^T (+ c), DeepSeek-V3 scaling (1 x 128 on a, 128 x 128 on b).
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace dso {
+
+enum class GemmType : int {
+  kNormal = 0,             // a [m, k], b [n, k], d [m, n]
+  kGroupedContiguous = 1,  // a [m, k] with rows grouped by expert, b [groups, n, k]; m_indices[row] = group or -1
+  kGroupedMasked = 2,      // a [groups, m, k], b [groups, n, k], d [groups, m, n]; only masked_m[g] rows valid
+};
+
+struct Fp8GemmProblem {
+  GemmType type = GemmType::kNormal;
+  // e4m3, K-major; row stride `lda` in elements (bytes), a multiple of 16. Masked: [groups * m, k].
+  const void* a = nullptr;
+  int64_t lda = 0;
+  // fp32, M-major: the scale of (row, k_block) at a_scales[k_block * a_scales_ld + row], where
+  // a_scales_ld >= rows is a multiple of 4 (per_token_group_quant_fp8's column_major_scales layout).
+  // Masked: rows are flattened like a's, row = group * m + row_in_group.
+  const float* a_scales = nullptr;
+  int64_t a_scales_ld = 0;
+  // e4m3, K-major [groups * n, k] with row stride `ldb`; b_scales fp32 [groups, ceil(n / 128), k / 128] contiguous.
+  const void* b = nullptr;
+  int64_t ldb = 0;
+  const float* b_scales = nullptr;
+  // Output [rows, n] with row stride `ldd` (a multiple of 8 elements), bf16 or fp32.
+  void* d = nullptr;
+  int64_t ldd = 0;
+  bool d_fp32 = false;
+  // Optional fp32 addend [rows, n] with row stride `ldc` (fp32 output only); may alias d.
+  const float* c = nullptr;
+  int64_t ldc = 0;
+  const int32_t* m_indices = nullptr;  // contiguous: [m], group of each row, -1 for padding rows
+  const int32_t* masked_m = nullptr;   // masked: [groups], valid rows of each group (on the device)
+  int64_t m = 0;                       // rows (masked: rows per group, M_max)
+  int64_t n = 0;                       // a multiple of 16
+  int64_t k = 0;                       // a positive multiple of 128
+  int64_t num_groups = 1;
+  int64_t expected_m = 0;              // masked: rows per group to tune for (a hint)
+};
+
+// Tile configuration. Chosen by a heuristic unless the environment variable
+// DSO_FP8_GEMM_CONFIG="BLOCK_MxBLOCK_N[xSTAGES]" forces one (used by tests to cover every variant);
+// DSO_FP8_GEMM_VERBOSE=1 prints the configuration of every launch to stderr (for tuning).
+struct Fp8GemmConfig {
+  int block_m = 0;
+  int block_n = 0;
+  int num_stages = 0;
+  int num_ctas = 0;
+};
+
+// The configuration launch_sm90_fp8_gemm would use (no launch).
+Fp8GemmConfig select_sm90_fp8_gemm_config(const Fp8GemmProblem& problem);
+
+// Requires m > 0 (callers return early for empty outputs). Throws std::runtime_error on bad config.
+void launch_sm90_fp8_gemm(const Fp8GemmProblem& problem, cudaStream_t stream);
+
+}  // namespace dso

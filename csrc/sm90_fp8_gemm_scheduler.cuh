@@ -1,0 +1,104 @@
+// Persistent tile scheduler shared by the dense and grouped FP8 GEMMs.
+//
+// CTA b walks tiles b, b + gridDim.x, ... of one linear order. Producer and consumers of a CTA
+// each run their own copy and see the same sequence. Dense and contiguous-grouped problems tile
+// [m, n]; masked-grouped problems concatenate, group after group, the tiles of each group's
+// ceil(masked_m[g] / BLOCK_M) row blocks (read from device memory: no host sync).
+#pragma once
+#include <cstdint>
+
+#include "sm90_fp8_gemm.h"
+
+namespace dso::gemm {
+
+// Row blocks per band of the rasterization: consecutive tiles sweep kBandRows row blocks before
+// moving to the next column block, so a wave of CTAs shares a few A and B panels in L2.
+constexpr int kBandRows = 8;
+
+// Kernel arguments besides the tensor maps (all sizes in elements).
+struct GemmParams {
+  const float* b_scales;  // [groups, num_n_scale_blocks, num_k_blocks]
+  void* d;
+  const float* c;
+  const int32_t* m_indices;
+  const int32_t* masked_m;
+  int64_t ldd;
+  int64_t ldc;
+  int m;  // rows (masked: rows per group)
+  int n;
+  int num_k_blocks;
+  int num_groups;
+};
+
+struct Tile {
+  int m_block_idx;
+  int n_block_idx;
+  int group_idx;
+  int row;        // first row of the tile in A's (and D's) row space, groups flattened
+  int num_rows;   // rows of the tile that hold valid output (<= BLOCK_M)
+};
+
+__device__ __forceinline__ void rasterize(int tile_idx, int num_m_blocks, int num_n_blocks, int& m_block_idx,
+                                          int& n_block_idx) {
+  const int band_tiles = kBandRows * num_n_blocks;
+  const int band_idx = tile_idx / band_tiles;
+  const int first_m = band_idx * kBandRows;
+  const int band_m_blocks = min(kBandRows, num_m_blocks - first_m);
+  const int in_band = tile_idx - band_idx * band_tiles;
+  m_block_idx = first_m + in_band % band_m_blocks;
+  n_block_idx = in_band / band_m_blocks;
+}
+
+template <GemmType kType, int BLOCK_M, int BLOCK_N>
+struct TileScheduler {
+  const GemmParams& p;
+  int num_n_blocks;
+  int num_m_blocks;  // dense / contiguous; masked: of the current group
+  int next_tile_idx;
+  // Masked: tiles [group_begin, group_end) belong to group current_group.
+  int current_group = -1;
+  int group_begin = 0;
+  int group_end = 0;
+
+  __device__ __forceinline__ explicit TileScheduler(const GemmParams& params)
+      : p(params), num_n_blocks((params.n + BLOCK_N - 1) / BLOCK_N),
+        num_m_blocks((params.m + BLOCK_M - 1) / BLOCK_M), next_tile_idx(blockIdx.x) {}
+
+  // Rows of group g that are valid; device data is clamped so a bad masked_m never writes out of bounds.
+  __device__ __forceinline__ int masked_rows(int g) const { return max(0, min(__ldg(p.masked_m + g), p.m)); }
+
+  __device__ __forceinline__ bool next(Tile& tile) {
+    while (true) {
+      const int tile_idx = next_tile_idx;
+      next_tile_idx += gridDim.x;
+      if constexpr (kType == GemmType::kGroupedMasked) {
+        while (tile_idx >= group_end) {
+          if (++current_group >= p.num_groups) return false;
+          num_m_blocks = (masked_rows(current_group) + BLOCK_M - 1) / BLOCK_M;
+          group_begin = group_end;
+          group_end += num_m_blocks * num_n_blocks;
+        }
+        rasterize(tile_idx - group_begin, num_m_blocks, num_n_blocks, tile.m_block_idx, tile.n_block_idx);
+        tile.group_idx = current_group;
+        tile.row = current_group * p.m + tile.m_block_idx * BLOCK_M;
+        tile.num_rows = min(BLOCK_M, masked_rows(current_group) - tile.m_block_idx * BLOCK_M);
+        return true;
+      } else {
+        if (tile_idx >= num_m_blocks * num_n_blocks) return false;
+        rasterize(tile_idx, num_m_blocks, num_n_blocks, tile.m_block_idx, tile.n_block_idx);
+        tile.row = tile.m_block_idx * BLOCK_M;
+        tile.num_rows = min(BLOCK_M, p.m - tile.row);
+        tile.group_idx = 0;
+        if constexpr (kType == GemmType::kGroupedContiguous) {
+          // A block belongs to the group of its first row (groups are BLOCK_M-aligned); blocks of
+          // padding (-1) and out-of-range groups are skipped: their output rows stay untouched.
+          tile.group_idx = __ldg(p.m_indices + tile.row);
+          if (tile.group_idx < 0 || tile.group_idx >= p.num_groups) continue;
+        }
+        return true;
+      }
+    }
+  }
+};
+
+}  // namespace dso::gemm

@@ -1,0 +1,196 @@
+"""Expert parallelism: dispatch tokens to their top-k experts and combine the outputs, one API on
+three tiers.
+
+- One GPU (world size 1, `group=None`): dispatch permutes the tokens into the per-expert
+  contiguous layout the grouped GEMM consumes (groups padded to its alignment, m_indices -1 on
+  padding rows); combine is the weighted un-permutation with fp32 accumulation. Fused kernels; with
+  `exact=False` no host sync (a worst-case sized output), usable inside CUDA graphs.
+- One node, several GPUs or processes (`backend="ipc"`): our kernels write rows straight into the
+  peers' symmetric buffers (CUDA IPC), release/acquire counters, bounded waits (deepseek_ops/ep/_ipc.py).
+- Many ranks (`backend="torch"`): torch.distributed all_to_all_single (NCCL on GPUs, gloo on CPUs);
+  the reference of the fast paths.
+
+Routing: topk_idx int64 [T, topk], -1 = no expert; experts are contiguous per rank (rank r owns
+experts [r * E/R, (r + 1) * E/R)). FP8 dispatch takes (x_fp8 [T, H] e4m3, scales fp32 [T, H/128])
+and carries the scales with the rows. combine(y) returns, per token, sum_k w[t, k] * y[row of (t, k)]
+accumulated in fp32 in k order, in bf16: the same bits on every tier.
+
+    buffer = ep.Buffer(group, max_tokens_per_rank=4096, hidden=7168, num_experts=256)
+    recv_x, m_indices, recv_w, counts, handle = buffer.dispatch((x_fp8, scales), topk_idx, topk_weights)
+    y = grouped_gemm(recv_x, m_indices, ...)            # [rows, H] bf16, rows in recv_x's order
+    out = buffer.combine(y, handle, topk_weights)        # [T, H] bf16
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from deepseek_ops._checks import check_tensor
+from deepseek_ops.ep import _local, _ops
+from deepseek_ops.ep._common import (DispatchResult, LocalHandle, XInput, check_combine_args, check_dispatch_args,
+                                     default_alignment)
+
+__all__ = ["Buffer", "DispatchResult", "combine", "dispatch", "get_dispatch_layout"]
+
+DEFAULT_TIMEOUT_S = 100.0
+MAX_EXPERTS = 4096
+BACKENDS = ("auto", "local", "ipc", "torch")
+
+
+def _check_experts(num_experts: int, num_ranks: int):
+    if num_experts <= 0:
+        raise ValueError(f"argument 'num_experts': expected a positive count, got {num_experts}")
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(f"argument 'num_experts': at most {MAX_EXPERTS} (the kernels count per expert in "
+                         f"shared memory), got {num_experts}")
+    if num_ranks <= 0 or num_experts % num_ranks != 0:
+        raise ValueError(f"argument 'num_experts': must be a multiple of the number of ranks {num_ranks} (experts "
+                         f"are split evenly, contiguous per rank), got {num_experts}")
+
+
+def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int,
+                        num_ranks: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_idx int64 [T, topk] (-1: no expert) -> (num_tokens_per_rank int32 [num_ranks],
+    num_tokens_per_expert int32 [num_experts], is_token_in_rank bool [T, num_ranks]).
+
+    A token counts once per rank however many of its experts that rank owns; per expert, every
+    (token, k) pair counts. No host sync on CUDA.
+    """
+    check_tensor("topk_idx", topk_idx, dtype=torch.int64, ndim=2)
+    _check_experts(num_experts, num_ranks)
+    return _ops.dispatch_layout(topk_idx.contiguous(), num_experts, num_ranks)
+
+
+def dispatch(x: XInput, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor] = None, *, num_experts: int,
+             alignment: Optional[int] = None, exact: bool = True) -> DispatchResult:
+    """One GPU: permutes x (bf16 [T, H], or (x_fp8, scales)) into the grouped GEMM's contiguous layout.
+
+    Returns DispatchResult(recv_x, recv_topk_idx = m_indices, recv_topk_weights,
+    num_recv_tokens_per_expert, handle) (see DispatchResult). alignment: rows per group multiple
+    (default: the grouped GEMM's). exact=True syncs once to size recv_x exactly; exact=False sizes it
+    for the worst case (T*topk + num_experts*(alignment-1) rows, the tail is padding) and never syncs:
+    the variant for CUDA graphs and decode. It never reads topk_idx on the host, so out-of-range
+    experts are not reported there: they are skipped like -1 (never a write past the buffer).
+    """
+    _check_experts(num_experts, 1)
+    alignment = default_alignment() if alignment is None else alignment
+    if alignment <= 0:
+        raise ValueError(f"argument 'alignment': expected a positive row count, got {alignment}")
+    x_data, x_scales = check_dispatch_args(x, topk_idx, topk_weights, num_experts, check_range=exact)
+    weights = topk_weights.contiguous() if topk_weights is not None else None
+    return _local.permute(x_data, x_scales, topk_idx.contiguous(), weights, num_experts, alignment, exact)
+
+
+def combine(y: torch.Tensor, handle: LocalHandle, topk_weights: torch.Tensor) -> torch.Tensor:
+    """One GPU: out[t] = sum over k of topk_weights[t, k] * y[row of (t, k)], fp32 accumulation, bf16 [T, H].
+
+    y: bf16 [rows, H], the rows of dispatch's recv_x (padding rows are never read).
+    """
+    if not isinstance(handle, LocalHandle):
+        raise ValueError(f"argument 'handle': expected the handle of deepseek_ops.ep.dispatch, got "
+                         f"{type(handle).__name__}")
+    check_combine_args(y, topk_weights, handle.num_rows, handle.row_of.shape)
+    return _local.combine(y.contiguous(), handle, topk_weights.contiguous())
+
+
+class Buffer:
+    """The communication state of one rank: dispatch / combine for a fixed group and shape.
+
+    group: a torch.distributed process group, or None for one process on one GPU.
+    max_tokens_per_rank, hidden, num_experts: the largest T, H and total E any call will use
+    (num_experts a multiple of the group size). backend: "local" (one rank), "ipc" (CUDA IPC
+    within one node; the group only carries handles and argument checks, gloo is enough), "torch"
+    (torch.distributed all_to_all), or "auto" (local for one rank, else torch). max_topk: the
+    largest topk of any call (sizes the ipc buffers).
+    timeout_s: a peer that dies or never arrives makes the others raise TimeoutError naming the
+    stuck step after this long (gloo; NCCL uses the process group's own timeout).
+    Backends "torch" and "ipc" sync with the host once per dispatch (receive sizes; exact=False
+    only changes the padding of recv_x there) and "ipc" once per combine (its timeout flag); the
+    no-sync, CUDA-graph-safe variant is the one-GPU one (exact=False).
+    close() (or garbage collection) releases the buffer.
+    """
+
+    def __init__(self, group=None, max_tokens_per_rank: int = 4096, hidden: int = 7168, num_experts: int = 256, *,
+                 backend: str = "auto", alignment: Optional[int] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 max_topk: int = 8):
+        if backend not in BACKENDS:
+            raise ValueError(f"argument 'backend': expected one of {BACKENDS}, got {backend!r}")
+        world_size = 1 if group is None else torch.distributed.get_world_size(group)
+        _check_experts(num_experts, world_size)
+        for name, value in (("max_tokens_per_rank", max_tokens_per_rank), ("hidden", hidden), ("max_topk", max_topk)):
+            if value <= 0:
+                raise ValueError(f"argument '{name}': expected a positive size, got {value}")
+        if timeout_s <= 0:
+            raise ValueError(f"argument 'timeout_s': expected a positive number of seconds, got {timeout_s}")
+        self.group, self.world_size = group, world_size
+        self.rank = 0 if group is None else torch.distributed.get_rank(group)
+        self.max_tokens_per_rank, self.hidden, self.num_experts = max_tokens_per_rank, hidden, num_experts
+        self.num_local_experts = num_experts // world_size
+        self.alignment = default_alignment() if alignment is None else alignment
+        self.timeout_s = timeout_s
+        if backend == "auto":
+            backend = "local" if world_size == 1 else "torch"
+        if backend == "local" and world_size != 1:
+            raise ValueError(f"argument 'backend': 'local' needs a group of one rank, got {world_size} ranks")
+        self.backend = backend
+        self._impl = None
+        if backend == "torch":
+            from deepseek_ops.ep._dist import DistBackend
+
+            self._impl = DistBackend(group, num_experts, hidden, max_tokens_per_rank, self.alignment, timeout_s)
+        elif backend == "ipc":
+            if group is None:
+                raise ValueError("argument 'group': backend 'ipc' needs a torch.distributed group")
+            if hidden % 16 != 0:
+                raise ValueError(f"argument 'hidden': backend 'ipc' needs a multiple of 16, got {hidden}")
+            from deepseek_ops.ep._ipc import IpcBackend
+
+            self._impl = IpcBackend(group, num_experts, hidden, max_tokens_per_rank, self.alignment, timeout_s,
+                                    max_topk)
+        self.closed = False
+
+    def _check_open(self):
+        if self.closed:
+            raise RuntimeError("deepseek_ops.ep.Buffer: used after close()")
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(num_tokens_per_rank [world_size], num_tokens_per_expert [num_experts], is_token_in_rank [T, world_size])."""
+        return get_dispatch_layout(topk_idx, self.num_experts, self.world_size)
+
+    def dispatch(self, x: XInput, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor] = None, *,
+                 exact: bool = True) -> DispatchResult:
+        """Sends every token to the ranks of its experts; see DispatchResult. topk_idx holds global expert
+        indices; the result's recv_topk_idx local ones (rank r's expert e is local e - r * E/R)."""
+        self._check_open()
+        if self._impl is None:
+            x_data, x_scales = check_dispatch_args(x, topk_idx, topk_weights, self.num_experts, hidden=self.hidden,
+                                                   max_tokens=self.max_tokens_per_rank, check_range=exact)
+            weights = topk_weights.contiguous() if topk_weights is not None else None
+            return _local.permute(x_data, x_scales, topk_idx.contiguous(), weights, self.num_experts, self.alignment,
+                                  exact)
+        return self._impl.dispatch(x, topk_idx, topk_weights, exact)
+
+    def combine(self, y: torch.Tensor, handle, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Brings every expert output home: bf16 [T, H], sum_k topk_weights[t, k] * y[row of (t, k)]."""
+        self._check_open()
+        if self._impl is None:
+            return combine(y, handle, topk_weights)
+        return self._impl.combine(y, handle, topk_weights)
+
+    def close(self):
+        """Releases the communication state (idempotent): ipc buffers freed, peers' handles closed."""
+        impl, self._impl = getattr(self, "_impl", None), None
+        if impl is not None and hasattr(impl, "close"):
+            impl.close()
+        self.closed = True
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - a destructor at interpreter exit must not raise
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,323 @@
+"""FP8 GEMMs with DeepSeek-V3 fine-grained scaling: dense (fp8_gemm, fp8_linear) and grouped for MoE.
+
+Scaling: `a` (activations) has one fp32 scale per row per 128 K elements, `b` (weights) one per
+128 x 128 block; the product is d = (a * a_scales) @ (b * b_scales)^T, accumulated in fp32 with
+the scales applied every 128 K (csrc/sm90_fp8_gemm.cu).
+
+Scale layout of `a_scales`: any strides are accepted, but the kernels read them M-major (the
+layout per_token_group_quant_fp8(..., column_major_scales=True) returns: strides (1, align(M, 4)));
+every other layout costs one extra transposing copy per call. That layout is the fastest.
+"""
+from typing import Optional
+
+import torch
+
+from deepseek_ops import reference
+from deepseek_ops._checks import (FLOAT_DTYPES, FP8, check_choice, check_cuda_arch, check_dim, check_multiple,
+                                  check_same_device, check_shape, check_tensor)
+from deepseek_ops._registry import register_op
+
+_ops = torch.ops.deepseek_ops
+
+# Rows of each group of a contiguous grouped GEMM start at a multiple of this (the kernel's BLOCK_M).
+_GROUP_ALIGNMENT = 128
+_OUT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def grouped_gemm_alignment() -> int:
+    """Row alignment of every group in grouped_fp8_gemm_contiguous's `a` (pad each group to it)."""
+    return _GROUP_ALIGNMENT
+
+
+def _check_k_major(name: str, t: torch.Tensor):
+    """TMA reads rows of K contiguous bytes; row starts and the base must be 16-byte aligned."""
+    k = t.shape[-1]
+    if k > 1 and t.stride(-1) != 1:
+        raise ValueError(f"argument '{name}': expected K-major (stride 1 along the last dim), got strides "
+                         f"{tuple(t.stride())}")
+    if t.shape[-2] > 1 and (t.stride(-2) % 16 != 0 or t.stride(-2) < k):
+        raise ValueError(f"argument '{name}': expected a row stride that is a multiple of 16 elements and >= K, "
+                         f"got strides {tuple(t.stride())}")
+    # NOTE: dynamo cannot trace storage_offset(); under torch.compile the start is not checked.
+    if not torch.compiler.is_compiling() and t.storage_offset() % 16 != 0:
+        raise ValueError(f"argument '{name}': expected a 16-byte aligned start, got storage offset "
+                         f"{t.storage_offset()} (slice rows/columns at multiples of 16)")
+
+
+def _check_operands(a, a_scales, b, b_scales, *, a_ndim: int, grouped_b: bool):
+    """Shared checks of the FP8 operands; returns (N, K). a: [(G,) M, K]; b: [(G,) N, K]."""
+    check_tensor("a", a, dtype=FP8, ndim=a_ndim)
+    check_tensor("b", b, dtype=FP8, ndim=3 if grouped_b else 2)
+    check_tensor("a_scales", a_scales, dtype=torch.float32, ndim=a.dim())
+    check_tensor("b_scales", b_scales, dtype=torch.float32, ndim=b.dim())
+    check_same_device(a=a, a_scales=a_scales, b=b, b_scales=b_scales)
+    n, k = b.shape[-2], a.shape[-1]
+    if k <= 0:
+        raise ValueError(f"argument 'a': K (a.shape[-1]) must be a positive multiple of 128, got {k}")
+    check_multiple("a", a.shape[-1], 128, "K (a.shape[-1])")
+    check_dim("b", b, -1, a.shape[-1], "K, as a.shape[-1]")
+    check_multiple("b", n, 16, "N (b.shape[-2])")
+    check_shape("a_scales", a_scales, (*a.shape[:-1], k // 128))
+    check_shape("b_scales", b_scales, (*b.shape[:-2], -(-n // 128), k // 128))
+    _check_k_major("a", a)
+    _check_k_major("b", b)
+    return n, k
+
+
+def _k_major_ok(t: torch.Tensor) -> bool:
+    rows, k = t.shape[-2], t.shape[-1]
+    row_stride, col_stride = t.stride()[-2:]
+    return ((col_stride == 1 or k <= 1) and (rows <= 1 or (row_stride % 16 == 0 and row_stride >= k))
+            and (torch.compiler.is_compiling() or t.storage_offset() % 16 == 0))
+
+
+def _dense_operands_ok(a, a_scales, b, b_scales) -> bool:
+    """The common case of fp8_gemm's checks in a few cheap comparisons (host overhead matters for
+    small M); when it says no, the detailed checks run and raise with a precise message."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and isinstance(a_scales, torch.Tensor)
+            and isinstance(b_scales, torch.Tensor)):
+        return False
+    if a.dtype != FP8 or b.dtype != FP8 or a_scales.dtype != torch.float32 or b_scales.dtype != torch.float32:
+        return False
+    if a.dim() != 2 or b.dim() != 2:
+        return False
+    m, k = a.shape
+    n, k_b = b.shape
+    if k != k_b or k <= 0 or k % 128 or n % 16:
+        return False
+    if a_scales.shape != (m, k // 128) or b_scales.shape != ((n + 127) // 128, k // 128):
+        return False
+    device = a.device
+    if b.device != device or a_scales.device != device or b_scales.device != device:
+        return False
+    return _k_major_ok(a) and _k_major_ok(b)
+
+
+_HOPPER_DEVICES = set()
+
+
+def _check_arch_once(t: torch.Tensor, op: str):
+    """check_cuda_arch, remembered per device (the answer cannot change within a process); the
+    eager call before any torch.compile trace has made the check."""
+    if t.is_cuda and not torch.compiler.is_compiling() and t.device not in _HOPPER_DEVICES:
+        check_cuda_arch(t, op)
+        _HOPPER_DEVICES.add(t.device)
+
+
+def _check_out(out, shape, dtype, device):
+    check_tensor("out", out, dtype=dtype, device=device)
+    check_shape("out", out, shape)
+    if not out.is_contiguous():
+        raise ValueError(f"argument 'out': expected a contiguous tensor, got strides {tuple(out.stride())}")
+
+
+def fp8_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16, out: Optional[torch.Tensor] = None,
+             c: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """d = (a * a_scales) @ (b * b_scales)^T (+ c).
+
+    a: [M, K] float8_e4m3fn, K-major, K a multiple of 128, any M >= 0.
+    a_scales: fp32 [M, K/128] (fastest in the M-major layout of per_token_group_quant_fp8 with
+        column_major_scales=True; any other layout is copied into it first).
+    b: [N, K] float8_e4m3fn, K-major, N a multiple of 16. b_scales: fp32 [ceil(N/128), K/128].
+    out_dtype: bfloat16 or float32. c: optional fp32 [M, N] added to the product (float32 output
+        only; it may be `out` itself, to accumulate in place). out: optional [M, N] contiguous buffer.
+    Returns d [M, N] (`out` when given).
+    """
+    if _dense_operands_ok(a, a_scales, b, b_scales):
+        m, n = a.shape[0], b.shape[0]
+    else:
+        n, _ = _check_operands(a, a_scales, b, b_scales, a_ndim=2, grouped_b=False)
+        m = a.shape[0]
+    if out_dtype != torch.bfloat16 and out_dtype != torch.float32:
+        check_choice("out_dtype", out_dtype, _OUT_DTYPES)
+    if c is not None:
+        if out_dtype != torch.float32:
+            raise ValueError(f"argument 'c': accumulating into c needs out_dtype=torch.float32, got {out_dtype}")
+        check_tensor("c", c, dtype=torch.float32, device=a.device)
+        check_shape("c", c, (m, n))
+        if not c.is_contiguous():
+            raise ValueError(f"argument 'c': expected a contiguous tensor, got strides {tuple(c.stride())}")
+    _check_arch_once(a, "fp8_gemm")
+    if out is None:
+        return _ops.fp8_gemm(a, a_scales, b, b_scales, out_dtype, c)
+    _check_out(out, (m, n), out_dtype, a.device)
+    _ops.fp8_gemm_out(a, a_scales, b, b_scales, c, out)
+    return out
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ (weight * weight_scale)^T (+ bias), x quantized to FP8 per 1 x 128 token group first.
+
+    x: [..., K] bf16/fp16/fp32. weight: [N, K] float8_e4m3fn with weight_scale fp32
+    [ceil(N/128), K/128] (a DeepSeek-V3 checkpoint's weight and weight_scale_inv). bias: optional [N].
+    Returns [..., N] in x's dtype (computed in fp32 for fp32 x, bf16 otherwise).
+    """
+    check_tensor("x", x, dtype=FLOAT_DTYPES)
+    check_tensor("weight", weight, dtype=FP8, ndim=2, device=x.device)
+    check_dim("x", x, -1, weight.shape[1], "K, as weight.shape[1]")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=x.device)
+        check_dim("bias", bias, 0, weight.shape[0], "N, as weight.shape[0]")
+    from deepseek_ops.quant import per_token_group_quant_fp8
+
+    k = x.shape[-1]
+    x_fp8, x_scales = per_token_group_quant_fp8(x.reshape(-1, k), 128, column_major_scales=True)
+    out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+    y = fp8_gemm(x_fp8, x_scales, weight, weight_scale, out_dtype=out_dtype)
+    if bias is not None:
+        y = y + bias.to(out_dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _check_grouped_b(b):
+    if b.shape[0] == 0:
+        raise ValueError(f"argument 'b': expected at least one group, got shape {tuple(b.shape)}")
+    if b.shape[0] > 1 and b.stride(0) != b.shape[1] * b.stride(1):
+        raise ValueError(f"argument 'b': expected groups stored back to back (stride(0) = N * stride(1)), got "
+                         f"strides {tuple(b.stride())}")
+
+
+def grouped_fp8_gemm_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                                m_indices: Optional[torch.Tensor] = None, *,
+                                group_offsets: Optional[torch.Tensor] = None,
+                                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MoE experts in one launch, rows of each expert contiguous: d[r] = a[r] @ b[g(r)]^T (scaled).
+
+    a: [sum_M, K] float8_e4m3fn, each group's rows starting at a multiple of grouped_gemm_alignment()
+        (pad groups to it); a_scales fp32 [sum_M, K/128] (M-major fastest, as for fp8_gemm).
+    b: [G, N, K] float8_e4m3fn; b_scales fp32 [G, ceil(N/128), K/128].
+    Exactly one of
+      m_indices: int32 [sum_M], the group of each row, -1 for padding rows;
+      group_offsets: int32/int64 [G + 1], rows [group_offsets[g], group_offsets[g+1]) are group g,
+        each offset a multiple of the alignment (converted to m_indices on the device; with offsets
+        there are no padding rows: a group's tail rows up to the next offset are computed as part of it).
+    Output bf16 [sum_M, N]. Padding rows (-1) are never written: they keep out's values, and are
+    unspecified in a freshly allocated output. Values in m_indices on the GPU are the caller's
+    contract, checked on the CPU: each 128-row block holds one group's rows, then padding. On the
+    GPU a row is written only if its index equals that of its block's first row, and a block whose
+    first index is outside [0, G) is skipped, so bad indices never cause out-of-bounds accesses.
+    """
+    n, k = _check_operands(a, a_scales, b, b_scales, a_ndim=2, grouped_b=True)
+    _check_grouped_b(b)
+    num_groups, sum_m = b.shape[0], a.shape[0]
+    check_multiple("a", sum_m, _GROUP_ALIGNMENT, "sum_M (a.shape[0], groups padded to grouped_gemm_alignment())")
+    if (m_indices is None) == (group_offsets is None):
+        raise ValueError("arguments 'm_indices' and 'group_offsets': expected exactly one of them, got "
+                         f"{'both' if m_indices is not None else 'neither'}")
+    if group_offsets is not None:
+        m_indices = _m_indices_from_offsets(group_offsets, num_groups, sum_m, a.device)
+    check_tensor("m_indices", m_indices, dtype=torch.int32, ndim=1, device=a.device)
+    check_shape("m_indices", m_indices, (sum_m,))
+    if _values_on_host(m_indices):
+        _check_m_indices_values(m_indices, num_groups)
+    _check_arch_once(a, "grouped_fp8_gemm_contiguous")
+    if out is None:
+        return _ops.grouped_fp8_gemm_contiguous(a, a_scales, b, b_scales, m_indices)
+    _check_out(out, (sum_m, n), torch.bfloat16, a.device)
+    _ops.grouped_fp8_gemm_contiguous_out(a, a_scales, b, b_scales, m_indices, out)
+    return out
+
+
+def _values_on_host(t: torch.Tensor) -> bool:
+    """Values can be checked without a device sync (and outside a torch.compile trace)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_m_indices_values(m_indices: torch.Tensor, num_groups: int):
+    if m_indices.numel() == 0:
+        return
+    lo, hi = int(m_indices.min()), int(m_indices.max())
+    if lo < -1 or hi >= num_groups:
+        raise ValueError(f"argument 'm_indices': expected values in [-1, {num_groups}) (G = b.shape[0]), "
+                         f"got values in [{lo}, {hi}]")
+    blocks = m_indices.reshape(-1, _GROUP_ALIGNMENT)
+    first = blocks[:, :1]
+    # Within a 128-row block: one group, optionally followed by padding (-1).
+    bad = ((blocks != first) & (blocks != -1)).any(dim=1)
+    if bad.any():
+        block = int(bad.nonzero()[0])
+        raise ValueError(f"argument 'm_indices': rows {block * _GROUP_ALIGNMENT}..{(block + 1) * _GROUP_ALIGNMENT - 1}"
+                         f" mix groups; each group must start at a multiple of {_GROUP_ALIGNMENT} rows")
+
+
+def _m_indices_from_offsets(group_offsets, num_groups: int, sum_m: int, device) -> torch.Tensor:
+    check_tensor("group_offsets", group_offsets, dtype=(torch.int32, torch.int64), ndim=1)
+    check_shape("group_offsets", group_offsets, (num_groups + 1,))
+    if _values_on_host(group_offsets):
+        offsets = group_offsets.tolist()
+        if offsets[0] != 0 or offsets[-1] > sum_m or any(x > y for x, y in zip(offsets, offsets[1:])):
+            raise ValueError(f"argument 'group_offsets': expected non-decreasing offsets from 0 to at most "
+                             f"{sum_m} (a.shape[0]), got {offsets}")
+        misaligned = [x for x in offsets[:-1] if x % _GROUP_ALIGNMENT]
+        if misaligned:
+            raise ValueError(f"argument 'group_offsets': every group must start at a multiple of "
+                             f"{_GROUP_ALIGNMENT}, got offsets {misaligned}")
+    offsets = group_offsets.to(device=device, dtype=torch.int64)
+    rows = torch.arange(sum_m, device=device)
+    # Row r belongs to the last group whose start is <= r; rows past the last offset get G (skipped).
+    idx = torch.searchsorted(offsets[1:], rows, right=True)
+    return idx.to(torch.int32)
+
+
+def grouped_fp8_gemm_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                            masked_m: torch.Tensor, expected_m: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MoE experts for decode, a fixed-capacity slot per group: d[g, :masked_m[g]] = a[g] @ b[g]^T (scaled).
+
+    a: [G, M_max, K] float8_e4m3fn, contiguous; a_scales fp32 [G, M_max, K/128] (fastest:
+        per_token_group_quant_fp8(a.view(G * M_max, K), column_major_scales=True)[1].view(G, M_max, -1)).
+    b: [G, N, K] float8_e4m3fn; b_scales fp32 [G, ceil(N/128), K/128].
+    masked_m: int32 [G] on a's device, valid rows of each group; read by the kernel (no host sync,
+        CUDA-graph safe). On the GPU a value above M_max is the caller's error and is clamped.
+    expected_m: typical masked_m, a hint for tile selection only.
+    Output bf16 [G, M_max, N]; rows at or past masked_m[g] are never written (they keep out's values
+    and are unspecified in a freshly allocated output).
+    """
+    n, k = _check_operands(a, a_scales, b, b_scales, a_ndim=3, grouped_b=True)
+    _check_grouped_b(b)
+    num_groups, m_max = a.shape[0], a.shape[1]
+    check_dim("b", b, 0, num_groups, "G, as a.shape[0]")
+    check_tensor("masked_m", masked_m, dtype=torch.int32, ndim=1, device=a.device)
+    check_shape("masked_m", masked_m, (num_groups,))
+    if not isinstance(expected_m, int) or expected_m < 0:
+        raise ValueError(f"argument 'expected_m': expected a non-negative int, got {expected_m!r}")
+    if not a.is_contiguous():
+        raise ValueError(f"argument 'a': expected a contiguous [G, M_max, K] tensor, got strides {tuple(a.stride())}")
+    if _values_on_host(masked_m) and masked_m.numel():
+        lo, hi = int(masked_m.min()), int(masked_m.max())
+        if lo < 0 or hi > m_max:
+            raise ValueError(f"argument 'masked_m': expected values in [0, {m_max}] (M_max = a.shape[1]), "
+                             f"got values in [{lo}, {hi}]")
+    _check_arch_once(a, "grouped_fp8_gemm_masked")
+    if out is None:
+        return _ops.grouped_fp8_gemm_masked(a, a_scales, b, b_scales, masked_m, expected_m)
+    _check_out(out, (num_groups, m_max, n), torch.bfloat16, a.device)
+    _ops.grouped_fp8_gemm_masked_out(a, a_scales, b, b_scales, masked_m, expected_m, out)
+    return out
+
+
+# ---- fake kernels (shapes only) ----------------------------------------------------------------
+
+def _fp8_gemm_fake(a, a_scales, b, b_scales, out_dtype, c=None):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+def _out_fake(*args):
+    return None
+
+
+def _grouped_contiguous_fake(a, a_scales, b, b_scales, m_indices):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16)
+
+
+def _grouped_masked_fake(a, a_scales, b, b_scales, masked_m, expected_m):
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[1]), dtype=torch.bfloat16)
+
+
+register_op("fp8_gemm", reference.fp8_gemm, _fp8_gemm_fake)
+register_op("fp8_gemm_out", reference.fp8_gemm_out, _out_fake)
+register_op("grouped_fp8_gemm_contiguous", reference.grouped_fp8_gemm_contiguous, _grouped_contiguous_fake)
+register_op("grouped_fp8_gemm_contiguous_out", reference.grouped_fp8_gemm_contiguous_out, _out_fake)
+register_op("grouped_fp8_gemm_masked", reference.grouped_fp8_gemm_masked, _grouped_masked_fake)
+register_op("grouped_fp8_gemm_masked_out", reference.grouped_fp8_gemm_masked_out, _out_fake)

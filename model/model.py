@@ -1,0 +1,667 @@
+"""DeepSeek-V3, thin: MLA + DeepSeekMoE + MTP, one code path with two backends.
+
+backend="reference": plain PyTorch (CPU ok). FP8 weights are dequantized with deepseek_ops.reference,
+    attention is PyTorch math (absorbed into the latent space, or naive with expanded k/v), experts
+    are a Python loop.
+backend="kernels": our ops. FP8 linears run deepseek_ops.fp8_linear, FP8 experts run the grouped FP8
+    GEMMs on a contiguous expert layout, decode attention runs deepseek_ops.mla_decode on the paged
+    latent cache. Float (bf16) weights keep the reference math (there is no FP8 kernel to run).
+
+Module and parameter names are the Hugging Face ones, so `state_dict()` keys are the checkpoint keys
+(model.layers.{i}.self_attn.q_a_proj.weight, ...; the MTP module is layer num_hidden_layers).
+
+RoPE pairing: the rope dims of q and k rotate as interleaved pairs (x[2i], x[2i+1]), as in DeepSeek's
+inference/model.py. Hugging Face (rope_interleave=True) first permutes each rope vector to
+[x[0::2], x[1::2]] and rotates halves: the same rotation with the 64 dims listed in another order,
+applied to q and k alike, so q.k, attention and logits are identical and HF-format weights load
+unchanged. The latent cache stores k_pe in the interleaved order.
+
+Shape legend: B batch, S new tokens, T keys (cache slots), H heads, D hidden, R kv_lora_rank,
+dn/dr/dv nope/rope/value head dims, E routed experts, K experts per token, N tokens (B * S).
+"""
+import math
+import zlib
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deepseek_ops import reference as ops_ref
+from model.config import FP8_BLOCK, PAGE_SIZE, ModelArgs, yarn_mscale
+
+BACKENDS = ("reference", "kernels")
+ATTN_IMPLS = ("absorbed", "naive")
+FP8 = torch.float8_e4m3fn
+
+
+def _ops():
+    import deepseek_ops
+
+    return deepseek_ops
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+class Linear(nn.Module):
+    """y = x W^T, no bias. W is a float weight, or e4m3 with `weight_scale_inv` (fp32, one scale per
+    128 x 128 block, W ~= W_e4m3 * scale): the DeepSeek-V3 FP8 checkpoint convention."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, fp8: bool, backend: str):
+        super().__init__()
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.fp8_activations = False  # reference backend: quantize x per 1 x 128 group as the kernels do
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8 if fp8 else dtype),
+                                   requires_grad=False)
+        scale = torch.empty(math.ceil(out_features / FP8_BLOCK), math.ceil(in_features / FP8_BLOCK))
+        self.weight_scale_inv = nn.Parameter(scale, requires_grad=False) if fp8 else None
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight_scale_inv is not None
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if not self.is_fp8:
+            return self.weight.to(dtype)
+        return ops_ref.dequant_fp8_block(self.weight, self.weight_scale_inv, FP8_BLOCK, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_fp8 and self.backend == "kernels":
+            return _ops().fp8_linear(x, self.weight, self.weight_scale_inv).to(x.dtype)
+        if self.is_fp8 and self.fp8_activations:
+            return F.linear(fp8_roundtrip_activations(x), self.dense_weight(torch.float32)).to(x.dtype)
+        return F.linear(x, self.dense_weight(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, fp8={self.is_fp8}"
+
+
+def fp8_roundtrip_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> fp32 x as the FP8 kernels see it: e4m3 with one scale per 1 x 128 group."""
+    k = x.shape[-1]
+    x_fp8, scales = ops_ref.per_token_group_quant_fp8(x.reshape(-1, k), FP8_BLOCK, False, False)
+    return (x_fp8.float() * scales.repeat_interleave(FP8_BLOCK, dim=1)).view(x.shape)  # [..., K]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # normalize in fp32 (as HF)
+        return self.weight * h.to(x.dtype)
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE with YaRN
+# ----------------------------------------------------------------------------------------------
+def _yarn_correction_range(args: ModelArgs, dim: int) -> Tuple[int, int]:
+    """The rope dims (in pairs) between full extrapolation (fast) and full interpolation (slow)."""
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(args.original_max_position_embeddings / (num_rotations * 2 * math.pi)) / (
+            2 * math.log(args.rope_theta))
+
+    low = math.floor(correction_dim(args.beta_fast))
+    high = math.ceil(correction_dim(args.beta_slow))
+    return max(low, 0), min(high, dim - 1)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [dr / 2] fp32; under YaRN, low frequencies are divided by rope_factor
+    with a linear ramp between the correction dims (DeepSeek inference/model.py, HF yarn)."""
+    dim = args.qk_rope_head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if args.uses_yarn:
+        low, high = _yarn_correction_range(args, dim)
+        ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)
+        keep = 1 - ramp.clamp(0, 1)  # 1: high frequency, kept; 0: interpolated by rope_factor
+        freqs = freqs / args.rope_factor * (1 - keep) + freqs * keep
+    return freqs
+
+
+def rope_attention_factor(args: ModelArgs) -> float:
+    """HF yarn scales cos/sin by mscale(factor, mscale) / mscale(factor, mscale_all_dim): 1 for V3."""
+    if not args.uses_yarn or not (args.mscale and args.mscale_all_dim):
+        return 1.0
+    return yarn_mscale(args.rope_factor, args.mscale) / yarn_mscale(args.rope_factor, args.mscale_all_dim)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates interleaved pairs (x[2i], x[2i+1]) of x [B, S, H, dr] by angles whose cos/sin are [B, S, dr/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, S, H, dr/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, dr/2]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [B, S, H, dr/2, 2]
+    return rotated.flatten(-2).to(x.dtype)  # [B, S, H, dr]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention context: where the new tokens sit and how attention reads keys
+# ----------------------------------------------------------------------------------------------
+class AttnContext:
+    """positions [B, S] int64 of the new tokens; rope cos/sin [B, S, dr/2] fp32. With a block_table
+    [B, max_blocks] int32 the new latents are written to the paged cache; `decode` makes attention
+    read its keys from the cache (else from the new tokens themselves: a prefill from position 0)."""
+
+    def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 block_table: Optional[torch.Tensor] = None, decode: bool = False):
+        self.positions, self.cos, self.sin = positions, cos, sin
+        self.block_table, self.decode = block_table, decode
+        self.mla_metadata = None  # kernels backend: mla_decode's split-KV schedule, shared by all layers
+
+
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, T] bool: query at q_pos [B, S] sees keys at positions k_pos [B or 1, T] <= its own."""
+    return (k_pos[:, None, :] <= q_pos[:, :, None]).unsqueeze(1)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.softmax((scores.float() * scale).masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def absorbed_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, scale):
+    """MLA in the latent space: k = W_uk c, v = W_uv c are never materialized.
+
+    q_nope [B,S,H,dn], q_pe [B,S,H,dr], c_kv [B,T,R], k_pe [B,T,dr], w_uk [H,dn,R], w_uv [H,dv,R].
+    """
+    q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # [B, S, H, R]
+    scores = torch.einsum("bshr,btr->bhst", q_lat, c_kv) + torch.einsum("bshd,btd->bhst", q_pe, k_pe)
+    probs = masked_softmax(scores, mask, scale).to(c_kv.dtype)  # [B, H, S, T]
+    o_lat = torch.einsum("bhst,btr->bshr", probs, c_kv)  # [B, S, H, R]
+    return torch.einsum("bshr,hdr->bshd", o_lat, w_uv)  # [B, S, H, dv]
+
+
+def naive_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, scale):
+    """MLA as multi-head attention: per-head keys and values expanded from the latent first."""
+    k_nope = torch.einsum("btr,hdr->bthd", c_kv, w_uk)  # [B, T, H, dn]
+    v = torch.einsum("btr,hdr->bthd", c_kv, w_uv)  # [B, T, H, dv]
+    q = torch.cat([q_nope, q_pe], dim=-1)  # [B, S, H, dn + dr]
+    k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, k_nope.shape[2], -1)], dim=-1)  # [B, T, H, dn + dr]
+    probs = masked_softmax(torch.einsum("bshd,bthd->bhst", q, k), mask, scale).to(v.dtype)  # [B, H, S, T]
+    return torch.einsum("bhst,bthd->bshd", probs, v)  # [B, S, H, dv]
+
+
+def write_latent_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor,
+                       c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+    """kv_cache [num_blocks, 64, 1, R + dr][block_table[b, pos // 64], pos % 64] = [c_kv | k_pe]."""
+    block_idx = torch.gather(block_table.long(), 1, positions // PAGE_SIZE)  # [B, S]
+    kv_cache[block_idx, positions % PAGE_SIZE, 0] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-head latent attention
+# ----------------------------------------------------------------------------------------------
+class MLA(nn.Module):
+    def __init__(self, args: ModelArgs, backend: str, attn_impl: str):
+        super().__init__()
+        d, h, dt, fp8 = args.hidden_size, args.num_attention_heads, args.torch_dtype, args.fp8
+        self.args, self.backend, self.attn_impl = args, backend, attn_impl
+        self.num_heads, self.kv_lora_rank = h, args.kv_lora_rank
+        self.dn, self.dr, self.dv = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.softmax_scale = args.softmax_scale
+        if args.q_lora_rank:
+            self.q_a_proj = Linear(d, args.q_lora_rank, dt, fp8, backend)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, dt)
+            self.q_b_proj = Linear(args.q_lora_rank, h * args.qk_head_dim, dt, fp8, backend)
+        else:
+            self.q_proj = Linear(d, h * args.qk_head_dim, dt, fp8, backend)
+        self.kv_a_proj_with_mqa = Linear(d, args.kv_lora_rank + self.dr, dt, fp8, backend)
+        self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps, dt)
+        self.kv_b_proj = Linear(args.kv_lora_rank, h * (self.dn + self.dv), dt, fp8, backend)
+        self.o_proj = Linear(h * self.dv, d, dt, fp8, backend)
+        self.register_buffer("kv_cache", None, persistent=False)  # [num_blocks, 64, 1, R + dr], setup_cache
+        self.register_buffer("wkv_b_dense", None, persistent=False)  # kernels backend: dequantized once
+
+    def project(self, x: torch.Tensor, ctx: AttnContext):
+        """x [B, S, D] -> q_nope [B,S,H,dn], q_pe [B,S,H,dr] (roped), c_kv [B,S,R] (normed), k_pe [B,S,dr] (roped)."""
+        b, s, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q = q.view(b, s, self.num_heads, self.dn + self.dr)  # [B, S, H, dn + dr]
+        q_nope, q_pe = torch.split(q, [self.dn, self.dr], dim=-1)
+        kv = self.kv_a_proj_with_mqa(x)  # [B, S, R + dr]
+        c_kv, k_pe = torch.split(kv, [self.kv_lora_rank, self.dr], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_pe = apply_rope(q_pe, ctx.cos, ctx.sin)
+        k_pe = apply_rope(k_pe.unsqueeze(2), ctx.cos, ctx.sin).squeeze(2)  # [B, S, dr]: one head shared by all
+        return q_nope, q_pe, c_kv, k_pe
+
+    def kv_b_weights(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """W_uk [H, dn, R] and W_uv [H, dv, R] from kv_b_proj [H * (dn + dv), R]."""
+        w = self.wkv_b_dense if self.wkv_b_dense is not None else self.kv_b_proj.dense_weight(dtype)
+        w = w.to(dtype).view(self.num_heads, self.dn + self.dv, self.kv_lora_rank)  # [H, dn + dv, R]
+        return w[:, :self.dn], w[:, self.dn:]
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        b, s, _ = x.shape
+        q_nope, q_pe, c_kv, k_pe = self.project(x, ctx)
+        if ctx.block_table is not None:
+            self._write_cache(ctx, c_kv, k_pe)
+        w_uk, w_uv = self.kv_b_weights(x.dtype)
+        if ctx.decode and self.backend == "kernels":
+            o = self._mla_decode(q_nope, q_pe, w_uk, w_uv, ctx)
+        else:
+            if ctx.decode:  # keys: every cache slot of the request; the mask drops unwritten ones
+                cache = self.kv_cache[ctx.block_table.long()].flatten(1, 3)  # [B, max_blocks * 64, R + dr]
+                c_kv, k_pe = torch.split(cache.to(x.dtype), [self.kv_lora_rank, self.dr], dim=-1)
+                k_pos = torch.arange(cache.shape[1], device=x.device)[None]  # [1, T]
+            else:
+                k_pos = ctx.positions
+            attend = absorbed_attention if self.attn_impl == "absorbed" else naive_attention
+            o = attend(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, causal_mask(ctx.positions, k_pos), self.softmax_scale)
+        return self.o_proj(o.reshape(b, s, self.num_heads * self.dv))  # [B, S, H * dv] -> [B, S, D]
+
+    def _write_cache(self, ctx: AttnContext, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+        if self.backend == "kernels":
+            _ops().mla_cache_append(self.kv_cache, ctx.block_table, ctx.positions.to(torch.int32),
+                                    c_kv.to(self.kv_cache.dtype), k_pe.to(self.kv_cache.dtype))
+        else:
+            write_latent_cache(self.kv_cache, ctx.block_table, ctx.positions, c_kv, k_pe)
+
+    def _mla_decode(self, q_nope, q_pe, w_uk, w_uv, ctx: AttnContext) -> torch.Tensor:
+        q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # [B, S, H, R]
+        q = torch.cat([q_lat, q_pe], dim=-1).to(torch.bfloat16)  # [B, S, H, R + dr]
+        cache_seqlens = (ctx.positions[:, -1] + 1).to(torch.int32)  # [B]: keys up to the last new token
+        o_lat, _ = _ops().mla_decode(q, self.kv_cache, ctx.block_table, cache_seqlens, self.softmax_scale,
+                                     causal=True, metadata=ctx.mla_metadata)  # [B, S, H, R]
+        return torch.einsum("bshr,hdr->bshd", o_lat.to(w_uv.dtype), w_uv)  # [B, S, H, dv]
+
+
+# ----------------------------------------------------------------------------------------------
+# Feed-forward: dense SwiGLU and DeepSeekMoE
+# ----------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, dim: int, inter_dim: int, args: ModelArgs, backend: str):
+        super().__init__()
+        dt, fp8 = args.torch_dtype, args.fp8
+        self.gate_proj = Linear(dim, inter_dim, dt, fp8, backend)
+        self.up_proj = Linear(dim, inter_dim, dt, fp8, backend)
+        self.down_proj = Linear(inter_dim, dim, dt, fp8, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(scores: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
+          norm_topk_prob: bool, routed_scaling_factor: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Auxiliary-loss-free, group-limited top-k routing of DeepSeek-V3.
+
+    scores [N, E] sigmoid affinities (fp32); bias [E] e_score_correction_bias. The bias only steers
+    which experts are chosen: groups rank by the sum of their top-2 biased scores, the best topk_group
+    groups stay eligible, the top_k biased scores among them are chosen. The weights are the
+    unbiased scores of the chosen experts (normalized to sum 1 if norm_topk_prob) * routed_scaling_factor.
+    Returns weights [N, top_k] fp32 and expert indices [N, top_k] int64.
+    """
+    n, e = scores.shape
+    biased = scores + bias  # [N, E]
+    group_scores = biased.view(n, n_group, e // n_group).topk(2, dim=-1).values.sum(-1)  # [N, n_group]
+    group_idx = group_scores.topk(topk_group, dim=-1).indices  # [N, topk_group]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+    expert_mask = group_mask.unsqueeze(-1).expand(n, n_group, e // n_group).reshape(n, e)  # [N, E]
+    indices = biased.masked_fill(~expert_mask, float("-inf")).topk(top_k, dim=-1).indices  # [N, K]
+    weights = scores.gather(1, indices)  # [N, K]
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, indices
+
+
+class Gate(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size, dtype=args.torch_dtype),
+                                   requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.empty(args.n_routed_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        a = self.args
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E], fp32 as HF does
+        return route(scores, self.e_score_correction_bias.float(), a.n_group, a.topk_group,
+                     a.num_experts_per_tok, a.norm_topk_prob, a.routed_scaling_factor)
+
+
+class RemoteExpert(nn.Module):
+    """Placeholder for an expert another expert-parallel rank holds (keeps experts.{j} numbering)."""
+
+
+def _ep_rank_and_size(group) -> Tuple[int, int]:
+    if group is None:
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class MoE(nn.Module):
+    """Routed experts + shared experts. With ep_group (torch.distributed, several ranks), rank r
+    holds experts [r * E/R, (r + 1) * E/R) and tokens travel through deepseek_ops.ep.Buffer."""
+
+    def __init__(self, args: ModelArgs, backend: str, ep_group=None):
+        super().__init__()
+        self.args, self.backend, self.ep_group = args, backend, ep_group
+        rank, world = _ep_rank_and_size(ep_group)
+        if args.n_routed_experts % world:
+            raise ValueError(f"ModelArgs.n_routed_experts = {args.n_routed_experts}: must be a multiple of the "
+                             f"expert-parallel world size {world}")
+        per_rank = args.n_routed_experts // world
+        self.local_experts = range(rank * per_rank, (rank + 1) * per_rank)
+        self.ep_buffer = None
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(
+            MLP(args.hidden_size, args.moe_intermediate_size, args, backend) if j in self.local_experts
+            else RemoteExpert() for j in range(args.n_routed_experts))
+        if args.n_shared_experts:
+            self.shared_experts = MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size,
+                                      args, backend)
+        # kernels backend, FP8 experts: [E, 2I, D] (gate rows then up rows) and [E, D, I], set by prepare()
+        for name in ("w13", "w13_scale", "w2", "w2_scale"):
+            self.register_buffer(name, None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        weights, indices = self.gate(x)  # [N, K] each
+        if self.ep_group is not None:
+            y = self.experts_parallel(x, weights, indices)
+        elif self.backend == "kernels" and self.w13 is not None:
+            y = self.experts_grouped_fp8(x, weights, indices)
+        elif torch.compiler.is_compiling():
+            y = self.experts_dense(x, weights, indices)
+        else:
+            y = self.experts_loop(x, weights, indices)
+        if self.args.n_shared_experts:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+    def experts_loop(self, x, weights, indices):
+        """The plain reference: each expert runs on the tokens routed to it."""
+        y = torch.zeros_like(x, dtype=torch.float32)
+        for expert_idx, expert in enumerate(self.experts):
+            token_idx, slot_idx = torch.where(indices == expert_idx)
+            if token_idx.numel():
+                out = expert(x[token_idx]).float() * weights[token_idx, slot_idx, None]
+                y.index_add_(0, token_idx, out)
+        return y.to(x.dtype)
+
+    def experts_dense(self, x, weights, indices):
+        """The same sum with static shapes (for torch.compile): every expert on every token, weight 0 if unrouted."""
+        combine = torch.zeros(x.shape[0], len(self.experts), device=x.device).scatter_add_(1, indices, weights)
+        y = torch.zeros_like(x, dtype=torch.float32)
+        for expert_idx, expert in enumerate(self.experts):
+            y = y + expert(x).float() * combine[:, expert_idx, None]
+        return y.to(x.dtype)
+
+    def experts_grouped_fp8(self, x, weights, indices):
+        """Experts as two grouped FP8 GEMMs over the expert-contiguous rows of ep.dispatch."""
+        ep = _ops().ep
+        recv = ep.dispatch(x, indices, weights, num_experts=len(self.experts))  # rows grouped by expert
+        m_indices = recv.recv_topk_idx  # [M] int32, -1 on padding rows
+        h = self._grouped(recv.recv_x, self.w13, self.w13_scale, m_indices)  # [M, 2I]
+        inter = self.args.moe_intermediate_size
+        h = (F.silu(h[:, :inter].float()) * h[:, inter:].float()).to(torch.bfloat16)  # [M, I]
+        y = self._grouped(h, self.w2, self.w2_scale, m_indices)  # [M, D]
+        return ep.combine(y, recv.handle, weights).to(x.dtype)  # [N, D]: sum_k w[n, k] * y[row(n, k)]
+
+    def experts_parallel(self, x, weights, indices):
+        """Expert parallel: dispatch the (token, expert) pairs to the experts' ranks, run the local
+        experts on the rows received (grouped FP8 GEMMs, or the loop), combine back home."""
+        ep = _ops().ep
+        if self.ep_buffer is None or self.ep_buffer.max_tokens_per_rank < x.shape[0]:
+            self.ep_buffer = ep.Buffer(self.ep_group, max(x.shape[0], 4096), x.shape[1], len(self.experts),
+                                       max_topk=indices.shape[1])
+        recv = self.ep_buffer.dispatch(x.to(torch.bfloat16), indices, weights)
+        rows, m_indices = recv.recv_x, recv.recv_topk_idx  # [M, D] bf16, [M] local expert (-1: padding)
+        if self.w13 is not None:
+            inter = self.args.moe_intermediate_size
+            h = self._grouped(rows, self.w13, self.w13_scale, m_indices)  # [M, 2I]
+            h = (F.silu(h[:, :inter].float()) * h[:, inter:].float()).to(torch.bfloat16)
+            y = self._grouped(h, self.w2, self.w2_scale, m_indices)  # [M, D]
+        else:
+            y = torch.zeros_like(rows)
+            for local_idx, expert_idx in enumerate(self.local_experts):
+                (row_idx,) = torch.where(m_indices == local_idx)
+                if row_idx.numel():
+                    y[row_idx] = self.experts[expert_idx](rows[row_idx].to(x.dtype)).to(y.dtype)
+        return self.ep_buffer.combine(y, recv.handle, weights).to(x.dtype)  # [N, D]
+
+    @staticmethod
+    def _grouped(a, b, b_scale, m_indices):
+        ops = _ops()
+        a_fp8, a_scale = ops.per_token_group_quant_fp8(a, 128, column_major_scales=True)
+        return ops.grouped_fp8_gemm_contiguous(a_fp8, a_scale, b, b_scale, m_indices)
+
+    def prepare_kernels(self) -> None:
+        """Stacks FP8 expert weights for the grouped GEMMs (float experts keep the reference loop)."""
+        experts = [self.experts[j] for j in self.local_experts]
+        if not all(e.gate_proj.is_fp8 and e.up_proj.is_fp8 and e.down_proj.is_fp8 for e in experts):
+            return
+        inter = self.args.moe_intermediate_size
+        if inter % FP8_BLOCK:  # gate and up blocks must not straddle when stacked as one [2I, D] weight
+            return
+        self.w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
+        self.w13_scale = torch.stack([torch.cat([e.gate_proj.weight_scale_inv, e.up_proj.weight_scale_inv])
+                                      for e in experts])
+        self.w2 = torch.stack([e.down_proj.weight for e in experts])
+        self.w2_scale = torch.stack([e.down_proj.weight_scale_inv for e in experts])
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks and the model
+# ----------------------------------------------------------------------------------------------
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int, backend: str, attn_impl: str, ep_group=None):
+        super().__init__()
+        self.self_attn = MLA(args, backend, attn_impl)
+        self.mlp = MoE(args, backend, ep_group) if args.is_moe_layer(layer_idx) else MLP(
+            args.hidden_size, args.intermediate_size, args, backend)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.torch_dtype)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.torch_dtype)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, args: ModelArgs, head: Linear):
+        super().__init__()
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.torch_dtype)
+        self.head = head  # the main lm_head (the checkpoint stores a copy; loading checks it is equal)
+
+
+class MTPLayer(DecoderLayer):
+    """Multi-token prediction: from the main model's hidden state at position i and the embedding
+    of token i+1, predicts token i+2 (one transformer block, shared embedding and head)."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int, backend: str, attn_impl: str,
+                 embed_tokens: Embedding, head: Linear, ep_group=None):
+        super().__init__(args, layer_idx, backend, attn_impl, ep_group)
+        d, dt = args.hidden_size, args.torch_dtype
+        self.enorm = RMSNorm(d, args.rms_norm_eps, dt)
+        self.hnorm = RMSNorm(d, args.rms_norm_eps, dt)
+        self.eh_proj = Linear(2 * d, d, dt, False, backend)  # a float weight unless the checkpoint says FP8
+        self.embed_tokens = embed_tokens
+        self.shared_head = SharedHead(args, head)
+
+    def predict(self, hidden: torch.Tensor, next_tokens: torch.Tensor, ctx: AttnContext):
+        """hidden [B, S, D] (main model, after its final norm), next_tokens [B, S] -> logits [B, S, V], hidden."""
+        x = torch.cat([self.enorm(self.embed_tokens(next_tokens)), self.hnorm(hidden)], dim=-1)  # [B, S, 2D]
+        x = self(self.eh_proj(x), ctx)  # [B, S, D]
+        return self.shared_head.head(self.shared_head.norm(x)).float(), x
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, args: ModelArgs, backend: str, attn_impl: str, lm_head: Linear, ep_group=None):
+        super().__init__()
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size, args.torch_dtype)
+        layers = [DecoderLayer(args, i, backend, attn_impl, ep_group) for i in range(args.num_hidden_layers)]
+        layers += [MTPLayer(args, args.num_hidden_layers + i, backend, attn_impl, self.embed_tokens, lm_head, ep_group)
+                   for i in range(args.num_nextn_predict_layers)]
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.torch_dtype)
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3 for causal LM. `backend` ("reference" | "kernels") and `attn_impl`
+    ("absorbed" | "naive", reference attention only) are fixed at construction. ep_group: a
+    torch.distributed group to shard the routed experts over (every rank runs the whole model on
+    its own tokens; MoE layers exchange tokens with deepseek_ops.ep); None: one process.
+
+    fp8_activations (reference backend): FP8 linears see their input rounded to e4m3 per 1 x 128
+    group, as the FP8 kernels compute (DeepSeek's gemm_impl="fp8"); off, they compute with the exact
+    input and dequantized weights (gemm_impl="bf16"). The kernels backend is compared against the
+    former: the activation rounding alone moves each layer's output by calc_diff ~1e-3.
+    """
+
+    def __init__(self, args: ModelArgs, backend: str = "reference", attn_impl: str = "absorbed",
+                 fp8_activations: bool = False, ep_group=None):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"argument 'backend': expected one of {BACKENDS}, got {backend!r}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"argument 'attn_impl': expected one of {ATTN_IMPLS}, got {attn_impl!r}")
+        self.args, self.backend, self.attn_impl, self.ep_group = args, backend, attn_impl, ep_group
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, args.torch_dtype, False, backend)
+        self.model = DeepseekV3Model(args, backend, attn_impl, self.lm_head, ep_group)
+        self.register_buffer("rope_freqs", rope_frequencies(args), persistent=False)
+        self.rope_scale = rope_attention_factor(args)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.fp8_activations = fp8_activations
+
+    @property
+    def main_layers(self):
+        return self.model.layers[:self.args.num_hidden_layers]
+
+    @property
+    def mtp(self) -> Optional[MTPLayer]:
+        return self.model.layers[-1] if self.args.num_nextn_predict_layers else None
+
+    def context(self, batch: int, seq: int, device, start_pos=None, block_table=None, decode=False) -> AttnContext:
+        start = torch.zeros(batch, dtype=torch.long, device=device) if start_pos is None else start_pos.long()
+        positions = start[:, None] + torch.arange(seq, device=device)  # [B, S]
+        angles = positions[..., None].float() * self.rope_freqs  # [B, S, dr/2]
+        ctx = AttnContext(positions, angles.cos() * self.rope_scale, angles.sin() * self.rope_scale,
+                          block_table, decode)
+        if decode and self.backend == "kernels":
+            cache_seqlens = (positions[:, -1] + 1).to(torch.int32)  # [B]
+            ctx.mla_metadata = _ops().get_mla_metadata(cache_seqlens, seq, self.args.num_attention_heads)
+        return ctx
+
+    def forward(self, tokens: torch.Tensor, start_pos: Optional[torch.Tensor] = None,
+                block_table: Optional[torch.Tensor] = None, decode: bool = False):
+        """tokens [B, S] -> (logits [B, S, V] fp32, hidden [B, S, D] after the final norm).
+
+        Without block_table: a plain causal forward over tokens. With it: the latents are written
+        to the paged cache at positions start_pos[b] + j; decode=True also reads keys from it.
+        """
+        b, s = tokens.shape
+        ctx = self.context(b, s, tokens.device, start_pos, block_table, decode)
+        h = self.model.embed_tokens(tokens)  # [B, S, D]
+        for layer in self.main_layers:
+            h = layer(h, ctx)
+        h = self.model.norm(h)
+        return self.lm_head(h).float(), h
+
+    def forward_mtp(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos=None, block_table=None,
+                    decode: bool = False):
+        """MTP logits [B, S, V] for token i+2 from hidden [B, S, D] at i and next_tokens [B, S] (i+1)."""
+        b, s = next_tokens.shape
+        return self.mtp.predict(hidden, next_tokens, self.context(b, s, hidden.device, start_pos, block_table, decode))
+
+    # --- state -----------------------------------------------------------------------------------
+    def setup_cache(self, num_blocks: int, dtype: Optional[torch.dtype] = None) -> None:
+        """Allocates every layer's paged latent cache [num_blocks, 64, 1, R + dr] (zeros)."""
+        device = self.model.embed_tokens.weight.device
+        dtype = dtype or (torch.bfloat16 if self.backend == "kernels" else self.args.torch_dtype)
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = torch.zeros(num_blocks, PAGE_SIZE, 1,
+                                                   self.args.kv_lora_rank + self.args.qk_rope_head_dim,
+                                                   dtype=dtype, device=device)
+
+    def prepare(self) -> "Transformer":
+        """Derived weights the backend needs (call after weights change): the kernels backend stacks
+        FP8 experts and dequantizes kv_b once (the absorbed projections need it dense)."""
+        self.rope_freqs = rope_frequencies(self.args).to(self.model.embed_tokens.weight.device)
+        if self.backend == "kernels":
+            for layer in self.model.layers:
+                attn = layer.self_attn
+                attn.wkv_b_dense = attn.kv_b_proj.dense_weight(torch.bfloat16) if attn.kv_b_proj.is_fp8 else None
+                if isinstance(layer.mlp, MoE):
+                    layer.mlp.prepare_kernels()
+        return self
+
+    def dequantize_(self, dtype: Optional[torch.dtype] = None) -> "Transformer":
+        """Turns every FP8 linear into a float one (the reference backend's fast path on GPU)."""
+        for module in self.modules():
+            if isinstance(module, Linear) and module.is_fp8:
+                module.weight = nn.Parameter(module.dense_weight(dtype or self.args.torch_dtype), requires_grad=False)
+                module.weight_scale_inv = None
+        return self.prepare()
+
+
+# ----------------------------------------------------------------------------------------------
+# Random initialization
+# ----------------------------------------------------------------------------------------------
+RESIDUAL_INIT_SCALE = 0.1
+
+
+@torch.no_grad()
+def init_random_(model: nn.Module, seed: Optional[int] = None) -> nn.Module:
+    """Fills every parameter of a Transformer (or any block of one) with random values of a
+    realistic scale, on the parameters' device; FP8 linears get a random float weight quantized
+    per 128 x 128 block (the checkpoint convention). With a seed, each module draws from its own
+    generator seeded by (seed, module name): the same weights whichever modules a process holds
+    (expert-parallel ranks hold only their experts)."""
+    device = next(model.parameters()).device
+    generator = None
+
+    def randn(*shape, std=1.0):
+        if generator is not None:
+            return (torch.randn(*shape, generator=generator) * std).to(device)
+        return torch.randn(*shape, device=device) * std
+
+    for name, module in model.named_modules():
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if isinstance(module, Linear):
+            # Projections back into the residual stream start small (cf. GPT-2's residual scaling) so
+            # the stream stays dominated by the embedding: a random model then is not chaotic, and
+            # backends that differ by rounding agree on argmax tokens as trained models do.
+            std = module.in_features ** -0.5 * (RESIDUAL_INIT_SCALE if name.endswith(("o_proj", "down_proj")) else 1)
+            w = randn(module.out_features, module.in_features, std=std)
+            if module.is_fp8:
+                module.weight.data, module.weight_scale_inv.data = ops_ref.per_block_quant_fp8(w, FP8_BLOCK, False)
+            else:
+                module.weight.data = w.to(module.weight.dtype)
+            del w
+        elif isinstance(module, RMSNorm):
+            module.weight.data = (1 + randn(module.weight.shape[0], std=0.1)).to(module.weight.dtype)
+        elif isinstance(module, Embedding):
+            module.weight.data = randn(*module.weight.shape).to(module.weight.dtype)
+        elif isinstance(module, Gate):
+            module.weight.data = randn(*module.weight.shape, std=module.weight.shape[1] ** -0.5).to(module.weight.dtype)
+            module.e_score_correction_bias.data = randn(module.weight.shape[0], std=0.05)
+    return model.prepare() if isinstance(model, Transformer) else model
+
+
+def random_model(args: Optional[ModelArgs] = None, backend: str = "reference", attn_impl: str = "absorbed",
+                 device="cpu", seed: Optional[int] = None, ep_group=None) -> Transformer:
+    """A randomly initialized model for any config (the tiny preset by default)."""
+    from model.config import preset
+
+    with torch.device(device):
+        model = Transformer(args or preset("tiny"), backend, attn_impl, ep_group=ep_group)
+    return init_random_(model, seed)

@@ -1,0 +1,25 @@
+// Atomic reductions and relaxed accesses for flags shared with peer GPUs and processes.
+#pragma once
+#include <cstdint>
+
+namespace dso::ptx {
+
+// PTX ISA 9.7.13.7 (red): system-scope release add: this thread's earlier writes (and those it
+// observed, e.g. through a preceding bar.sync) are visible before the counter moves.
+__device__ __forceinline__ void red_add_release_sys(int* ptr, int v) {
+  asm volatile("red.release.sys.global.add.s32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+}
+
+// PTX ISA 9.7.9.8 (ld): system-scope relaxed load (an error flag another kernel may set).
+__device__ __forceinline__ int ld_relaxed_sys(const int* ptr) {
+  int v;
+  asm volatile("ld.relaxed.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+// PTX ISA 9.7.9.10 (st): system-scope relaxed store.
+__device__ __forceinline__ void st_relaxed_sys(int* ptr, int v) {
+  asm volatile("st.relaxed.sys.global.s32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+}
+
+}  // namespace dso::ptx

@@ -1,0 +1,257 @@
+"""Multi-process helpers for tests/test_ep.py: one process per rank, torch.distributed on gloo (CPU)
+or, for the IPC-free GPU runs, gloo control plane with CUDA tensors.
+
+Each rank draws its own inputs from (seed, rank) and can redraw any other rank's, so every rank
+checks its received rows exactly against what the senders hold, and its combined output against
+the single-process dense reference.
+"""
+import os
+import socket
+import time
+import traceback
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from deepseek_ops import reference
+from deepseek_ops.testing import assert_bitwise_equal, calc_diff
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a group broken by a timeout test cannot always be torn down
+            pass
+
+
+def run_ranks(fn: Callable, world_size: int, *args):
+    """Runs fn(rank, world_size, *args) in world_size spawned processes; re-raises a rank's failure."""
+    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+# -- inputs --------------------------------------------------------------------------------------
+
+def num_tokens_of(rank: int, case: dict) -> int:
+    return case["tokens"][rank % len(case["tokens"])]
+
+
+def make_inputs(seed: int, rank: int, case: dict, device="cpu"):
+    """x bf16 [T, H] tagged with (rank, token id) in columns 0 and 1, topk_idx with distinct experts
+    per token and some -1, fp32 weights. case["route"]: "random" or "rank0" (only rank 0's experts)."""
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    t, h, e, topk = num_tokens_of(rank, case), case["hidden"], case["experts"], case["topk"]
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
+    x[:, 0] = rank
+    x[:, 1] = torch.arange(t).to(torch.bfloat16)  # exact in bf16 for t <= 256
+    pool = e if case.get("route", "random") == "random" else e // case["world_size"]
+    topk_idx = torch.stack([torch.randperm(pool, generator=gen)[:topk] for _ in range(t)]) if t else \
+        torch.empty(0, topk, dtype=torch.int64)
+    drop = torch.rand(t, topk, generator=gen) < case.get("drop", 0.15)
+    topk_idx = torch.where(drop, -1, topk_idx)
+    weights = torch.rand(t, topk, generator=gen)
+    return x.to(device), topk_idx.to(device), weights.to(device)
+
+
+def expert_fn(e: int, rows: torch.Tensor) -> torch.Tensor:
+    """A per-expert elementwise map (exact IEEE ops: the same bits whatever the batch)."""
+    return (rows.float() * (1.0 + e / 8.0) + e / 16.0).to(torch.bfloat16)
+
+
+def apply_experts(recv_x: torch.Tensor, m_indices: torch.Tensor, expert_offset: int) -> torch.Tensor:
+    y = torch.zeros(recv_x.shape, dtype=torch.bfloat16, device=recv_x.device)
+    for e in torch.unique(m_indices).tolist():
+        if e >= 0:
+            rows = (m_indices == e).nonzero().squeeze(1)
+            y[rows] = expert_fn(expert_offset + e, recv_x[rows])
+    return y
+
+
+def expected_rows(seed: int, rank: int, world_size: int, case: dict):
+    """For each local expert of `rank`: the (source rank, token) of its rows, in (source, token, k) order."""
+    epr = case["experts"] // world_size
+    per_expert = {e: [] for e in range(epr)}
+    for src in range(world_size):
+        _, topk_idx, _ = make_inputs(seed, src, case)
+        for t in range(topk_idx.shape[0]):
+            for k in range(topk_idx.shape[1]):
+                g = int(topk_idx[t, k])
+                if g >= 0 and g // epr == rank:
+                    per_expert[g % epr].append((src, t))
+    return per_expert
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+
+def check_exchange(rank: int, world_size: int, seed: int, case: dict):
+    """dispatch -> per-expert f -> combine against the dense reference; exact routing; fp8 variant."""
+    from deepseek_ops import ep
+
+    device = case.get("device", "cpu")
+    x, topk_idx, weights = make_inputs(seed, rank, case, device)
+    buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"],
+                       backend=case.get("backend", "torch"), alignment=case.get("alignment", 4),
+                       max_topk=case["topk"])
+    layout_rank, layout_expert, in_rank = buffer.get_dispatch_layout(topk_idx)
+    ref_layout = reference.ep_dispatch_layout(topk_idx.cpu(), case["experts"], world_size)
+    for got, want in zip((layout_rank, layout_expert, in_rank), ref_layout):
+        assert_bitwise_equal(got.cpu(), want, "layout")
+
+    epr = case["experts"] // world_size
+    for exact in (True, False):
+        res = buffer.dispatch(x, topk_idx, weights, exact=exact)
+        m_indices = res.recv_topk_idx.cpu()
+        recv_x = res.recv_x.cpu()
+        want = expected_rows(seed, rank, world_size, case)
+        for e in range(epr):
+            rows = (m_indices == e).nonzero().squeeze(1)
+            got = [(int(recv_x[r, 0]), int(recv_x[r, 1])) for r in rows]
+            assert got == want[e], f"rank {rank} expert {e}: rows from {got[:8]}, expected {want[e][:8]}"
+            assert int(res.num_recv_tokens_per_expert[e]) == len(want[e])
+            for r, (src, t) in zip(rows.tolist(), want[e]):
+                assert torch.equal(recv_x[r].view(torch.int16), make_inputs(seed, src, case)[0][t].view(torch.int16))
+        starts = [int(r[0]) for r in ((m_indices == e).nonzero().flatten() for e in range(epr)) if r.numel()]
+        assert all(s % buffer.alignment == 0 for s in starts), f"groups not aligned: {starts}"
+        y = apply_experts(res.recv_x, res.recv_topk_idx, rank * epr)
+        out = buffer.combine(y, res.handle, weights)
+        dense = reference.moe_dense(x.cpu(), topk_idx.cpu(), weights.cpu(), expert_fn)
+        assert_bitwise_equal(out.cpu(), dense, f"rank {rank} combine")
+        assert calc_diff(out.cpu(), dense) < 1e-6
+
+    # FP8: the 1x128 scales travel with their rows (column 0 of the scales carries the tag).
+    from deepseek_ops import per_token_group_quant_fp8
+
+    x_fp8, scales = per_token_group_quant_fp8(x.float().cpu(), 128)
+    scales[:, 0] = rank * 1000 + torch.arange(x.shape[0], dtype=torch.float32) + 1
+    res = buffer.dispatch((x_fp8.to(device), scales.to(device)), topk_idx, weights)
+    recv_fp8, recv_scales = (t.cpu() for t in res.recv_x)
+    m_indices = res.recv_topk_idx.cpu()
+    want = expected_rows(seed, rank, world_size, case)
+    for e in range(epr):
+        rows = (m_indices == e).nonzero().squeeze(1)
+        got = [divmod(int(recv_scales[r, 0]) - 1, 1000) for r in rows]
+        assert got == want[e], f"rank {rank} fp8 expert {e}: rows from {got[:8]}, expected {want[e][:8]}"
+        for r, (src, t) in zip(rows.tolist(), want[e]):
+            src_fp8, _ = per_token_group_quant_fp8(make_inputs(seed, src, case)[0].float(), 128)
+            assert torch.equal(recv_fp8[r].view(torch.uint8), src_fp8[t].view(torch.uint8))
+    buffer.close()
+
+
+def check_bad_input(rank: int, world_size: int, seed: int, case: dict):
+    """One rank's bad call raises ValueError on every rank (no rank is left waiting)."""
+    from deepseek_ops import ep
+
+    x, topk_idx, weights = make_inputs(seed, rank, case, case.get("device", "cpu"))
+    buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"],
+                       backend=case.get("backend", "torch"), max_topk=case["topk"])
+    bad_idx = topk_idx.clone()
+    if rank == world_size - 1 and bad_idx.numel():
+        bad_idx[0, 0] = case["experts"]  # out of range on the last rank only
+    _expect_value_error(lambda: buffer.dispatch(x, bad_idx, weights), "topk_idx", rank)
+    # dtype mismatch between ranks: rank 0 sends FP8, the others bf16.
+    if rank == 0:
+        from deepseek_ops import per_token_group_quant_fp8
+
+        arg = per_token_group_quant_fp8(x.float(), 128)
+    else:
+        arg = x
+    _expect_value_error(lambda: buffer.dispatch(arg, topk_idx, weights), "disagree", rank)
+    # The buffer still works after errors.
+    res = buffer.dispatch(x, topk_idx, weights)
+    y = apply_experts(res.recv_x, res.recv_topk_idx, rank * (case["experts"] // world_size))
+    out = buffer.combine(y, res.handle, weights)
+    assert_bitwise_equal(out, reference.moe_dense(x, topk_idx, weights, expert_fn), "combine after errors")
+    _expect_value_error(lambda: buffer.combine(y[:, :-8] if rank == 0 else y, res.handle, weights), "'y'", rank)
+
+
+def _expect_value_error(fn, match: str, rank: int):
+    try:
+        fn()
+    except ValueError as exc:
+        assert match in str(exc), f"rank {rank}: message {exc} does not mention {match!r}"
+        return
+    raise AssertionError(f"rank {rank}: no ValueError (expected one mentioning {match!r})")
+
+
+def check_timeout(rank: int, world_size: int, seed: int, case: dict):
+    """The last rank never calls dispatch: the others raise TimeoutError naming the step, in time."""
+    from deepseek_ops import ep
+
+    x, topk_idx, weights = make_inputs(seed, rank, case, case.get("device", "cpu"))
+    buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"],
+                       backend=case.get("backend", "torch"), timeout_s=2.0, max_topk=case["topk"])
+    if rank == world_size - 1:
+        time.sleep(8.0)  # alive but absent
+        return
+    start = time.monotonic()
+    try:
+        buffer.dispatch(x, topk_idx, weights)
+    except TimeoutError as exc:
+        elapsed = time.monotonic() - start
+        assert "dispatch" in str(exc), str(exc)
+        assert elapsed < 7.0, f"timeout took {elapsed:.1f} s for timeout_s=2"
+        return
+    raise AssertionError(f"rank {rank}: dispatch returned although a rank never arrived")
+
+
+def check_repeat(rank: int, world_size: int, seed: int, case: dict):
+    """case["rounds"] rounds of dispatch -> f -> combine give the same bits every time (no races)."""
+    from deepseek_ops import ep
+
+    x, topk_idx, weights = make_inputs(seed, rank, case, "cuda")
+    buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"],
+                       backend=case.get("backend", "ipc"), max_topk=case["topk"])
+    epr = case["experts"] // world_size
+    first = None
+    for round_idx in range(case["rounds"]):
+        res = buffer.dispatch(x, topk_idx, weights)
+        out = buffer.combine(apply_experts(res.recv_x, res.recv_topk_idx, rank * epr), res.handle, weights)
+        if first is None:
+            first = (res.recv_topk_idx.clone(), res.recv_x.clone(), out.clone())
+            assert_bitwise_equal(out.cpu(), reference.moe_dense(x.cpu(), topk_idx.cpu(), weights.cpu(), expert_fn),
+                                 f"rank {rank} combine")
+            continue
+        assert torch.equal(res.recv_topk_idx, first[0]), f"rank {rank} round {round_idx}: m_indices changed"
+        valid = first[0] >= 0
+        assert torch.equal(res.recv_x[valid], first[1][valid]), f"rank {rank} round {round_idx}: recv_x changed"
+        assert torch.equal(out, first[2]), f"rank {rank} round {round_idx}: combine changed"
+    buffer.close()
+
+
+def check_ipc_device_timeout(rank: int, world_size: int, seed: int, case: dict):
+    """Past the host checks, a peer that never launches its kernels: the device wait gives up after
+    timeout_s and the host raises TimeoutError naming the step (no hang, no kernel left spinning)."""
+    from deepseek_ops import ep
+
+    x, topk_idx, weights = make_inputs(seed, rank, case, "cuda")
+    buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"], backend="ipc",
+                       timeout_s=2.0, max_topk=case["topk"])
+    if rank == world_size - 1:
+        time.sleep(10.0)  # alive, buffer mapped, but never arrives
+        return
+    start = time.monotonic()
+    try:
+        buffer._impl._dispatch(x, None, topk_idx, weights, True)  # skips the host-side agreement on purpose
+    except TimeoutError as exc:
+        assert "dispatch: barrier" in str(exc), str(exc)
+        assert time.monotonic() - start < 8.0
+    else:
+        raise AssertionError(f"rank {rank}: dispatch returned although a peer never arrived")
+    try:
+        buffer.dispatch(x, topk_idx, weights)
+    except RuntimeError as exc:
+        assert "timed out earlier" in str(exc), str(exc)
+    else:
+        raise AssertionError("a Buffer that timed out must refuse further rounds")
+    buffer.close()

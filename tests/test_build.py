@@ -1,0 +1,134 @@
+"""CI build checks of the compiled kernels (no GPU needed): SASS of deepseek_ops/_C*.so.
+
+Every kernel is compiled for sm_90a, uses no local memory (no spills, stack frame 0) and contains
+the instructions its design depends on. A new kernel family adds one SASS_REQUIREMENTS entry:
+{substring of its kernel's (mangled) name: [regexes its SASS must contain]}, e.g.
+"sm90_fp8_gemm_kernel": [r"QGMMA\\.", r"UTMALDG"]. Spellings: dump the SASS with
+`cuobjdump --dump-sass deepseek_ops/_C*.so` (cuobjdump_path() below says where one is).
+"""
+import functools
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+import deepseek_ops
+
+LDG_128 = r"LDG\.E[.\w]*\.128"  # 16-byte global load (LDG.E.128, LDG.E.NA.128.CONSTANT, ...)
+STG_128 = r"STG\.E[.\w]*\.128"
+
+SASS_REQUIREMENTS: Dict[str, List[str]] = {
+    "per_token_group_quant_fp8_kernel": [LDG_128],
+    "per_block_quant_fp8_kernel": [LDG_128],
+    "dequant_fp8_block_kernel": [LDG_128, STG_128],
+    # MLA decode, template <kFp8, kWgmma>: wgmma path (default) and the mma.sync fallback; cp.async page loads.
+    "sm90_bf16_mla_decode_kernelILb0ELb1E": [r"HGMMA\.64x32x16\.F32\.BF16", r"HGMMA\.64x256x16\.F32\.BF16",
+                                             r"LDGSTS\.E\.BYPASS\.128"],
+    "sm90_bf16_mla_decode_kernelILb1ELb1E": [r"HGMMA\.64x32x16\.F32\.BF16", r"HGMMA\.64x256x16\.F32\.BF16"],
+    "sm90_bf16_mla_decode_kernelILb0ELb0E": [r"HMMA\.16816\.F32\.BF16", r"LDSM"],
+    # FP8 GEMMs: e4m3 wgmma, TMA tile loads, 16-byte output stores.
+    "sm90_fp8_gemm_kernel": [r"QGMMA\.64x\d+x32\.F32\.E4M3\.E4M3", r"UTMALDG\.2D", STG_128],
+}
+
+pytestmark = pytest.mark.skipif(not deepseek_ops.cuda_kernels_built(),
+                                reason=f"extension {deepseek_ops.build_summary()}: no SASS to inspect")
+
+
+def cuobjdump_path() -> str:
+    """$CUDA_HOME/bin, then PATH, then the copy triton ships (torch's CUDA wheels bring triton)."""
+    candidates = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "bin" / "cuobjdump")
+    candidates.append(Path("/usr/local/cuda/bin/cuobjdump"))
+    if shutil.which("cuobjdump"):
+        candidates.append(Path(shutil.which("cuobjdump")))
+    spec = importlib.util.find_spec("triton")
+    if spec and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidates.append(Path(location) / "backends" / "nvidia" / "bin" / "cuobjdump")
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    raise AssertionError("cuobjdump not found (looked in $CUDA_HOME/bin, /usr/local/cuda/bin, PATH and "
+                         f"triton/backends/nvidia/bin): {[str(c) for c in candidates]}")
+
+
+def extension_path() -> str:
+    return deepseek_ops._extension._C.__file__
+
+
+@functools.lru_cache(maxsize=None)
+def _cuobjdump(flag: str) -> str:
+    out = subprocess.run([cuobjdump_path(), flag, extension_path()], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"cuobjdump {flag} failed: {out.stderr}"
+    return out.stdout
+
+
+@functools.lru_cache(maxsize=None)
+def sass_by_function() -> Dict[str, str]:
+    """{mangled kernel name: its SASS}."""
+    functions, name, lines = {}, None, []
+    for line in _cuobjdump("--dump-sass").splitlines():
+        match = re.match(r"\s*Function : (\S+)", line)
+        if match:
+            if name:
+                functions[name] = "\n".join(lines)
+            name, lines = match.group(1), []
+        elif name:
+            lines.append(line)
+    if name:
+        functions[name] = "\n".join(lines)
+    return functions
+
+
+@functools.lru_cache(maxsize=None)
+def resources_by_function() -> Dict[str, Dict[str, int]]:
+    """{mangled kernel name: {"REG": .., "STACK": .., "SHARED": .., "LOCAL": ..}} from -res-usage."""
+    resources, name = {}, None
+    for line in _cuobjdump("-res-usage").splitlines():
+        match = re.match(r"\s*Function (\S+):\s*$", line)
+        if match:
+            name = match.group(1)
+        elif name and "REG:" in line:
+            resources[name] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
+            name = None
+    return resources
+
+
+def _matching(substring: str) -> Dict[str, str]:
+    return {name: sass for name, sass in sass_by_function().items() if substring in name}
+
+
+def test_every_kernel_is_sm90a():
+    elf_arches = re.findall(r"arch = (\w+)", _cuobjdump("--dump-sass"))
+    assert elf_arches, "no device code in the extension"
+    assert set(elf_arches) == {"sm_90a"}, f"device code for {sorted(set(elf_arches))}, expected only sm_90a"
+
+
+@pytest.mark.parametrize("kernel", sorted(SASS_REQUIREMENTS))
+def test_kernel_sass_has_required_instructions(kernel):
+    functions = _matching(kernel)
+    assert functions, (f"no kernel named *{kernel}* among the {len(sass_by_function())} kernels of "
+                       f"{extension_path()} (rebuilt since the last edit?)")
+    for name, sass in functions.items():
+        for opcode in SASS_REQUIREMENTS[kernel]:
+            assert re.search(opcode, sass), f"{name}: no instruction matching {opcode!r} in its SASS"
+
+
+def test_no_local_memory():
+    """No spills: no LDL/STL in any kernel, and cuobjdump reports STACK:0 and LOCAL:0."""
+    functions = sass_by_function()
+    assert functions, "no kernels found in the SASS dump"
+    offenders = [name for name, sass in functions.items() if re.search(r"\b(LDL|STL)(\.|\s)", sass)]
+    assert not offenders, f"kernels using local memory (LDL/STL): {offenders}"
+    resources = resources_by_function()
+    assert set(resources) == set(functions), "cuobjdump -res-usage and --dump-sass list different kernels"
+    bad = {name: (r["STACK"], r["LOCAL"]) for name, r in resources.items() if r["STACK"] or r["LOCAL"]}
+    assert not bad, f"kernels with a stack frame or local memory (STACK, LOCAL): {bad}"
+

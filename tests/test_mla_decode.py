@@ -1,0 +1,412 @@
+"""mla_decode, get_mla_metadata, quantize_mla_kv and mla_cache_append against deepseek_ops.reference."""
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deepseek_ops
+from deepseek_ops import reference
+from deepseek_ops.testing import assert_bitwise_equal, assert_written, calc_diff, max_rel_error, poison_
+
+PAGE = 64
+SEQLENS = (0, 1, 20, 64, 65, 140, 4096, 16384)
+SCALE = 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2  # DeepSeek-V3: 192^-0.5 * YaRN mscale^2
+OUT_DIFF = 1e-5
+LSE_ERROR = 1e-5
+NAN_BYTE = 0xFF  # e4m3 NaN, and a NaN fp32 scale
+
+
+def make_cache(seqlens, s_q, h_q, device, fp8=False, spare_pages=3, extra_cols=2):
+    """Random q and a shuffled paged cache; every slot past a request's seqlen (and every spare page) is NaN."""
+    batch = len(seqlens)
+    pages_per_req = [-(-s // PAGE) for s in seqlens]
+    num_blocks = sum(pages_per_req) + spare_pages
+    perm = torch.randperm(num_blocks).tolist()
+    max_blocks = max(pages_per_req + [1]) + extra_cols
+    # Columns past a request's pages hold garbage: the kernel must not read them.
+    block_table = torch.randint(-(2**30), 2**30, (batch, max_blocks), dtype=torch.int32)
+    nan_slots = torch.ones(num_blocks, PAGE, dtype=torch.bool)
+    cursor = 0
+    for b, (s, n) in enumerate(zip(seqlens, pages_per_req)):
+        pages = perm[cursor:cursor + n]
+        cursor += n
+        block_table[b, :n] = torch.tensor(pages, dtype=torch.int32)
+        for i, page in enumerate(pages):
+            nan_slots[page, :min(PAGE, s - i * PAGE)] = False
+    kv = (torch.randn(num_blocks, PAGE, 1, 576, device=device) * 0.5).to(torch.bfloat16)
+    nan_slots = nan_slots.to(device)
+    if fp8:
+        kv = reference.quantize_mla_kv(kv)
+        kv[nan_slots] = NAN_BYTE
+    else:
+        kv[nan_slots] = float("nan")
+    q = torch.randn(batch, s_q, h_q, 576, device=device).to(torch.bfloat16)
+    cache_seqlens = torch.tensor(seqlens, dtype=torch.int32)
+    return q, kv, block_table.to(device), cache_seqlens.to(device)
+
+
+def reference_decode(q, kv, block_table, cache_seqlens, causal):
+    out = torch.empty(*q.shape[:3], 512, dtype=torch.bfloat16, device=q.device)
+    lse = reference.mla_decode(q, kv, block_table, cache_seqlens, SCALE, causal, None, None, out)
+    return out, lse
+
+
+def assert_lse_close(lse, ref):
+    lse, ref = lse.double().cpu(), ref.double().cpu()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref)), "lse: +inf (no visible key) rows differ"
+    assert not torch.isnan(lse).any(), "lse: NaN"
+    finite = torch.isfinite(ref)
+    if finite.any():
+        err = max_rel_error(lse[finite], ref[finite])
+        assert err < LSE_ERROR, f"lse relative error {err:.3e}"
+    assert (ref[~finite] == float("inf")).all()
+
+
+def walk_schedule(tile_sched, split_offsets, seqlens):
+    """(request, tile) -> (split index) of every scheduled tile; checks the schedule's invariants."""
+    sched, offsets = tile_sched.cpu().tolist(), split_offsets.cpu().tolist()
+    seen, splits_of = {}, {}
+    for begin_req, begin_tile, end_req, end_tile, begin_split, *_ in sched:
+        for req in range(begin_req, end_req + 1):
+            t0 = begin_tile if req == begin_req else 0
+            t1 = end_tile if req == end_req else max(1, -(-seqlens[req] // PAGE))
+            split = begin_split if req == begin_req else 0
+            assert t0 < t1, f"empty piece of request {req}"
+            assert splits_of.setdefault(req, []) == list(range(split)), f"request {req}: split {split} out of order"
+            splits_of[req].append(split)
+            for tile in range(t0, t1):
+                assert (req, tile) not in seen, f"tile {tile} of request {req} scheduled twice"
+                seen[(req, tile)] = split
+    for req, s in enumerate(seqlens):
+        for tile in range(max(1, -(-s // PAGE))):
+            assert (req, tile) in seen, f"tile {tile} of request {req} never scheduled"
+        assert offsets[req + 1] - offsets[req] == len(splits_of[req]), f"request {req}: split count"
+    assert offsets[0] == 0
+    return seen
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: the reference, the schedule, the cache format, bad input, opcheck, torch.compile
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("s_q", [1, 3])
+def test_reference_matches_sdpa(causal, s_q):
+    """The reference against SDPA on the gathered cache with an explicit bottom-right mask."""
+    seqlens = [5, 64, 130]
+    q, kv, block_table, cache_seqlens = make_cache(seqlens, s_q, 4, "cpu")
+    out, lse = reference_decode(q, kv, block_table, cache_seqlens, causal)
+    for b, n in enumerate(seqlens):
+        keys = reference.gather_mla_cache(kv, block_table, b, n).double()  # [n, 576]
+        qb = q[b].double().transpose(0, 1)  # [h, s_q, 576]
+        mask = torch.ones(s_q, n, dtype=torch.bool)
+        if causal:
+            mask = torch.arange(n)[None, :] <= (n - s_q + torch.arange(s_q))[:, None]
+        expected = F.scaled_dot_product_attention(qb, keys[None], keys[None, :, :512], attn_mask=mask, scale=SCALE)
+        assert calc_diff(out[b].transpose(0, 1), expected) < OUT_DIFF  # out is rounded to bf16
+        scores = (qb @ keys.t() * SCALE).masked_fill(~mask, float("-inf"))
+        torch.testing.assert_close(lse[b], torch.logsumexp(scores, -1).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_reference_empty_rows():
+    """No keys (empty request, or causal rows before the first key): out 0 and lse +inf."""
+    q, kv, block_table, cache_seqlens = make_cache([0, 2], 4, 2, "cpu")
+    out, lse = reference_decode(q, kv, block_table, cache_seqlens, causal=True)
+    assert (out[0] == 0).all() and (lse[0] == float("inf")).all()
+    # seqlen 2, s_q 4: queries 0 and 1 see keys < -1 and < 0, i.e. none.
+    assert (out[1, :2] == 0).all() and (lse[1, :, :2] == float("inf")).all()
+    assert torch.isfinite(lse[1, :, 2:]).all() and (out[1, 2:] != 0).any()
+
+
+@pytest.mark.parametrize("seqlens, num_parts", [
+    ([0], 132), ([16384], 132), ([1, 20, 64, 65, 140, 4096, 16384, 0], 66),
+    ([4096] * 128, 66), ([4096] * 128, 132), ([7] * 300, 132), ([100000, 3], 33), ([5, 5], 1),
+])
+def test_schedule_covers_every_tile_once(seqlens, num_parts):
+    tile_sched, split_offsets = reference.get_mla_metadata(torch.tensor(seqlens, dtype=torch.int32), num_parts)
+    assert tile_sched.shape == (num_parts, 8) and split_offsets.shape == (len(seqlens) + 1,)
+    walk_schedule(tile_sched, split_offsets, seqlens)
+    assert int(split_offsets[-1]) <= len(seqlens) + num_parts  # the split workspace's size
+
+
+def test_schedule_balances_mixed_lengths():
+    """Uniform [256, 16384] lengths: no part gets much more than its share."""
+    seqlens = torch.randint(256, 16385, (128,), dtype=torch.int32)
+    tile_sched, split_offsets = reference.get_mla_metadata(seqlens, 132)
+    seen = walk_schedule(tile_sched, split_offsets, seqlens.tolist())
+    share = (len(seen) + 5 * int(split_offsets[-1])) / 132
+    for begin_req, begin_tile, end_req, end_tile, *_ in tile_sched.tolist():
+        tiles = sum(1 for (r, t) in seen if (r, t) >= (begin_req, begin_tile) and (r, t) < (end_req, end_tile))
+        assert tiles <= share + 5, f"part with {tiles} tiles, share {share:.1f}"
+
+
+def test_quantize_mla_kv_format():
+    kv = (torch.randn(3, 64, 1, 576) * torch.logspace(-3, 2, 576)).to(torch.bfloat16)
+    packed = deepseek_ops.quantize_mla_kv(kv)
+    assert packed.shape == (3, 64, 1, 656) and packed.dtype == torch.uint8
+    flat, src = packed.reshape(-1, 656), kv.reshape(-1, 576)
+    scales = flat[:, 512:528].contiguous().view(torch.float32)
+    amax = src[:, :512].float().reshape(-1, 4, 128).abs().amax(-1)
+    torch.testing.assert_close(scales, amax.clamp(min=1e-4) / 448, rtol=0, atol=0)
+    assert_bitwise_equal(flat[:, 528:].contiguous().view(torch.bfloat16), src[:, 512:].contiguous(), "rope")
+    back = reference.dequantize_mla_kv(packed).reshape(-1, 576).float()
+    err = (back[:, :512] - src[:, :512].float()).abs().reshape(-1, 4, 128)
+    assert (err <= amax[..., None] * 2 ** -4 + 1e-30).all()  # e4m3 keeps 3 mantissa bits
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_reference_cache_append(fp8):
+    kv = torch.zeros(6, 64, 1, 656 if fp8 else 576, dtype=torch.uint8 if fp8 else torch.bfloat16)
+    block_table = torch.tensor([[4, 1], [0, 5]], dtype=torch.int32)
+    positions = torch.tensor([[63, 64], [-1, 2]], dtype=torch.int32)
+    c_kv, k_pe = torch.randn(2, 2, 512).to(torch.bfloat16), torch.randn(2, 2, 64).to(torch.bfloat16)
+    deepseek_ops.mla_cache_append(kv, block_table, positions, c_kv, k_pe)
+    token = torch.cat([c_kv, k_pe], -1)
+    if fp8:
+        token = reference.quantize_mla_kv(token)
+    assert_bitwise_equal(kv[4, 63, 0], token[0, 0])
+    assert_bitwise_equal(kv[1, 0, 0], token[0, 1])
+    assert_bitwise_equal(kv[0, 2, 0], token[1, 1])
+    assert int((kv.view(torch.uint8) != 0).reshape(-1, kv.shape[-1] * kv.element_size()).any(-1).sum()) == 3
+
+
+def _good_args(device="cpu"):
+    q, kv, block_table, cache_seqlens = make_cache([70, 3], 2, 16, device)
+    return dict(q=q, kv_cache=kv, block_table=block_table, cache_seqlens=cache_seqlens, softmax_scale=SCALE)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.update(q=a["q"][..., :512]), r"'q'.*head dim 576"),
+    (lambda a: a.update(q=a["q"].float()), r"'q'.*dtype"),
+    (lambda a: a.update(q=a["q"][0]), r"'q'.*rank"),
+    (lambda a: a.update(kv_cache=a["kv_cache"].reshape(-1, 32, 1, 576)), r"'kv_cache'.*page size"),
+    (lambda a: a.update(kv_cache=a["kv_cache"][..., :512]), r"'kv_cache'.*576"),
+    (lambda a: a.update(kv_cache=a["kv_cache"].float()), r"'kv_cache'.*dtype"),
+    (lambda a: a.update(kv_cache=torch.zeros(4, 64, 1, 576, dtype=torch.uint8)), r"'kv_cache'.*656"),
+    (lambda a: a.update(block_table=a["block_table"][:, :1]), r"'block_table'.*columns.*70 tokens"),
+    (lambda a: a.update(block_table=a["block_table"][:1]), r"'block_table'.*batch size"),
+    (lambda a: a.update(block_table=a["block_table"].long()), r"'block_table'.*dtype"),
+    (lambda a: a.update(cache_seqlens=a["cache_seqlens"][:1]), r"'cache_seqlens'.*shape"),
+    (lambda a: a.update(cache_seqlens=a["cache_seqlens"].long()), r"'cache_seqlens'.*dtype"),
+    (lambda a: a.update(cache_seqlens=torch.tensor([70, -1], dtype=torch.int32)), r"'cache_seqlens'.*>= 0"),
+    (lambda a: a.update(softmax_scale=None), r"'softmax_scale'"),
+    (lambda a: a.update(softmax_scale=-1.0), r"'softmax_scale'"),
+    (lambda a: a.update(out=torch.empty(2, 2, 16, 576, dtype=torch.bfloat16)), r"'out'.*shape"),
+    (lambda a: a.update(out=torch.empty(2, 2, 16, 512)), r"'out'.*dtype"),
+    (lambda a: a.update(metadata=deepseek_ops.get_mla_metadata(a["cache_seqlens"], 2, 64)), r"'metadata'.*s_q=2, h_q=16"),
+    (lambda a: a.update(metadata=deepseek_ops.get_mla_metadata(a["cache_seqlens"][:1], 2, 16)), r"'metadata\[1\]'.*shape"),
+])
+def test_bad_input(change, match):
+    args = _good_args()
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        deepseek_ops.mla_decode(**args)
+
+
+def test_bad_cache_writes():
+    kv = torch.zeros(2, 64, 1, 576, dtype=torch.bfloat16)
+    bt, pos = torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32)
+    c_kv, k_pe = torch.zeros(1, 1, 512, dtype=torch.bfloat16), torch.zeros(1, 1, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"'k_pe'.*shape"):
+        deepseek_ops.mla_cache_append(kv, bt, pos, c_kv, k_pe[..., :32])
+    with pytest.raises(ValueError, match=r"'positions'.*dtype"):
+        deepseek_ops.mla_cache_append(kv, bt, pos.long(), c_kv, k_pe)
+    with pytest.raises(ValueError, match=r"'kv_cache'.*page size"):
+        deepseek_ops.mla_cache_append(kv.reshape(4, 32, 1, 576), bt, pos, c_kv, k_pe)
+    with pytest.raises(ValueError, match=r"'kv'.*576"):
+        deepseek_ops.quantize_mla_kv(kv[..., :512])
+    with pytest.raises(ValueError, match=r"'kv'.*dtype"):
+        deepseek_ops.quantize_mla_kv(kv.float())
+
+
+def _opcheck_all(device):
+    args = _good_args(device)
+    meta = deepseek_ops.get_mla_metadata(args["cache_seqlens"], 2, 16)
+    out = torch.empty(2, 2, 16, 512, dtype=torch.bfloat16, device=device)
+    torch.library.opcheck(torch.ops.deepseek_ops.mla_decode.default,
+                          (args["q"], args["kv_cache"], args["block_table"], args["cache_seqlens"], SCALE, True,
+                           *meta, out))
+    torch.library.opcheck(torch.ops.deepseek_ops.get_mla_metadata.default, (args["cache_seqlens"], 7))
+    torch.library.opcheck(torch.ops.deepseek_ops.quantize_mla_kv.default, (args["kv_cache"][:2],))
+    positions = torch.tensor([[70, 71], [3, -1]], dtype=torch.int32, device=device)
+    c_kv = torch.randn(2, 2, 512, device=device).to(torch.bfloat16)
+    k_pe = torch.randn(2, 2, 64, device=device).to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.deepseek_ops.mla_cache_append.default,
+                          (args["kv_cache"].clone(), args["block_table"], positions, c_kv, k_pe))
+
+
+def test_opcheck_cpu():
+    _opcheck_all("cpu")
+
+
+def test_compile_fullgraph_cpu():
+    args = _good_args()
+    expected, expected_lse = deepseek_ops.mla_decode(**args, causal=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(q, kv_cache, block_table, cache_seqlens):
+        meta = deepseek_ops.get_mla_metadata(cache_seqlens, q.shape[1], q.shape[2])
+        return deepseek_ops.mla_decode(q, kv_cache, block_table, cache_seqlens, SCALE, causal=True, metadata=meta)
+
+    out, lse = step(args["q"], args["kv_cache"], args["block_table"], args["cache_seqlens"])
+    assert_bitwise_equal(out, expected)
+    assert_bitwise_equal(lse, expected_lse, "lse")
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: parity of the kernels
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["wgmma", "mma_sync"])
+def backend(request, monkeypatch):
+    """Both MMA paths of the attention kernel (the launcher reads DSO_MLA_BACKEND at every call)."""
+    monkeypatch.setenv("DSO_MLA_BACKEND", request.param)
+    return request.param
+
+
+PARITY_CASES = [  # (B, s_q, h_q, causal)
+    (1, 1, 16, False), (1, 2, 64, True), (1, 4, 128, True), (2, 1, 128, False), (2, 4, 16, True),
+    (6, 1, 64, False), (6, 2, 16, True), (6, 4, 64, False), (64, 1, 16, False), (64, 2, 128, True),
+    (64, 4, 16, True), (64, 1, 128, False), (3, 3, 32, True), (5, 1, 20, False),
+]
+
+
+def _seqlens(batch):
+    lens = list(SEQLENS) * (batch // len(SEQLENS) + 1)
+    random.shuffle(lens)
+    return lens[:batch]
+
+
+def _check_decode(batch, s_q, h_q, causal, fp8, seqlens=None):
+    seqlens = seqlens if seqlens is not None else _seqlens(batch)
+    q, kv, block_table, cache_seqlens = make_cache(seqlens, s_q, h_q, "cuda", fp8=fp8)
+    ref_out, ref_lse = reference_decode(q, kv, block_table, cache_seqlens, causal)
+    out = poison_(torch.empty(batch, s_q, h_q, 512, dtype=torch.bfloat16, device="cuda"))
+    got, lse = deepseek_ops.mla_decode(q, kv, block_table, cache_seqlens, SCALE, causal=causal, out=out)
+    torch.cuda.synchronize()
+    assert got.data_ptr() == out.data_ptr()
+    assert_written(out, "out")
+    assert_written(lse, "lse")
+    diff = calc_diff(out, ref_out)
+    assert diff < OUT_DIFF, f"out calc_diff {diff:.3e} (seqlens {seqlens})"
+    empty_rows = ref_lse.isinf().transpose(1, 2)  # [B, s_q, h_q]
+    assert (out[empty_rows] == 0).all(), "rows without keys must be exactly 0"
+    assert_lse_close(lse, ref_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, s_q, h_q, causal", PARITY_CASES)
+def test_mla_decode_bf16(batch, s_q, h_q, causal, backend):
+    _check_decode(batch, s_q, h_q, causal, fp8=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen", SEQLENS)
+@pytest.mark.parametrize("s_q, causal", [(1, False), (2, True)])
+def test_mla_decode_single_length(seqlen, s_q, causal, backend):
+    _check_decode(1, s_q, 64, causal, fp8=False, seqlens=[seqlen])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, s_q, h_q, causal", PARITY_CASES[::2])
+def test_mla_decode_fp8(batch, s_q, h_q, causal, backend):
+    _check_decode(batch, s_q, h_q, causal, fp8=True)
+
+
+@pytest.mark.gpu
+def test_mla_decode_many_splits_and_packed_requests(backend):
+    """One very long request split over every SM next to many short ones sharing SMs."""
+    _check_decode(40, 1, 128, False, fp8=False, seqlens=[65536] + [random.randint(0, 300) for _ in range(39)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 7, 130])
+def test_metadata_matches_reference(batch):
+    seqlens = torch.randint(0, 20000, (batch,), dtype=torch.int32)
+    seqlens[0] = 0
+    got = deepseek_ops.get_mla_metadata(seqlens.cuda(), 2, 64)
+    expected = reference.get_mla_metadata(seqlens, got[0].shape[0])
+    assert_bitwise_equal(got[0].cpu(), expected[0], "tile_sched")
+    assert_bitwise_equal(got[1].cpu(), expected[1], "split_offsets")
+
+
+@pytest.mark.gpu
+def test_metadata_reused_across_layers():
+    q, kv, block_table, cache_seqlens = make_cache(_seqlens(6), 2, 64, "cuda")
+    meta = deepseek_ops.get_mla_metadata(cache_seqlens, 2, 64)
+    for _ in range(2):  # two layers of one step: new q, same schedule
+        q = torch.randn_like(q, dtype=torch.float32).to(torch.bfloat16)
+        out, lse = deepseek_ops.mla_decode(q, kv, block_table, cache_seqlens, SCALE, causal=True, metadata=meta)
+        ref_out, ref_lse = reference_decode(q, kv, block_table, cache_seqlens, True)
+        assert calc_diff(out, ref_out) < OUT_DIFF
+        assert_lse_close(lse, ref_lse)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay(backend):
+    """Captured metadata + decode replayed on new lengths written in place: no host sync inside."""
+    seqlens = [300, 5000, 64]
+    q, kv, block_table, cache_seqlens = make_cache(seqlens, 1, 16, "cuda")
+    out = torch.empty(3, 1, 16, 512, dtype=torch.bfloat16, device="cuda")
+    deepseek_ops.mla_decode(q, kv, block_table, cache_seqlens, SCALE, out=out)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, lse = deepseek_ops.mla_decode(q, kv, block_table, cache_seqlens, SCALE, out=out)
+    for new_lens in ([300, 5000, 64], [17, 4999, 0]):
+        cache_seqlens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        poison_(out)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, ref_lse = reference_decode(q, kv, block_table, cache_seqlens, False)
+        assert_written(out)
+        assert calc_diff(out, ref_out) < OUT_DIFF
+        assert_lse_close(lse, ref_lse)
+
+
+@pytest.mark.gpu
+def test_device_seqlens_past_block_table_are_clamped():
+    """Contract breach with seqlens on the GPU: no fault, and only the request's own columns are read."""
+    q, kv, block_table, cache_seqlens = make_cache([64, 128], 1, 16, "cuda", extra_cols=0)
+    kv = torch.nan_to_num(kv, nan=0.0)
+    block_table[0, 1] = block_table[1, 0]  # the clamped length reads column 1 of request 0's row: make it a page
+    cache_seqlens.fill_(10**6)  # far past the 1 and 2 columns of the table
+    out, lse = deepseek_ops.mla_decode(q, kv, block_table, cache_seqlens, SCALE)
+    torch.cuda.synchronize()
+    clamped = torch.tensor([128, 128], dtype=torch.int32, device="cuda")
+    ref_out, ref_lse = reference_decode(q, kv, block_table, clamped, False)
+    assert calc_diff(out, ref_out) < OUT_DIFF
+    assert_lse_close(lse, ref_lse)
+
+
+@pytest.mark.gpu
+def test_quantize_mla_kv_matches_reference():
+    kv = (torch.randn(37, 64, 1, 576, device="cuda") * torch.logspace(-3, 2, 576, device="cuda")).to(torch.bfloat16)
+    kv[0, 0] = 0  # an all-zero token takes the scale floor
+    assert_bitwise_equal(deepseek_ops.quantize_mla_kv(kv).cpu(), reference.quantize_mla_kv(kv.cpu()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_mla_cache_append_matches_reference(fp8):
+    num_blocks, batch, tokens = 20, 5, 3
+    kv = torch.randn(num_blocks, 64, 1, 576, device="cuda").to(torch.bfloat16)
+    if fp8:
+        kv = deepseek_ops.quantize_mla_kv(kv)
+    block_table = torch.randperm(num_blocks, device="cuda")[:batch * 4].reshape(batch, 4).int()
+    block_table[0, 3] = 10**6  # out of the cache: skipped
+    positions = torch.stack([torch.randperm(135)[:tokens] + 65 for _ in range(batch)]).int().cuda()  # no repeats
+    positions[0, 0], positions[1, 0], positions[2, 0], positions[0, 1] = -1, 300, 64, 200
+    c_kv = torch.randn(batch, tokens, 512, device="cuda").to(torch.bfloat16)
+    k_pe = torch.randn(batch, tokens, 64, device="cuda").to(torch.bfloat16)
+    expected = kv.cpu().clone()
+    reference.mla_cache_append(expected, block_table.cpu(), positions.cpu(), c_kv.cpu(), k_pe.cpu())
+    deepseek_ops.mla_cache_append(kv, block_table, positions, c_kv, k_pe)
+    assert_bitwise_equal(kv.cpu(), expected, "kv_cache")
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda():
+    _opcheck_all("cuda")

@@ -1,0 +1,91 @@
+"""The kernels backend against the reference backend, same random FP8 weights (tiny config).
+
+The reference runs with fp8_activations=True (activations rounded to e4m3 per 1 x 128 group, as
+the FP8 kernels do), so what remains is accumulation order and bf16 rounding. On the CPU the
+kernels backend runs the ops' CPU kernels (their references): that checks the model's use of the
+ops (layouts, dispatch/combine, the paged cache, mla_decode's arguments); on the H200 it checks the
+CUDA kernels end to end.
+"""
+import pytest
+import torch
+
+from deepseek_ops.testing import calc_diff
+from model.config import preset
+from model.generate import allocate_block_table, decode_one_token, generate, prefill
+from model.model import MoE, Transformer, random_model
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _pair(device, **overrides):
+    args = preset("tiny", dtype="bfloat16", fp8=True, **overrides)
+    ref = random_model(args, device=device)
+    ref = _rebuild(ref, "reference", fp8_activations=True)
+    return ref, _rebuild(ref, "kernels")
+
+
+def _rebuild(model, backend, fp8_activations=False):
+    device = model.model.embed_tokens.weight.device
+    with torch.device(device):
+        twin = Transformer(model.args, backend, fp8_activations=fp8_activations)
+    twin.load_state_dict(model.state_dict())
+    return twin.prepare()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_layer_matches_on_the_same_input(device):
+    ref, ker = _pair(device)
+    assert any(isinstance(l.mlp, MoE) and l.mlp.w13 is not None for l in ker.main_layers)  # grouped path on
+    tokens = torch.randint(0, ref.args.vocab_size, (3, 77), device=device)
+    ctx = ref.context(3, 77, device)
+    with torch.no_grad():
+        h = ref.model.embed_tokens(tokens)
+        for i, (lr, lk) in enumerate(zip(ref.main_layers, ker.main_layers)):
+            x = lr.input_layernorm(h)
+            assert calc_diff(lr.self_attn(x, ctx), lk.self_attn(x, ctx)) < 1e-3, f"layer {i} attention"
+            x = lr.post_attention_layernorm(h + lr.self_attn(x, ctx))
+            assert calc_diff(lr.mlp(x), lk.mlp(x)) < 1e-3, f"layer {i} {type(lr.mlp).__name__}"
+            h = lr(h, ctx)
+        ref_logits, _ = ref(tokens)
+        ker_logits, _ = ker(tokens)
+    assert calc_diff(ref_logits, ker_logits) < 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_paged_decode_matches(device, s_q):
+    """mla_cache_append + mla_decode (kernels) against the reference cache and attention."""
+    ref, ker = _pair(device)
+    lengths = torch.tensor([5, 70, 130], device=device)
+    block_table, num_blocks = allocate_block_table(3, 140, device, torch.Generator().manual_seed(0))
+    prompts = torch.randint(0, ref.args.vocab_size, (3, 130), device=device)
+    new = torch.randint(0, ref.args.vocab_size, (3, s_q), device=device)
+    with torch.no_grad():
+        outs = []
+        for model in (ref, ker):
+            model.setup_cache(num_blocks, torch.bfloat16)
+            prefill(model, prompts, block_table)
+            outs.append(decode_one_token(model, new, lengths, block_table)[0])
+    assert calc_diff(outs[0], outs[1]) < 1e-3
+
+
+@pytest.mark.gpu
+def test_greedy_64_tokens_agree():
+    ref, ker = _pair("cuda")
+    prompts = [torch.randint(0, ref.args.vocab_size, (n,)).tolist() for n in (1, 7, 33, 100)]
+    a, _ = generate(ref, prompts, 64)
+    b, _ = generate(ker, prompts, 64)
+    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    assert same >= 0.95 * 64 * len(prompts), f"{same} of {64 * len(prompts)} tokens agree"
+    assert all(ra[:16] == rb[:16] for ra, rb in zip(a, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mtp_speculative_equals_greedy_on_kernels(device):
+    _, ker = _pair(device)
+    lengths, num_new = ((3, 65), 6) if device == "cpu" else ((3, 65, 130), 64)  # CPU: the ops' slow references
+    prompts = [torch.randint(0, ker.args.vocab_size, (n,)).tolist() for n in lengths]
+    greedy, _ = generate(ker, prompts, num_new)
+    speculative, stats = generate(ker, prompts, num_new, use_mtp=True)
+    assert speculative == greedy
+    assert 0.0 <= stats["acceptance_rate"] <= 1.0
