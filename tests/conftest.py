@@ -24,3 +24,13 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.fixture
+def gemm_config(monkeypatch):
+    """Forces an FP8 GEMM tile configuration through DSO_FP8_GEMM_CONFIG (read on every launch)."""
+
+    def force(block_m: int, block_n: int, stages: int = 0):
+        monkeypatch.setenv("DSO_FP8_GEMM_CONFIG", f"{block_m}x{block_n}" + (f"x{stages}" if stages else ""))
+
+    return force

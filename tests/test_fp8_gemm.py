@@ -6,7 +6,7 @@ import torch
 
 import deepseek_ops
 from deepseek_ops import reference
-from deepseek_ops.testing import assert_bitwise_equal, assert_written, calc_diff, max_rel_error, poison_
+from deepseek_ops.testing import opcheck_fp8_safe, assert_bitwise_equal, assert_written, calc_diff, max_rel_error, poison_
 
 FP8 = torch.float8_e4m3fn
 CALC_DIFF_BOUND = 1e-5
@@ -51,28 +51,6 @@ def check_parity(out, a, a_scales, b, b_scales, c=None):
     assert rel < MAX_REL_ERROR[out.dtype], f"max relative error {rel:.3g}; {_worst(out, ref)}"
 
 
-def opcheck(op, args, mutated=()):
-    """torch.library.opcheck; test_schema's no-mutation check is done by hand for fp8 inputs.
-
-    NOTE: torch's SchemaCheckMode compares inputs with allclose, which has no fp8 kernel.
-    """
-    test_utils = ["test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"]
-    tensors = [(i, t) for i, t in enumerate(args) if isinstance(t, torch.Tensor) and i not in mutated]
-    before = [t.clone() for _, t in tensors]
-    op(*args)
-    for (i, t), b in zip(tensors, before):
-        assert_bitwise_equal(t, b, f"input {i} after the call")
-    torch.library.opcheck(op, args, test_utils=test_utils)
-
-
-@pytest.fixture
-def gemm_config(monkeypatch):
-    """Forces a tile configuration through DSO_FP8_GEMM_CONFIG (read by the launcher on every call)."""
-
-    def force(block_m: int, block_n: int, stages: int = 0):
-        monkeypatch.setenv("DSO_FP8_GEMM_CONFIG", f"{block_m}x{block_n}" + (f"x{stages}" if stages else ""))
-
-    return force
 
 
 # ---- GPU parity ---------------------------------------------------------------------------------
@@ -233,10 +211,10 @@ def test_fp8_gemm_cuda_graph():
 @pytest.mark.gpu
 def test_fp8_gemm_opcheck_cuda():
     a, a_scales, b, b_scales = make_operands(130, 144, 256)
-    opcheck(torch.ops.deepseek_ops.fp8_gemm.default, (a, a_scales, b, b_scales, torch.bfloat16, None))
+    opcheck_fp8_safe(torch.ops.deepseek_ops.fp8_gemm.default, (a, a_scales, b, b_scales, torch.bfloat16, None))
     out = torch.empty(130, 144, device="cuda", dtype=torch.float32)
     c = torch.randn(130, 144, device="cuda")
-    opcheck(torch.ops.deepseek_ops.fp8_gemm_out.default, (a, a_scales, b, b_scales, c, out), mutated=(5,))
+    opcheck_fp8_safe(torch.ops.deepseek_ops.fp8_gemm_out.default, (a, a_scales, b, b_scales, c, out), mutated=(5,))
 
 
 # ---- CPU: reference, opcheck, torch.compile ---------------------------------------------------
@@ -270,11 +248,11 @@ def test_fp8_gemm_zero_rows(device):
 
 def test_fp8_gemm_opcheck_cpu():
     a, a_scales, b, b_scales = make_operands(9, 48, 256, device="cpu")
-    opcheck(torch.ops.deepseek_ops.fp8_gemm.default, (a, a_scales, b, b_scales, torch.bfloat16, None))
+    opcheck_fp8_safe(torch.ops.deepseek_ops.fp8_gemm.default, (a, a_scales, b, b_scales, torch.bfloat16, None))
     c = torch.randn(9, 48)
-    opcheck(torch.ops.deepseek_ops.fp8_gemm.default, (a, a_scales, b, b_scales, torch.float32, c))
+    opcheck_fp8_safe(torch.ops.deepseek_ops.fp8_gemm.default, (a, a_scales, b, b_scales, torch.float32, c))
     out = torch.empty(9, 48)
-    opcheck(torch.ops.deepseek_ops.fp8_gemm_out.default, (a, a_scales, b, b_scales, c, out), mutated=(5,))
+    opcheck_fp8_safe(torch.ops.deepseek_ops.fp8_gemm_out.default, (a, a_scales, b, b_scales, c, out), mutated=(5,))
 
 
 def test_fp8_gemm_torch_compile_cpu():

@@ -4,7 +4,7 @@ import torch
 
 import deepseek_ops
 from deepseek_ops import reference
-from deepseek_ops.testing import assert_bitwise_equal, assert_written, calc_diff, poison_
+from deepseek_ops.testing import opcheck_fp8_safe, assert_bitwise_equal, assert_written, calc_diff, poison_
 
 FP8 = torch.float8_e4m3fn
 CALC_DIFF_BOUND = 1e-5
@@ -72,26 +72,6 @@ def check_masked(out, a, a_scales, b, b_scales, masked_m):
         assert diff < CALC_DIFF_BOUND, f"group {g} ({rows} rows): calc_diff {diff:.3g}"
 
 
-def opcheck(op, args, mutated=()):
-    """torch.library.opcheck; test_schema's no-mutation check is done by hand for fp8 inputs.
-
-    NOTE: torch's SchemaCheckMode compares inputs with allclose, which has no fp8 kernel.
-    """
-    test_utils = ["test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"]
-    tensors = [(i, t) for i, t in enumerate(args) if isinstance(t, torch.Tensor) and i not in mutated]
-    before = [t.clone() for _, t in tensors]
-    op(*args)
-    for (i, t), b in zip(tensors, before):
-        assert_bitwise_equal(t, b, f"input {i} after the call")
-    torch.library.opcheck(op, args, test_utils=test_utils)
-
-
-@pytest.fixture
-def gemm_config(monkeypatch):
-    def force(block_m: int, block_n: int, stages: int = 0):
-        monkeypatch.setenv("DSO_FP8_GEMM_CONFIG", f"{block_m}x{block_n}" + (f"x{stages}" if stages else ""))
-
-    return force
 
 
 # ---- contiguous ---------------------------------------------------------------------------------
@@ -136,7 +116,7 @@ def test_contiguous_matches_dense_per_group():
 @pytest.mark.gpu
 def test_contiguous_opcheck_cuda():
     a, a_scales, b, b_scales, m_indices, _ = make_contiguous([128, 256], 144, 256)
-    opcheck(torch.ops.deepseek_ops.grouped_fp8_gemm_contiguous.default,
+    opcheck_fp8_safe(torch.ops.deepseek_ops.grouped_fp8_gemm_contiguous.default,
                           (a, a_scales, b, b_scales, m_indices))
 
 
@@ -214,7 +194,7 @@ def test_masked_cuda_graph_reads_masked_m_on_replay():
 def test_masked_opcheck_cuda():
     a, a_scales, b, b_scales = make_masked(2, 64, 144, 256)
     masked_m = torch.tensor([64, 64], dtype=torch.int32, device="cuda")
-    opcheck(torch.ops.deepseek_ops.grouped_fp8_gemm_masked.default,
+    opcheck_fp8_safe(torch.ops.deepseek_ops.grouped_fp8_gemm_masked.default,
                           (a, a_scales, b, b_scales, masked_m, 64))
 
 
@@ -229,10 +209,10 @@ def test_cpu_contiguous_reference_and_opcheck():
     by_offsets = deepseek_ops.grouped_fp8_gemm_contiguous(a, a_scales, b, b_scales, group_offsets=offsets)
     valid = m_indices >= 0
     assert_bitwise_equal(by_offsets[valid], out[valid])
-    opcheck(torch.ops.deepseek_ops.grouped_fp8_gemm_contiguous.default,
+    opcheck_fp8_safe(torch.ops.deepseek_ops.grouped_fp8_gemm_contiguous.default,
                           (a, a_scales, b, b_scales, m_indices))
     buf = torch.zeros_like(out)
-    opcheck(torch.ops.deepseek_ops.grouped_fp8_gemm_contiguous_out.default,
+    opcheck_fp8_safe(torch.ops.deepseek_ops.grouped_fp8_gemm_contiguous_out.default,
                           (a, a_scales, b, b_scales, m_indices, buf), mutated=(5,))
 
 
@@ -241,9 +221,9 @@ def test_cpu_masked_reference_opcheck_and_compile():
     masked_m = torch.tensor([20, 0, 7], dtype=torch.int32)
     out = deepseek_ops.grouped_fp8_gemm_masked(a, a_scales, b, b_scales, masked_m, 10)
     check_masked(out, a, a_scales, b, b_scales, masked_m)
-    opcheck(torch.ops.deepseek_ops.grouped_fp8_gemm_masked.default,
+    opcheck_fp8_safe(torch.ops.deepseek_ops.grouped_fp8_gemm_masked.default,
                           (a, a_scales, b, b_scales, masked_m, 10))
-    opcheck(torch.ops.deepseek_ops.grouped_fp8_gemm_masked_out.default,
+    opcheck_fp8_safe(torch.ops.deepseek_ops.grouped_fp8_gemm_masked_out.default,
                           (a, a_scales, b, b_scales, masked_m, 10, torch.zeros_like(out)), mutated=(6,))
 
     def f(a, a_scales, b, b_scales, masked_m):
