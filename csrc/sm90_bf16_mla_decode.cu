@@ -4,20 +4,30 @@
 //      split; it is cut into num_parts equal contiguous pieces over (request, tile) order, so long
 //      requests are split across SMs and short ones are packed together. One thread, no host sync.
 //   2. sm90_bf16_mla_decode: CTA (head block of 64 packed query rows, part). For each request of its
-//      piece: S = Q K^T (bf16, fp32 accumulators), online softmax in the log2 domain, O += P V, with
-//      either warpgroup MMAs (wgmma, the default: S m64n32k16 per warpgroup, PV m64n256k16 with V the
-//      K tile read MN-major) or warp MMAs (mma.sync m16n8k16 via ldmatrix; DSO_MLA_BACKEND=mma_sync).
-//      Both leave the same fragment in the same registers, so softmax and epilogue are shared.
-//      Pages stream into shared memory with cp.async straight from the block table, the next page
-//      in flight while this one is multiplied. A request done by one CTA writes out/lse directly;
-//      otherwise each split writes its normalized O and lse to fp32 workspaces.
+//      piece: S = Q K^T (bf16, fp32 accumulators), online softmax in the log2 domain, O += P V with
+//      warpgroup MMAs (S m64n32k16 per warpgroup, PV m64n256k16 with V the K tile read MN-major).
+//      A request done by one CTA writes out/lse directly; otherwise each split writes its normalized
+//      O and lse to fp32 workspaces.
 //   3. sm90_mla_combine: log-sum-exp merge of the splits of every split request.
 //
-// Warp layout (8 warps = 2 warpgroups): warp w owns query rows 16 * (w % 4) .. +15 and column half
-// w / 4 (= its warpgroup): tokens 32 * half .. +31 of S and latent columns 256 * half .. +255 of O
-// (128 fp32 registers a thread).
+// Roles (3 warpgroups): warps 0-7 are the consumers, warp 8 the producer (warps 9-11 exit at once).
+// The producer walks the same (request, tile) sequence as the consumers and fills a ring of page
+// buffers as soon as one is released, across request boundaries, so loads never wait on the softmax:
+//   bf16: 2 swizzled K tiles; a full page is 9 TMA boxes (64 columns x 64 tokens, SWIZZLE_128B); the
+//         page holding seqlen's end (or no valid token) is copied by the producer warp with zero-filling
+//         cp.async, so tokens at or past seqlen are never read and their K/V rows are exactly 0.
+//   FP8:  1 raw staging page (one cp.async.bulk of the valid tokens' bytes) + 1 bf16 K tile that the
+//         consumers dequantize into (invalid tokens written as 0, their staging bytes never read).
+// Handshake per buffer: full (32 producer arrivals + the TMA bytes) and empty (8 consumer warps).
+// NOTE: fill n of a ring of kStages uses buffer n % kStages in round n / kStages: the consumers wait
+// full with parity round & 1, the producer waits empty with parity (round & 1) ^ 1 (a fresh barrier
+// counts as having completed the phase before phase 0, so the first round does not wait).
+//
+// Consumer warp layout: warp w owns query rows 16 * (w % 4) .. +15 and column half w / 4 (= its
+// warpgroup): tokens 32 * half .. +31 of S and latent columns 256 * half .. +255 of O (128 fp32
+// registers a thread). The consumers synchronize among themselves with named barrier 1 (256 threads).
 // Shared tiles (Q, K, P) use the wgmma 128-byte-swizzle layout: 64-column (128-byte) blocks of 64 rows,
-// 16-byte chunks XOR-ed with row % 8. It is also bank-conflict free for ldmatrix.
+// 16-byte chunks XOR-ed with row % 8 (what a SWIZZLE_128B TMA box writes).
 // The two warps of a row group exchange their row maxima (and at the end row sums) via shared memory.
 #include <cuda_bf16.h>
 
@@ -25,30 +35,37 @@
 #include <climits>
 
 #include "common.h"
-#include <cstdlib>
-#include <cstring>
 
+#include "barrier.cuh"
+#include "bulk_copy.cuh"
 #include "cp_async.cuh"
 #include "fence.cuh"
 #include "fp8.cuh"
-#include "ldmatrix.cuh"
-#include "mma_sync.cuh"
+#include "mbarrier.cuh"
 #include "sm90_bf16_mla_decode.h"
+#include "tma.cuh"
+#include "warpgroup.cuh"
 #include "wgmma.cuh"
 #include "wgmma_bf16.cuh"
 
 namespace dso {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kNumWarps = kThreads / 32;
+constexpr int kNumConsumers = 256;             // 2 warpgroups
+// NOTE: a whole producer warpgroup although one warp loads: each SM sub-partition holds 16K registers,
+// so a 9th warp would cap every thread at 168. With 3 warpgroups, setmaxnreg moves the producer's
+// share to the consumers: per sub-partition 2 x 232 + 40 <= 512 registers a lane.
+constexpr int kThreads = kNumConsumers + 128;
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
+constexpr int kNumConsumerWarps = kNumConsumers / 32;
+constexpr uint32_t kConsumerBarrier = 1;        // named barrier of the 256 consumer threads
 constexpr int BLOCK_M = kMlaBlockRows;   // packed query rows per CTA
 constexpr int BLOCK_N = kMlaPageSize;    // tokens per tile = one page
 constexpr int kRowBytes = kMlaHeadDimQK * 2;          // 1152: one bf16 token or query row
 constexpr int kRowChunks = kRowBytes / 16;            // 72 16-byte chunks
 constexpr int kTileBytes = BLOCK_N * kRowBytes;       // 73728 (also the Q tile)
 constexpr int kPRowBytes = BLOCK_N * 2;               // one bf16 row of P
-constexpr int kFp8TokenChunks = kMlaFp8TokenBytes / 16;  // 41
 constexpr int kFp8PageBytes = BLOCK_N * kMlaFp8TokenBytes;
 constexpr int kSplitOverheadTiles = 5;  // a split's fixed cost (Q load, epilogue, combine) in tiles
 constexpr int kMaxSeqlen = 1 << 24;     // device seqlens are clamped here so tile counts cannot overflow
@@ -58,17 +75,21 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kSwizzleBlockBytes = BLOCK_N * 128;    // one 64-column block of a 64-row tile
 static_assert(kRowChunks % 8 == 0, "rows split into whole 128-byte swizzle blocks");
 static_assert(BLOCK_M == BLOCK_N, "Q and K tiles share one layout");
-static_assert(kMlaFp8TokenBytes % 16 == 0, "packed FP8 tokens are copied in 16-byte chunks");
+static_assert(kMlaFp8TokenBytes % 16 == 0, "a bulk copy of whole FP8 tokens is a multiple of 16 bytes");
 static_assert(kFp8PageBytes <= kTileBytes, "the FP8 staging page reuses the second bf16 tile buffer");
-static_assert(BLOCK_M == 4 * 16 && kNumWarps == 8, "4 row groups of 16 x 2 column halves");
+static_assert(BLOCK_M == 4 * 16 && kNumConsumerWarps == 8, "4 row groups of 16 x 2 column halves");
+static_assert(kTileBytes == 9 * kSwizzleBlockBytes, "a bf16 page is 9 TMA boxes of 64 columns");
 
-// Shared memory: Q tile, two K tiles (FP8: one K tile + the raw staging page), P, row statistics.
+// Shared memory: Q tile, two K tiles (FP8: one K tile + the raw staging page), P, row statistics,
+// then the full/empty mbarriers of the two buffers.
 constexpr int kSmemQ = 0;
 constexpr int kSmemK = kSmemQ + kTileBytes;
 constexpr int kSmemP = kSmemK + 2 * kTileBytes;
 constexpr int kSmemMax = kSmemP + BLOCK_M * kPRowBytes;
 constexpr int kSmemSum = kSmemMax + 2 * BLOCK_M * 4;
-constexpr int kSmemBytes = kSmemSum + 2 * BLOCK_M * 4;
+constexpr int kSmemFull = kSmemSum + 2 * BLOCK_M * 4;
+constexpr int kSmemEmpty = kSmemFull + 2 * 8;
+constexpr int kSmemBytes = kSmemEmpty + 2 * 8;
 static_assert(kSmemBytes <= 227 * 1024, "exceeds the 227 KB of shared memory a Hopper CTA may use");
 
 // Tiles of a request: at least one, so an empty request still has a CTA that writes out = 0, lse = +inf.
@@ -149,12 +170,29 @@ struct Request {
   int split_global;  // workspace row of this CTA's split
 };
 
-// Q rows row_base .. row_base + 63 of request `req` (zero rows past the last query row).
+// Request `req` of this CTA's piece of the schedule; false when the piece holds none of its tiles.
+// NOTE: the producer and the consumers both walk the piece through this one function, so they agree
+// on the sequence of (request, tile) fills.
+__device__ __forceinline__ bool make_request(const MlaDecodeArgs& args, const int* sched, int req, Request& r) {
+  const int begin_req = sched[0], begin_tile = sched[1], end_req = sched[2], end_tile = sched[3];
+  r.idx = req;
+  const int seqlen = min(max(args.cache_seqlens[req], 0), kMaxSeqlen);
+  // An empty cache has no page to read: every token is treated as past seqlen.
+  r.seqlen = args.num_blocks > 0 ? min(seqlen, args.max_blocks * BLOCK_N) : 0;
+  r.tile_begin = req == begin_req ? begin_tile : 0;
+  r.tile_end = req == end_req ? end_tile : num_tiles_of(args.cache_seqlens[req]);
+  const int split_base = args.split_offsets[req];
+  r.num_splits = args.split_offsets[req + 1] - split_base;
+  r.split_global = split_base + (req == begin_req ? sched[4] : 0);
+  return r.tile_begin < r.tile_end;
+}
+
+// Q rows row_base .. row_base + 63 of request `req` (zero rows past the last query row), by the consumers.
 __device__ __forceinline__ void load_q(const MlaDecodeArgs& args, int req, int row_base, int num_rows,
                                        uint8_t* smem_q) {
   const int rows = args.s_q * args.h_q;
   const uint8_t* gmem_q = static_cast<const uint8_t*>(args.q) + (static_cast<int64_t>(req) * rows + row_base) * kRowBytes;
-  for (int i = threadIdx.x; i < BLOCK_M * kRowChunks; i += kThreads) {
+  for (int i = threadIdx.x; i < BLOCK_M * kRowChunks; i += kNumConsumers) {
     const int row = i / kRowChunks, chunk = i % kRowChunks;
     const bool valid = row < num_rows;
     const uint8_t* src = valid ? gmem_q + row * kRowBytes + chunk * 16 : gmem_q;
@@ -170,47 +208,108 @@ __device__ __forceinline__ int64_t page_of(const MlaDecodeArgs& args, const Requ
   return page;
 }
 
-// bf16 page -> swizzled K tile; tokens at or past seqlen are zero-filled (never NaN garbage).
-__device__ __forceinline__ void load_tile_bf16(const MlaDecodeArgs& args, const Request& r, int tile,
-                                               uint8_t* smem_k) {
-  const uint8_t* gmem_page = static_cast<const uint8_t*>(args.kv_cache) + page_of(args, r, tile) * kTileBytes;
+// ---------------------------------------------------------------------------------------------
+// Producer (warp 8)
+// ---------------------------------------------------------------------------------------------
+
+// bf16 page -> swizzled K tile. Every lane arrives once on `full` (count 32).
+__device__ __forceinline__ void produce_tile_bf16(const MlaDecodeArgs& args, const CUtensorMap* tmap_kv,
+                                                  const Request& r, int tile, uint8_t* smem_k, uint64_t* full) {
+  const int lane = threadIdx.x % 32;
+  const int64_t page = page_of(args, r, tile);
   const int num_valid = r.seqlen - tile * BLOCK_N;
-  for (int i = threadIdx.x; i < BLOCK_N * kRowChunks; i += kThreads) {
+  if (num_valid >= BLOCK_N) {
+    if (lane == 0) {
+      // expect_tx before the copies, so the byte count can never complete the phase early.
+      ptx::mbarrier_arrive_expect_tx(full, kTileBytes);
+#pragma unroll
+      for (int b = 0; b < kTileBytes / kSwizzleBlockBytes; ++b) {
+        ptx::tma_load_2d(smem_k + b * kSwizzleBlockBytes, tmap_kv, full, 64 * b, static_cast<int32_t>(page * BLOCK_N));
+      }
+    } else {
+      ptx::mbarrier_arrive(full);
+    }
+    return;
+  }
+  // The last page of a request: tokens at or past seqlen are zero-filled, never read (they may be
+  // NaN, and P = 0 would not cancel a NaN in V). Once per request, so the warp waits for it here.
+  const uint8_t* gmem_page = static_cast<const uint8_t*>(args.kv_cache) + page * kTileBytes;
+  for (int i = lane; i < BLOCK_N * kRowChunks; i += 32) {
     const int token = i / kRowChunks, chunk = i % kRowChunks;
     const bool valid = token < num_valid;
     const uint8_t* src = valid ? gmem_page + token * kRowBytes + chunk * 16 : gmem_page;
     ptx::cp_async_cg_16(smem_k + swizzled(token, chunk), src, valid ? 16 : 0);
   }
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
+  ptx::fence_proxy_async_shared();  // this lane's cp.async writes -> the consumers' wgmma reads
+  ptx::mbarrier_arrive(full);       // release: the consumers' acquire of `full` sees the tile
 }
 
-// Packed FP8 page -> linear staging buffer, invalid tokens zero-filled (their scales become 0 too).
-__device__ __forceinline__ void load_tile_fp8(const MlaDecodeArgs& args, const Request& r, int tile,
-                                              uint8_t* smem_stage) {
+// Packed FP8 page -> linear staging buffer: the valid tokens' bytes only, in one bulk copy.
+__device__ __forceinline__ void produce_tile_fp8(const MlaDecodeArgs& args, const Request& r, int tile,
+                                                 uint8_t* smem_stage, uint64_t* full) {
+  if (threadIdx.x % 32 != 0) {
+    ptx::mbarrier_arrive(full);
+    return;
+  }
+  const int num_valid = min(max(r.seqlen - tile * BLOCK_N, 0), BLOCK_N);
+  const uint32_t bytes = num_valid * kMlaFp8TokenBytes;
+  if (bytes == 0) {
+    ptx::mbarrier_arrive(full);
+    return;
+  }
   const uint8_t* gmem_page = static_cast<const uint8_t*>(args.kv_cache) + page_of(args, r, tile) * kFp8PageBytes;
-  const int num_valid = r.seqlen - tile * BLOCK_N;
-  for (int i = threadIdx.x; i < BLOCK_N * kFp8TokenChunks; i += kThreads) {
-    const bool valid = i / kFp8TokenChunks < num_valid;
-    ptx::cp_async_cg_16(smem_stage + i * 16, valid ? gmem_page + i * 16 : gmem_page, valid ? 16 : 0);
+  ptx::mbarrier_arrive_expect_tx(full, bytes);
+  ptx::bulk_load(smem_stage, gmem_page, bytes, full);
+}
+
+template <bool kFp8>
+__device__ __forceinline__ void producer(const MlaDecodeArgs& args, const CUtensorMap* tmap_kv, const int* sched,
+                                         uint8_t* smem, uint64_t* full, uint64_t* empty) {
+  constexpr int kStages = kFp8 ? 1 : 2;
+  uint32_t fill = 0;
+  for (int req = sched[0]; req <= sched[2]; ++req) {
+    Request r;
+    if (!make_request(args, sched, req, r)) continue;
+    for (int tile = r.tile_begin; tile < r.tile_end; ++tile, ++fill) {
+      const int stage = fill % kStages;
+      ptx::mbarrier_wait(&empty[stage], ((fill / kStages) & 1) ^ 1);
+      if constexpr (kFp8) {
+        produce_tile_fp8(args, r, tile, smem + kSmemK + kTileBytes, &full[0]);
+      } else {
+        produce_tile_bf16(args, tmap_kv, r, tile, smem + kSmemK + stage * kTileBytes, &full[stage]);
+      }
+    }
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Consumers (warps 0-7)
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void consumer_sync() { ptx::named_barrier_sync(kConsumerBarrier, kNumConsumers); }
+
 // Staging page -> bf16 K tile: value * scale of its 128-group, rounded to bf16 (as the reference
-// dequantizes); the RoPE part is copied.
-__device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint8_t* smem_k) {
+// dequantizes); the RoPE part is copied. Tokens at or past num_valid (never loaded) become 0.
+__device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint8_t* smem_k, int num_valid) {
   constexpr int kUnits = 32 + 8;  // 32 chunks of 16 e4m3 values, 8 chunks of bf16 RoPE
-  for (int i = threadIdx.x; i < BLOCK_N * kUnits; i += kThreads) {
+  for (int i = threadIdx.x; i < BLOCK_N * kUnits; i += kNumConsumers) {
     const int token = i / kUnits, unit = i % kUnits;
     const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes;
+    const bool valid = token < num_valid;
     if (unit < 32) {
-      const int4 raw = *reinterpret_cast<const int4*>(src + unit * 16);
-      const float scale = reinterpret_cast<const float*>(src + 512)[unit / 8];
-      const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&raw);
-      uint32_t bf16x2[8];
+      uint32_t bf16x2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (valid) {
+        const int4 raw = *reinterpret_cast<const int4*>(src + unit * 16);
+        const float scale = reinterpret_cast<const float*>(src + 512)[unit / 8];
+        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&raw);
 #pragma unroll
-      for (int p = 0; p < 8; ++p) {
-        const float2 v = ptx::e4m3x2_to_float2(pairs[p]);
-        const __nv_bfloat162 b = __floats2bfloat162_rn(v.x * scale, v.y * scale);
-        bf16x2[p] = *reinterpret_cast<const uint32_t*>(&b);
+        for (int p = 0; p < 8; ++p) {
+          const float2 v = ptx::e4m3x2_to_float2(pairs[p]);
+          const __nv_bfloat162 b = __floats2bfloat162_rn(v.x * scale, v.y * scale);
+          bf16x2[p] = *reinterpret_cast<const uint32_t*>(&b);
+        }
       }
       *reinterpret_cast<int4*>(smem_k + swizzled(token, 2 * unit)) =
           make_int4(bf16x2[0], bf16x2[1], bf16x2[2], bf16x2[3]);
@@ -219,7 +318,7 @@ __device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint
     } else {
       const int chunk = unit - 32;
       *reinterpret_cast<int4*>(smem_k + swizzled(token, 64 + chunk)) =
-          *reinterpret_cast<const int4*>(src + 512 + 16 + chunk * 16);
+          valid ? *reinterpret_cast<const int4*>(src + 512 + 16 + chunk * 16) : make_int4(0, 0, 0, 0);
     }
   }
 }
@@ -228,7 +327,6 @@ __device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint
 // g and g + 8 of its row group, the running row max (log2 domain) and partial row sum.
 struct Consumer {
   int warp_idx, lane, row_group, half, g, t;
-  bool active;              // its row group holds at least one real query row
   float o[32][4];           // 32 n8 tiles of the 16 x 256 O slice
   float row_max[2], row_sum[2];
   int key_limit[2];         // keys < key_limit are visible to row g (+ 8)
@@ -276,36 +374,10 @@ __device__ __forceinline__ void scores_wgmma(const Consumer& c, const uint8_t* s
   fence_accumulators(d);
 }
 
-// The same with warp MMAs: ldmatrix fragments of Q and K, 2 x 36 m16n8k16 per 16 tokens.
-__device__ __forceinline__ void scores_mma_sync(const Consumer& c, const uint8_t* smem_q, const uint8_t* smem_k,
-                                                float (&s)[4][4]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-  const int a_row = 16 * c.row_group + (c.lane & 15);
-  const int b_row = 32 * c.half + (c.lane & 7) + ((c.lane >> 4) << 3);
-#pragma unroll 4
-  for (int k_idx = 0; k_idx < kMlaHeadDimQK / 16; ++k_idx) {
-    uint32_t a[4];
-    ptx::ldmatrix_x4(a, smem_q + swizzled(a_row, 2 * k_idx + (c.lane >> 4)));
-#pragma unroll
-    for (int n_pair = 0; n_pair < 2; ++n_pair) {
-      uint32_t b[4];
-      ptx::ldmatrix_x4(b, smem_k + swizzled(b_row + 16 * n_pair, 2 * k_idx + ((c.lane >> 3) & 1)));
-      ptx::mma_m16n8k16_bf16_f32(s[2 * n_pair], a, b[0], b[1]);
-      ptx::mma_m16n8k16_bf16_f32(s[2 * n_pair + 1], a, b[2], b[3]);
-    }
-  }
-}
-
 // S slice = Q rows (16) x tokens 32 * half .. +31 of the tile, scaled to the log2 domain and masked.
-template <bool kWgmma>
 __device__ __forceinline__ void compute_scores(const Consumer& c, const uint8_t* smem_q, const uint8_t* smem_k,
                                                int tile, float scale_log2, float (&s)[4][4]) {
-  if constexpr (kWgmma) {
-    scores_wgmma(c, smem_q, smem_k, s);
-  } else {
-    scores_mma_sync(c, smem_q, smem_k, s);
-  }
+  scores_wgmma(c, smem_q, smem_k, s);
   // NOTE: masked scores are selected to -inf, never multiplied: a NaN would survive * 0.
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -363,72 +435,40 @@ __device__ __forceinline__ void pv_wgmma(Consumer& c, const uint8_t* smem_p, con
   fence_accumulators(d);
 }
 
-// The same with warp MMAs; V fragments come from the K tile through ldmatrix.trans.
-__device__ __forceinline__ void pv_mma_sync(Consumer& c, const uint8_t* smem_p, const uint8_t* smem_k) {
-  const int a_row = 16 * c.row_group + (c.lane & 15);
-  const int b_token = (c.lane & 7) + (((c.lane >> 3) & 1) << 3);
-#pragma unroll
-  for (int k_idx = 0; k_idx < BLOCK_N / 16; ++k_idx) {
-    uint32_t a[4];
-    ptx::ldmatrix_x4(a, smem_p + swizzled_p(a_row, 2 * k_idx + (c.lane >> 4)));
-#pragma unroll
-    for (int n_pair = 0; n_pair < 16; ++n_pair) {
-      uint32_t b[4];
-      ptx::ldmatrix_x4_trans(b, smem_k + swizzled(16 * k_idx + b_token, 32 * c.half + 2 * n_pair + (c.lane >> 4)));
-      ptx::mma_m16n8k16_bf16_f32(c.o[2 * n_pair], a, b[0], b[1]);
-      ptx::mma_m16n8k16_bf16_f32(c.o[2 * n_pair + 1], a, b[2], b[3]);
-    }
-  }
-}
-
-// O slice += P (16 rows x 64 tokens) x V (64 tokens x 256 columns); V is the K tile read transposed.
-template <bool kWgmma>
-__device__ __forceinline__ void accumulate_pv(Consumer& c, const uint8_t* smem_p, const uint8_t* smem_k) {
-  if constexpr (kWgmma) {
-    pv_wgmma(c, smem_p, smem_k);
-  } else {
-    pv_mma_sync(c, smem_p, smem_k);
-  }
-}
-
-// One tile: scores, max exchange, softmax, P exchange, PV. Every thread reaches both barriers.
-template <bool kWgmma>
+// One tile: scores, max exchange, softmax, P exchange, PV. Every consumer thread reaches both barriers.
+// NOTE: smem_max and smem_p are rewritten next tile only after the first barrier of that tile, which
+// every consumer reaches after its reads here (softmax) and after its PV wgmma completed.
 __device__ __forceinline__ void process_tile(Consumer& c, const uint8_t* smem_q, const uint8_t* smem_k,
                                              uint8_t* smem_p, float* smem_max, int tile, float scale_log2) {
   float s[4][4];
-  if (c.active) {
-    compute_scores<kWgmma>(c, smem_q, smem_k, tile, scale_log2, s);
+  compute_scores(c, smem_q, smem_k, tile, scale_log2, s);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float m = -INFINITY;
+  for (int h = 0; h < 2; ++h) {
+    float m = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) m = fmaxf(m, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-      if (c.t == 0) smem_max[c.half * BLOCK_M + 16 * c.row_group + c.g + 8 * h] = m;
-    }
+    for (int j = 0; j < 4; ++j) m = fmaxf(m, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    if (c.t == 0) smem_max[c.half * BLOCK_M + 16 * c.row_group + c.g + 8 * h] = m;
   }
-  __syncthreads();
-  if (c.active) softmax_update(c, s, smem_max, smem_p);
-  if constexpr (kWgmma) ptx::fence_proxy_async_shared();  // P stores -> wgmma (async proxy) reads
-  __syncthreads();
-  if (c.active) accumulate_pv<kWgmma>(c, smem_p, smem_k);
+  consumer_sync();
+  softmax_update(c, s, smem_max, smem_p);
+  ptx::fence_proxy_async_shared();  // P stores -> wgmma (async proxy) reads
+  consumer_sync();
+  pv_wgmma(c, smem_p, smem_k);
 }
 
 // Normalized O and lse of the request (or of this split of it).
 __device__ __forceinline__ void write_results(Consumer& c, const MlaDecodeArgs& args, const Request& r, int row_base,
                                               float* smem_sum) {
-  if (c.active) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float sum = c.row_sum[h];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (c.t == 0) smem_sum[c.half * BLOCK_M + 16 * c.row_group + c.g + 8 * h] = sum;
-    }
+  for (int h = 0; h < 2; ++h) {
+    float sum = c.row_sum[h];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (c.t == 0) smem_sum[c.half * BLOCK_M + 16 * c.row_group + c.g + 8 * h] = sum;
   }
-  __syncthreads();
-  if (!c.active) return;
+  consumer_sync();
   const int rows = args.s_q * args.h_q;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -465,10 +505,15 @@ __device__ __forceinline__ void write_results(Consumer& c, const MlaDecodeArgs& 
   }
 }
 
-template <bool kFp8, bool kWgmma>
-__global__ void __launch_bounds__(kThreads, 1) sm90_bf16_mla_decode_kernel(const __grid_constant__ MlaDecodeArgs args) {
-  // NOTE: 1024-byte alignment: the base offset of every 128-byte-swizzled wgmma operand is 0.
-  extern __shared__ __align__(1024) uint8_t smem[];
+// One consumer warp's release of a buffer: lane 0 arrives once its warp is done reading it.
+__device__ __forceinline__ void release(uint64_t* bar) {
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) ptx::mbarrier_arrive(bar);
+}
+
+template <bool kFp8>
+__device__ __forceinline__ void consumer(const MlaDecodeArgs& args, const int* sched, uint8_t* smem, uint64_t* full,
+                                         uint64_t* empty) {
   uint8_t* smem_q = smem + kSmemQ;
   uint8_t* smem_p = smem + kSmemP;
   float* smem_max = reinterpret_cast<float*>(smem + kSmemMax);
@@ -477,8 +522,6 @@ __global__ void __launch_bounds__(kThreads, 1) sm90_bf16_mla_decode_kernel(const
   const int rows = args.s_q * args.h_q;
   const int row_base = blockIdx.x * BLOCK_M;
   const int num_rows = min(BLOCK_M, rows - row_base);
-  const int* sched = args.tile_sched + blockIdx.y * kMlaSchedCols;
-  const int begin_req = sched[0], begin_tile = sched[1], end_req = sched[2], end_tile = sched[3];
   const float scale_log2 = args.softmax_scale * kLog2e;
 
   Consumer c;
@@ -488,49 +531,65 @@ __global__ void __launch_bounds__(kThreads, 1) sm90_bf16_mla_decode_kernel(const
   c.half = c.warp_idx / 4;
   c.g = c.lane / 4;
   c.t = c.lane % 4;
-  // wgmma is warpgroup-wide: every warp takes part (rows past num_rows hold zero queries).
-  c.active = kWgmma || 16 * c.row_group < num_rows;
 
-  for (int req = begin_req; req <= end_req; ++req) {
+  uint32_t fill = 0;  // the producer's fill index of the next tile
+  for (int req = sched[0]; req <= sched[2]; ++req) {
     Request r;
-    r.idx = req;
-    const int seqlen = min(max(args.cache_seqlens[req], 0), kMaxSeqlen);
-    r.seqlen = min(seqlen, args.max_blocks * BLOCK_N);
-    r.tile_begin = req == begin_req ? begin_tile : 0;
-    r.tile_end = req == end_req ? end_tile : num_tiles_of(args.cache_seqlens[req]);
-    const int split_base = args.split_offsets[req];
-    r.num_splits = args.split_offsets[req + 1] - split_base;
-    r.split_global = split_base + (req == begin_req ? sched[4] : 0);
-    if (r.tile_begin >= r.tile_end) continue;
+    if (!make_request(args, sched, req, r)) continue;
 
-    __syncthreads();  // the previous request's readers of Q and K are done
+    consumer_sync();  // the previous request's readers of Q (completed wgmma) and of smem_sum are done
     load_q(args, req, row_base, num_rows, smem_q);
-    if constexpr (kFp8) {
-      load_tile_fp8(args, r, r.tile_begin, smem + kSmemK + kTileBytes);
-    } else {
-      load_tile_bf16(args, r, r.tile_begin, smem + kSmemK);
-    }
     ptx::cp_async_commit();
     consumer_reset(c, args, r, row_base);
+    ptx::cp_async_wait<0>();
+    ptx::fence_proxy_async_shared();  // cp.async writes of Q -> wgmma reads
+    consumer_sync();
 
-    for (int tile = r.tile_begin; tile < r.tile_end; ++tile) {
-      const int stage = (tile - r.tile_begin) & 1;
-      ptx::cp_async_wait<0>();
-      if constexpr (kWgmma) ptx::fence_proxy_async_shared();  // cp.async writes -> wgmma reads
-      __syncthreads();  // this tile landed for every thread; the previous tile's readers are done
-      uint8_t* smem_k = smem + kSmemK + (kFp8 ? 0 : stage * kTileBytes);
+    for (int tile = r.tile_begin; tile < r.tile_end; ++tile, ++fill) {
+      const int stage = kFp8 ? 0 : fill % 2;
+      uint8_t* smem_k = smem + kSmemK + stage * kTileBytes;
+      ptx::mbarrier_wait(&full[stage], (kFp8 ? fill : fill / 2) & 1);
       if constexpr (kFp8) {
-        dequant_tile_fp8(smem + kSmemK + kTileBytes, smem_k);
-        if constexpr (kWgmma) ptx::fence_proxy_async_shared();
-        __syncthreads();  // K tile complete, staging free
-        if (tile + 1 < r.tile_end) load_tile_fp8(args, r, tile + 1, smem + kSmemK + kTileBytes);
-      } else {
-        if (tile + 1 < r.tile_end) load_tile_bf16(args, r, tile + 1, smem + kSmemK + (stage ^ 1) * kTileBytes);
+        consumer_sync();  // every PV of the previous tile has completed: the K tile may be overwritten
+        dequant_tile_fp8(smem + kSmemK + kTileBytes, smem_k, r.seqlen - tile * BLOCK_N);
+        release(&empty[0]);               // staging read: the producer may load the next page
+        ptx::fence_proxy_async_shared();  // dequantized K stores -> wgmma reads
+        consumer_sync();
       }
-      ptx::cp_async_commit();
-      process_tile<kWgmma>(c, smem_q, smem_k, smem_p, smem_max, tile, scale_log2);
+      process_tile(c, smem_q, smem_k, smem_p, smem_max, tile, scale_log2);
+      if constexpr (!kFp8) release(&empty[stage]);  // this warp's S and PV wgmma of the tile have completed
     }
     write_results(c, args, r, row_base, smem_sum);
+  }
+}
+
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1)
+    sm90_bf16_mla_decode_kernel(const __grid_constant__ MlaDecodeArgs args, const __grid_constant__ CUtensorMap tmap_kv) {
+  // NOTE: 1024-byte alignment: the base offset of every 128-byte-swizzled wgmma operand is 0, and the
+  // SWIZZLE_128B pattern TMA writes (address bits 4-6 XOR 7-9) is the one `swizzled` computes.
+  extern __shared__ __align__(1024) uint8_t smem[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kSmemFull);
+  uint64_t* empty = reinterpret_cast<uint64_t*>(smem + kSmemEmpty);
+  const int* sched = args.tile_sched + blockIdx.y * kMlaSchedCols;
+
+  if (threadIdx.x == 0) {
+    for (int stage = 0; stage < 2; ++stage) {
+      ptx::mbarrier_init(&full[stage], 32);                 // every producer lane, once a fill
+      ptx::mbarrier_init(&empty[stage], kNumConsumerWarps);  // every consumer warp, once a fill
+    }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();  // the only CTA-wide barrier: the roles never wait for each other's threads after it
+
+  if (threadIdx.x >= kNumConsumers) {
+    ptx::setmaxnreg_dec<kProducerRegs>();
+    if (threadIdx.x / 32 != kNumConsumers / 32) return;  // warps 9-11 only lend their registers
+    if (!kFp8 && threadIdx.x == kNumConsumers) ptx::tma_prefetch_descriptor(&tmap_kv);
+    producer<kFp8>(args, &tmap_kv, sched, smem, full, empty);
+  } else {
+    ptx::setmaxnreg_inc<kConsumerRegs>();
+    consumer<kFp8>(args, sched, smem, full, empty);
   }
 }
 
@@ -605,17 +664,55 @@ void launch_mla_metadata(const int* cache_seqlens, int batch, int num_parts, int
 
 namespace {
 
-// DSO_MLA_BACKEND=mma_sync selects the warp-MMA kernel (a private switch for testing both paths).
-bool use_mma_sync_backend() {
-  const char* backend = std::getenv("DSO_MLA_BACKEND");
-  return backend != nullptr && std::strcmp(backend, "mma_sync") == 0;
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// NOTE: the driver API is fetched at run time: the extension does not link libcuda.
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult query;
+#if CUDART_VERSION >= 12050
+    DSO_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &query));
+#else
+    DSO_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &query));
+#endif
+    if (query != cudaDriverEntryPointSuccess || ptr == nullptr) {
+      throw std::runtime_error("deepseek_ops: the CUDA driver has no cuTensorMapEncodeTiled (needs CUDA 12+)");
+    }
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
 }
 
-template <bool kFp8, bool kWgmma>
+// The bf16 cache as a 2-D tensor [num_blocks * 64 tokens, 576], read in SWIZZLE_128B boxes of
+// 64 tokens x 64 columns: box b of a page is 64-column block b of the swizzled K tile.
+CUtensorMap make_kv_tensor_map(const MlaDecodeArgs& args) {
+  CUtensorMap map{};
+  if (args.num_blocks == 0) return map;  // never read: every token counts as past seqlen
+  const cuuint64_t dims[2] = {kMlaHeadDimQK, static_cast<cuuint64_t>(args.num_blocks) * BLOCK_N};
+  const cuuint64_t strides[1] = {kRowBytes};
+  const cuuint32_t box[2] = {64, BLOCK_N};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult status = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(args.kv_cache),
+                                         dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                         CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (status != CUDA_SUCCESS) {
+    throw std::runtime_error("deepseek_ops: cuTensorMapEncodeTiled failed for the MLA kv_cache (CUresult " +
+                             std::to_string(static_cast<int>(status)) + ", " + std::to_string(args.num_blocks) +
+                             " pages)");
+  }
+  return map;
+}
+
+template <bool kFp8>
 void launch_decode_kernel(const MlaDecodeArgs& args, dim3 grid, cudaStream_t stream) {
-  auto kernel = sm90_bf16_mla_decode_kernel<kFp8, kWgmma>;
+  auto kernel = sm90_bf16_mla_decode_kernel<kFp8>;
   DSO_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(args);
+  const CUtensorMap tmap_kv = kFp8 ? CUtensorMap{} : make_kv_tensor_map(args);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(args, tmap_kv);
   DSO_LAUNCH_CHECK();
 }
 
@@ -624,12 +721,10 @@ void launch_decode_kernel(const MlaDecodeArgs& args, dim3 grid, cudaStream_t str
 void launch_mla_decode(const MlaDecodeArgs& args, cudaStream_t stream) {
   const int rows = args.s_q * args.h_q;
   const dim3 grid(ceil_div(rows, BLOCK_M), args.num_parts);
-  const bool mma_sync = use_mma_sync_backend();
   if (args.fp8_cache) {
-    mma_sync ? launch_decode_kernel<true, false>(args, grid, stream) : launch_decode_kernel<true, true>(args, grid, stream);
+    launch_decode_kernel<true>(args, grid, stream);
   } else {
-    mma_sync ? launch_decode_kernel<false, false>(args, grid, stream)
-             : launch_decode_kernel<false, true>(args, grid, stream);
+    launch_decode_kernel<false>(args, grid, stream);
   }
   const dim3 combine_grid(ceil_div(rows, kCombineWarps), args.batch);
   sm90_mla_combine_kernel<<<combine_grid, kCombineWarps * 32, 0, stream>>>(args);

@@ -259,13 +259,6 @@ def test_compile_fullgraph_cpu():
 # GPU: parity of the kernels
 # ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(params=["wgmma", "mma_sync"])
-def backend(request, monkeypatch):
-    """Both MMA paths of the attention kernel (the launcher reads DSO_MLA_BACKEND at every call)."""
-    monkeypatch.setenv("DSO_MLA_BACKEND", request.param)
-    return request.param
-
-
 PARITY_CASES = [  # (B, s_q, h_q, causal)
     (1, 1, 16, False), (1, 2, 64, True), (1, 4, 128, True), (2, 1, 128, False), (2, 4, 16, True),
     (6, 1, 64, False), (6, 2, 16, True), (6, 4, 64, False), (64, 1, 16, False), (64, 2, 128, True),
@@ -298,25 +291,25 @@ def _check_decode(batch, s_q, h_q, causal, fp8, seqlens=None):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch, s_q, h_q, causal", PARITY_CASES)
-def test_mla_decode_bf16(batch, s_q, h_q, causal, backend):
+def test_mla_decode_bf16(batch, s_q, h_q, causal):
     _check_decode(batch, s_q, h_q, causal, fp8=False)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("seqlen", SEQLENS)
 @pytest.mark.parametrize("s_q, causal", [(1, False), (2, True)])
-def test_mla_decode_single_length(seqlen, s_q, causal, backend):
+def test_mla_decode_single_length(seqlen, s_q, causal):
     _check_decode(1, s_q, 64, causal, fp8=False, seqlens=[seqlen])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch, s_q, h_q, causal", PARITY_CASES[::2])
-def test_mla_decode_fp8(batch, s_q, h_q, causal, backend):
+def test_mla_decode_fp8(batch, s_q, h_q, causal):
     _check_decode(batch, s_q, h_q, causal, fp8=True)
 
 
 @pytest.mark.gpu
-def test_mla_decode_many_splits_and_packed_requests(backend):
+def test_mla_decode_many_splits_and_packed_requests():
     """One very long request split over every SM next to many short ones sharing SMs."""
     _check_decode(40, 1, 128, False, fp8=False, seqlens=[65536] + [random.randint(0, 300) for _ in range(39)])
 
@@ -345,7 +338,7 @@ def test_metadata_reused_across_layers():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay(backend):
+def test_cuda_graph_replay():
     """Captured metadata + decode replayed on new lengths written in place: no host sync inside."""
     seqlens = [300, 5000, 64]
     q, kv, block_table, cache_seqlens = make_cache(seqlens, 1, 16, "cuda")

@@ -70,14 +70,33 @@ def test_paged_decode_matches(device, s_q):
 
 
 @pytest.mark.gpu
-def test_greedy_64_tokens_agree():
+def test_greedy_64_tokens_are_reference_argmax():
+    """64 greedy tokens generated on the kernels, each checked against the reference's logits for
+    the same prefix (teacher forcing, so one near-tie cannot cascade into a different sequence):
+    the kernels' token is the reference's argmax, or within a near-tie of it (a random tiny model
+    has many: FP8 activation rounding can flip them)."""
     ref, ker = _pair("cuda")
     prompts = [torch.randint(0, ref.args.vocab_size, (n,)).tolist() for n in (1, 7, 33, 100)]
-    a, _ = generate(ref, prompts, 64)
-    b, _ = generate(ker, prompts, 64)
-    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-    assert same >= 0.95 * 64 * len(prompts), f"{same} of {64 * len(prompts)} tokens agree"
-    assert all(ra[:16] == rb[:16] for ra, rb in zip(a, b))
+    generated, _ = generate(ker, prompts, 64)
+    sequences = [p + g for p, g in zip(prompts, generated)]
+    longest = max(map(len, sequences))
+    tokens = torch.zeros(len(sequences), longest, dtype=torch.long, device="cuda")
+    for b, seq in enumerate(sequences):
+        tokens[b, :len(seq)] = torch.tensor(seq)
+    block_table, num_blocks = allocate_block_table(len(sequences), longest, "cuda")
+    ref.setup_cache(num_blocks)
+    with torch.no_grad():
+        logits = prefill(ref, tokens, block_table)[0].double()
+    exact, gaps = 0, []
+    for b, (p, g) in enumerate(zip(prompts, generated)):
+        step_logits = logits[b, len(p) - 1:len(p) - 1 + len(g)]  # the logits that chose g[i]
+        chosen = step_logits.gather(1, torch.tensor(g, device="cuda")[:, None])[:, 0]
+        gap = (step_logits.max(1).values - chosen) / step_logits.std(1)
+        exact += int((gap == 0).sum())
+        gaps.append(gap)
+    worst = float(torch.cat(gaps).max())
+    assert exact >= 0.9 * 64 * len(prompts), f"{exact} of {64 * len(prompts)} tokens are the reference argmax"
+    assert worst < 0.05, f"a kernels token is {worst:.3g} logit std below the reference's best: not a near-tie"
 
 
 @pytest.mark.parametrize("device", DEVICES)
