@@ -88,6 +88,8 @@ struct Kernel {
   static constexpr int kNumThreads = kNumMathThreads + kWarpgroupThreads;
   static constexpr int kNumAccum = Mma::kNumAccum;  // BLOCK_N / 2 floats per thread
   static constexpr bool kMayStraddle = 128 % BLOCK_N != 0;
+  // Two accumulators in flight need 3 x BLOCK_N / 2 registers of the ~232 a consumer thread has.
+  static constexpr bool kOverlapPromotion = BLOCK_N <= 128;
   static_assert(kNumAccum == BLOCK_N / 2, "m64nN f32 accumulator: 64 * N / 128 threads");
   static_assert(BLOCK_K % 32 == 0, "wgmma e4m3 consumes K in steps of 32");
   // NOTE: wgmma reads A/B through 128B-swizzle descriptors whose atoms are 8 rows x 128 bytes;
@@ -209,11 +211,36 @@ __device__ __forceinline__ void consume(const GemmParams& p, uint8_t* smem,
                     math_wg_idx * 2 * layout.sfb_floats_per_buffer();
   const uint32_t named_barrier_id = 1 + math_wg_idx;
 
-  float acc[kNumAccum];
+  float acc0[kNumAccum];
+  float acc1[kNumAccum];
   float final_acc[kNumAccum];
-  int stage = 0;
-  uint32_t phase = 0;
+  // Two rings positions: where the next K block is issued from, and the next one to release.
+  int issue_stage = 0, release_stage = 0;
+  uint32_t issue_phase = 0;
   int sfb_buffer = 0;
+
+  // Waits for the next stage and issues its 4 wgmma (one 128-wide K block) into acc, one group.
+  auto issue = [&](float (&acc)[kNumAccum]) {
+    ptx::mbarrier_wait(&full[issue_stage], issue_phase);
+    const uint64_t desc_a =
+        ptx::make_smem_desc_sw128(smem + layout.a_offset(issue_stage) + math_wg_idx * 64 * BLOCK_K);
+    const uint64_t desc_b = ptx::make_smem_desc_sw128(smem + layout.b_offset(issue_stage));
+#pragma unroll
+    for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < BLOCK_K / 32; ++k) {
+      // 32 e4m3 = 32 bytes further along the swizzled 128-byte rows: start address += 32 >> 4.
+      K::Mma::mma(acc, desc_a + k * 2, desc_b + k * 2, k > 0);
+    }
+    ptx::wgmma_commit_group();
+#pragma unroll
+    for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
+    if (++issue_stage == layout.num_stages) {
+      issue_stage = 0;
+      issue_phase ^= 1;
+    }
+  };
 
   TileScheduler<kType, BLOCK_M, BLOCK_N> scheduler(p);
   Tile tile;
@@ -230,35 +257,17 @@ __device__ __forceinline__ void consume(const GemmParams& p, uint8_t* smem,
 #pragma unroll
     for (int i = 0; i < kNumAccum; ++i) final_acc[i] = 0.0f;
 
-    for (int k_block_idx = 0; k_block_idx < p.num_k_blocks; ++k_block_idx) {
-      ptx::mbarrier_wait(&full[stage], phase);
-      const float* smem_sfa = reinterpret_cast<const float*>(smem + layout.sfa_offset(stage));
+    // K block k_block_idx (its group the oldest in flight, in acc) -> final_acc; frees its stage.
+    auto promote = [&](float (&acc)[kNumAccum], int k_block_idx) {
+#pragma unroll
+      for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
+      const float* smem_sfa = reinterpret_cast<const float*>(smem + layout.sfa_offset(release_stage));
       const float sa_lo = smem_sfa[sfa_row], sa_hi = smem_sfa[sfa_row + 8];
-      const float sb_first = sfb[k_block_idx], sb_second = sfb[p.num_k_blocks + k_block_idx];
-
-      const uint64_t desc_a = ptx::make_smem_desc_sw128(smem + layout.a_offset(stage) + math_wg_idx * 64 * BLOCK_K);
-      const uint64_t desc_b = ptx::make_smem_desc_sw128(smem + layout.b_offset(stage));
-#pragma unroll
-      for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
-      ptx::wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < BLOCK_K / 32; ++k) {
-        // 32 e4m3 = 32 bytes further along the swizzled 128-byte rows: start address += 32 >> 4.
-        K::Mma::mma(acc, desc_a + k * 2, desc_b + k * 2, k > 0);
-      }
-      ptx::wgmma_commit_group();
-#pragma unroll
-      for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
-      ptx::wgmma_wait_group<0>();
-#pragma unroll
-      for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
       // This warp's reads of the stage (scales above, wgmma operands) are complete.
-      if (lane_idx == 0) ptx::mbarrier_arrive(&empty[stage]);
-      if (++stage == layout.num_stages) {
-        stage = 0;
-        phase ^= 1;
-      }
-
+      __syncwarp();
+      if (lane_idx == 0) ptx::mbarrier_arrive(&empty[release_stage]);
+      if (++release_stage == layout.num_stages) release_stage = 0;
+      const float sb_first = sfb[k_block_idx], sb_second = sfb[p.num_k_blocks + k_block_idx];
       const float s_lo_first = sa_lo * sb_first, s_hi_first = sa_hi * sb_first;
       const float s_lo_second = sa_lo * sb_second, s_hi_second = sa_hi * sb_second;
 #pragma unroll
@@ -271,6 +280,37 @@ __device__ __forceinline__ void consume(const GemmParams& p, uint8_t* smem,
         final_acc[4 * j + 1] += acc[4 * j + 1] * s_lo;
         final_acc[4 * j + 2] += acc[4 * j + 2] * s_hi;
         final_acc[4 * j + 3] += acc[4 * j + 3] * s_hi;
+      }
+    };
+
+    if constexpr (K::kOverlapPromotion) {
+      // Software pipeline over two accumulators: K block i + 1 runs on the tensor cores while the
+      // CUDA cores promote K block i, so the wgmma queue never drains between K blocks.
+      issue(acc0);
+      int k_block_idx = 0;
+      for (; k_block_idx + 2 < p.num_k_blocks; k_block_idx += 2) {  // acc0 in flight at the top
+        issue(acc1);
+        ptx::wgmma_wait_group<1>();
+        promote(acc0, k_block_idx);
+        issue(acc0);
+        ptx::wgmma_wait_group<1>();
+        promote(acc1, k_block_idx + 1);
+      }
+      if (k_block_idx + 1 < p.num_k_blocks) {
+        issue(acc1);
+        ptx::wgmma_wait_group<1>();
+        promote(acc0, k_block_idx);
+        ptx::wgmma_wait_group<0>();
+        promote(acc1, k_block_idx + 1);
+      } else {
+        ptx::wgmma_wait_group<0>();
+        promote(acc0, k_block_idx);
+      }
+    } else {
+      for (int k_block_idx = 0; k_block_idx < p.num_k_blocks; ++k_block_idx) {
+        issue(acc0);
+        ptx::wgmma_wait_group<0>();
+        promote(acc0, k_block_idx);
       }
     }
 
@@ -433,26 +473,33 @@ int64_t num_tiles(const Fp8GemmProblem& p, int block_m, int block_n, int64_t row
   return ceil_div<int64_t>(p.m, block_m) * n_blocks;
 }
 
-// Estimated time of a configuration: the slowest of tensor-core time and per-SM operand ingest
-// (both in whole waves of tiles) and DRAM time. Rough, but it ranks configs: small tiles waste
-// wgmma issue (below N = 64, (64 + N) x 32 bytes of smem per 64 x N x 32 MMA bound it) and
-// re-read operands; big tiles leave SMs idle in the last wave.
+// Estimated time of a configuration, fitted to a sweep of every (BLOCK_M, BLOCK_N) on the issue's
+// shapes (benchmarks/tune_fp8_gemm.py on the H200): waves of tiles, each costing the slower of its
+// tensor-core time and its operand ingest plus a fixed per-tile cost (pipeline fill, epilogue).
+// Ingest mixes DRAM (the problem's unique bytes, shared by all SMs) and L2 (operands re-read by
+// other tiles). Small tiles lose wgmma efficiency (below N = 64 the (64 + N) x 32 bytes of smem per
+// 64 x N x 32 MMA bound it; BLOCK_M = 64 issues half the MMA per stage), tiles straddling two
+// B-scale blocks pay a per-column scale select.
 double estimate_seconds(const Fp8GemmProblem& p, int block_m, int block_n, int num_sms) {
   constexpr double kSmFlops = 1979e12 / 132 * 0.8;
-  constexpr double kSmIngestBytesPerS = 100e9;  // L2 -> shared memory, one SM
-  constexpr double kDramBytesPerS = 4.0e12;
+  constexpr double kSmL2BytesPerS = 150e9;
+  constexpr double kDramBytesPerS = 3.0e12;
+  constexpr double kTileOverheadS = 2e-6;
   const int64_t rows = p.type == GemmType::kGroupedMasked ? (p.expected_m > 0 ? std::min(p.expected_m, p.m) : p.m)
                                                           : p.m;
   const int64_t tiles = num_tiles(p, block_m, block_n, rows);
   const double waves = static_cast<double>(ceil_div<int64_t>(tiles, num_sms));
-  const double mma_efficiency = std::min(1.0, 2.0 * block_n / (64.0 + block_n)) * (block_m == 64 ? 0.8 : 1.0);
-  const double compute = waves * 2.0 * block_m * block_n * p.k / (kSmFlops * mma_efficiency);
-  const double ingest = waves * (block_m + block_n) * static_cast<double>(p.k) / kSmIngestBytesPerS;
+  const double mma_efficiency = std::min(1.0, 2.0 * block_n / (64.0 + block_n)) * (block_m == 64 ? 0.5 : 1.0) *
+                                (128 % block_n != 0 ? 0.9 : 1.0);
+  const double compute = 2.0 * block_m * block_n * p.k / (kSmFlops * mma_efficiency);
   const int64_t total_rows = p.type == GemmType::kGroupedMasked ? rows * p.num_groups : p.m;
   const int64_t b_groups = p.type == GemmType::kNormal ? 1 : p.num_groups;
-  const double bytes = static_cast<double>(total_rows) * p.k + static_cast<double>(b_groups) * p.n * p.k +
-                       static_cast<double>(total_rows) * p.n * (p.d_fp32 ? 4 : 2);
-  return std::max({compute, ingest, bytes / kDramBytesPerS});
+  const double unique_bytes = static_cast<double>(total_rows) * p.k + static_cast<double>(b_groups) * p.n * p.k +
+                              static_cast<double>(total_rows) * p.n * (p.d_fp32 ? 4 : 2);
+  const double tile_bytes = static_cast<double>(block_m + block_n) * p.k;
+  const double dram_share = std::min(1.0, unique_bytes / (static_cast<double>(tiles) * tile_bytes));
+  const double ingest = tile_bytes * (dram_share / (kDramBytesPerS / num_sms) + (1.0 - dram_share) / kSmL2BytesPerS);
+  return waves * (std::max(compute, ingest) + kTileOverheadS);
 }
 
 bool parse_config_override(Fp8GemmConfig& config) {
@@ -485,7 +532,7 @@ Fp8GemmConfig select_sm90_fp8_gemm_config(const Fp8GemmProblem& p) {
         if (block_n > align_up<int64_t>(p.n, 16) && block_n != 16) break;
         if (max_stages(block_m, block_n, p.d_fp32, num_k_blocks, info.max_smem) < 3) continue;
         const double t = estimate_seconds(p, block_m, block_n, info.num_sms);
-        // Ties (memory-bound shapes): the first, i.e. the smaller BLOCK_M and BLOCK_N, wins.
+        // Ties: the first, i.e. the smaller BLOCK_M and BLOCK_N, wins.
         if (config.block_m == 0 || t < best * 0.995) {
           best = t;
           config.block_m = block_m;

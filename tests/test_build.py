@@ -132,3 +132,14 @@ def test_no_local_memory():
     bad = {name: (r["STACK"], r["LOCAL"]) for name, r in resources.items() if r["STACK"] or r["LOCAL"]}
     assert not bad, f"kernels with a stack frame or local memory (STACK, LOCAL): {bad}"
 
+
+
+def test_wgmma_not_serialized():
+    """ptxas serializes wgmma (a wait after every instruction, warning C7514) when it cannot prove
+    that no accumulator in flight is read; the e4m3 MMAs of a K block must then all carry the group
+    barrier (gsb0). Every kernel issuing wgmma must batch them: some wgmma without gsb0."""
+    for name, sass in sass_by_function().items():
+        mmas = re.findall(r"[QH]GMMA\.\S+[^\n]*", sass)
+        if len(mmas) > 1:
+            batched = [m for m in mmas if "gsb0" not in m]
+            assert batched, f"{name}: every one of its {len(mmas)} wgmma waits for completion (serialized)"
