@@ -2,18 +2,32 @@
 // per-expert contiguous layout, and the weighted un-permute combine. No host sync anywhere: every
 // size the kernels need is computed on the device, so the whole dispatch fits in a CUDA graph.
 //
-// Dispatch is four launches:
+// Dispatch is three launches, chained by programmatic dependent launch (PDL: each one starts while
+// the previous one runs and waits on it with griddepcontrol.wait, so no launch latency and no
+// ramp-up sits between them):
 //   count   blocks of kTokensPerCountBlock tokens rank each (token, k) pair among the pairs of the
-//           same expert in the block, in (token, k) order (one warp, __match_any_sync), and write
-//           the block's per-expert counts.
+//           same expert in the block, in (token, k) order (each warp ranks a contiguous run of the
+//           block's pairs with __match_any_sync, then the runs are offset by the earlier warps'
+//           counts), and write the block's per-expert counts.
 //   scan    one block turns the counts into each block's first slot per expert and each expert's
 //           padded group start (the deterministic order makes the output bitwise reproducible).
-//   rows    one block per token: reads the token's row once and writes it to each of its rows.
-//   padding m_indices = -1 (and weight 0) on the rows no pair landed on.
+//   rows    one block per token holds the token's row (+ its scales) in registers, loaded before
+//           the wait on scan (overlapping count and scan), and stores it to each of its rows; the
+//           blocks also write m_indices = -1 (and weight 0) on the rows no pair landed on.
+// NOTE (PDL safety): count releases its dependents only after its own wait, so when scan and rows
+// start, every kernel before count (the producers of x, x_scales, topk_idx, topk_weights) has
+// completed: rows may read those inputs before its wait (it reads them only for its tokens, so only
+// when count runs), never the workspace or its outputs.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
 #include <cuda_bf16.h>
 
 #include "common.h"
 #include "ep_local.h"
+#include "griddep.cuh"
 #include "memory.cuh"
 
 namespace dso {
@@ -21,13 +35,20 @@ namespace {
 
 constexpr int kMaxTopk = 32;
 constexpr int kTokensPerCountBlock = 128;
-constexpr int kCountThreads = 128;
+constexpr int kCountThreads = 256;
+constexpr int kMaxCountWarps = kCountThreads / 32;
+constexpr int kCountStageUnroll = 4;          // topk_idx loads in flight per thread while staging
+constexpr int kCountSmemBytes = 48 * 1024;    // no opt-in: the default dynamic shared memory limit
 constexpr int kScanThreads = 256;
-constexpr int kRowThreads = 256;
-constexpr int kPadThreads = 256;
+constexpr int kScanUnroll = 32;
+constexpr int kRowChunksPerThread = 4;        // 16-byte chunks of the row each thread holds in registers
+constexpr int kMaxRowThreads = 512;           // rows up to 32 KB (+ scales) in one pass; longer ones loop
+constexpr int kPadRowsPerBlock = 2048;        // the rows grid has at least num_rows / this blocks
 constexpr int kCombineThreads = 256;
 constexpr int kLayoutThreads = 256;
-constexpr int kScanUnroll = 16;
+
+static_assert(kMaxTopk <= 32, "the rows kernel resolves the pairs of a token with its first warp");
+static_assert(kScanThreads % 32 == 0 && kScanThreads / 32 <= 32, "scan: one warp scans the warp totals");
 
 __device__ __forceinline__ int expert_of(int64_t v, int num_experts) {
   return (v >= 0 && v < num_experts) ? static_cast<int>(v) : -1;
@@ -70,49 +91,94 @@ __global__ void __launch_bounds__(kLayoutThreads) sm90_ep_dispatch_layout_kernel
     if (smem_rank[i] != 0) atomicAdd(&num_tokens_per_rank[i], smem_rank[i]);
 }
 
+// pair_rank[pair] = rank of the pair among the block's pairs of its expert, in (token, k) order;
+// block_counts [num_blocks, E] the block's per-expert counts. Warp w < num_rank_warps ranks pairs
+// [w * pairs_per_warp, (w + 1) * pairs_per_warp) of the block into its own count row.
 __global__ void __launch_bounds__(kCountThreads) sm90_ep_count_kernel(const int64_t* __restrict__ topk_idx,
                                                                        int64_t num_pairs, int topk, int num_experts,
+                                                                       int num_rank_warps, int pairs_per_warp,
                                                                        int* __restrict__ pair_rank,
                                                                        int* __restrict__ block_counts) {
-  extern __shared__ int smem_count_block[];  // [num_experts] counts, then the block's pairs' experts
-  int* smem_expert_count = smem_count_block;
-  int* smem_pair_expert = smem_count_block + num_experts;
+  extern __shared__ int smem_count_block[];  // [num_rank_warps][num_experts] counts, then the block's pairs
+  int* smem_warp_count = smem_count_block;
+  int* smem_pair = smem_count_block + num_rank_warps * num_experts;
   const int64_t first_pair = static_cast<int64_t>(blockIdx.x) * kTokensPerCountBlock * topk;
-  const int64_t end_pair = min(first_pair + static_cast<int64_t>(kTokensPerCountBlock) * topk, num_pairs);
-  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) smem_expert_count[e] = 0;
-  // The whole block stages the experts in one coalesced pass: the ranking warp then never waits on DRAM.
-  for (int64_t i = threadIdx.x; i < end_pair - first_pair; i += blockDim.x)
-    smem_pair_expert[i] = expert_of(topk_idx[first_pair + i], num_experts);
+  const int num_block_pairs =
+      static_cast<int>(min(static_cast<int64_t>(kTokensPerCountBlock) * topk, num_pairs - first_pair));
+
+  ptx::griddep_wait();  // topk_idx may come from the previous kernel; the workspace may be in use by it
+  // NOTE: released only after the wait: see the file header (rows reads the inputs before its wait).
+  ptx::griddep_launch_dependents();
+  for (int i = threadIdx.x; i < num_rank_warps * num_experts; i += kCountThreads) smem_warp_count[i] = 0;
+  // The whole block stages the experts (loads batched, one DRAM round trip for 1024 pairs): the
+  // ranking warps then never wait on DRAM.
+  for (int base = 0; base < num_block_pairs; base += kCountThreads * kCountStageUnroll) {
+    int64_t v[kCountStageUnroll];
+#pragma unroll
+    for (int j = 0; j < kCountStageUnroll; ++j) {
+      const int i = base + j * kCountThreads + threadIdx.x;
+      v[j] = i < num_block_pairs ? topk_idx[first_pair + i] : -1;
+    }
+#pragma unroll
+    for (int j = 0; j < kCountStageUnroll; ++j) {
+      const int i = base + j * kCountThreads + threadIdx.x;
+      if (i < num_block_pairs) smem_pair[i] = expert_of(v[j], num_experts);
+    }
+  }
   __syncthreads();
 
-  // NOTE: one warp walks the block's pairs in order so that ranks follow (token, k) order exactly;
-  // atomics would give a valid but run-dependent permutation.
-  if (threadIdx.x < 32) {
-    const int lane_idx = threadIdx.x;
-    for (int64_t base = first_pair; base < end_pair; base += 32) {
-      const int64_t pair_idx = base + lane_idx;
-      const int e = pair_idx < end_pair ? smem_pair_expert[pair_idx - first_pair] : -1;
+  // NOTE: each warp walks its pairs in order so that ranks follow (token, k) order exactly; atomics
+  // would give a valid but run-dependent permutation. A ranked pair is packed as rank << 16 | expert.
+  const int warp_idx = threadIdx.x / 32, lane_idx = threadIdx.x % 32;
+  if (warp_idx < num_rank_warps) {
+    int* count = smem_warp_count + warp_idx * num_experts;
+    const int begin = warp_idx * pairs_per_warp, end = min(begin + pairs_per_warp, num_block_pairs);
+    for (int base = begin; base < end; base += 32) {
+      const int i = base + lane_idx;
+      const int e = i < end ? smem_pair[i] : -1;
       const unsigned peers = __match_any_sync(0xffffffffu, e);
       const int num_before = __popc(peers & ((1u << lane_idx) - 1u));
-      if (e >= 0) pair_rank[pair_idx] = smem_expert_count[e] + num_before;
+      if (e >= 0) smem_pair[i] = ((count[e] + num_before) << 16) | e;
       __syncwarp();
-      if (e >= 0 && num_before == 0) smem_expert_count[e] += __popc(peers);
+      if (e >= 0 && num_before == 0) count[e] += __popc(peers);
       __syncwarp();
     }
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < num_experts; e += blockDim.x)
-    block_counts[static_cast<int64_t>(blockIdx.x) * num_experts + e] = smem_expert_count[e];
+
+  // Each warp's counts become the rank of its first pair per expert (exclusive over the warps).
+  for (int e = threadIdx.x; e < num_experts; e += kCountThreads) {
+    int running = 0;
+    for (int w = 0; w < num_rank_warps; ++w) {
+      const int c = smem_warp_count[w * num_experts + e];
+      smem_warp_count[w * num_experts + e] = running;
+      running += c;
+    }
+    block_counts[static_cast<int64_t>(blockIdx.x) * num_experts + e] = running;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < num_block_pairs; i += kCountThreads) {
+    const int packed = smem_pair[i];  // -1: no expert
+    if (packed >= 0)
+      pair_rank[first_pair + i] = (packed >> 16) + smem_warp_count[(i / pairs_per_warp) * num_experts + (packed & 0xffff)];
+  }
 }
 
-// block_counts [num_blocks, E] becomes each block's first slot within each expert (exclusive scan
-// over blocks); expert_start [E + 1] the first row of each expert's padded group (and the total).
-__global__ void __launch_bounds__(kScanThreads) sm90_ep_scan_kernel(int* __restrict__ block_counts, int num_blocks,
-                                                                     int num_experts, int alignment,
+// block_counts [num_blocks, E] -> block_offsets [num_blocks, E], each block's first slot within each
+// expert (exclusive scan over blocks); expert_start [E + 1] the first row of each expert's padded
+// group (and the total); num_tokens_per_expert [E] the unpadded counts.
+__global__ void __launch_bounds__(kScanThreads) sm90_ep_scan_kernel(const int* __restrict__ block_counts,
+                                                                     int num_blocks, int num_experts, int alignment,
+                                                                     int* __restrict__ block_offsets,
                                                                      int* __restrict__ expert_start,
                                                                      int* __restrict__ num_tokens_per_expert) {
   extern __shared__ int smem_padded[];  // [num_experts]
-  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+  __shared__ int smem_warp_total[kScanThreads / 32];
+  // NOTE: released before the wait: the rows grid becomes resident and loads its rows while count
+  // still runs. Safe: rows' own wait covers this grid, hence count (this grid waits on it).
+  ptx::griddep_launch_dependents();
+  ptx::griddep_wait();
+  for (int e = threadIdx.x; e < num_experts; e += kScanThreads) {
     int running = 0;
     for (int b0 = 0; b0 < num_blocks; b0 += kScanUnroll) {
       int counts[kScanUnroll];  // loads batched ahead of the dependent sum: latency, not bandwidth, bound
@@ -121,7 +187,7 @@ __global__ void __launch_bounds__(kScanThreads) sm90_ep_scan_kernel(int* __restr
         counts[i] = b0 + i < num_blocks ? block_counts[static_cast<int64_t>(b0 + i) * num_experts + e] : 0;
 #pragma unroll
       for (int i = 0; i < kScanUnroll; ++i) {
-        if (b0 + i < num_blocks) block_counts[static_cast<int64_t>(b0 + i) * num_experts + e] = running;
+        if (b0 + i < num_blocks) block_offsets[static_cast<int64_t>(b0 + i) * num_experts + e] = running;
         running += counts[i];
       }
     }
@@ -129,77 +195,139 @@ __global__ void __launch_bounds__(kScanThreads) sm90_ep_scan_kernel(int* __restr
     smem_padded[e] = (running + alignment - 1) / alignment * alignment;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int start = 0;
-    for (int e = 0; e < num_experts; ++e) {
-      expert_start[e] = start;
-      start += smem_padded[e];
-    }
-    expert_start[num_experts] = start;
+
+  // Exclusive scan of the padded sizes: each thread sums a contiguous run of experts, the runs are
+  // scanned across the warp (shuffles) and across the warps (their totals).
+  const int per_thread = (num_experts + kScanThreads - 1) / kScanThreads;
+  const int begin = min(static_cast<int>(threadIdx.x) * per_thread, num_experts);
+  const int end = min(begin + per_thread, num_experts);
+  int sum = 0;
+  for (int e = begin; e < end; ++e) sum += smem_padded[e];
+  const int lane_idx = threadIdx.x % 32, warp_idx = threadIdx.x / 32;
+  int inclusive = sum;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, d);
+    if (lane_idx >= d) inclusive += other;
   }
+  if (lane_idx == 31) smem_warp_total[warp_idx] = inclusive;
+  __syncthreads();
+  int start = inclusive - sum;
+  for (int w = 0; w < warp_idx; ++w) start += smem_warp_total[w];
+  for (int e = begin; e < end; ++e) {
+    expert_start[e] = start;
+    start += smem_padded[e];
+  }
+  if (threadIdx.x == kScanThreads - 1) expert_start[num_experts] = start;  // the last run ends at the total
 }
 
-__global__ void __launch_bounds__(kRowThreads) sm90_ep_permute_rows_kernel(
+// One block per token (blocks past num_tokens only fill padding). Thread t holds the 16-byte chunks
+// t + j * blockDim.x (j < kRowChunksPerThread) of each pass over the x row and, with vector_scales
+// (num_groups % 4 == 0), chunk t of the scale row.
+__global__ void __launch_bounds__(kMaxRowThreads) sm90_ep_permute_rows_kernel(
     const uint8_t* __restrict__ x, int64_t row_bytes, const float* __restrict__ x_scales, int num_groups,
-    const float* __restrict__ topk_weights, const int64_t* __restrict__ topk_idx, int topk, int num_experts,
-    int64_t num_rows, const int* __restrict__ pair_rank, const int* __restrict__ block_offsets,
-    const int* __restrict__ expert_start, uint8_t* __restrict__ recv_x, float* __restrict__ recv_scales,
+    bool vector_scales, const float* __restrict__ topk_weights, const int64_t* __restrict__ topk_idx,
+    int64_t num_tokens, int topk, int num_experts, int64_t num_rows, const int* __restrict__ pair_rank,
+    const int* __restrict__ block_offsets, const int* __restrict__ expert_start,
+    const int* __restrict__ num_tokens_per_expert, uint8_t* __restrict__ recv_x, float* __restrict__ recv_scales,
     float* __restrict__ recv_weights, int* __restrict__ m_indices, int* __restrict__ row_of) {
   __shared__ int64_t smem_rows[kMaxTopk];
   const int64_t token_idx = blockIdx.x;
-  if (threadIdx.x < topk) {
-    const int64_t pair_idx = token_idx * topk + threadIdx.x;
-    const int e = expert_of(topk_idx[pair_idx], num_experts);
-    int64_t row = -1;
-    if (e >= 0) {
-      const int64_t block_idx = token_idx / kTokensPerCountBlock;
-      row = static_cast<int64_t>(expert_start[e]) + block_offsets[block_idx * num_experts + e] + pair_rank[pair_idx];
-      row = row < num_rows ? row : -1;  // never past the buffer (the host sizes it so this cannot happen)
-    }
-    if (row >= 0) {
-      m_indices[row] = e;
-      if (recv_weights != nullptr) recv_weights[row] = topk_weights[pair_idx];
-    }
-    row_of[pair_idx] = static_cast<int>(row);
-    smem_rows[threadIdx.x] = row;
-  }
-  __syncthreads();
+  const bool has_token = token_idx < num_tokens;  // uniform over the block
+  const int num_threads = blockDim.x;
+  const int thread_idx = threadIdx.x;
+  const int row_chunks = static_cast<int>(row_bytes / 16);  // the host keeps rows under 2 GiB
+  const int scale_chunks = vector_scales ? num_groups / 4 : 0;
+  const int64_t scale_bytes = static_cast<int64_t>(num_groups) * 4;
+  const uint8_t* src_x = x + token_idx * row_bytes;
+  const uint8_t* src_scales = reinterpret_cast<const uint8_t*>(x_scales) + token_idx * scale_bytes;
+  uint8_t* recv_scale_bytes = reinterpret_cast<uint8_t*>(recv_scales);
 
-  // The source row is read once (streamed past L1) and stored to every destination row.
-  const uint8_t* src = x + token_idx * row_bytes;
-  for (int64_t chunk = threadIdx.x; chunk < row_bytes / 16; chunk += kRowThreads) {
-    const int4 v = ptx::ld_nc_na_v4(src + chunk * 16);
-    for (int k = 0; k < topk; ++k) {
-      const int64_t row = smem_rows[k];
-      if (row >= 0) *reinterpret_cast<int4*>(recv_x + row * row_bytes + chunk * 16) = v;
+  // Inputs only before the wait (file header): the first pass of the row, the scales, the routing.
+  int4 v[kRowChunksPerThread];
+  auto load_pass = [&](int first_chunk) {
+#pragma unroll
+    for (int j = 0; j < kRowChunksPerThread; ++j) {
+      const int c = first_chunk + j * num_threads + thread_idx;
+      if (c < row_chunks) v[j] = ptx::ld_nc_na_v4(src_x + c * 16);
     }
+  };
+  int4 s = make_int4(0, 0, 0, 0);
+  const int64_t pair_idx = token_idx * topk + thread_idx;
+  const bool is_pair = has_token && thread_idx < topk;
+  int e = -1;
+  float weight = 0.0f;
+  if (has_token) {
+    load_pass(0);
+    if (thread_idx < scale_chunks) s = ptx::ld_nc_na_v4(src_scales + thread_idx * 16);
   }
-  for (int g = threadIdx.x; g < num_groups; g += kRowThreads) {
-    const float s = x_scales[token_idx * num_groups + g];
-    for (int k = 0; k < topk; ++k) {
-      const int64_t row = smem_rows[k];
-      if (row >= 0) recv_scales[row * num_groups + g] = s;
-    }
+  if (is_pair) {
+    e = expert_of(topk_idx[pair_idx], num_experts);
+    if (topk_weights != nullptr) weight = topk_weights[pair_idx];
   }
-}
+  ptx::griddep_wait();
 
-__global__ void __launch_bounds__(kPadThreads) sm90_ep_fill_padding_kernel(const int* __restrict__ expert_start,
-                                                                            const int* __restrict__ num_tokens_per_expert,
-                                                                            int num_experts, int64_t num_rows,
-                                                                            int* __restrict__ m_indices,
-                                                                            float* __restrict__ recv_weights) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= num_rows) return;
-  bool padding = row >= expert_start[num_experts];
-  if (!padding) {
-    int lo = 0, hi = num_experts - 1;  // the last expert whose group starts at or before row
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (expert_start[mid] <= row) lo = mid; else hi = mid - 1;
+  if (has_token) {
+    if (is_pair) {
+      int64_t row = -1;
+      if (e >= 0) {
+        const int64_t block_idx = token_idx / kTokensPerCountBlock;
+        row = static_cast<int64_t>(expert_start[e]) + block_offsets[block_idx * num_experts + e] + pair_rank[pair_idx];
+        row = row < num_rows ? row : -1;  // never past the buffer (the host sizes it so this cannot happen)
+      }
+      if (row >= 0) {
+        m_indices[row] = e;
+        if (recv_weights != nullptr) recv_weights[row] = weight;
+      }
+      row_of[pair_idx] = static_cast<int>(row);
+      smem_rows[thread_idx] = row;
     }
-    padding = row - expert_start[lo] >= num_tokens_per_expert[lo];
+    __syncthreads();
+
+    // Every destination row is written once and not read again here: streaming (evict-first) stores.
+    for (int first_chunk = 0;;) {
+      for (int k = 0; k < topk; ++k) {
+        const int64_t row = smem_rows[k];
+        if (row < 0) continue;
+        uint8_t* dst = recv_x + row * row_bytes + (first_chunk + thread_idx) * 16;
+#pragma unroll
+        for (int j = 0; j < kRowChunksPerThread; ++j)
+          if (first_chunk + j * num_threads + thread_idx < row_chunks) ptx::st_cs_v4(dst + j * num_threads * 16, v[j]);
+      }
+      first_chunk += num_threads * kRowChunksPerThread;
+      if (first_chunk >= row_chunks) break;
+      load_pass(first_chunk);
+    }
+    for (int c = thread_idx; c < scale_chunks; c += num_threads) {
+      if (c != thread_idx) s = ptx::ld_nc_na_v4(src_scales + c * 16);  // scale rows over blockDim.x chunks
+      for (int k = 0; k < topk; ++k) {
+        const int64_t row = smem_rows[k];
+        if (row >= 0) ptx::st_cs_v4(recv_scale_bytes + row * scale_bytes + c * 16, s);
+      }
+    }
+    if (!vector_scales) {  // scale rows that are not whole 16-byte chunks
+      for (int g = thread_idx; g < num_groups; g += num_threads) {
+        const float scale = x_scales[token_idx * num_groups + g];
+        for (int k = 0; k < topk; ++k) {
+          const int64_t row = smem_rows[k];
+          if (row >= 0) recv_scales[row * num_groups + g] = scale;
+        }
+      }
+    }
   }
-  if (padding) {
+
+  // Padding: m_indices -1 (weight 0) on each expert's group past its pairs, then past the last group.
+  for (int expert_idx = blockIdx.x; expert_idx < num_experts; expert_idx += gridDim.x) {
+    const int64_t begin = static_cast<int64_t>(expert_start[expert_idx]) + num_tokens_per_expert[expert_idx];
+    const int64_t end = min(static_cast<int64_t>(expert_start[expert_idx + 1]), num_rows);
+    for (int64_t row = begin + threadIdx.x; row < end; row += num_threads) {
+      m_indices[row] = -1;
+      if (recv_weights != nullptr) recv_weights[row] = 0.0f;
+    }
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * num_threads;
+  for (int64_t row = expert_start[num_experts] + static_cast<int64_t>(blockIdx.x) * num_threads + threadIdx.x;
+       row < num_rows; row += stride) {
     m_indices[row] = -1;
     if (recv_weights != nullptr) recv_weights[row] = 0.0f;
   }
@@ -252,6 +380,33 @@ __global__ void __launch_bounds__(kCombineThreads) sm90_bf16_ep_combine_kernel(c
 
 int64_t num_count_blocks(int64_t num_tokens) { return ceil_div<int64_t>(num_tokens, kTokensPerCountBlock); }
 
+// DSO_EP_PDL=0 launches the dispatch kernels plainly (stream order only): the A/B switch for PDL.
+bool pdl_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("DSO_EP_PDL");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return enabled;
+}
+
+// Launches with programmatic stream serialization: the kernel may start before the previous kernel
+// of the stream has finished, and must griddep_wait before it touches what that kernel writes.
+template <typename... Params, typename... Args>
+void launch_with_pdl(void (*kernel)(Params...), int64_t num_blocks, int num_threads, size_t smem,
+                     cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(num_blocks));
+  config.blockDim = dim3(num_threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  DSO_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
 }  // namespace
 
 void launch_ep_dispatch_layout(const int64_t* topk_idx, int64_t num_tokens, int topk, int num_experts, int num_ranks,
@@ -269,7 +424,8 @@ void launch_ep_dispatch_layout(const int64_t* topk_idx, int64_t num_tokens, int 
 }
 
 int64_t ep_permute_workspace_ints(int64_t num_tokens, int topk, int num_experts) {
-  return num_tokens * topk + num_count_blocks(num_tokens) * num_experts + num_experts + 1;
+  // pair_rank, block_counts, block_offsets, expert_start
+  return num_tokens * topk + 2 * num_count_blocks(num_tokens) * num_experts + num_experts + 1;
 }
 
 void launch_ep_permute(const void* x, int64_t row_bytes, const float* x_scales, int num_groups,
@@ -280,32 +436,47 @@ void launch_ep_permute(const void* x, int64_t row_bytes, const float* x_scales, 
   if (topk > kMaxTopk) throw std::runtime_error("deepseek_ops: ep_permute supports topk <= 32");
   if (row_bytes % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(recv_x) % 16 != 0)
     throw std::runtime_error("deepseek_ops: ep_permute needs 16-byte aligned x and rows of a multiple of 16 bytes");
+  if (row_bytes + 4 * static_cast<int64_t>(num_groups) >= (int64_t{1} << 31))
+    throw std::runtime_error("deepseek_ops: ep_permute needs rows (+ scales) under 2 GiB");
   const int64_t num_blocks = num_count_blocks(num_tokens);
   int* pair_rank = workspace;
   int* block_counts = pair_rank + num_tokens * topk;
-  int* expert_start = block_counts + num_blocks * num_experts;
-  const size_t smem = sizeof(int) * num_experts;
+  int* block_offsets = block_counts + num_blocks * num_experts;
+  int* expert_start = block_offsets + num_blocks * num_experts;
+
+  const int64_t max_block_pairs = std::min<int64_t>(num_tokens, kTokensPerCountBlock) * topk;
+  const int64_t stage_smem = sizeof(int) * static_cast<int64_t>(kTokensPerCountBlock) * topk;
+  const int64_t warp_count_smem = sizeof(int) * static_cast<int64_t>(num_experts);
   if (num_blocks > 0) {
-    const size_t count_smem = smem + sizeof(int) * kTokensPerCountBlock * topk;
-    if (count_smem > 48 * 1024) throw std::runtime_error("deepseek_ops: ep_permute supports at most ~8000 experts");
-    sm90_ep_count_kernel<<<num_blocks, kCountThreads, count_smem, stream>>>(topk_idx, num_tokens * topk, topk,
-                                                                           num_experts, pair_rank, block_counts);
-    DSO_LAUNCH_CHECK();
+    if (stage_smem + warp_count_smem > kCountSmemBytes)
+      throw std::runtime_error("deepseek_ops: ep_permute supports at most ~8000 experts");
+    // As many ranking warps as their per-expert count rows fit in shared memory (8 for 256 experts):
+    // each walks a contiguous run of the block's pairs, 32 a step.
+    const int num_rank_warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
+        {kMaxCountWarps, (kCountSmemBytes - stage_smem) / warp_count_smem, ceil_div<int64_t>(max_block_pairs, 32)})));
+    const int pairs_per_warp = static_cast<int>(align_up<int64_t>(ceil_div<int64_t>(max_block_pairs, num_rank_warps), 32));
+    const size_t count_smem = stage_smem + warp_count_smem * num_rank_warps;
+    launch_with_pdl(sm90_ep_count_kernel, num_blocks, kCountThreads, count_smem, stream, topk_idx, num_tokens * topk,
+                    topk, num_experts, num_rank_warps, pairs_per_warp, pair_rank, block_counts);
   }
-  sm90_ep_scan_kernel<<<1, kScanThreads, smem, stream>>>(block_counts, static_cast<int>(num_blocks), num_experts,
-                                                         alignment, expert_start, num_tokens_per_expert);
-  DSO_LAUNCH_CHECK();
-  if (num_tokens > 0) {
-    sm90_ep_permute_rows_kernel<<<num_tokens, kRowThreads, 0, stream>>>(
-        static_cast<const uint8_t*>(x), row_bytes, x_scales, num_groups, topk_weights, topk_idx, topk, num_experts,
-        num_rows, pair_rank, block_counts, expert_start, static_cast<uint8_t*>(recv_x), recv_scales, recv_weights,
-        m_indices, row_of);
-    DSO_LAUNCH_CHECK();
-  }
-  if (num_rows > 0) {
-    sm90_ep_fill_padding_kernel<<<ceil_div<int64_t>(num_rows, kPadThreads), kPadThreads, 0, stream>>>(
-        expert_start, num_tokens_per_expert, num_experts, num_rows, m_indices, recv_weights);
-    DSO_LAUNCH_CHECK();
+  launch_with_pdl(sm90_ep_scan_kernel, 1, kScanThreads, sizeof(int) * num_experts, stream, block_counts,
+                  static_cast<int>(num_blocks), num_experts, alignment, block_offsets, expert_start,
+                  num_tokens_per_expert);
+
+  const int64_t rows_blocks = std::max<int64_t>(num_tokens, ceil_div<int64_t>(num_rows, kPadRowsPerBlock));
+  if (rows_blocks > 0) {
+    // Scales ride in the row's 16-byte chunks when their rows are whole chunks (1x128 groups of
+    // hidden % 512 == 0, e.g. DeepSeek-V3's 56), else a scalar loop stores them.
+    const bool vector_scales = x_scales != nullptr && num_groups % 4 == 0 &&
+                               reinterpret_cast<uintptr_t>(x_scales) % 16 == 0 &&
+                               reinterpret_cast<uintptr_t>(recv_scales) % 16 == 0;
+    const int num_threads = static_cast<int>(std::clamp<int64_t>(
+        align_up<int64_t>(ceil_div<int64_t>(row_bytes / 16, kRowChunksPerThread), 32), 32, kMaxRowThreads));
+    launch_with_pdl(sm90_ep_permute_rows_kernel, rows_blocks, num_threads, 0, stream,
+                    static_cast<const uint8_t*>(x), row_bytes, x_scales, num_groups, vector_scales, topk_weights,
+                    topk_idx, num_tokens, topk, num_experts, num_rows, pair_rank, block_offsets, expert_start,
+                    num_tokens_per_expert, static_cast<uint8_t*>(recv_x), recv_scales, recv_weights, m_indices,
+                    row_of);
   }
 }
 
