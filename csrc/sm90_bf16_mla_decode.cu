@@ -5,7 +5,7 @@
 //      requests are split across SMs and short ones are packed together. One thread, no host sync.
 //   2. sm90_bf16_mla_decode: CTA (head block of 64 packed query rows, part). For each request of its
 //      piece: S = Q K^T (bf16, fp32 accumulators), online softmax in the log2 domain, O += P V with
-//      warpgroup MMAs (S m64n32k16 per warpgroup, PV m64n256k16 with V the K tile read MN-major).
+//      warpgroup MMAs (S m64n64k16, PV m64n256k16 with V the K tile read MN-major).
 //      A request done by one CTA writes out/lse directly; otherwise each split writes its normalized
 //      O and lse to fp32 workspaces.
 //   3. sm90_mla_combine: log-sum-exp merge of the splits of every split request.
@@ -24,11 +24,16 @@
 // counts as having completed the phase before phase 0, so the first round does not wait).
 //
 // Consumer warp layout: warp w owns query rows 16 * (w % 4) .. +15 and column half w / 4 (= its
-// warpgroup): tokens 32 * half .. +31 of S and latent columns 256 * half .. +255 of O (128 fp32
-// registers a thread). The consumers synchronize among themselves with named barrier 1 (256 threads).
+// warpgroup): latent columns 256 * half .. +255 of O (128 fp32 registers a thread).
+// Per tile, one warpgroup (fill % 2, alternating) scores all 64 tokens: S with m64n64 (36 wgmma that
+// read 4 KB of shared memory per 64x64x16 instead of 3 KB per 64x32x16 when each warpgroup scored half
+// the tokens), full rows so no max exchange, then P (bf16) over the tile's RoPE block, which V never
+// reads, and the rows' bases. One barrier (named barrier 1, the 256 consumers) publishes them; both
+// warpgroups then rebase O and do their PV. A row's base only rises past a threshold, so O is rarely
+// rescaled (a warp skips the multiplies when none of its rows moved).
 // Shared tiles (Q, K, P) use the wgmma 128-byte-swizzle layout: 64-column (128-byte) blocks of 64 rows,
 // 16-byte chunks XOR-ed with row % 8 (what a SWIZZLE_128B TMA box writes).
-// The two warps of a row group exchange their row maxima (and at the end row sums) via shared memory.
+// At the end the two warpgroups add their row sums (of the tiles each scored) via shared memory.
 #include <cuda_bf16.h>
 
 #include <cfloat>
@@ -47,6 +52,7 @@
 #include "warpgroup.cuh"
 #include "wgmma.cuh"
 #include "wgmma_bf16.cuh"
+#include "wgmma_bf16_n64.cuh"
 
 namespace dso {
 namespace {
@@ -60,17 +66,21 @@ constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
 constexpr int kNumConsumerWarps = kNumConsumers / 32;
 constexpr uint32_t kConsumerBarrier = 1;        // named barrier of the 256 consumer threads
+constexpr uint32_t kWarpgroupBarrier = 2;       // + half: named barrier of one consumer warpgroup
 constexpr int BLOCK_M = kMlaBlockRows;   // packed query rows per CTA
 constexpr int BLOCK_N = kMlaPageSize;    // tokens per tile = one page
 constexpr int kRowBytes = kMlaHeadDimQK * 2;          // 1152: one bf16 token or query row
 constexpr int kRowChunks = kRowBytes / 16;            // 72 16-byte chunks
 constexpr int kTileBytes = BLOCK_N * kRowBytes;       // 73728 (also the Q tile)
-constexpr int kPRowBytes = BLOCK_N * 2;               // one bf16 row of P
 constexpr int kFp8PageBytes = BLOCK_N * kMlaFp8TokenBytes;
 constexpr int kSplitOverheadTiles = 5;  // a split's fixed cost (Q load, epilogue, combine) in tiles
 constexpr int kMaxSeqlen = 1 << 24;     // device seqlens are clamped here so tile counts cannot overflow
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+// A row's base (the max that O, the row sum and P are scaled to) is raised only when a tile's max
+// exceeds it by more than this (log2 domain), so O is rarely rescaled; P <= 2^8 stays exact in bf16's
+// relative precision and the fp32 sums cannot overflow (<= 2^8 * 64 * 2^18 tiles).
+constexpr float kRescaleThreshold = 8.0f;
 
 constexpr int kSwizzleBlockBytes = BLOCK_N * 128;    // one 64-column block of a 64-row tile
 static_assert(kRowChunks % 8 == 0, "rows split into whole 128-byte swizzle blocks");
@@ -79,14 +89,15 @@ static_assert(kMlaFp8TokenBytes % 16 == 0, "a bulk copy of whole FP8 tokens is a
 static_assert(kFp8PageBytes <= kTileBytes, "the FP8 staging page reuses the second bf16 tile buffer");
 static_assert(BLOCK_M == 4 * 16 && kNumConsumerWarps == 8, "4 row groups of 16 x 2 column halves");
 static_assert(kTileBytes == 9 * kSwizzleBlockBytes, "a bf16 page is 9 TMA boxes of 64 columns");
+static_assert(BLOCK_N * BLOCK_N * 2 == kSwizzleBlockBytes, "P (64 rows x 64 tokens) fills the RoPE block");
 
-// Shared memory: Q tile, two K tiles (FP8: one K tile + the raw staging page), P, row statistics,
-// then the full/empty mbarriers of the two buffers.
+// Shared memory: Q tile, two K tiles (FP8: one K tile + the raw staging page; P of a tile is written
+// over its K tile's RoPE block), row bases of the last two tiles, row sums, then the full/empty
+// mbarriers of the two buffers.
 constexpr int kSmemQ = 0;
 constexpr int kSmemK = kSmemQ + kTileBytes;
-constexpr int kSmemP = kSmemK + 2 * kTileBytes;
-constexpr int kSmemMax = kSmemP + BLOCK_M * kPRowBytes;
-constexpr int kSmemSum = kSmemMax + 2 * BLOCK_M * 4;
+constexpr int kSmemBase = kSmemK + 2 * kTileBytes;
+constexpr int kSmemSum = kSmemBase + 2 * BLOCK_M * 4;
 constexpr int kSmemFull = kSmemSum + 2 * BLOCK_M * 4;
 constexpr int kSmemEmpty = kSmemFull + 2 * 8;
 constexpr int kSmemBytes = kSmemEmpty + 2 * 8;
@@ -155,11 +166,6 @@ __global__ void sm90_mla_metadata_kernel(const int* __restrict__ cache_seqlens, 
 // 64 rows x 128 bytes (columns 64 b .. 64 b + 63), the wgmma SWIZZLE_128B atom layout.
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
   return (chunk >> 3) * kSwizzleBlockBytes + row * 128 + (((chunk ^ row) & 7) << 4);
-}
-
-// The same for P (8 chunks a row).
-__device__ __forceinline__ uint32_t swizzled_p(int row, int chunk) {
-  return row * kPRowBytes + (((chunk ^ row) & 7) << 4);
 }
 
 struct Request {
@@ -324,11 +330,12 @@ __device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint
 }
 
 // Per-thread state of one warp's share of a request: O columns 256 * half .. +255 of rows
-// g and g + 8 of its row group, the running row max (log2 domain) and partial row sum.
+// g and g + 8 of its row group, the row base (log2 domain: the scale of O, of the row sums and of
+// P; identical in both warpgroups) and the row sum of the tiles this warpgroup scored.
 struct Consumer {
-  int warp_idx, lane, row_group, half, g, t;
+  int row_group, half, g, t;
   float o[32][4];           // 32 n8 tiles of the 16 x 256 O slice
-  float row_max[2], row_sum[2];
+  float row_base[2], row_sum[2];
   int key_limit[2];         // keys < key_limit are visible to row g (+ 8)
 };
 
@@ -337,7 +344,7 @@ __device__ __forceinline__ void consumer_reset(Consumer& c, const MlaDecodeArgs&
   for (int j = 0; j < 32; ++j) c.o[j][0] = c.o[j][1] = c.o[j][2] = c.o[j][3] = 0.0f;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    c.row_max[h] = -INFINITY;
+    c.row_base[h] = -INFINITY;
     c.row_sum[h] = 0.0f;
     // Bottom-right causal alignment: query i of s_q sees keys < seqlen - s_q + 1 + i.
     const int row = row_base + 16 * c.row_group + c.g + 8 * h;
@@ -357,71 +364,97 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kN]) {
 // Descriptor start address advanced by `bytes` (the address field counts 16-byte units).
 __device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
 
-// Warpgroup `half`: S[64 rows, tokens 32 half .. +31] = Q K^T over 36 k-steps (Q and K K-major).
-__device__ __forceinline__ void scores_wgmma(const Consumer& c, const uint8_t* smem_q, const uint8_t* smem_k,
-                                             float (&s)[4][4]) {
-  float(&d)[16] = reinterpret_cast<float(&)[16]>(s);
+// The scoring warpgroup: S[64 rows, 64 tokens] = Q K^T over 36 k-steps (Q and K K-major).
+__device__ __forceinline__ void scores_wgmma(const uint8_t* smem_q, const uint8_t* smem_k, float (&s)[8][4]) {
+  float(&d)[32] = reinterpret_cast<float(&)[32]>(s);
   const uint64_t desc_q = ptx::make_smem_desc_sw128(smem_q);
-  const uint64_t desc_k = ptx::make_smem_desc_sw128(smem_k + 32 * c.half * 128);
+  const uint64_t desc_k = ptx::make_smem_desc_sw128(smem_k);
   ptx::wgmma_fence();
 #pragma unroll
   for (int k_idx = 0; k_idx < kMlaHeadDimQK / 16; ++k_idx) {
     const uint32_t offset = (k_idx / 4) * kSwizzleBlockBytes + (k_idx % 4) * 32;
-    ptx::wgmma_m64n32k16_bf16_f32(d, desc_advance(desc_q, offset), desc_advance(desc_k, offset), k_idx > 0);
+    ptx::wgmma_m64n64k16_bf16_f32(d, desc_advance(desc_q, offset), desc_advance(desc_k, offset), k_idx > 0);
   }
   ptx::wgmma_commit_group();
   ptx::wgmma_wait_group<0>();
   fence_accumulators(d);
 }
 
-// S slice = Q rows (16) x tokens 32 * half .. +31 of the tile, scaled to the log2 domain and masked.
-__device__ __forceinline__ void compute_scores(const Consumer& c, const uint8_t* smem_q, const uint8_t* smem_k,
-                                               int tile, float scale_log2, float (&s)[4][4]) {
-  scores_wgmma(c, smem_q, smem_k, s);
+// The scoring warpgroup's part of a tile: S in the log2 domain and masked, the rows' bases (to
+// smem_base), P = exp2(S - base) in bf16 over the K tile's RoPE block (V never reads it, and the S
+// wgmma that did has completed) and the tile's row sums relative to the new bases (fp32).
+__device__ __forceinline__ void score_tile(const Consumer& c, const uint8_t* smem_q, uint8_t* smem_k, int tile,
+                                           float scale_log2, float* smem_base, float (&tile_sum)[2]) {
+  float s[8][4];
+  scores_wgmma(smem_q, smem_k, s);
   // NOTE: masked scores are selected to -inf, never multiplied: a NaN would survive * 0.
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < 8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int token = tile * BLOCK_N + 32 * c.half + 8 * j + 2 * c.t + (e & 1);
+      const int token = tile * BLOCK_N + 8 * j + 2 * c.t + (e & 1);
       s[j][e] = token < c.key_limit[e >> 1] ? s[j][e] * scale_log2 : -INFINITY;
     }
   }
-}
-
-// Online softmax step: new row max from both halves, rescale O and the row sums, P (bf16) to smem.
-__device__ __forceinline__ void softmax_update(Consumer& c, float (&s)[4][4], const float* smem_max,
-                                               uint8_t* smem_p) {
+  // NOTE: wgmma.wait_group only covers the executing warp's part of the S wgmma: P overwrites the RoPE
+  // block, which every warp's part read, so the whole warpgroup must be past its wait first.
+  ptx::named_barrier_sync(kWarpgroupBarrier + c.half, 128);
+  uint8_t* smem_p = smem_k + 8 * kSwizzleBlockBytes;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = 16 * c.row_group + c.g + 8 * h;
-    const float new_max = fmaxf(c.row_max[h], fmaxf(smem_max[row], smem_max[BLOCK_M + row]));
-    const float base = new_max == -INFINITY ? 0.0f : new_max;  // fully masked so far: keep exp2 finite
-    const float rescale = exp2f(c.row_max[h] - base);
-    c.row_max[h] = new_max;
+    float m = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) m = fmaxf(m, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    // The base only rises, and only past the threshold (-inf + threshold is -inf: the first visible
+    // key sets it). The 4 lanes of a row agree: same m, same row_base.
+    const float base = m > c.row_base[h] + kRescaleThreshold ? m : c.row_base[h];
+    if (c.t == 0) smem_base[row] = base;
+    const float exp_base = base == -INFINITY ? 0.0f : base;  // no visible key yet: every p is exp2(-inf) = 0
     float sum = 0.0f;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float p0 = exp2f(s[j][2 * h] - base), p1 = exp2f(s[j][2 * h + 1] - base);
+    for (int j = 0; j < 8; ++j) {
+      const float p0 = exp2f(s[j][2 * h] - exp_base), p1 = exp2f(s[j][2 * h + 1] - exp_base);
       // NOTE: the row sum takes the fp32 values: summing the bf16-rounded ones costs lse ~1e-4 accuracy.
       sum += p0 + p1;
-      *reinterpret_cast<__nv_bfloat162*>(smem_p + swizzled_p(row, 4 * c.half + j) + 4 * c.t) =
-          __floats2bfloat162_rn(p0, p1);
+      *reinterpret_cast<__nv_bfloat162*>(smem_p + swizzled(row, j) + 4 * c.t) = __floats2bfloat162_rn(p0, p1);
     }
-    c.row_sum[h] = c.row_sum[h] * rescale + sum;
+    tile_sum[h] = sum;
+  }
+}
+
+// Both warpgroups: O and the row sums move to the tile's bases, then the scorer's row sums are added.
+// A warp whose rows all kept their base skips the multiplies (its factors are exactly 1).
+__device__ __forceinline__ void rebase(Consumer& c, const float* smem_base, const float (&tile_sum)[2]) {
+  float factor[2];
+  bool moved = false;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float base = smem_base[16 * c.row_group + c.g + 8 * h];
+    // base >= row_base; both -inf (no visible key yet) is unmoved, so exp2 never sees -inf - -inf.
+    const bool row_moved = base != c.row_base[h];
+    factor[h] = row_moved ? exp2f(c.row_base[h] - base) : 1.0f;
+    moved |= row_moved;
+    c.row_base[h] = base;
+    c.row_sum[h] = c.row_sum[h] * factor[h] + tile_sum[h];
+  }
+  if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
-      c.o[j][2 * h] *= rescale;
-      c.o[j][2 * h + 1] *= rescale;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c.o[j][e] *= factor[e >> 1];
     }
   }
 }
 
-// Warpgroup `half`: O[64 rows, columns 256 half .. +255] += P V. P is K-major (tokens contiguous); V is
-// the K tile itself, MN-major (columns contiguous): 4 MN blocks 8 KB apart, 8-token groups 1 KB apart.
-__device__ __forceinline__ void pv_wgmma(Consumer& c, const uint8_t* smem_p, const uint8_t* smem_k) {
+// Warpgroup `half`: O[64 rows, columns 256 half .. +255] += P V. P (in the RoPE block) is K-major
+// (tokens contiguous); V is the K tile itself, MN-major (columns contiguous): 4 MN blocks 8 KB apart,
+// 8-token groups 1 KB apart.
+__device__ __forceinline__ void pv_wgmma(Consumer& c, const uint8_t* smem_k) {
   float(&d)[128] = reinterpret_cast<float(&)[128]>(c.o);
-  const uint64_t desc_p = ptx::make_smem_desc_sw128(smem_p);
+  const uint64_t desc_p = ptx::make_smem_desc_sw128(smem_k + 8 * kSwizzleBlockBytes);
   const uint64_t desc_v = ptx::make_smem_desc_sw128_mn(smem_k + 4 * c.half * kSwizzleBlockBytes, kSwizzleBlockBytes,
                                                        8 * 128);
   ptx::wgmma_fence();
@@ -435,27 +468,22 @@ __device__ __forceinline__ void pv_wgmma(Consumer& c, const uint8_t* smem_p, con
   fence_accumulators(d);
 }
 
-// One tile: scores, max exchange, softmax, P exchange, PV. Every consumer thread reaches both barriers.
-// NOTE: smem_max and smem_p are rewritten next tile only after the first barrier of that tile, which
-// every consumer reaches after its reads here (softmax) and after its PV wgmma completed.
-__device__ __forceinline__ void process_tile(Consumer& c, const uint8_t* smem_q, const uint8_t* smem_k,
-                                             uint8_t* smem_p, float* smem_max, int tile, float scale_log2) {
-  float s[4][4];
-  compute_scores(c, smem_q, smem_k, tile, scale_log2, s);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float m = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) m = fmaxf(m, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-    if (c.t == 0) smem_max[c.half * BLOCK_M + 16 * c.row_group + c.g + 8 * h] = m;
+// One tile: the scorer computes S, the bases and P, one barrier publishes them, then both warpgroups
+// rebase and do their PV. Every consumer thread reaches the barrier.
+// NOTE: nothing the scorer writes can still be read: P goes into this tile's own buffer, whose
+// previous readers (the PV of the fill two back) completed before it was released and refilled;
+// smem_base is this tile's slot of two (by fill parity), last read two tiles back before the barrier
+// of the tile in between, which the scorer has passed.
+__device__ __forceinline__ void process_tile(Consumer& c, const uint8_t* smem_q, uint8_t* smem_k, float* smem_base,
+                                             int tile, bool scorer, float scale_log2) {
+  float tile_sum[2] = {0.0f, 0.0f};
+  if (scorer) {
+    score_tile(c, smem_q, smem_k, tile, scale_log2, smem_base, tile_sum);
+    ptx::fence_proxy_async_shared();  // P stores -> wgmma (async proxy) reads
   }
   consumer_sync();
-  softmax_update(c, s, smem_max, smem_p);
-  ptx::fence_proxy_async_shared();  // P stores -> wgmma (async proxy) reads
-  consumer_sync();
-  pv_wgmma(c, smem_p, smem_k);
+  rebase(c, smem_base, tile_sum);
+  pv_wgmma(c, smem_k);
 }
 
 // Normalized O and lse of the request (or of this split of it).
@@ -478,7 +506,7 @@ __device__ __forceinline__ void write_results(Consumer& c, const MlaDecodeArgs& 
     const float sum = smem_sum[local_row] + smem_sum[BLOCK_M + local_row];
     const bool has_keys = sum > 0.0f;
     const float inv = has_keys ? 1.0f / sum : 0.0f;
-    const float lse_log2 = c.row_max[h] + log2f(sum);
+    const float lse_log2 = c.row_base[h] + log2f(sum);
     const int col = 256 * c.half + 2 * c.t;
     if (r.num_splits == 1) {
       __nv_bfloat16* gmem_out = static_cast<__nv_bfloat16*>(args.out) + (static_cast<int64_t>(r.idx) * rows + row) * kMlaHeadDimV + col;
@@ -515,8 +543,7 @@ template <bool kFp8>
 __device__ __forceinline__ void consumer(const MlaDecodeArgs& args, const int* sched, uint8_t* smem, uint64_t* full,
                                          uint64_t* empty) {
   uint8_t* smem_q = smem + kSmemQ;
-  uint8_t* smem_p = smem + kSmemP;
-  float* smem_max = reinterpret_cast<float*>(smem + kSmemMax);
+  float* smem_base = reinterpret_cast<float*>(smem + kSmemBase);
   float* smem_sum = reinterpret_cast<float*>(smem + kSmemSum);
 
   const int rows = args.s_q * args.h_q;
@@ -525,12 +552,10 @@ __device__ __forceinline__ void consumer(const MlaDecodeArgs& args, const int* s
   const float scale_log2 = args.softmax_scale * kLog2e;
 
   Consumer c;
-  c.warp_idx = threadIdx.x / 32;
-  c.lane = threadIdx.x % 32;
-  c.row_group = c.warp_idx % 4;
-  c.half = c.warp_idx / 4;
-  c.g = c.lane / 4;
-  c.t = c.lane % 4;
+  c.row_group = threadIdx.x / 32 % 4;
+  c.half = threadIdx.x / 128;
+  c.g = threadIdx.x % 32 / 4;
+  c.t = threadIdx.x % 4;
 
   uint32_t fill = 0;  // the producer's fill index of the next tile
   for (int req = sched[0]; req <= sched[2]; ++req) {
@@ -556,8 +581,9 @@ __device__ __forceinline__ void consumer(const MlaDecodeArgs& args, const int* s
         ptx::fence_proxy_async_shared();  // dequantized K stores -> wgmma reads
         consumer_sync();
       }
-      process_tile(c, smem_q, smem_k, smem_p, smem_max, tile, scale_log2);
-      if constexpr (!kFp8) release(&empty[stage]);  // this warp's S and PV wgmma of the tile have completed
+      // Warpgroup fill % 2 scores the tile (bf16: the one of its buffer), so each scores every other tile.
+      process_tile(c, smem_q, smem_k, smem_base + (fill & 1) * BLOCK_M, tile, (fill & 1) == c.half, scale_log2);
+      if constexpr (!kFp8) release(&empty[stage]);  // this warp's wgmma reads of the tile (S, PV) have completed
     }
     write_results(c, args, r, row_base, smem_sum);
   }
