@@ -6,6 +6,7 @@ Our implementation's records use impl="deepseek_ops" (OURS); every other impl is
 import dataclasses
 import datetime
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -70,6 +71,10 @@ def measure_ceilings() -> Dict[str, float]:
 
 
 def git_commit() -> str:
+    """HEAD's short hash; DSO_BENCH_COMMIT overrides it (a copy of the tree without .git, e.g. on a
+    remote benchmark machine, would otherwise report a stale or unknown commit)."""
+    if os.environ.get("DSO_BENCH_COMMIT"):
+        return os.environ["DSO_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10)

@@ -1,6 +1,6 @@
 """Sweeps every instantiated tile configuration of the FP8 GEMMs on the issue's shapes (H200).
 
-`python -m benchmarks.tune_fp8_gemm [--quick]` prints, per shape, the time of each
+`python -m benchmarks.tune_fp8_gemm [--quick] [--m M ...]` prints, per shape, the time of each
 (BLOCK_M, BLOCK_N) forced through DSO_FP8_GEMM_CONFIG beside the heuristic's pick, so the host
 heuristic (csrc/sm90_fp8_gemm.cu, select_sm90_fp8_gemm_config) can be corrected from data.
 Every configuration's output is checked against the float64 reference before it is timed.
@@ -48,8 +48,9 @@ def sweep(m: int, n: int, k: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="two shapes per M only")
+    parser.add_argument("--m", type=int, nargs="+", default=list(M_VALUES), help="the M values to sweep")
     opts = parser.parse_args(argv)
-    for m in M_VALUES:
+    for m in opts.m:
         for n, k in NK_SHAPES[:2] if opts.quick else NK_SHAPES:
             results = sweep(m, n, k)
             best = min((v, c) for c, v in results.items() if c != "heuristic")
