@@ -48,11 +48,11 @@
 #include "fp8.cuh"
 #include "mbarrier.cuh"
 #include "sm90_bf16_mla_decode.h"
+#include "tensor_map.h"
 #include "tma.cuh"
 #include "warpgroup.cuh"
 #include "wgmma.cuh"
 #include "wgmma_bf16.cuh"
-#include "wgmma_bf16_n64.cuh"
 
 namespace dso {
 namespace {
@@ -689,28 +689,6 @@ void launch_mla_metadata(const int* cache_seqlens, int batch, int num_parts, int
 }
 
 namespace {
-
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-// NOTE: the driver API is fetched at run time: the extension does not link libcuda.
-EncodeTiledFn encode_tiled() {
-  static const EncodeTiledFn fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult query;
-#if CUDART_VERSION >= 12050
-    DSO_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &query));
-#else
-    DSO_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &query));
-#endif
-    if (query != cudaDriverEntryPointSuccess || ptr == nullptr) {
-      throw std::runtime_error("deepseek_ops: the CUDA driver has no cuTensorMapEncodeTiled (needs CUDA 12+)");
-    }
-    return reinterpret_cast<EncodeTiledFn>(ptr);
-  }();
-  return fn;
-}
 
 // The bf16 cache as a 2-D tensor [num_blocks * 64 tokens, 576], read in SWIZZLE_128B boxes of
 // 64 tokens x 64 columns: box b of a page is 64-column block b of the swizzled K tile.

@@ -26,6 +26,7 @@
 #include "mbarrier.cuh"
 #include "sm90_fp8_gemm.h"
 #include "sm90_fp8_gemm_scheduler.cuh"
+#include "tensor_map.h"
 #include "tma.cuh"
 #include "warpgroup.cuh"
 #include "wgmma.cuh"
@@ -387,28 +388,6 @@ using gemm::GemmParams;
 #define DSO_GEMM_BLOCK_NS 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192
 #endif
 constexpr int kBlockNs[] = {DSO_GEMM_BLOCK_NS};
-
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-// NOTE: the driver API is fetched at run time: the extension does not link libcuda.
-EncodeTiledFn encode_tiled() {
-  static const EncodeTiledFn fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult query;
-#if CUDART_VERSION >= 12050
-    DSO_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &query));
-#else
-    DSO_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &query));
-#endif
-    if (query != cudaDriverEntryPointSuccess || ptr == nullptr) {
-      throw std::runtime_error("deepseek_ops: the CUDA driver has no cuTensorMapEncodeTiled (needs CUDA 12+)");
-    }
-    return reinterpret_cast<EncodeTiledFn>(ptr);
-  }();
-  return fn;
-}
 
 // A 2-D [outer, inner] row-major tensor with rows `row_stride` elements apart, read in boxes of
 // [box_outer, box_inner]; out-of-bounds elements of a box read as zero.
