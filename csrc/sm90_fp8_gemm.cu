@@ -215,7 +215,7 @@ __device__ __forceinline__ void consume(const GemmParams& p, uint8_t* smem,
   float acc0[kNumAccum];
   float acc1[kNumAccum];
   float final_acc[kNumAccum];
-  // Two rings positions: where the next K block is issued from, and the next one to release.
+  // Two positions in the ring: the stage the next K block is issued from, and the next one to release.
   int issue_stage = 0, release_stage = 0;
   uint32_t issue_phase = 0;
   int sfb_buffer = 0;
@@ -287,6 +287,9 @@ __device__ __forceinline__ void consume(const GemmParams& p, uint8_t* smem,
     if constexpr (K::kOverlapPromotion) {
       // Software pipeline over two accumulators: K block i + 1 runs on the tensor cores while the
       // CUDA cores promote K block i, so the wgmma queue never drains between K blocks.
+      // NOTE: the loop is unrolled by two so that each accumulator is a fixed register array; a
+      // loop whose body branches on which accumulator is in flight makes ptxas serialize every
+      // wgmma (warning C7514; tests/test_build.py checks the SASS for it).
       issue(acc0);
       int k_block_idx = 0;
       for (; k_block_idx + 2 < p.num_k_blocks; k_block_idx += 2) {  // acc0 in flight at the top
