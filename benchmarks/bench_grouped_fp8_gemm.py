@@ -82,19 +82,25 @@ def measure_contiguous(num_groups: int, rows: int, n: int, k: int) -> List[Recor
     b, b_scales = _weights(num_groups, n, k)
     m_indices = torch.arange(num_groups, device="cuda", dtype=torch.int32).repeat_interleave(rows)
     shape = {"G": num_groups, "M": rows, "N": n, "K": k}
-    out = deepseek_ops.grouped_fp8_gemm_contiguous(a, a_scales, b, b_scales, m_indices)
     sl = [slice(g * rows, (g + 1) * rows) for g in range(num_groups)]
-    refs = [reference.fp8_gemm(a[s], a_scales[s], b[g], b_scales[g], torch.float64) for g, s in enumerate(sl)]
-    _check_groups("grouped_fp8_gemm_contiguous", shape, [out[s] for s in sl], refs)
+    ours = lambda: deepseek_ops.grouped_fp8_gemm_contiguous(a, a_scales, b, b_scales, m_indices)
+    out = ours()
+    return _check_and_time("grouped_fp8_gemm_contiguous", shape, [out[s] for s in sl],
+                           [(a[s], a_scales[s], b[g], b_scales[g]) for g, s in enumerate(sl)], ours,
+                           lambda: deepseek_ops.fp8_gemm(a, a_scales, b[0], b_scales[0]))
+
+
+def _check_and_time(kernel: str, shape: dict, out_groups, operands, ours, dense) -> List[Record]:
+    """Checks each group's output against the float64 reference of its operands (a, a_scales, b,
+    b_scales), then times ours, a cuBLAS block-scaled call per group and our dense GEMM of the same
+    rows."""
+    refs = [reference.fp8_gemm(*ops, torch.float64) for ops in operands]
+    _check_groups(kernel, shape, out_groups, refs)
     del refs
-    peers = [cublas_block_fn(a[s], a_scales[s], b[g], b_scales[g]) for g, s in enumerate(sl)]
-    fns = {
-        OURS: lambda: deepseek_ops.grouped_fp8_gemm_contiguous(a, a_scales, b, b_scales, m_indices),
-        "cublas_block": lambda: [f() for f in peers],
-        "deepseek_ops_dense": lambda: deepseek_ops.fp8_gemm(a, a_scales, b[0], b_scales[0]),
-    }
-    flops = 2.0 * num_groups * rows * n * k
-    records = _measure("grouped_fp8_gemm_contiguous", shape, fns, flops, grouped_bytes(num_groups, rows, n, k))
+    peers = [cublas_block_fn(*ops) for ops in operands]
+    fns = {OURS: ours, "cublas_block": lambda: [f() for f in peers], "deepseek_ops_dense": dense}
+    g, m, n, k = shape["G"], shape["M"], shape["N"], shape["K"]
+    records = _measure(kernel, shape, fns, 2.0 * g * m * n * k, grouped_bytes(g, m, n, k))
     torch.cuda.empty_cache()
     return records
 
@@ -108,20 +114,11 @@ def measure_masked(num_groups: int, rows: int, n: int, k: int) -> List[Record]:
     b, b_scales = _weights(num_groups, n, k)
     masked_m = torch.full((num_groups,), rows, device="cuda", dtype=torch.int32)
     shape = {"G": num_groups, "M": rows, "N": n, "K": k, "expected_m": rows}
-    out = deepseek_ops.grouped_fp8_gemm_masked(a, a_scales, b, b_scales, masked_m, rows)
-    refs = [reference.fp8_gemm(a[g], a_scales[g], b[g], b_scales[g], torch.float64) for g in range(num_groups)]
-    _check_groups("grouped_fp8_gemm_masked", shape, list(out), refs)
-    del refs
-    peers = [cublas_block_fn(a[g], a_scales[g], b[g], b_scales[g]) for g in range(num_groups)]
-    fns = {
-        OURS: lambda: deepseek_ops.grouped_fp8_gemm_masked(a, a_scales, b, b_scales, masked_m, rows),
-        "cublas_block": lambda: [f() for f in peers],
-        "deepseek_ops_dense": lambda: deepseek_ops.fp8_gemm(a2, s2, b[0], b_scales[0]),
-    }
-    flops = 2.0 * num_groups * rows * n * k
-    records = _measure("grouped_fp8_gemm_masked", shape, fns, flops, grouped_bytes(num_groups, rows, n, k))
-    torch.cuda.empty_cache()
-    return records
+    ours = lambda: deepseek_ops.grouped_fp8_gemm_masked(a, a_scales, b, b_scales, masked_m, rows)
+    out = ours()
+    return _check_and_time("grouped_fp8_gemm_masked", shape, list(out),
+                           [(a[g], a_scales[g], b[g], b_scales[g]) for g in range(num_groups)], ours,
+                           lambda: deepseek_ops.fp8_gemm(a2, s2, b[0], b_scales[0]))
 
 
 def run(quick: bool = False) -> List[Record]:
