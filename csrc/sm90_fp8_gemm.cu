@@ -455,25 +455,35 @@ int64_t num_tiles(const Fp8GemmProblem& p, int block_m, int block_n, int64_t row
   return ceil_div<int64_t>(p.m, block_m) * n_blocks;
 }
 
-// Estimated time of a configuration, fitted to a sweep of every (BLOCK_M, BLOCK_N) on the issue's
-// shapes (benchmarks/tune_fp8_gemm.py on the H200): waves of tiles, each costing the slower of its
-// tensor-core time and its operand ingest plus a fixed per-tile cost (pipeline fill, epilogue).
-// Ingest mixes DRAM (the problem's unique bytes, shared by all SMs) and L2 (operands re-read by
-// other tiles). Small tiles lose wgmma efficiency (below N = 64 the (64 + N) x 32 bytes of smem per
-// 64 x N x 32 MMA bound it; BLOCK_M = 64 issues half the MMA per stage), tiles straddling two
-// B-scale blocks pay a per-column scale select.
+// Tensor-core throughput of a full wave of BLOCK_M x BLOCK_N tiles relative to 128 x 128, measured
+// on the H200: geomean over the issue's M = 4096 shapes of a sweep of every variant (L2 flushed).
+// 128 x 128 is the sweet spot: its wgmma are m64n128 and it promotes one K block while the tensor
+// cores run the next (two accumulators); BLOCK_N > 128 has registers for one accumulator only, and
+// widths that are not a divisor of 128 pay a per-column scale select and re-read A more often.
+double mma_efficiency(int block_m, int block_n) {
+  constexpr int kNs[] = {16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192};
+  constexpr double kBlockM64[] = {0.15, 0.31, 0.40, 0.53, 0.55, 0.62, 0.63, 0.75, 0.59, 0.62, 0.63};
+  constexpr double kBlockM128[] = {0.25, 0.47, 0.60, 0.71, 0.70, 0.78, 0.79, 1.00, 0.71, 0.76, 0.88};
+  for (int i = 0; i < static_cast<int>(sizeof(kNs) / sizeof(kNs[0])); ++i) {
+    if (kNs[i] == block_n) return block_m == 64 ? kBlockM64[i] : kBlockM128[i];
+  }
+  return 0.5;  // a width outside the table (a -DDSO_GEMM_BLOCK_NS build): rank it low
+}
+
+// Estimated time of a configuration: waves of tiles, each costing the slower of its tensor-core time
+// and its operand ingest. Ingest mixes DRAM (the problem's unique bytes, shared by all SMs) and L2
+// (operands re-read by other tiles). Constants fitted to the same sweep over M in {64, 128, 4096}
+// (picks within 2% of the best tile on 15 of the 18 shapes, at most 11% off).
 double estimate_seconds(const Fp8GemmProblem& p, int block_m, int block_n, int num_sms) {
-  constexpr double kSmFlops = 1979e12 / 132 * 0.8;
-  constexpr double kSmL2BytesPerS = 150e9;
+  // A fitted rate, not a peak (128 x 128 tiles run ~1.2 PFLOP/s): it also absorbs per-tile costs.
+  constexpr double kSmFlops = 0.9e15 / 132;
+  constexpr double kSmL2BytesPerS = 80e9;
   constexpr double kDramBytesPerS = 3.0e12;
-  constexpr double kTileOverheadS = 2e-6;
   const int64_t rows = p.type == GemmType::kGroupedMasked ? (p.expected_m > 0 ? std::min(p.expected_m, p.m) : p.m)
                                                           : p.m;
   const int64_t tiles = num_tiles(p, block_m, block_n, rows);
   const double waves = static_cast<double>(ceil_div<int64_t>(tiles, num_sms));
-  const double mma_efficiency = std::min(1.0, 2.0 * block_n / (64.0 + block_n)) * (block_m == 64 ? 0.5 : 1.0) *
-                                (128 % block_n != 0 ? 0.9 : 1.0);
-  const double compute = 2.0 * block_m * block_n * p.k / (kSmFlops * mma_efficiency);
+  const double compute = 2.0 * block_m * block_n * p.k / (kSmFlops * mma_efficiency(block_m, block_n));
   const int64_t total_rows = p.type == GemmType::kGroupedMasked ? rows * p.num_groups : p.m;
   const int64_t b_groups = p.type == GemmType::kNormal ? 1 : p.num_groups;
   const double unique_bytes = static_cast<double>(total_rows) * p.k + static_cast<double>(b_groups) * p.n * p.k +
@@ -481,7 +491,7 @@ double estimate_seconds(const Fp8GemmProblem& p, int block_m, int block_n, int n
   const double tile_bytes = static_cast<double>(block_m + block_n) * p.k;
   const double dram_share = std::min(1.0, unique_bytes / (static_cast<double>(tiles) * tile_bytes));
   const double ingest = tile_bytes * (dram_share / (kDramBytesPerS / num_sms) + (1.0 - dram_share) / kSmL2BytesPerS);
-  return waves * (std::max(compute, ingest) + kTileOverheadS);
+  return waves * std::max(compute, ingest);
 }
 
 bool parse_config_override(Fp8GemmConfig& config) {

@@ -12,7 +12,7 @@ import torch
 from deepseek_ops.testing import calc_diff
 from model.config import preset
 from model.generate import allocate_block_table, decode_one_token, generate, prefill
-from model.model import MoE, Transformer, random_model
+from model.model import MoE, Transformer, causal_mask, naive_attention, random_model, sdpa_attention
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -112,3 +112,58 @@ def test_mtp_speculative_equals_greedy_on_kernels(device):
     speculative, stats = generate(ker, prompts, num_new, use_mtp=True)
     assert speculative == greedy
     assert 0.0 <= stats["acceptance_rate"] <= 1.0
+
+
+def _mla_inputs(b, s, t, dtype, device="cpu", h=3, dn=16, dr=8, dv=12, r=20):
+    """Random q_nope, q_pe, c_kv, k_pe, w_uk, w_uv of odd sizes (dv < dn + dr, as in the model)."""
+    shapes = [(b, s, h, dn), (b, s, h, dr), (b, t, r), (b, t, dr), (h, dn, r), (h, dv, r)]
+    return [torch.randn(shape, dtype=dtype, device=device) for shape in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["causal_from_0", "causal_offset_rows", "mask_offset_rows", "mask_chunk",
+                                  "mask_shuffled"])
+def test_sdpa_attention_equals_naive(dtype, case):
+    b, s = 3, 37
+    t = 53 if case == "mask_chunk" else s
+    inputs = _mla_inputs(b, s, t, dtype)
+    start = torch.zeros(b, 1, dtype=torch.long) if case == "causal_from_0" else torch.tensor([[0], [5], [130]])
+    q_pos = start + torch.arange(s)  # [B, S]
+    k_pos = q_pos
+    if case == "mask_chunk":  # S queries over T keys: the last S keys, 4 further back on row 0
+        k_pos = torch.arange(t)[None]
+        q_pos = torch.tensor([[t - s - 4], [t - s], [t - s]]) + torch.arange(s)
+    elif case == "mask_shuffled":  # tokens out of position order: the mask is no triangle
+        q_pos = k_pos = torch.stack([torch.randperm(s) for _ in range(b)])
+    mask = causal_mask(q_pos, k_pos)
+    expected = naive_attention(*inputs, mask, 0.3)
+    # causal cases: the lower triangle is the mask whatever each row's start (what `contiguous` relies on)
+    out = sdpa_attention(*inputs, None if case.startswith("causal") else mask, 0.3)
+    assert out.shape == expected.shape
+    assert calc_diff(out, expected) < 1e-6
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_kernels_prefill_attention_equals_reference(contiguous):
+    """Float weights, so the kernels backend's prefill differs from the reference only in attention."""
+    ref = random_model(preset("tiny"))
+    ker = _rebuild(ref, "kernels")
+    attn_ref, attn_ker = ref.main_layers[0].self_attn, ker.main_layers[0].self_attn
+    ctx = ref.context(3, 45, "cpu", start_pos=torch.tensor([0, 7, 100]))
+    ctx.contiguous = contiguous  # False: the explicit causal_mask path
+    x = torch.randn(3, 45, ref.args.hidden_size)
+    with torch.no_grad():
+        assert calc_diff(attn_ker(x, ctx), attn_ref(x, ctx)) < 1e-6
+
+
+@pytest.mark.gpu
+def test_sdpa_attention_runs_flash_at_model_head_dims():
+    """The padded v keeps the flash backend eligible (it raises otherwise) at V3's dn, dr, dv."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    inputs = _mla_inputs(2, 300, 300, torch.bfloat16, "cuda", h=4, dn=128, dr=64, dv=128, r=512)
+    positions = torch.arange(300, device="cuda")[None]  # [1, S]
+    expected = naive_attention(*[x.float() for x in inputs], causal_mask(positions, positions), 0.1)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = sdpa_attention(*inputs, None, 0.1)
+    assert calc_diff(out.float(), expected) < 1e-3
