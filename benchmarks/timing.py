@@ -1,8 +1,9 @@
 """The one timing helper every benchmark uses (protocol: /work/shared/BENCHMARKS.md, "Timing").
 
 bench(fn)            median ms of single eager calls, CUDA events, L2 flushed before each run.
-bench_graph(fn)      median ms per call of `calls` invocations captured in one CUDA graph:
-                     the kernel time of ops under ~50 us, with the launch path taken out.
+bench_graph(*fns)    median ms per call of `calls` invocations captured in one CUDA graph:
+                     the kernel time of ops under ~50 us, with the launch path taken out;
+                     several fns (the op on copies of its inputs) are called in turn.
 host_overhead_us(fn) wall-clock us per call of back-to-back eager calls (see its docstring).
 warm_up()            >= 1 s of sustained GPU work; every function above runs it once per process.
 
@@ -107,21 +108,25 @@ def bench(fn: Callable[[], object], *, flush_l2: bool = True, min_runs: int = 30
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def bench_graph(fn: Callable[[], object], *, calls: int = 100, replays: int = 30,
+def bench_graph(*fns: Callable[[], object], calls: int = 100, replays: int = 30,
                 warmup_ms: float = 20.0) -> float:
-    """Median ms per call: `calls` invocations of fn captured in one CUDA graph, replayed >= 30 times.
+    """Median ms per call: `calls` invocations captured in one CUDA graph, replayed >= 30 times.
 
     This is the kernel time of short ops (protocol: ops under ~50 us) with the Python, dispatcher
     and launch costs removed; report host_overhead_us(fn) beside it. The L2 is not flushed
-    between the captured calls: an op whose inputs fit in L2 (~50 MB) is measured with warm
-    inputs, as it runs inside a model step. If capture fails (an op that synchronizes, allocates
-    through a non-graph-safe path, or calls the host), this says so on stderr and returns
-    bench(fn) instead.
+    between the captured calls. With one fn, an op whose inputs fit in L2 (~50 MB) is measured
+    with warm inputs. With several (the same op on copies of its inputs, together well over the
+    L2), the calls cycle through them, so every call reads its inputs from DRAM (protocol: inputs
+    rotated), as a model step reads each layer's own weights. If capture fails (an op that
+    synchronizes, allocates through a non-graph-safe path, or calls the host), this says so on
+    stderr and returns bench(fns[0]) instead.
     """
     _ensure_warm()
-    _estimate_ms(fn, warmup_ms)  # eager warm-up before capture: lazy init must not be captured
+    _estimate_ms(fns[0], warmup_ms)  # eager warm-up before capture: lazy init must not be captured
+    for fn in fns[1:]:
+        fn()
     try:
-        graph = _capture(fn, calls)
+        graph = _capture(fns, calls)
     except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager timing
         print(f"bench_graph: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
               "falling back to bench() (eager, CUDA events)", file=sys.stderr)
@@ -129,7 +134,7 @@ def bench_graph(fn: Callable[[], object], *, calls: int = 100, replays: int = 30
             torch.cuda.synchronize()
         except RuntimeError:
             pass
-        return bench(fn)
+        return bench(fns[0])
     graph.replay()  # first replay uploads the graph
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
@@ -143,14 +148,14 @@ def bench_graph(fn: Callable[[], object], *, calls: int = 100, replays: int = 30
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / calls
 
 
-def _capture(fn: Callable[[], object], calls: int) -> "torch.cuda.CUDAGraph":
+def _capture(fns, calls: int) -> "torch.cuda.CUDAGraph":
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn()
+            for i in range(calls):
+                fns[i % len(fns)]()
     torch.cuda.current_stream().wait_stream(stream)
     return graph
 
