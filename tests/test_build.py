@@ -143,3 +143,20 @@ def test_wgmma_not_serialized():
         if len(mmas) > 1:
             batched = [m for m in mmas if "gsb0" not in m]
             assert batched, f"{name}: every one of its {len(mmas)} wgmma waits for completion (serialized)"
+
+
+def nvcc_path() -> str:
+    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if base and (Path(base) / "bin" / "nvcc").is_file():
+            return str(Path(base) / "bin" / "nvcc")
+    raise AssertionError("nvcc not found in $CUDA_HOME/bin, $CUDA_PATH/bin or /usr/local/cuda/bin")
+
+
+def test_standalone_gemm_harness_compiles(tmp_path):
+    """benchmarks/fp8_gemm_standalone.cu (no torch) stays in step with the GEMM launcher's header."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([nvcc_path(), "-std=c++20", "--expt-relaxed-constexpr", "-gencode",
+                          "arch=compute_90a,code=sm_90a", f"-I{root / 'ptx'}", f"-I{root / 'csrc'}", "-c",
+                          str(root / "benchmarks" / "fp8_gemm_standalone.cu"), "-o", str(tmp_path / "harness.o")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"nvcc failed:\n{out.stderr[-4000:]}"
