@@ -170,7 +170,8 @@ int main(int argc, char** argv) {
   try {
     if (argc == 2 && std::strcmp(argv[1], "sweep") == 0) return sweep();
     if ((argc == 5 || argc == 6) && std::strcmp(argv[1], "time") == 0) {
-      return time_one(std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]), argc == 6 ? std::atoi(argv[5]) : 30);
+      const int runs = argc == 6 ? std::atoi(argv[5]) : 30;
+      return time_one(std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]), runs);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s\n", e.what());

@@ -456,16 +456,21 @@ int64_t num_tiles(const Fp8GemmProblem& p, int block_m, int block_n, int64_t row
 }
 
 // Tensor-core throughput of a full wave of BLOCK_M x BLOCK_N tiles relative to 128 x 128, measured
-// on the H200: geomean over the issue's M = 4096 shapes of a sweep of every variant (L2 flushed).
-// 128 x 128 is the sweet spot: its wgmma are m64n128 and it promotes one K block while the tensor
-// cores run the next (two accumulators); BLOCK_N > 128 has registers for one accumulator only, and
-// widths that are not a divisor of 128 pay a per-column scale select and re-read A more often.
+// on the H200 at full clocks: geomean over the issue's M = 4096 shapes of a sweep of every variant
+// (L2 flushed; benchmarks/fp8_gemm_standalone.cu sweep). 128 x 128 is the sweet spot: its wgmma are
+// m64n128 and it promotes one K block while the tensor cores run the next (two accumulators);
+// BLOCK_N > 128 has registers for one accumulator only, and widths that do not divide 128 pay a
+// per-column scale select.
 double mma_efficiency(int block_m, int block_n) {
-  constexpr int kNs[] = {16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192};
-  constexpr double kBlockM64[] = {0.15, 0.31, 0.40, 0.53, 0.55, 0.62, 0.63, 0.75, 0.59, 0.62, 0.63};
-  constexpr double kBlockM128[] = {0.25, 0.47, 0.60, 0.71, 0.70, 0.78, 0.79, 1.00, 0.71, 0.76, 0.88};
-  for (int i = 0; i < static_cast<int>(sizeof(kNs) / sizeof(kNs[0])); ++i) {
-    if (kNs[i] == block_n) return block_m == 64 ? kBlockM64[i] : kBlockM128[i];
+  struct Measured {
+    int block_n;
+    double block_m64, block_m128;
+  };
+  constexpr Measured kTable[] = {{16, 0.15, 0.25},  {32, 0.31, 0.47},  {48, 0.40, 0.60},  {64, 0.53, 0.71},
+                                 {80, 0.55, 0.70},  {96, 0.62, 0.78},  {112, 0.63, 0.79}, {128, 0.75, 1.00},
+                                 {144, 0.59, 0.71}, {160, 0.62, 0.76}, {192, 0.63, 0.88}};
+  for (const Measured& row : kTable) {
+    if (row.block_n == block_n) return block_m == 64 ? row.block_m64 : row.block_m128;
   }
   return 0.5;  // a width outside the table (a -DDSO_GEMM_BLOCK_NS build): rank it low
 }
@@ -475,7 +480,8 @@ double mma_efficiency(int block_m, int block_n) {
 // (operands re-read by other tiles). Constants fitted to the same sweep over M in {64, 128, 4096}
 // (picks within 2% of the best tile on 15 of the 18 shapes, at most 11% off).
 double estimate_seconds(const Fp8GemmProblem& p, int block_m, int block_n, int num_sms) {
-  // A fitted rate, not a peak (128 x 128 tiles run ~1.2 PFLOP/s): it also absorbs per-tile costs.
+  // A fitted rate, not a peak (128 x 128 tiles run ~1.2 PFLOP/s at full clocks): it also absorbs
+  // per-tile costs.
   constexpr double kSmFlops = 0.9e15 / 132;
   constexpr double kSmL2BytesPerS = 80e9;
   constexpr double kDramBytesPerS = 3.0e12;

@@ -39,24 +39,24 @@ pytestmark = pytest.mark.skipif(not deepseek_ops.cuda_kernels_built(),
                                 reason=f"extension {deepseek_ops.build_summary()}: no SASS to inspect")
 
 
-def cuobjdump_path() -> str:
-    """$CUDA_HOME/bin, then PATH, then the copy triton ships (torch's CUDA wheels bring triton)."""
-    candidates = []
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(Path(os.environ[var]) / "bin" / "cuobjdump")
-    candidates.append(Path("/usr/local/cuda/bin/cuobjdump"))
-    if shutil.which("cuobjdump"):
-        candidates.append(Path(shutil.which("cuobjdump")))
-    spec = importlib.util.find_spec("triton")
-    if spec and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidates.append(Path(location) / "backends" / "nvidia" / "bin" / "cuobjdump")
+def _toolkit_tool(tool: str, extra: List[Path] = ()) -> str:
+    """$CUDA_HOME/bin (or $CUDA_PATH/bin), /usr/local/cuda/bin, PATH, then `extra`."""
+    candidates = [Path(os.environ[var]) / "bin" / tool for var in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(var)]
+    candidates.append(Path("/usr/local/cuda/bin") / tool)
+    if shutil.which(tool):
+        candidates.append(Path(shutil.which(tool)))
+    candidates += list(extra)
     for path in candidates:
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
-    raise AssertionError("cuobjdump not found (looked in $CUDA_HOME/bin, /usr/local/cuda/bin, PATH and "
-                         f"triton/backends/nvidia/bin): {[str(c) for c in candidates]}")
+    raise AssertionError(f"{tool} not found: looked in {[str(c) for c in candidates]}")
+
+
+def cuobjdump_path() -> str:
+    """The toolkit's cuobjdump, else the copy triton ships (torch's CUDA wheels bring triton)."""
+    spec = importlib.util.find_spec("triton")
+    locations = spec.submodule_search_locations if spec and spec.submodule_search_locations else []
+    return _toolkit_tool("cuobjdump", [Path(loc) / "backends" / "nvidia" / "bin" / "cuobjdump" for loc in locations])
 
 
 def extension_path() -> str:
@@ -133,7 +133,6 @@ def test_no_local_memory():
     assert not bad, f"kernels with a stack frame or local memory (STACK, LOCAL): {bad}"
 
 
-
 def test_wgmma_not_serialized():
     """ptxas serializes wgmma (a wait after every instruction, warning C7514) when it cannot prove
     that no accumulator in flight is read; the e4m3 MMAs of a K block must then all carry the group
@@ -145,17 +144,10 @@ def test_wgmma_not_serialized():
             assert batched, f"{name}: every one of its {len(mmas)} wgmma waits for completion (serialized)"
 
 
-def nvcc_path() -> str:
-    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if base and (Path(base) / "bin" / "nvcc").is_file():
-            return str(Path(base) / "bin" / "nvcc")
-    raise AssertionError("nvcc not found in $CUDA_HOME/bin, $CUDA_PATH/bin or /usr/local/cuda/bin")
-
-
 def test_standalone_gemm_harness_compiles(tmp_path):
     """benchmarks/fp8_gemm_standalone.cu (no torch) stays in step with the GEMM launcher's header."""
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([nvcc_path(), "-std=c++20", "--expt-relaxed-constexpr", "-gencode",
+    out = subprocess.run([_toolkit_tool("nvcc"), "-std=c++20", "--expt-relaxed-constexpr", "-gencode",
                           "arch=compute_90a,code=sm_90a", f"-I{root / 'ptx'}", f"-I{root / 'csrc'}", "-c",
                           str(root / "benchmarks" / "fp8_gemm_standalone.cu"), "-o", str(tmp_path / "harness.o")],
                          capture_output=True, text=True, timeout=300)
