@@ -477,8 +477,9 @@ double mma_efficiency(int block_m, int block_n) {
 
 // Estimated time of a configuration: waves of tiles, each costing the slower of its tensor-core time
 // and its operand ingest. Ingest mixes DRAM (the problem's unique bytes, shared by all SMs) and L2
-// (operands re-read by other tiles). Constants fitted to the same sweep over M in {64, 128, 4096}
-// (picks within 2% of the best tile on 15 of the 18 shapes, at most 11% off).
+// (operands re-read by other tiles). Constants fitted to the same sweep over M in {64, 128, 4096}:
+// on its data the model picks within 2% of the best tile on 15 of the 18 shapes, at most 11% off
+// (the picks at M = 4096 were confirmed on the H200; the small-M ones are the model's).
 double estimate_seconds(const Fp8GemmProblem& p, int block_m, int block_n, int num_sms) {
   // A fitted rate, not a peak (128 x 128 tiles run ~1.2 PFLOP/s at full clocks): it also absorbs
   // per-tile costs.
