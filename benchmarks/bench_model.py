@@ -68,7 +68,7 @@ def _breakdown(model: Transformer, x: torch.Tensor, ctx) -> Dict[str, float]:
 
     layer, args = model.main_layers[0], model.args
     attn, moe = layer.self_attn, layer.mlp
-    inter, num_experts = args.moe_intermediate_size, args.n_routed_experts
+    num_experts = args.n_routed_experts
     h = layer.input_layernorm(x)
     parts: Dict[str, Callable[[], object]] = {"attention (MLA block)": lambda: attn(h, ctx)}
     if ctx.decode:
@@ -80,16 +80,19 @@ def _breakdown(model: Transformer, x: torch.Tensor, ctx) -> Dict[str, float]:
                                                                 metadata=ctx.mla_metadata)
     y = layer.post_attention_layernorm(x).reshape(-1, x.shape[-1])
     weights, indices = moe.gate(y)
-    recv = deepseek_ops.ep.dispatch(y, indices, weights, num_experts=num_experts)
-    h13 = MoE._grouped(recv.recv_x, moe.w13, moe.w13_scale, recv.recv_topk_idx)
-    h2 = h13[:, :inter] * h13[:, inter:]
-    out = MoE._grouped(h2, moe.w2, moe.w2_scale, recv.recv_topk_idx)
+    dispatch = lambda: deepseek_ops.ep.dispatch(MoE._quantize(y), indices, weights, num_experts=num_experts)
+    recv = dispatch()
+    rows, m_indices = recv.recv_x, recv.recv_topk_idx
+    grouped = deepseek_ops.grouped_fp8_gemm_contiguous
+    h13 = grouped(*rows, moe.w13, moe.w13_scale, m_indices)
+    act = moe._activation(h13)
+    out = grouped(*act, moe.w2, moe.w2_scale, m_indices)
     parts.update({
         "moe: router (gate + top-k)": lambda: moe.gate(y),
-        "moe: ep.dispatch": lambda: deepseek_ops.ep.dispatch(y, indices, weights, num_experts=num_experts),
-        "moe: grouped GEMM w13 (+quant)": lambda: MoE._grouped(recv.recv_x, moe.w13, moe.w13_scale,
-                                                               recv.recv_topk_idx),
-        "moe: grouped GEMM w2 (+quant)": lambda: MoE._grouped(h2, moe.w2, moe.w2_scale, recv.recv_topk_idx),
+        "moe: quantize + ep.dispatch (fp8)": dispatch,
+        "moe: grouped GEMM w13": lambda: grouped(*rows, moe.w13, moe.w13_scale, m_indices),
+        "moe: silu(gate) * up + quantize": lambda: moe._activation(h13),
+        "moe: grouped GEMM w2": lambda: grouped(*act, moe.w2, moe.w2_scale, m_indices),
         "moe: ep.combine": lambda: deepseek_ops.ep.combine(out, recv.handle, weights),
         "moe: shared expert (3 fp8_linear)": lambda: moe.shared_experts(y),
     })

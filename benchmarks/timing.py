@@ -5,6 +5,7 @@ bench_graph(*fns)    median ms per call of `calls` invocations captured in one C
                      the kernel time of ops under ~50 us, with the launch path taken out;
                      several fns (the op on copies of its inputs) are called in turn.
 host_overhead_us(fn) wall-clock us per call of back-to-back eager calls (see its docstring).
+bench_ranks(fn, g)   the slowest rank's median ms of a collective op, every run started together.
 warm_up()            >= 1 s of sustained GPU work; every function above runs it once per process.
 
 `fn` is a zero-argument callable that launches the work on the current stream; inputs are made
@@ -179,3 +180,35 @@ def host_overhead_us(fn: Callable[[], object], *, calls: int = 200) -> float:
     elapsed_s = time.perf_counter() - start
     _mark_busy()
     return elapsed_s * 1e6 / calls
+
+
+def bench_ranks(fn: Callable[[], object], group, *, runs: int = 50, warmup_calls: int = 10) -> float:
+    """The slowest rank's median ms of `fn()` (a collective: every rank of `group` calls it).
+
+    Each run: L2 flush, a barrier of the group (the ranks start together, so a rank's time includes
+    waiting for its slowest peer, as in a model step), CUDA events around one eager call, a device
+    sync. An op that syncs with the host inside is timed end to end, its host work included. Every
+    rank makes the same number of calls (a collective called a different number of times hangs).
+    """
+    import torch.distributed as dist
+
+    _ensure_warm()
+    for _ in range(warmup_calls):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        flush_l2_cache()
+        dist.barrier(group=group)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    _mark_busy()
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+    return float(slowest.item())

@@ -714,7 +714,10 @@ CUtensorMap make_kv_tensor_map(const MlaDecodeArgs& args) {
 template <bool kFp8>
 void launch_decode_kernel(const MlaDecodeArgs& args, dim3 grid, cudaStream_t stream) {
   auto kernel = sm90_bf16_mla_decode_kernel<kFp8>;
-  DSO_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  static std::once_flag attribute_set[kMaxDevices];  // one per kernel instantiation
+  once_per_device(attribute_set, [kernel] {
+    DSO_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  });
   const CUtensorMap tmap_kv = kFp8 ? CUtensorMap{} : make_kv_tensor_map(args);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(args, tmap_kv);
   DSO_LAUNCH_CHECK();

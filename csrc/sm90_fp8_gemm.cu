@@ -419,16 +419,16 @@ struct DeviceInfo {
 };
 
 const DeviceInfo& device_info() {
-  static DeviceInfo infos[64];
-  static std::once_flag once[64];
+  static DeviceInfo infos[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
   int device = 0;
   DSO_CUDA_CHECK(cudaGetDevice(&device));
-  std::call_once(once[device % 64], [device] {
-    DSO_CUDA_CHECK(cudaDeviceGetAttribute(&infos[device % 64].num_sms, cudaDevAttrMultiProcessorCount, device));
-    DSO_CUDA_CHECK(
-        cudaDeviceGetAttribute(&infos[device % 64].max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  once_per_device(once, [device] {
+    DeviceInfo& info = infos[device % kMaxDevices];
+    DSO_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device));
+    DSO_CUDA_CHECK(cudaDeviceGetAttribute(&info.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   });
-  return infos[device % 64];
+  return infos[device % kMaxDevices];
 }
 
 int smem_bytes(int block_m, int block_n, bool out_fp32, int num_stages, int num_k_blocks) {
@@ -572,11 +572,8 @@ void launch_kernel(const LaunchArgs& args) {
   using K = gemm::Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32>;
   const gemm::SmemLayout<BLOCK_M, BLOCK_N, kOutFp32> layout{args.config.num_stages, args.params.num_k_blocks};
   const int smem = layout.total_bytes();
-  // The shared-memory opt-in is a per-device attribute of the kernel: set once per device.
-  static std::once_flag attribute_set[64];
-  int device = 0;
-  DSO_CUDA_CHECK(cudaGetDevice(&device));
-  std::call_once(attribute_set[device % 64], [kernel] {
+  static std::once_flag attribute_set[kMaxDevices];  // one per kernel instantiation
+  once_per_device(attribute_set, [kernel] {
     DSO_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, device_info().max_smem));
   });
   kernel<<<args.config.num_ctas, K::kNumThreads, smem, args.stream>>>(args.tmap_a, args.tmap_b, args.tmap_sfa,

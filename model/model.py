@@ -372,6 +372,9 @@ class MoE(nn.Module):
     def __init__(self, args: ModelArgs, backend: str, ep_group=None):
         super().__init__()
         self.args, self.backend, self.ep_group = args, backend, ep_group
+        # ep.Buffer backend with ep_group: None picks "ipc" (our NVLink kernels, one node) for the
+        # kernels backend on CUDA and "torch" (torch.distributed, the reference) otherwise.
+        self.ep_backend: Optional[str] = None
         rank, world = _ep_rank_and_size(ep_group)
         if args.n_routed_experts % world:
             raise ValueError(f"ModelArgs.n_routed_experts = {args.n_routed_experts}: must be a multiple of the "
@@ -427,29 +430,27 @@ class MoE(nn.Module):
     def experts_grouped_fp8(self, x, weights, indices):
         """Experts as two grouped FP8 GEMMs over the expert-contiguous rows of ep.dispatch."""
         ep = _ops().ep
-        recv = ep.dispatch(x, indices, weights, num_experts=len(self.experts))  # rows grouped by expert
-        m_indices = recv.recv_topk_idx  # [M] int32, -1 on padding rows
-        h = self._grouped(recv.recv_x, self.w13, self.w13_scale, m_indices)  # [M, 2I]
-        inter = self.args.moe_intermediate_size
-        h = (F.silu(h[:, :inter].float()) * h[:, inter:].float()).to(torch.bfloat16)  # [M, I]
-        y = self._grouped(h, self.w2, self.w2_scale, m_indices)  # [M, D]
+        recv = ep.dispatch(self._quantize(x), indices, weights, num_experts=len(self.experts))
+        y = self._expert_gemms(*recv.recv_x, recv.recv_topk_idx)  # rows grouped by expert
         return ep.combine(y, recv.handle, weights).to(x.dtype)  # [N, D]: sum_k w[n, k] * y[row(n, k)]
 
     def experts_parallel(self, x, weights, indices):
         """Expert parallel: dispatch the (token, expert) pairs to the experts' ranks, run the local
         experts on the rows received (grouped FP8 GEMMs, or the loop), combine back home."""
         ep = _ops().ep
-        if self.ep_buffer is None or self.ep_buffer.max_tokens_per_rank < x.shape[0]:
-            self.ep_buffer = ep.Buffer(self.ep_group, max(x.shape[0], 4096), x.shape[1], len(self.experts),
-                                       max_topk=indices.shape[1])
-        recv = self.ep_buffer.dispatch(x.to(torch.bfloat16), indices, weights)
-        rows, m_indices = recv.recv_x, recv.recv_topk_idx  # [M, D] bf16, [M] local expert (-1: padding)
-        if self.w13 is not None:
-            inter = self.args.moe_intermediate_size
-            h = self._grouped(rows, self.w13, self.w13_scale, m_indices)  # [M, 2I]
-            h = (F.silu(h[:, :inter].float()) * h[:, inter:].float()).to(torch.bfloat16)
-            y = self._grouped(h, self.w2, self.w2_scale, m_indices)  # [M, D]
+        backend = self.ep_backend or ("ipc" if self.backend == "kernels" and x.is_cuda else "torch")
+        buffer = self.ep_buffer
+        if buffer is None or buffer.backend != backend or buffer.max_tokens_per_rank < x.shape[0]:
+            if buffer is not None:
+                buffer.close()
+            self.ep_buffer = buffer = ep.Buffer(self.ep_group, max(x.shape[0], 4096), x.shape[1], len(self.experts),
+                                                backend=backend, max_topk=indices.shape[1])
+        if self.w13 is not None:  # FP8 rows travel: half the bytes, and each token is quantized once
+            recv = buffer.dispatch(self._quantize(x), indices, weights)
+            y = self._expert_gemms(*recv.recv_x, recv.recv_topk_idx)
         else:
+            recv = buffer.dispatch(x.to(torch.bfloat16), indices, weights)
+            rows, m_indices = recv.recv_x, recv.recv_topk_idx  # [M, D] bf16, [M] local expert (-1: padding)
             y = torch.zeros_like(rows)
             for local_idx, expert_idx in enumerate(self.local_experts):
                 (row_idx,) = torch.where(m_indices == local_idx)
@@ -458,10 +459,21 @@ class MoE(nn.Module):
         return self.ep_buffer.combine(y, recv.handle, weights).to(x.dtype)  # [N, D]
 
     @staticmethod
-    def _grouped(a, b, b_scale, m_indices):
-        ops = _ops()
-        a_fp8, a_scale = ops.per_token_group_quant_fp8(a, 128, column_major_scales=True)
-        return ops.grouped_fp8_gemm_contiguous(a_fp8, a_scale, b, b_scale, m_indices)
+    def _quantize(x: torch.Tensor):
+        """x [N, D] -> (e4m3 [N, D], fp32 scales [N, D/128]): quantized at home, before dispatch."""
+        return _ops().per_token_group_quant_fp8(x.to(torch.bfloat16), FP8_BLOCK)
+
+    def _expert_gemms(self, rows_fp8, rows_scale, m_indices):
+        """Rows grouped by expert (m_indices -1 on padding) -> y [M, D] bf16: w2 (silu(gate) * up)."""
+        grouped = _ops().grouped_fp8_gemm_contiguous
+        h = grouped(rows_fp8, rows_scale, self.w13, self.w13_scale, m_indices)  # [M, 2I]
+        return grouped(*self._activation(h), self.w2, self.w2_scale, m_indices)  # [M, D]
+
+    def _activation(self, h: torch.Tensor):
+        """h [M, 2I] (gate | up) -> silu(gate) * up [M, I], quantized per 1 x 128 for the w2 GEMM."""
+        inter = self.args.moe_intermediate_size
+        act = (F.silu(h[:, :inter].float()) * h[:, inter:].float()).to(torch.bfloat16)
+        return _ops().per_token_group_quant_fp8(act, FP8_BLOCK, column_major_scales=True)
 
     def prepare_kernels(self) -> None:
         """Stacks FP8 expert weights for the grouped GEMMs (float experts keep the reference loop)."""

@@ -1,5 +1,6 @@
-"""Multi-process helpers for tests/test_ep.py: one process per rank, torch.distributed on gloo (CPU)
-or, for the IPC-free GPU runs, gloo control plane with CUDA tensors.
+"""Multi-process helpers for tests/test_ep.py: one process per rank, torch.distributed on gloo (CPU,
+or the control plane of GPU runs) or NCCL (one GPU per rank). With CUDA, rank r uses GPU
+r % device_count: on a multi-GPU machine the ranks exchange over NVLink, on one GPU they share it.
 
 Each rank draws its own inputs from (seed, rank) and can redraw any other rank's, so every rank
 checks its received rows exactly against what the senders hold, and its combined output against
@@ -25,8 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, pg_backend: str):
+    if torch.cuda.is_available():
+        # One process per GPU where there are enough GPUs (ranks talk over NVLink), else round robin.
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(pg_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
     finally:
@@ -36,9 +40,10 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple):
             pass
 
 
-def run_ranks(fn: Callable, world_size: int, *args):
-    """Runs fn(rank, world_size, *args) in world_size spawned processes; re-raises a rank's failure."""
-    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+def run_ranks(fn: Callable, world_size: int, *args, pg_backend: str = "gloo"):
+    """Runs fn(rank, world_size, *args) in world_size spawned processes; re-raises a rank's failure.
+    pg_backend: the process group's ("nccl" needs a GPU per rank)."""
+    mp.spawn(_entry, args=(world_size, free_port(), fn, args, pg_backend), nprocs=world_size, join=True)
 
 
 # -- inputs --------------------------------------------------------------------------------------

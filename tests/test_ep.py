@@ -2,8 +2,9 @@
 
 CPU: the reference kernels, and the torch.distributed backend with 2-4 gloo processes checked
 against the single-process dense computation (tests/ep_workers.py). GPU (marked): the fused one-GPU
-kernels bit for bit against the references, inside a CUDA graph, 1000 rounds, and the distributed
-backend with several processes sharing the one GPU.
+kernels bit for bit against the references, inside a CUDA graph, 1000 rounds; the distributed and
+ipc backends with several processes, one GPU per rank where there are enough (NVLink, NCCL), else
+sharing GPUs (gloo control plane: NCCL refuses two ranks on one GPU).
 """
 import pytest
 import torch
@@ -389,15 +390,16 @@ def test_opcheck_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_gpu_dist_exchange_processes_share_gpu(world_size):
-    """The torch.distributed backend with CUDA tensors, several processes on the one GPU (gloo
-    control and data plane through the host): the GPU permute/combine kernels inside the exchange."""
+def test_gpu_dist_exchange_gloo_cuda_tensors(world_size):
+    """The torch.distributed backend with CUDA tensors on gloo (control and data plane through the
+    host; the processes share GPUs where there are fewer than ranks): the GPU permute/combine
+    kernels inside the exchange."""
     case = dict(world_size=world_size, tokens=[64, 0, 100, 31][:world_size], hidden=512, experts=8 * world_size,
                 topk=4, route="random", alignment=128, device="cuda")
     ep_workers.run_ranks(ep_workers.check_exchange, world_size, int(torch.randint(1 << 20, ())), case)
 
 
-# ---- GPU: the intranode IPC tier, several processes sharing the one GPU -----------------------------
+# ---- GPU: the intranode IPC tier (one GPU per rank where there are enough, else sharing GPUs) -------
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", [2, 4, 8])
@@ -408,6 +410,26 @@ def test_gpu_ipc_exchange(world_size):
     case = dict(world_size=world_size, tokens=tokens, hidden=512, experts=4 * world_size, topk=4, route="random",
                 alignment=128, device="cuda", backend="ipc")
     ep_workers.run_ranks(ep_workers.check_exchange, world_size, int(torch.randint(1 << 20, ())), case)
+
+
+def _need_gpus(world_size: int):
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs (one process per GPU, NCCL), found {torch.cuda.device_count()}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "ipc"])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_gpu_nccl_group_exchange(world_size, backend):
+    """One process per GPU on an NCCL group: the torch backend's rows travel by NCCL all_to_all
+    (the reference), the ipc backend's by our kernels over NVLink with NCCL as its control plane.
+    Exact routing by (rank, token) tags, bf16 and FP8, combine bitwise the dense reference."""
+    _need_gpus(world_size)
+    tokens = [96, 0, 130, 31, 64, 1, 77, 128][:world_size]
+    case = dict(world_size=world_size, tokens=tokens, hidden=512, experts=4 * world_size, topk=4, route="random",
+                alignment=128, device="cuda", backend=backend)
+    ep_workers.run_ranks(ep_workers.check_exchange, world_size, int(torch.randint(1 << 20, ())), case,
+                         pg_backend="nccl")
 
 
 @pytest.mark.gpu
