@@ -2,22 +2,25 @@
 // per-expert contiguous layout, and the weighted un-permute combine. No host sync anywhere: every
 // size the kernels need is computed on the device, so the whole dispatch fits in a CUDA graph.
 //
-// Dispatch is three launches, chained by programmatic dependent launch (PDL: each one starts while
-// the previous one runs and waits on it with griddepcontrol.wait, so no launch latency and no
-// ramp-up sits between them):
+// Dispatch is two launches, chained by programmatic dependent launch (PDL: rows starts while count
+// runs and waits on it with griddepcontrol.wait, so no launch latency and no ramp-up sits between
+// them):
 //   count   blocks of kTokensPerCountBlock tokens rank each (token, k) pair among the pairs of the
 //           same expert in the block, in (token, k) order (each warp ranks a contiguous run of the
 //           block's pairs with __match_any_sync, then the runs are offset by the earlier warps'
-//           counts), and write the block's per-expert counts.
-//   scan    one block turns the counts into each block's first slot per expert and each expert's
-//           padded group start (the deterministic order makes the output bitwise reproducible).
+//           counts), and write the block's per-expert counts. The last block to finish (a ticket
+//           taken with an acquire-release atomic) turns every block's counts into each block's first
+//           slot per expert and each expert's padded group start (the deterministic order makes the
+//           output bitwise reproducible).
 //   rows    one block per token holds the token's row (+ its scales) in registers, loaded before
-//           the wait on scan (overlapping count and scan), and stores it to each of its rows; the
-//           blocks also write m_indices = -1 (and weight 0) on the rows no pair landed on.
-// NOTE (PDL safety): count releases its dependents only after its own wait, so when scan and rows
-// start, every kernel before count (the producers of x, x_scales, topk_idx, topk_weights) has
-// completed: rows may read those inputs before its wait (it reads them only for its tokens, so only
-// when count runs), never the workspace or its outputs.
+//           the wait on count (overlapping it), and stores it to each of its rows; the blocks also
+//           write m_indices = -1 (and weight 0) on the rows no pair landed on.
+// rows' griddepcontrol.wait returns once the whole count grid has completed, the last block's scan
+// included, and its writes are visible: rows reads the workspace only after it.
+// NOTE (PDL safety): count releases its dependents only after its own wait, so when rows starts,
+// every kernel before count (the producers of x, x_scales, topk_idx, topk_weights) has completed:
+// rows may read those inputs before its wait (it reads them only for its tokens, so only when count
+// runs), never the workspace or its outputs.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -25,22 +28,31 @@
 
 #include <cuda_bf16.h>
 
+#include "atomic.cuh"
 #include "common.h"
 #include "ep_local.h"
 #include "griddep.cuh"
 #include "memory.cuh"
+#include "special_registers.cuh"
 
 namespace dso {
 namespace {
 
 constexpr int kMaxTopk = 32;
+// NOTE: 128 tokens a count block (32 blocks for 4096 tokens). Count's time is mostly fixed latency
+// (the wait, one topk_idx round trip, the ticket's release and round trip, the scan's round trip to
+// L2, the grid's completion); the ranking proper is 4 __match_any_sync steps a warp at top-8 and
+// would shrink by only ~2 steps with blocks half as large, while the last block's scan would load
+// twice the counts (64 a thread at 256 experts: a second batch of kScanUnroll, one more L2 round
+// trip) and twice as many blocks would contend for the ticket. Larger blocks lengthen the ranking
+// and leave SMs idle. At 4096 tokens the scan is one batch of kScanUnroll loads per expert.
 constexpr int kTokensPerCountBlock = 128;
 constexpr int kCountThreads = 256;
 constexpr int kMaxCountWarps = kCountThreads / 32;
 constexpr int kCountStageUnroll = 4;          // topk_idx loads in flight per thread while staging
 constexpr int kCountSmemBytes = 48 * 1024;    // no opt-in: the default dynamic shared memory limit
-constexpr int kScanThreads = 256;
-constexpr int kScanUnroll = 32;
+constexpr int kScanUnroll = 32;               // block counts in flight per thread in the last block's scan
+constexpr int kNumTicketSlots = 1 << 16;
 constexpr int kRowChunksPerThread = 4;        // 16-byte chunks of the row each thread holds in registers
 constexpr int kMaxRowThreads = 512;           // rows up to 32 KB (+ scales) in one pass; longer ones loop
 constexpr int kPadRowsPerBlock = 2048;        // the rows grid has at least num_rows / this blocks
@@ -48,7 +60,17 @@ constexpr int kCombineThreads = 256;
 constexpr int kLayoutThreads = 256;
 
 static_assert(kMaxTopk <= 32, "the rows kernel resolves the pairs of a token with its first warp");
-static_assert(kScanThreads % 32 == 0 && kScanThreads / 32 <= 32, "scan: one warp scans the warp totals");
+static_assert(kCountThreads % 32 == 0 && kCountThreads / 32 <= 32, "scan: one warp scans the warp totals");
+static_assert(kTokensPerCountBlock >= kCountThreads / 32, "the scan keeps its warp totals in the staged pairs' smem");
+static_assert((kNumTicketSlots & (kNumTicketSlots - 1)) == 0, "ticket slots: a power of two");
+
+// The count grids' tickets. Static storage, so zero when the module loads (the first call finds 0);
+// the block drawing a grid's last ticket puts its slot back to 0 (each call leaves it as it found
+// it, hence CUDA-graph replays and reruns need no memset). A grid takes the slot of its %gridid,
+// which differs between grids running at the same time: dispatches on other streams or in other
+// graphs use other slots. Two grids share a slot only when kNumTicketSlots grids were launched
+// between them while the first was still taking tickets (normally a few microseconds).
+__device__ int g_count_tickets[kNumTicketSlots];
 
 __device__ __forceinline__ int expert_of(int64_t v, int num_experts) {
   return (v >= 0 && v < num_experts) ? static_cast<int>(v) : -1;
@@ -91,25 +113,80 @@ __global__ void __launch_bounds__(kLayoutThreads) sm90_ep_dispatch_layout_kernel
     if (smem_rank[i] != 0) atomicAdd(&num_tokens_per_rank[i], smem_rank[i]);
 }
 
+// The last count block's scan (every thread of the block): block_counts [num_blocks, E] ->
+// block_offsets [num_blocks, E], each block's first slot within each expert (exclusive over the
+// blocks); expert_start [E + 1] the first row of each expert's padded group (and the total);
+// num_tokens_per_expert [E] the unpadded counts. Shared scratch: smem_padded [E], smem_warp_total
+// [kCountThreads / 32]. NOTE: block_counts is written by this grid: plain (coherent) loads, never the
+// read-only path (no const __restrict__ on it).
+__device__ __forceinline__ void scan_block_counts(const int* block_counts, int num_blocks, int num_experts,
+                                                  int alignment, int* smem_padded, int* smem_warp_total,
+                                                  int* block_offsets, int* expert_start,
+                                                  int* num_tokens_per_expert) {
+  for (int e = threadIdx.x; e < num_experts; e += kCountThreads) {
+    int running = 0;
+    for (int b0 = 0; b0 < num_blocks; b0 += kScanUnroll) {
+      int counts[kScanUnroll];  // loads batched ahead of the dependent sum: latency, not bandwidth, bound
+#pragma unroll
+      for (int i = 0; i < kScanUnroll; ++i)
+        counts[i] = b0 + i < num_blocks ? block_counts[static_cast<int64_t>(b0 + i) * num_experts + e] : 0;
+#pragma unroll
+      for (int i = 0; i < kScanUnroll; ++i) {
+        if (b0 + i < num_blocks) block_offsets[static_cast<int64_t>(b0 + i) * num_experts + e] = running;
+        running += counts[i];
+      }
+    }
+    num_tokens_per_expert[e] = running;
+    smem_padded[e] = (running + alignment - 1) / alignment * alignment;
+  }
+  __syncthreads();
+
+  // Exclusive scan of the padded sizes: each thread sums a contiguous run of experts, the runs are
+  // scanned across the warp (shuffles) and across the warps (their totals).
+  const int per_thread = (num_experts + kCountThreads - 1) / kCountThreads;
+  const int begin = min(static_cast<int>(threadIdx.x) * per_thread, num_experts);
+  const int end = min(begin + per_thread, num_experts);
+  int sum = 0;
+  for (int e = begin; e < end; ++e) sum += smem_padded[e];
+  const int lane_idx = threadIdx.x % 32, warp_idx = threadIdx.x / 32;
+  int inclusive = sum;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, d);
+    if (lane_idx >= d) inclusive += other;
+  }
+  if (lane_idx == 31) smem_warp_total[warp_idx] = inclusive;
+  __syncthreads();
+  int start = inclusive - sum;
+  for (int w = 0; w < warp_idx; ++w) start += smem_warp_total[w];
+  for (int e = begin; e < end; ++e) {
+    expert_start[e] = start;
+    start += smem_padded[e];
+  }
+  if (threadIdx.x == kCountThreads - 1) expert_start[num_experts] = start;  // the last run ends at the total
+}
+
 // pair_rank[pair] = rank of the pair among the block's pairs of its expert, in (token, k) order;
 // block_counts [num_blocks, E] the block's per-expert counts. Warp w < num_rank_warps ranks pairs
-// [w * pairs_per_warp, (w + 1) * pairs_per_warp) of the block into its own count row.
-__global__ void __launch_bounds__(kCountThreads) sm90_ep_count_kernel(const int64_t* __restrict__ topk_idx,
-                                                                       int64_t num_pairs, int topk, int num_experts,
-                                                                       int num_rank_warps, int pairs_per_warp,
-                                                                       int* __restrict__ pair_rank,
-                                                                       int* __restrict__ block_counts) {
+// [w * pairs_per_warp, (w + 1) * pairs_per_warp) of the block into its own count row. The last
+// block to finish then scans the counts (scan_block_counts).
+__global__ void __launch_bounds__(kCountThreads) sm90_ep_count_kernel(
+    const int64_t* __restrict__ topk_idx, int64_t num_pairs, int topk, int num_experts, int alignment,
+    int num_rank_warps, int pairs_per_warp, int* __restrict__ pair_rank, int* __restrict__ block_counts,
+    int* __restrict__ block_offsets, int* __restrict__ expert_start, int* __restrict__ num_tokens_per_expert) {
+  // NOTE: dynamic shared memory only (none static): the host's budget is the whole 48 KB.
   extern __shared__ int smem_count_block[];  // [num_rank_warps][num_experts] counts, then the block's pairs
   int* smem_warp_count = smem_count_block;
   int* smem_pair = smem_count_block + num_rank_warps * num_experts;
   const int64_t first_pair = static_cast<int64_t>(blockIdx.x) * kTokensPerCountBlock * topk;
   const int num_block_pairs =
       static_cast<int>(min(static_cast<int64_t>(kTokensPerCountBlock) * topk, num_pairs - first_pair));
+  for (int i = threadIdx.x; i < num_rank_warps * num_experts; i += kCountThreads) smem_warp_count[i] = 0;
 
   ptx::griddep_wait();  // topk_idx may come from the previous kernel; the workspace may be in use by it
-  // NOTE: released only after the wait: see the file header (rows reads the inputs before its wait).
+  // NOTE: released right after the wait, so that the rows grid becomes resident and loads its rows
+  // while this grid runs; not before it: see the file header (rows reads the inputs before its wait).
   ptx::griddep_launch_dependents();
-  for (int i = threadIdx.x; i < num_rank_warps * num_experts; i += kCountThreads) smem_warp_count[i] = 0;
   // The whole block stages the experts (loads batched, one DRAM round trip for 1024 pairs): the
   // ranking warps then never wait on DRAM.
   for (int base = 0; base < num_block_pairs; base += kCountThreads * kCountStageUnroll) {
@@ -157,68 +234,25 @@ __global__ void __launch_bounds__(kCountThreads) sm90_ep_count_kernel(const int6
     block_counts[static_cast<int64_t>(blockIdx.x) * num_experts + e] = running;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < num_block_pairs; i += kCountThreads) {
+
+  // NOTE (last block): the ticket's release covers the block's counts (every thread's, ordered before
+  // it by the barrier above); the last block's acquire, then the barrier below, make every block's
+  // counts visible to all its threads. The pair ranks are read only by rows, after its wait.
+  bool is_last = false;
+  if (threadIdx.x == 0) {
+    int* ticket = g_count_tickets + (ptx::read_gridid() & (kNumTicketSlots - 1));
+    is_last = ptx::atom_add_acq_rel_gpu(ticket, 1) == static_cast<int>(gridDim.x) - 1;
+    if (is_last) *ticket = 0;  // every block has drawn: the slot is free for the next grid
+  }
+  for (int i = threadIdx.x; i < num_block_pairs; i += kCountThreads) {  // overlaps the ticket's round trip
     const int packed = smem_pair[i];  // -1: no expert
     if (packed >= 0)
       pair_rank[first_pair + i] = (packed >> 16) + smem_warp_count[(i / pairs_per_warp) * num_experts + (packed & 0xffff)];
   }
-}
-
-// block_counts [num_blocks, E] -> block_offsets [num_blocks, E], each block's first slot within each
-// expert (exclusive scan over blocks); expert_start [E + 1] the first row of each expert's padded
-// group (and the total); num_tokens_per_expert [E] the unpadded counts.
-__global__ void __launch_bounds__(kScanThreads) sm90_ep_scan_kernel(const int* __restrict__ block_counts,
-                                                                     int num_blocks, int num_experts, int alignment,
-                                                                     int* __restrict__ block_offsets,
-                                                                     int* __restrict__ expert_start,
-                                                                     int* __restrict__ num_tokens_per_expert) {
-  extern __shared__ int smem_padded[];  // [num_experts]
-  __shared__ int smem_warp_total[kScanThreads / 32];
-  // NOTE: released before the wait: the rows grid becomes resident and loads its rows while count
-  // still runs. Safe: rows' own wait covers this grid, hence count (this grid waits on it).
-  ptx::griddep_launch_dependents();
-  ptx::griddep_wait();
-  for (int e = threadIdx.x; e < num_experts; e += kScanThreads) {
-    int running = 0;
-    for (int b0 = 0; b0 < num_blocks; b0 += kScanUnroll) {
-      int counts[kScanUnroll];  // loads batched ahead of the dependent sum: latency, not bandwidth, bound
-#pragma unroll
-      for (int i = 0; i < kScanUnroll; ++i)
-        counts[i] = b0 + i < num_blocks ? block_counts[static_cast<int64_t>(b0 + i) * num_experts + e] : 0;
-#pragma unroll
-      for (int i = 0; i < kScanUnroll; ++i) {
-        if (b0 + i < num_blocks) block_offsets[static_cast<int64_t>(b0 + i) * num_experts + e] = running;
-        running += counts[i];
-      }
-    }
-    num_tokens_per_expert[e] = running;
-    smem_padded[e] = (running + alignment - 1) / alignment * alignment;
-  }
-  __syncthreads();
-
-  // Exclusive scan of the padded sizes: each thread sums a contiguous run of experts, the runs are
-  // scanned across the warp (shuffles) and across the warps (their totals).
-  const int per_thread = (num_experts + kScanThreads - 1) / kScanThreads;
-  const int begin = min(static_cast<int>(threadIdx.x) * per_thread, num_experts);
-  const int end = min(begin + per_thread, num_experts);
-  int sum = 0;
-  for (int e = begin; e < end; ++e) sum += smem_padded[e];
-  const int lane_idx = threadIdx.x % 32, warp_idx = threadIdx.x / 32;
-  int inclusive = sum;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int other = __shfl_up_sync(0xffffffffu, inclusive, d);
-    if (lane_idx >= d) inclusive += other;
-  }
-  if (lane_idx == 31) smem_warp_total[warp_idx] = inclusive;
-  __syncthreads();
-  int start = inclusive - sum;
-  for (int w = 0; w < warp_idx; ++w) start += smem_warp_total[w];
-  for (int e = begin; e < end; ++e) {
-    expert_start[e] = start;
-    start += smem_padded[e];
-  }
-  if (threadIdx.x == kScanThreads - 1) expert_start[num_experts] = start;  // the last run ends at the total
+  // The barrier hands thread 0's draw to the block; past it the shared counts and pairs are free.
+  if (__syncthreads_or(is_last))
+    scan_block_counts(block_counts, static_cast<int>(gridDim.x), num_experts, alignment, smem_warp_count,
+                      smem_pair, block_offsets, expert_start, num_tokens_per_expert);
 }
 
 // One block per token (blocks past num_tokens only fill padding). Thread t holds the 16-byte chunks
@@ -378,7 +412,10 @@ __global__ void __launch_bounds__(kCombineThreads) sm90_bf16_ep_combine_kernel(c
   }
 }
 
-int64_t num_count_blocks(int64_t num_tokens) { return ceil_div<int64_t>(num_tokens, kTokensPerCountBlock); }
+// At least one: with no tokens, count's single block still writes the zero counts and group starts.
+int64_t num_count_blocks(int64_t num_tokens) {
+  return std::max<int64_t>(1, ceil_div<int64_t>(num_tokens, kTokensPerCountBlock));
+}
 
 // DSO_EP_PDL=0 launches the dispatch kernels plainly (stream order only): the A/B switch for PDL.
 bool pdl_enabled() {
@@ -445,23 +482,21 @@ void launch_ep_permute(const void* x, int64_t row_bytes, const float* x_scales, 
   int* expert_start = block_offsets + num_blocks * num_experts;
 
   const int64_t max_block_pairs = std::min<int64_t>(num_tokens, kTokensPerCountBlock) * topk;
-  const int64_t stage_smem = sizeof(int) * static_cast<int64_t>(kTokensPerCountBlock) * topk;
-  const int64_t warp_count_smem = sizeof(int) * static_cast<int64_t>(num_experts);
-  if (num_blocks > 0) {
-    if (stage_smem + warp_count_smem > kCountSmemBytes)
-      throw std::runtime_error("deepseek_ops: ep_permute supports at most ~8000 experts");
-    // As many ranking warps as their per-expert count rows fit in shared memory (8 for 256 experts):
-    // each walks a contiguous run of the block's pairs, 32 a step.
-    const int num_rank_warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
-        {kMaxCountWarps, (kCountSmemBytes - stage_smem) / warp_count_smem, ceil_div<int64_t>(max_block_pairs, 32)})));
-    const int pairs_per_warp = static_cast<int>(align_up<int64_t>(ceil_div<int64_t>(max_block_pairs, num_rank_warps), 32));
-    const size_t count_smem = stage_smem + warp_count_smem * num_rank_warps;
-    launch_with_pdl(sm90_ep_count_kernel, num_blocks, kCountThreads, count_smem, stream, topk_idx, num_tokens * topk,
-                    topk, num_experts, num_rank_warps, pairs_per_warp, pair_rank, block_counts);
-  }
-  launch_with_pdl(sm90_ep_scan_kernel, 1, kScanThreads, sizeof(int) * num_experts, stream, block_counts,
-                  static_cast<int>(num_blocks), num_experts, alignment, block_offsets, expert_start,
-                  num_tokens_per_expert);
+  // The staged pairs (also the last block's warp totals: at least kCountThreads / 32 ints) and one
+  // per-expert count row per ranking warp (also the last block's padded group sizes).
+  const int64_t stage_smem = sizeof(int) * static_cast<int64_t>(kTokensPerCountBlock) * std::max(topk, 1);
+  const int64_t warp_count_smem = sizeof(int) * static_cast<int64_t>(std::max(num_experts, 1));
+  if (stage_smem + warp_count_smem > kCountSmemBytes)
+    throw std::runtime_error("deepseek_ops: ep_permute supports at most ~8000 experts");
+  // As many ranking warps as their per-expert count rows fit in shared memory (8 for 256 experts):
+  // each walks a contiguous run of the block's pairs, 32 a step.
+  const int num_rank_warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
+      {kMaxCountWarps, (kCountSmemBytes - stage_smem) / warp_count_smem, ceil_div<int64_t>(max_block_pairs, 32)})));
+  const int pairs_per_warp = static_cast<int>(align_up<int64_t>(ceil_div<int64_t>(max_block_pairs, num_rank_warps), 32));
+  const size_t count_smem = stage_smem + warp_count_smem * num_rank_warps;  // also the last block's scan scratch
+  launch_with_pdl(sm90_ep_count_kernel, num_blocks, kCountThreads, count_smem, stream, topk_idx, num_tokens * topk,
+                  topk, num_experts, alignment, num_rank_warps, pairs_per_warp, pair_rank, block_counts,
+                  block_offsets, expert_start, num_tokens_per_expert);
 
   const int64_t rows_blocks = std::max<int64_t>(num_tokens, ceil_div<int64_t>(num_rows, kPadRowsPerBlock));
   if (rows_blocks > 0) {

@@ -33,6 +33,9 @@ SASS_REQUIREMENTS: Dict[str, List[str]] = {
                                          r"UBLKCP", r"SYNCS"],
     # FP8 GEMMs: e4m3 wgmma, TMA tile loads, 16-byte output stores.
     "sm90_fp8_gemm_kernel": [r"QGMMA\.64x\d+x32\.F32\.E4M3\.E4M3", r"UTMALDG\.2D", STG_128],
+    # EP count: the last block's ticket is a GPU-scope acq_rel atomic (L1 invalidated after it), handed
+    # to the block by a barrier reduction.
+    "sm90_ep_count_kernel": [r"ATOMG\.E\.ADD\.S32\.STRONG\.GPU", r"CCTL\.IVALL", r"BAR\.RED\.OR"],
 }
 
 pytestmark = pytest.mark.skipif(not deepseek_ops.cuda_kernels_built(),

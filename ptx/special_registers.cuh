@@ -1,0 +1,15 @@
+// Special registers read with mov (clocks have their own header, clock.cuh).
+#pragma once
+#include <cstdint>
+
+namespace dso::ptx {
+
+// PTX ISA 10.10 (%gridid): the temporal launch number of this grid, distinct for every grid launched
+// in the context (hence among grids running at the same time).
+__device__ __forceinline__ uint64_t read_gridid() {
+  uint64_t id;
+  asm volatile("mov.u64 %0, %%gridid;" : "=l"(id));
+  return id;
+}
+
+}  // namespace dso::ptx
