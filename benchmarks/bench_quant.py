@@ -1,4 +1,4 @@
-"""FP8 quantization: per_token_group_quant_fp8 and per_block_quant_fp8 against PyTorch.
+"""FP8 quantization: per_token_group_quant_fp8, silu_mul_quant_fp8 and per_block_quant_fp8 against PyTorch.
 
 Peers: `torch` is the reference implementation (deepseek_ops.reference) run eagerly on the GPU
 tensors, `torch_compile` the same function through torch.compile. Bytes = input read + e4m3
@@ -15,12 +15,19 @@ from deepseek_ops import reference
 
 TOKEN_GROUP_SHAPES = [(16384, 7168), (4096, 7168), (128, 7168)]  # (M, K): prefill, chunk, decode batch
 BLOCK_SHAPES = [(7168, 16384)]  # (N, K): one DeepSeek-V3 weight
+# (M, K) of silu_mul_quant_fp8 (input [M, 2K]): a 4096-token prefill's routed-expert rows (4096 x top-8),
+# expert intermediate size 2048.
+SILU_MUL_SHAPES = [(32768, 2048)]
 GROUP = 128
 SHORT_OP_MS = 0.05  # under ~50 us the kernel time comes from CUDA-graph replay (protocol)
 
 
 def token_group_bytes(m: int, k: int, in_bytes: int = 2, group: int = GROUP) -> int:
     return in_bytes * m * k + m * k + 4 * m * (k // group)
+
+
+def silu_mul_bytes(m: int, k: int, in_bytes: int = 2, group: int = GROUP) -> int:
+    return in_bytes * m * 2 * k + m * k + 4 * m * (k // group)
 
 
 def block_bytes(n: int, k: int, in_bytes: int = 2, block: int = 128) -> int:
@@ -52,6 +59,15 @@ def token_group_impls(x: torch.Tensor) -> Dict[str, Callable[[], Tuple[torch.Ten
     return {OURS: lambda: deepseek_ops.per_token_group_quant_fp8(x, GROUP),
             "torch": lambda: reference.per_token_group_quant_fp8(x, GROUP, False, False),
             "torch_compile": lambda: compiled(x, GROUP, False, False)}
+
+
+def silu_mul_impls(h: torch.Tensor) -> Dict[str, Callable[[], Tuple[torch.Tensor, torch.Tensor]]]:
+    import deepseek_ops
+
+    compiled = torch.compile(reference.silu_mul_quant_fp8, fullgraph=True, dynamic=False)
+    return {OURS: lambda: deepseek_ops.silu_mul_quant_fp8(h),
+            "torch": lambda: reference.silu_mul_quant_fp8(h, False, False),
+            "torch_compile": lambda: compiled(h, False, False)}
 
 
 def block_impls(w: torch.Tensor) -> Dict[str, Callable[[], Tuple[torch.Tensor, torch.Tensor]]]:
@@ -87,6 +103,11 @@ def run(quick: bool = False, device: str = "cuda") -> List[Record]:
         records += _measure("per_token_group_quant_fp8", {"M": m, "K": k}, token_group_impls(x), ref,
                             token_group_bytes(m, k))
         del x, ref
+    for m, k in SILU_MUL_SHAPES:
+        h = torch.randn(m, 2 * k, device=device, dtype=torch.bfloat16)
+        ref = reference.silu_mul_quant_fp8(h, False, False)
+        records += _measure("silu_mul_quant_fp8", {"M": m, "K": k}, silu_mul_impls(h), ref, silu_mul_bytes(m, k))
+        del h, ref
     for n, k in BLOCK_SHAPES:
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
         ref = reference.per_block_quant_fp8(w, 128, False)

@@ -39,6 +39,7 @@ TORCH_LIBRARY(deepseek_ops, m) {
   // FP8 quantization (DeepSeek-V3 recipe: 1x128 activation groups, 128x128 weight blocks).
   m.def("per_token_group_quant_fp8(Tensor x, int group_size, bool ue8m0, bool column_major_scales)"
         " -> (Tensor, Tensor)");
+  m.def("silu_mul_quant_fp8(Tensor h, bool ue8m0, bool column_major_scales) -> (Tensor, Tensor)");
   m.def("per_block_quant_fp8(Tensor w, int block_size, bool ue8m0) -> (Tensor, Tensor)");
   m.def("dequant_fp8_block(Tensor w, Tensor scales, int block_size, ScalarType out_dtype) -> Tensor");
   // MLA decode on a paged latent cache (bf16 [num_blocks, 64, 1, 576] or packed FP8 uint8 [.., 656]).
@@ -105,26 +106,41 @@ at::Tensor dense_aligned16(const at::Tensor& t) {
   return t.is_contiguous() ? t.clone() : t.contiguous();
 }
 
+// fp32 [m, num_groups] scales, row-major or stored [num_groups, align(m, 4)] (M-contiguous) so that
+// the GEMM's TMA reads M-contiguous rows of scales.
+at::Tensor empty_group_scales(const at::Tensor& like, int64_t m, int64_t num_groups, bool column_major) {
+  if (!column_major) return at::empty({m, num_groups}, like.options().dtype(at::kFloat));
+  const int64_t m_pad = dso::align_up<int64_t>(m, 4);
+  return at::empty({num_groups, m_pad}, like.options().dtype(at::kFloat)).narrow(1, 0, m).t();
+}
+
 std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8_cuda(const at::Tensor& x_arg, int64_t group_size,
                                                                   bool ue8m0, bool column_major_scales) {
   const c10::cuda::CUDAGuard guard(x_arg.device());
   const at::Tensor x = dense_aligned16(x_arg);
   const int64_t m = x.size(0), k = x.size(1), num_groups = k / group_size;
   auto x_fp8 = at::empty({m, k}, x.options().dtype(at::kFloat8_e4m3fn));
-  at::Tensor scales;
-  if (column_major_scales) {
-    // Stored [num_groups, align(m, 4)] so that the GEMM's TMA reads M-contiguous rows of scales.
-    const int64_t m_pad = dso::align_up<int64_t>(m, 4);
-    scales = at::empty({num_groups, m_pad}, x.options().dtype(at::kFloat)).narrow(1, 0, m).t();
-  } else {
-    scales = at::empty({m, num_groups}, x.options().dtype(at::kFloat));
-  }
+  at::Tensor scales = empty_group_scales(x, m, num_groups, column_major_scales);
   if (m > 0) {
     dso::launch_per_token_group_quant_fp8(x.data_ptr(), float_kind(x), x_fp8.data_ptr(), scales.data_ptr<float>(),
                                           m, k, group_size, ue8m0, scales.stride(0), scales.stride(1),
                                           current_stream());
   }
   return {x_fp8, scales};
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_mul_quant_fp8_cuda(const at::Tensor& h_arg, bool ue8m0,
+                                                           bool column_major_scales) {
+  const c10::cuda::CUDAGuard guard(h_arg.device());
+  const at::Tensor h = dense_aligned16(h_arg);
+  const int64_t m = h.size(0), k = h.size(1) / 2;
+  auto act_fp8 = at::empty({m, k}, h.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor scales = empty_group_scales(h, m, k / 128, column_major_scales);
+  if (m > 0) {
+    dso::launch_silu_mul_quant_fp8(h.data_ptr(), float_kind(h), act_fp8.data_ptr(), scales.data_ptr<float>(), m, k,
+                                   ue8m0, scales.stride(0), scales.stride(1), current_stream());
+  }
+  return {act_fp8, scales};
 }
 
 std::tuple<at::Tensor, at::Tensor> per_block_quant_fp8_cuda(const at::Tensor& w_arg, int64_t block_size,
@@ -467,6 +483,7 @@ void ep_ipc_combine_wait_cuda(const at::Tensor& peer_ptrs, at::IntArrayRef layou
 
 TORCH_LIBRARY_IMPL(deepseek_ops, CUDA, m) {
   m.impl("per_token_group_quant_fp8", &per_token_group_quant_fp8_cuda);
+  m.impl("silu_mul_quant_fp8", &silu_mul_quant_fp8_cuda);
   m.impl("per_block_quant_fp8", &per_block_quant_fp8_cuda);
   m.impl("dequant_fp8_block", &dequant_fp8_block_cuda);
   m.impl("get_mla_metadata", &get_mla_metadata_cuda);

@@ -44,6 +44,43 @@ __device__ __forceinline__ Vec16<T> unpack16(int4 raw) {
 }
 
 template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return __float2half_rn(v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(v);
+  } else {
+    return __half2float(v);
+  }
+}
+
+// silu(gate) * up as (F.silu(gate.float()) * up.float()).to(T) computes it on CUDA: silu(g) is
+// g / (1 + exp(-g)) with expf and an IEEE division, times up in one rounded fp32 product, then one
+// rounding to T (the activation the unfused model quantizes).
+template <typename T>
+__device__ __forceinline__ Vec16<T> silu_mul(const Vec16<T>& gate, const Vec16<T>& up) {
+  Vec16<T> act;
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kElems; ++i) {
+    const float g = gate.v[i];
+    const float silu = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
+    act.v[i] = to_float(from_float<T>(__fmul_rn(silu, up.v[i])));
+  }
+  return act;
+}
+
+template <typename T>
 __device__ __forceinline__ float abs_max(const Vec16<T>& x) {
   float m = 0.0f;
 #pragma unroll
@@ -82,7 +119,8 @@ __device__ __forceinline__ void quantize_store(const Vec16<T>& x, float scale, u
 
 // Each group of kGroup contiguous elements is read by kLanes consecutive lanes, 16 bytes each;
 // each thread keeps kUnroll groups' loads in flight before it reduces any of them.
-template <typename T, int kGroup, bool kUE8M0>
+// kSiluMul: x is [m, 2 k] (gate | up) and the quantized values are silu(gate) * up (silu_mul).
+template <typename T, int kGroup, bool kUE8M0, bool kSiluMul>
 __global__ void __launch_bounds__(kThreads) per_token_group_quant_fp8_kernel(
     const T* __restrict__ x, uint8_t* __restrict__ x_fp8, float* __restrict__ scales, int64_t num_groups_total,
     int64_t groups_per_row, int64_t scale_stride_m, int64_t scale_stride_g) {
@@ -95,18 +133,26 @@ __global__ void __launch_bounds__(kThreads) per_token_group_quant_fp8_kernel(
   const int lane_in_group = threadIdx.x % kLanes;
   const int64_t first_group = static_cast<int64_t>(blockIdx.x) * kGroupsPerPass * kUnroll + threadIdx.x / kLanes;
 
-  int4 raw[kUnroll];
+  const int64_t row_elems = groups_per_row * kGroup;  // of the output (and of gate, up)
+  int4 raw[kUnroll], raw_up[kUnroll];
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int64_t group_idx = first_group + u * kGroupsPerPass;
-    raw[u] = group_idx < num_groups_total
-                 ? ptx::ld_nc_na_v4(x + group_idx * kGroup + lane_in_group * kElems)
-                 : make_int4(0, 0, 0, 0);
+    const bool valid = group_idx < num_groups_total;
+    const int64_t offset = group_idx * kGroup + lane_in_group * kElems;
+    if constexpr (kSiluMul) {
+      const T* gate = x + offset + group_idx / groups_per_row * row_elems;  // row r starts at 2 r row_elems
+      raw[u] = valid ? ptx::ld_nc_na_v4(gate) : make_int4(0, 0, 0, 0);
+      raw_up[u] = valid ? ptx::ld_nc_na_v4(gate + row_elems) : make_int4(0, 0, 0, 0);
+    } else {
+      raw[u] = valid ? ptx::ld_nc_na_v4(x + offset) : make_int4(0, 0, 0, 0);
+    }
   }
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int64_t group_idx = first_group + u * kGroupsPerPass;
-    const Vec16<T> vals = unpack16<T>(raw[u]);
+    Vec16<T> vals = unpack16<T>(raw[u]);
+    if constexpr (kSiluMul) vals = silu_mul(vals, unpack16<T>(raw_up[u]));
     float amax = abs_max(vals);
 #pragma unroll
     for (int mask = kLanes / 2; mask > 0; mask >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
@@ -164,17 +210,6 @@ __global__ void __launch_bounds__(kThreads) per_block_quant_fp8_kernel(const T* 
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return __float2half_rn(v);
-  }
-}
-
 // 16 e4m3 values per thread: value * scale in fp32, rounded once to the output type.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dequant_fp8_block_kernel(const uint8_t* __restrict__ w_fp8,
@@ -219,7 +254,7 @@ void dispatch_bool(bool value, F&& f) {
   }
 }
 
-template <typename T, int kGroup>
+template <typename T, int kGroup, bool kSiluMul = false>
 void launch_token_group(const void* x, void* x_fp8, float* scales, int64_t m, int64_t k, bool ue8m0,
                         int64_t scale_stride_m, int64_t scale_stride_g, cudaStream_t stream) {
   constexpr int kLanes = kGroup / Vec16<T>::kElems;
@@ -227,7 +262,7 @@ void launch_token_group(const void* x, void* x_fp8, float* scales, int64_t m, in
   const int64_t total = m * (k / kGroup);
   const int64_t grid = ceil_div(total, kGroupsPerCta);
   dispatch_bool(ue8m0, [&](auto ue) {
-    per_token_group_quant_fp8_kernel<T, kGroup, decltype(ue)::value><<<grid, kThreads, 0, stream>>>(
+    per_token_group_quant_fp8_kernel<T, kGroup, decltype(ue)::value, kSiluMul><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<uint8_t*>(x_fp8), scales, total, k / kGroup, scale_stride_m,
         scale_stride_g);
   });
@@ -247,6 +282,14 @@ void launch_per_token_group_quant_fp8(const void* x, FloatKind x_kind, void* x_f
       case 128: launch_token_group<T, 128>(x, x_fp8, scales, m, k, ue8m0, scale_stride_m, scale_stride_g, stream); break;
       default: throw std::invalid_argument("deepseek_ops: group_size must be 32, 64 or 128");
     }
+  });
+}
+
+void launch_silu_mul_quant_fp8(const void* h, FloatKind h_kind, void* act_fp8, float* scales, int64_t m, int64_t k,
+                               bool ue8m0, int64_t scale_stride_m, int64_t scale_stride_g, cudaStream_t stream) {
+  dispatch_float(h_kind, [&](auto tag) {
+    launch_token_group<decltype(tag), 128, true>(h, act_fp8, scales, m, k, ue8m0, scale_stride_m, scale_stride_g,
+                                                 stream);
   });
 }
 

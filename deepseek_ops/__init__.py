@@ -8,7 +8,7 @@ from deepseek_ops._extension import build_summary, cuda_kernels_built
 from deepseek_ops.gemm import (fp8_gemm, fp8_linear, grouped_fp8_gemm_contiguous, grouped_fp8_gemm_masked,
                                grouped_gemm_alignment)
 from deepseek_ops.mla import get_mla_metadata, mla_cache_append, mla_decode, quantize_mla_kv
-from deepseek_ops.quant import dequant_fp8_block, per_block_quant_fp8, per_token_group_quant_fp8
+from deepseek_ops.quant import dequant_fp8_block, per_block_quant_fp8, per_token_group_quant_fp8, silu_mul_quant_fp8
 from deepseek_ops import ep
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "per_block_quant_fp8",
     "per_token_group_quant_fp8",
     "quantize_mla_kv",
+    "silu_mul_quant_fp8",
 ]

@@ -28,6 +28,22 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, scale_fmt:
     return _ops.per_token_group_quant_fp8(x.contiguous(), group_size, scale_fmt == "ue8m0", column_major_scales)
 
 
+def silu_mul_quant_fp8(h: torch.Tensor, scale_fmt: Optional[str] = None,
+                       column_major_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The SwiGLU activation of an MLP, quantized for its down projection, in one pass.
+
+    h: [M, 2K] bf16/fp16/fp32, gate columns then up columns (the output of a stacked gate/up
+    projection), K a multiple of 128. Returns (act_fp8 [M, K] float8_e4m3fn, scales fp32 [M, K / 128]):
+    exactly per_token_group_quant_fp8(act, 128, scale_fmt, column_major_scales) of
+    act = (silu(gate.float()) * up.float()).to(h.dtype), without act ever reaching memory.
+    """
+    check_tensor("h", h, dtype=FLOAT_DTYPES, ndim=2)
+    check_choice("scale_fmt", scale_fmt, (None, "ue8m0"))
+    check_multiple("h", h.shape[1], 256, "2K (h.shape[1]: gate and up, K a multiple of 128)")
+    check_cuda_arch(h, "silu_mul_quant_fp8")
+    return _ops.silu_mul_quant_fp8(h.contiguous(), scale_fmt == "ue8m0", column_major_scales)
+
+
 def per_block_quant_fp8(w: torch.Tensor, block_size: int = 128,
                         scale_fmt: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantizes each 128 x 128 block of a weight to e4m3 with its own fp32 scale.
@@ -70,6 +86,11 @@ def _per_token_group_quant_fake(x, group_size, ue8m0, column_major):
     return x_fp8, x.new_empty((m, k // group_size), dtype=torch.float32)
 
 
+def _silu_mul_quant_fake(h, ue8m0, column_major):
+    m, k2 = h.shape
+    return _per_token_group_quant_fake(h.new_empty((m, k2 // 2)), 128, ue8m0, column_major)
+
+
 def _per_block_quant_fake(w, block_size, ue8m0):
     n, k = w.shape
     return (w.new_empty((n, k), dtype=FP8),
@@ -81,5 +102,6 @@ def _dequant_fake(w, scales, block_size, out_dtype):
 
 
 register_op("per_token_group_quant_fp8", reference.per_token_group_quant_fp8, _per_token_group_quant_fake)
+register_op("silu_mul_quant_fp8", reference.silu_mul_quant_fp8, _silu_mul_quant_fake)
 register_op("per_block_quant_fp8", reference.per_block_quant_fp8, _per_block_quant_fake)
 register_op("dequant_fp8_block", reference.dequant_fp8_block, _dequant_fake)

@@ -46,6 +46,13 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int, ue8m0: bool, col
     return x_fp8, column_major_scales(scales) if column_major else scales
 
 
+def silu_mul_quant_fp8(h: torch.Tensor, ue8m0: bool, column_major: bool):
+    """h [M, 2K] (gate | up) -> the 1 x 128 quantization of silu(gate) * up, rounded to h's dtype first."""
+    gate, up = h.chunk(2, dim=-1)
+    act = (torch.nn.functional.silu(gate.float()) * up.float()).to(h.dtype)
+    return per_token_group_quant_fp8(act, 128, ue8m0, column_major)
+
+
 def per_block_quant_fp8(w: torch.Tensor, block_size: int, ue8m0: bool):
     n, k = w.shape
     nb, kb = -(-n // block_size), -(-k // block_size)

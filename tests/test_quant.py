@@ -151,6 +151,42 @@ def test_dequant_inverts_block_quant(out_dtype, n):
     assert_round_trip(w, q, reference.expand_block_scales(s, n, 256))
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """The unfused activation the model computed before silu_mul_quant_fp8: (silu(gate) * up) in h's dtype."""
+    k = h.shape[1] // 2
+    return (torch.nn.functional.silu(h[:, :k].float()) * h[:, k:].float()).to(h.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(0, 128), (1, 128), (37, 384), (130, 1024)])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_silu_mul_quant_is_quant_of_swiglu(dtype, m, k, column_major):
+    h = random_rows(m, 2 * k, dtype)
+    for scale_fmt in (None, "ue8m0"):
+        q, s = deepseek_ops.silu_mul_quant_fp8(h, scale_fmt, column_major)
+        q_ref, s_ref = deepseek_ops.per_token_group_quant_fp8(swiglu(h), 128, scale_fmt, column_major)
+        assert_bitwise_equal(q, q_ref, "values")
+        assert_bitwise_equal(s, s_ref, "scales")
+        assert s.stride() == s_ref.stride()
+    q, s = deepseek_ops.silu_mul_quant_fp8(h)
+    act = swiglu(h).float()
+    finite = act.isfinite().all(1)  # fp16 rows of large magnitude overflow (inf in both, bitwise checked above)
+    if finite.any():
+        assert_round_trip(act[finite], q.float()[finite], s.repeat_interleave(128, dim=1)[finite])
+
+
+def test_bad_inputs_silu_mul_quant():
+    f = deepseek_ops.silu_mul_quant_fp8
+    with pytest.raises(ValueError, match=r"argument 'h': expected dtype .*got torch.int32"):
+        f(torch.ones(2, 256, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"argument 'h': expected rank 2 .*got shape \(2, 3, 256\)"):
+        f(torch.randn(2, 3, 256))
+    with pytest.raises(ValueError, match=r"argument 'h': 2K \(h.shape\[1\].*must be a multiple of 256, got 384"):
+        f(torch.randn(2, 384))
+    with pytest.raises(ValueError, match=r"argument 'scale_fmt': expected one of .*got 'e8m0'"):
+        f(torch.randn(2, 256), "e8m0")
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 
@@ -220,6 +256,8 @@ OPCHECK_CASES = [
     ("per_token_group_quant_fp8", lambda dev: (random_rows(33, 384, device=dev), 128, False, False)),
     ("per_token_group_quant_fp8", lambda dev: (random_rows(7, 256, torch.bfloat16, dev), 64, True, True)),
     ("per_token_group_quant_fp8", lambda dev: (random_rows(0, 128, device=dev), 32, False, True)),
+    ("silu_mul_quant_fp8", lambda dev: (random_rows(33, 512, torch.bfloat16, dev), False, False)),
+    ("silu_mul_quant_fp8", lambda dev: (random_rows(5, 256, device=dev), True, True)),
     ("per_block_quant_fp8", lambda dev: (torch.randn(200, 256, device=dev, dtype=torch.float16), 128, False)),
     ("per_block_quant_fp8", lambda dev: (torch.randn(129, 128, device=dev), 128, True)),
     ("dequant_fp8_block", lambda dev: (*reference.per_block_quant_fp8(torch.randn(200, 256, device=dev), 128, False),
@@ -267,6 +305,8 @@ def test_meta_shapes():
     xq, xs = deepseek_ops.per_token_group_quant_fp8(torch.empty(10, 512, device="meta"), 64,
                                                     column_major_scales=True)
     assert xq.shape == (10, 512) and xq.dtype == FP8 and xs.shape == (10, 8) and xs.stride() == (1, 12)
+    aq, as_ = deepseek_ops.silu_mul_quant_fp8(torch.empty(10, 512, device="meta"), column_major_scales=True)
+    assert aq.shape == (10, 256) and aq.dtype == FP8 and as_.shape == (10, 2) and as_.stride() == (1, 12)
     wq, ws = deepseek_ops.per_block_quant_fp8(torch.empty(200, 384, device="meta"))
     assert wq.shape == (200, 384) and ws.shape == (2, 3)
 
@@ -302,6 +342,30 @@ def test_cuda_token_group_bitwise(dtype, m, k, group, ue8m0, column_major):
     _bitwise_vs_reference(
         lambda t: deepseek_ops.per_token_group_quant_fp8(t, group, "ue8m0" if ue8m0 else None, column_major),
         lambda t: reference.per_token_group_quant_fp8(t, group, ue8m0, column_major), x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,m,k", list(itertools.product(DTYPES, [0, 1, 7, 129, 1000], [128, 2048])))
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_cuda_silu_mul_quant_bitwise(dtype, m, k, ue8m0, column_major):
+    """Against the reference run on the GPU (PyTorch's CUDA silu: the same expf and rounding)."""
+    h = random_rows(m, 2 * k, dtype, "cuda")
+    _poison_cuda_allocator(2 * m * k + 64)
+    _bitwise_vs_reference(lambda t: deepseek_ops.silu_mul_quant_fp8(t, "ue8m0" if ue8m0 else None, column_major),
+                          lambda t: reference.silu_mul_quant_fp8(t, ue8m0, column_major), h)
+
+
+@pytest.mark.gpu
+def test_cuda_silu_mul_quant_non_contiguous_and_extremes():
+    base = random_rows(300, 4096, torch.bfloat16, "cuda")
+    base[0, :64] = 1e4  # exp(-g) underflows to 0: silu(g) = g
+    base[1, :64] = -1e4  # exp(-g) overflows to inf: silu(g) = -0, a group of zeros gets the floor scale
+    for h in (base, base[::2], base[:, 1024:3072]):
+        q, s = deepseek_ops.silu_mul_quant_fp8(h)
+        q_ref, s_ref = reference.silu_mul_quant_fp8(h.contiguous(), False, False)
+        assert_bitwise_equal(q, q_ref, "values")
+        assert_bitwise_equal(s, s_ref, "scales")
 
 
 @pytest.mark.gpu
