@@ -77,8 +77,9 @@ def test_paged_decode_matches(device, s_q):
 def test_greedy_64_tokens_are_reference_argmax():
     """64 greedy tokens generated on the kernels, each checked against the reference's logits for
     the same prefix (teacher forcing, so one near-tie cannot cascade into a different sequence):
-    the kernels' token is the reference's argmax, or within a near-tie of it (a random tiny model
-    has many: FP8 activation rounding can flip them)."""
+    the kernels' token is the reference's argmax, or a near-tie of it that the two backends' own
+    logit difference at that position explains (a random tiny model has many near-ties: FP8
+    activation rounding flips them)."""
     ref, ker = _pair("cuda")
     prompts = [torch.randint(0, ref.args.vocab_size, (n,)).tolist() for n in (1, 7, 33, 100)]
     generated, _ = generate(ker, prompts, 64)
@@ -87,20 +88,27 @@ def test_greedy_64_tokens_are_reference_argmax():
     tokens = torch.zeros(len(sequences), longest, dtype=torch.long, device="cuda")
     for b, seq in enumerate(sequences):
         tokens[b, :len(seq)] = torch.tensor(seq)
-    block_table, num_blocks = allocate_block_table(len(sequences), longest, "cuda")
-    ref.setup_cache(num_blocks)
-    with torch.no_grad():
-        logits = prefill(ref, tokens, block_table)[0].double()
-    exact, gaps = 0, []
+    logits = {}
+    for name, model in (("ref", ref), ("ker", ker)):
+        block_table, num_blocks = allocate_block_table(len(sequences), longest, "cuda")
+        model.setup_cache(num_blocks)
+        with torch.no_grad():
+            logits[name] = prefill(model, tokens, block_table)[0].double()
+    exact, unexplained = 0, []
     for b, (p, g) in enumerate(zip(prompts, generated)):
-        step_logits = logits[b, len(p) - 1:len(p) - 1 + len(g)]  # the logits that chose g[i]
-        chosen = step_logits.gather(1, torch.tensor(g, device="cuda")[:, None])[:, 0]
-        gap = (step_logits.max(1).values - chosen) / step_logits.std(1)
+        steps = slice(len(p) - 1, len(p) - 1 + len(g))  # the logits that chose g[i]
+        ref_logits, ker_logits = logits["ref"][b, steps], logits["ker"][b, steps]
+        chosen = torch.tensor(g, device="cuda")[:, None]
+        best = ref_logits.argmax(1, keepdim=True)
+        gap = (ref_logits.gather(1, best) - ref_logits.gather(1, chosen))[:, 0]
+        # NOTE: the tokens came from paged decode, this difference from prefill (another attention
+        # kernel, the same FP8 GEMMs): twice the prefill difference bounds what decode may flip.
+        delta = (ker_logits - ref_logits).abs()
+        room = 2 * (delta.gather(1, best) + delta.gather(1, chosen))[:, 0]
         exact += int((gap == 0).sum())
-        gaps.append(gap)
-    worst = float(torch.cat(gaps).max())
+        unexplained += [(b, i, float(gap[i]), float(room[i])) for i in range(len(g)) if gap[i] > room[i]]
     assert exact >= 0.9 * 64 * len(prompts), f"{exact} of {64 * len(prompts)} tokens are the reference argmax"
-    assert worst < 0.05, f"a kernels token is {worst:.3g} logit std below the reference's best: not a near-tie"
+    assert not unexplained, f"(prompt, step, reference gap, backend difference) of flips beyond the noise: {unexplained}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
