@@ -4,6 +4,9 @@
 // deepseek_ops/reference.py: the scale division and the reciprocal are IEEE round-to-nearest, the
 // multiply is one rounded fp32 product, and the e4m3 rounding is cvt.rn. (An IEEE division per
 // element costs ~20 instructions: enough to make the kernel issue-bound, so it multiplies.)
+// silu_mul_quant_fp8 is the token-group kernel reading an MLP's [gate | up] rows and quantizing
+// silu(gate) * up; that silu keeps PyTorch's IEEE division (bitwise the unfused activation), so
+// that variant is issue-bound.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
