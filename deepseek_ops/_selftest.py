@@ -178,6 +178,37 @@ def _check_per_token_group_quant(device: torch.device) -> Tuple[float, bool]:
     return worst, passed
 
 
+_SILU_MUL_CASES = [  # (M, K, dtype, ue8m0, column_major): h is [M, 2K]
+    (129, 256, torch.bfloat16, False, True),
+    (7, 128, torch.float16, True, False),
+    (0, 128, torch.float32, False, False),
+]
+
+
+@register_check("silu_mul_quant_fp8")
+def _check_silu_mul_quant(device: torch.device) -> Tuple[float, bool]:
+    """CPU: bitwise the token-group quantization of (silu(gate) * up) in h's dtype. GPU: bitwise the
+    reference run on the GPU tensors (PyTorch's CUDA silu; its CPU silu may round differently)."""
+    import deepseek_ops
+    from deepseek_ops import reference
+
+    worst, passed = 0.0, True
+    for m, k, dtype, ue8m0, column_major in _SILU_MUL_CASES:
+        h = (_random_input((m, 2 * k), torch.float32, device) / 16).to(dtype)  # finite silu(gate) * up in fp16
+        fn = lambda t: deepseek_ops.silu_mul_quant_fp8(t, "ue8m0" if ue8m0 else None, column_major)  # noqa: E731
+        if device.type == "cpu":
+            q, s = assert_meta_matches(fn, h)
+            act = (torch.nn.functional.silu(h[:, :k].float()) * h[:, k:].float()).to(dtype)
+            q_ref, s_ref = deepseek_ops.per_token_group_quant_fp8(act, 128, "ue8m0" if ue8m0 else None, column_major)
+        else:
+            q, s = fn(h)
+            q_ref, s_ref = reference.silu_mul_quant_fp8(h, ue8m0, column_major)
+        err = max(_bitwise_mismatch(q, q_ref), _bitwise_mismatch(s, s_ref))
+        worst = max(worst, err)
+        passed &= err == 0.0 and s.stride() == s_ref.stride()
+    return worst, passed
+
+
 _BLOCK_CASES = [  # (N, K, dtype, ue8m0)
     (200, 384, torch.bfloat16, False),
     (576, 256, torch.float32, True),
