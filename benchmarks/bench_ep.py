@@ -83,7 +83,7 @@ def combine_bytes(tokens, hidden, topk, num_pairs) -> int:
     return num_pairs * hidden * 2 + tokens * topk * (4 + 4) + tokens * hidden * 2
 
 
-def _mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
+def rows_mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of rows whose bits differ (0.0: bitwise equal)."""
     if a.shape != b.shape:
         return 1.0
@@ -97,10 +97,10 @@ def _mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
 def _dispatch_error(recv_x, recv_scales, m_indices, ref) -> float:
     valid = ref[3] >= 0
     # Compared as bytes: fp8 has no CUDA indexing kernels.
-    err = max(_mismatch(m_indices.to(torch.int32), ref[3]),
-              _mismatch(recv_x.view(torch.uint8)[valid], ref[0].view(torch.uint8)[valid]))
+    err = max(rows_mismatch(m_indices.to(torch.int32), ref[3]),
+              rows_mismatch(recv_x.view(torch.uint8)[valid], ref[0].view(torch.uint8)[valid]))
     if recv_scales is not None:
-        err = max(err, _mismatch(recv_scales[valid], ref[1][valid]))
+        err = max(err, rows_mismatch(recv_scales[valid], ref[1][valid]))
     return err
 
 
@@ -146,7 +146,7 @@ def run_shape(tokens: int, hidden: int, experts: int, topk: int, fp8: bool) -> L
         want = reference.ep_combine(y, row_of, weights)
         ours_c = lambda: ep.combine(y, res.handle, weights)
         peer_c = lambda: torch_combine(y, row_of, weights)
-        errors = {OURS: _mismatch(ours_c(), want), "torch": _mismatch(peer_c(), want)}
+        errors = {OURS: rows_mismatch(ours_c(), want), "torch": rows_mismatch(peer_c(), want)}
         records += _time("ep_combine", dict(shape, dtype="bf16"), {OURS: ours_c, "torch": peer_c}, errors,
                          combine_bytes(tokens, hidden, topk, num_pairs))
     del x, x_scales, res, ref, got_peer
@@ -199,13 +199,13 @@ def test_ep_combine(benchmark):
     x = torch.randn(s["tokens"], s["hidden"], device="cuda").to(torch.bfloat16)
     res = ep.dispatch(x, topk_idx, weights, num_experts=s["experts"], alignment=ALIGNMENT, exact=False)
     y = torch.randn(res.recv_x.shape, device="cuda").to(torch.bfloat16)
-    assert _mismatch(ep.combine(y, res.handle, weights), reference.ep_combine(y, res.handle.row_of, weights)) == 0.0
+    assert rows_mismatch(ep.combine(y, res.handle, weights), reference.ep_combine(y, res.handle.row_of, weights)) == 0.0
     _pytest_bench(benchmark, lambda: ep.combine(y, res.handle, weights))
 
 
 # ---- Several processes sharing one GPU (ipc and torch backends): figures only --------------------
-# `python -m benchmarks.bench_ep --ranks 2 4 8`: per-rank median ms of Buffer.dispatch and
-# Buffer.combine with world_size processes on the one GPU (gloo control plane). NOTE: the processes
+# `python -m benchmarks.bench_ep --ranks 2 4 8`: the slowest rank's median ms of Buffer.dispatch and
+# Buffer.combine (benchmarks.timing.bench_ranks) with world_size processes on the one GPU (gloo). NOTE: the processes
 # time-slice one GPU, so these figures say nothing about NVLink; the multi-GPU run has its own issue.
 
 def _rank_bench(rank: int, world_size: int, port: int, tokens: int, backends, out_dir: str):
@@ -214,6 +214,7 @@ def _rank_bench(rank: int, world_size: int, port: int, tokens: int, backends, ou
 
     import torch.distributed as dist
 
+    from benchmarks.timing import bench_ranks
     from deepseek_ops import ep
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -226,22 +227,14 @@ def _rank_bench(rank: int, world_size: int, port: int, tokens: int, backends, ou
                            max_topk=s["topk"])
         res = buffer.dispatch(x, topk_idx, weights)
         y = torch.randn(res.recv_x.shape, device="cuda").to(torch.bfloat16)
-        times = {"dispatch": [], "combine": []}
-        for _ in range(5 if backend == "torch" else 20):  # gloo moves the rows through host memory: slow
-            for name, fn in (("dispatch", lambda: buffer.dispatch(x, topk_idx, weights)),
-                             ("combine", lambda: buffer.combine(y, res.handle, weights))):
-                dist.barrier()
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times[name].append(start.elapsed_time(end))
-        rows[backend] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        runs = 5 if backend == "torch" else 20  # gloo moves the rows through host memory: slow
+        rows[backend] = {name: bench_ranks(fn, dist.group.WORLD, runs=runs, warmup_calls=1)
+                         for name, fn in (("dispatch", lambda: buffer.dispatch(x, topk_idx, weights)),
+                                          ("combine", lambda: buffer.combine(y, res.handle, weights)))}
         buffer.close()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(rows, f)
+    if rank == 0:  # bench_ranks gave every rank the slowest rank's median
+        with open(os.path.join(out_dir, "ranks.json"), "w") as f:
+            json.dump(rows, f)
     dist.destroy_process_group()
 
 
@@ -258,8 +251,8 @@ def run_processes(world_size: int, tokens: int = 4096, backends=("ipc", "torch")
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_rank_bench, args=(world_size, port, tokens, backends, out_dir), nprocs=world_size, join=True)
-        per_rank = [json.load(open(f"{out_dir}/rank{r}.json")) for r in range(world_size)]
-    return {b: {op: max(r[b][op] for r in per_rank) for op in ("dispatch", "combine")} for b in backends}
+        with open(f"{out_dir}/ranks.json") as f:
+            return json.load(f)
 
 
 if __name__ == "__main__":

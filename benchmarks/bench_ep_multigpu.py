@@ -30,7 +30,7 @@ from typing import Dict, List
 
 import torch
 
-from benchmarks.bench_ep import make_routing
+from benchmarks.bench_ep import rows_mismatch, make_routing
 from benchmarks.report import OURS, Record, throughput
 
 MAX_RANKS = 8
@@ -67,24 +67,14 @@ def nvlink_probe(num_bytes: int = 1 << 30, copies: int = 10) -> Dict[str, float]
     return result
 
 
-def _rows_mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fraction of rows whose bits differ (1.0 on a shape mismatch)."""
-    if a.shape != b.shape:
-        return 1.0
-    if a.numel() == 0:
-        return 0.0
-    a8, b8 = (t.contiguous().view(torch.uint8).reshape(t.shape[0], -1) for t in (a, b))
-    return float((a8 != b8).any(1).double().mean())
-
-
 def _dispatch_mismatch(got, want) -> float:
     """Rows of `got` (ipc) that differ from `want` (torch): layout, valid rows, scales, weights."""
     if not torch.equal(got.recv_topk_idx, want.recv_topk_idx):
         return 1.0
     valid = want.recv_topk_idx >= 0
     pairs = [(got.recv_x, want.recv_x)] if isinstance(got.recv_x, torch.Tensor) else list(zip(got.recv_x, want.recv_x))
-    errors = [_rows_mismatch(g.view(torch.uint8)[valid], w.view(torch.uint8)[valid]) for g, w in pairs]
-    errors.append(_rows_mismatch(got.recv_topk_weights[valid], want.recv_topk_weights[valid]))
+    errors = [rows_mismatch(g.view(torch.uint8)[valid], w.view(torch.uint8)[valid]) for g, w in pairs]
+    errors.append(rows_mismatch(got.recv_topk_weights[valid], want.recv_topk_weights[valid]))
     return max(errors)
 
 
@@ -138,7 +128,7 @@ def exchange_records(s: dict, group) -> List[Record]:
 
     got, want = ours.dispatch(x, topk_idx, weights), ref.dispatch(x, topk_idx, weights)
     y = torch.randn(got.recv_x.shape, device="cuda").to(torch.bfloat16)
-    error = _rows_mismatch(ours.combine(y, got.handle, weights), ref.combine(y, want.handle, weights))
+    error = rows_mismatch(ours.combine(y, got.handle, weights), ref.combine(y, want.handle, weights))
     if error != 0.0:
         raise AssertionError(f"ep_combine {shape}: ipc differs from the torch backend in {error:.3%} of tokens; "
                              "not timed")

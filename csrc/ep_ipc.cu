@@ -4,7 +4,7 @@
 // block per round), so a round's target is known without resetting anything between rounds.
 #include <cstring>
 
-#include "clock.cuh"
+#include "special_registers.cuh"
 #include "common.h"
 #include "ep_ipc.h"
 #include "fence.cuh"

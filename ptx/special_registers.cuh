@@ -1,8 +1,15 @@
-// Special registers read with mov (clocks have their own header, clock.cuh).
+// Special registers read with mov: the global clock (bounded spin-waits) and the grid's launch number.
 #pragma once
 #include <cstdint>
 
 namespace dso::ptx {
+
+// PTX ISA 10.24 (%globaltimer): nanoseconds, the same clock on every SM (timeouts across SMs).
+__device__ __forceinline__ uint64_t read_globaltimer() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 
 // PTX ISA 10.10 (%gridid): the temporal launch number of this grid, distinct for every grid launched
 // in the context (hence among grids running at the same time).
