@@ -1,7 +1,8 @@
 // Intranode expert parallelism over CUDA IPC: senders write rows straight into their peers'
 // symmetric buffers and publish them with system-scope release adds on per-source counters;
 // receivers acquire the counters. No NCCL in the data path. Counters only grow (one add per sender
-// block per round), so a round's target is known without resetting anything between rounds.
+// block per round), so a round's target is known without resetting anything between rounds; each
+// rank counts its rounds on the device (layout.rounds), so a CUDA graph of the kernels stays valid.
 #include <cstring>
 
 #include "special_registers.cuh"
@@ -21,6 +22,18 @@ __device__ __forceinline__ uint8_t* peer_base(const int64_t* peer_ptrs, int rank
 
 __device__ __forceinline__ int* counter(const int64_t* peer_ptrs, int rank_idx, int64_t offset, int slot) {
   return reinterpret_cast<int*>(peer_base(peer_ptrs, rank_idx) + offset) + slot;
+}
+
+// This rank's round counter of `which`: read and written by this rank's kernels only, in stream order.
+__device__ __forceinline__ int* round_counter(const int64_t* peer_ptrs, const EpIpcLayout& layout, int rank,
+                                              int which) {
+  return counter(peer_ptrs, rank, layout.rounds, which);
+}
+
+// The arrival count a round brings: one add per sender block per round. NOTE: unsigned, so that the
+// product wraps like the counters (wait_at_least compares differences).
+__device__ __forceinline__ int round_target(int round, int blocks_per_round) {
+  return static_cast<int>(static_cast<unsigned>(round) * static_cast<unsigned>(blocks_per_round));
 }
 
 // Spins until *flag >= target; false (and the step code in *error) after timeout_ns or when another
@@ -44,9 +57,10 @@ __device__ __forceinline__ void copy_row(uint8_t* dst, const uint8_t* src, int64
 }
 
 __global__ void __launch_bounds__(32) sm90_ep_ipc_barrier_kernel(const int64_t* peer_ptrs, EpIpcLayout layout,
-                                                                 int rank, int world_size, int target,
-                                                                 int64_t timeout_ns, int* error, int step) {
+                                                                 int rank, int world_size, int64_t timeout_ns,
+                                                                 int* error, int step) {
   if (threadIdx.x != 0 || ptx::ld_relaxed_sys(error) != 0) return;
+  const int target = ++*round_counter(peer_ptrs, layout, rank, kRoundBarrier);
   for (int p = 0; p < world_size; ++p) ptx::red_add_release_sys(counter(peer_ptrs, p, layout.barrier, rank), 1);
   for (int s = 0; s < world_size; ++s)
     if (!wait_at_least(counter(peer_ptrs, rank, layout.barrier, s), target, timeout_ns, error, step)) return;
@@ -58,6 +72,7 @@ __global__ void __launch_bounds__(kThreads) sm90_ep_ipc_dispatch_send_kernel(
     const int* __restrict__ slot_of, const int* __restrict__ counts, int64_t num_tokens, const int64_t* peer_ptrs,
     EpIpcLayout layout, int rank, int world_size, int num_local_experts, int64_t max_tokens, const int* error) {
   if (ptx::ld_relaxed_sys(error) != 0) return;  // an earlier wait failed: the peers are not listening
+  if (blockIdx.x == 0 && threadIdx.x == 0) ++*round_counter(peer_ptrs, layout, rank, kRoundDispatch);
   for (int64_t token_idx = blockIdx.x; token_idx < num_tokens; token_idx += gridDim.x) {
     for (int d = 0; d < world_size; ++d) {
       const int slot = slot_of[token_idx * world_size + d];
@@ -92,12 +107,14 @@ __global__ void __launch_bounds__(kThreads) sm90_ep_ipc_dispatch_send_kernel(
 
 __global__ void __launch_bounds__(kThreads) sm90_ep_ipc_dispatch_wait_kernel(const int64_t* peer_ptrs,
                                                                              EpIpcLayout layout, int rank,
-                                                                             int64_t max_tokens, int topk, int target,
+                                                                             int64_t max_tokens, int topk,
                                                                              int64_t timeout_ns, int* error,
                                                                              int* recv_counts) {
   __shared__ int smem_count;
   const int src_rank = blockIdx.x;
   if (threadIdx.x == 0) {
+    // The send kernel, earlier in this stream, counted the round.
+    const int target = round_target(*round_counter(peer_ptrs, layout, rank, kRoundDispatch), kEpIpcSendBlocks);
     const bool arrived = ptx::ld_relaxed_sys(error) == 0 &&
                          wait_at_least(counter(peer_ptrs, rank, layout.arrive, src_rank), target, timeout_ns, error,
                                        kStepDispatchReceive);
@@ -117,6 +134,7 @@ __global__ void __launch_bounds__(kThreads) sm90_ep_ipc_combine_send_kernel(
     const int* __restrict__ recv_counts, const int64_t* peer_ptrs, EpIpcLayout layout, int rank, int world_size,
     int64_t max_tokens, const int* error) {
   if (ptx::ld_relaxed_sys(error) != 0) return;
+  if (blockIdx.x == 0 && threadIdx.x == 0) ++*round_counter(peer_ptrs, layout, rank, kRoundCombine);
   const int64_t* src = reinterpret_cast<const int64_t*>(peer_base(peer_ptrs, rank) + layout.src);
   for (int64_t row = blockIdx.x; row < world_size * max_tokens; row += gridDim.x) {
     const int src_rank = static_cast<int>(row / max_tokens);
@@ -136,9 +154,10 @@ __global__ void __launch_bounds__(kThreads) sm90_ep_ipc_combine_send_kernel(
 }
 
 __global__ void __launch_bounds__(32) sm90_ep_ipc_combine_wait_kernel(const int64_t* peer_ptrs, EpIpcLayout layout,
-                                                                      int rank, int world_size, int target,
-                                                                      int64_t timeout_ns, int* error) {
+                                                                      int rank, int world_size, int64_t timeout_ns,
+                                                                      int* error) {
   if (threadIdx.x != 0 || ptx::ld_relaxed_sys(error) != 0) return;
+  const int target = round_target(*round_counter(peer_ptrs, layout, rank, kRoundCombine), kEpIpcCombineBlocks);
   for (int s = 0; s < world_size; ++s)
     if (!wait_at_least(counter(peer_ptrs, rank, layout.combine_arrive, s), target, timeout_ns, error,
                        kStepCombineReceive))
@@ -175,10 +194,9 @@ void* ep_ipc_open(const uint8_t* handle) {
 
 void ep_ipc_close(void* ptr) { cudaIpcCloseMemHandle(ptr); }  // a destructor path: never throws
 
-void launch_ep_ipc_barrier(const int64_t* peer_ptrs, const EpIpcLayout& layout, int rank, int world_size, int target,
+void launch_ep_ipc_barrier(const int64_t* peer_ptrs, const EpIpcLayout& layout, int rank, int world_size,
                            int64_t timeout_ns, int* error, int step, cudaStream_t stream) {
-  sm90_ep_ipc_barrier_kernel<<<1, 32, 0, stream>>>(peer_ptrs, layout, rank, world_size, target, timeout_ns, error,
-                                                   step);
+  sm90_ep_ipc_barrier_kernel<<<1, 32, 0, stream>>>(peer_ptrs, layout, rank, world_size, timeout_ns, error, step);
   DSO_LAUNCH_CHECK();
 }
 
@@ -198,10 +216,10 @@ void launch_ep_ipc_dispatch_send(const void* x, int64_t row_bytes, const float* 
 }
 
 void launch_ep_ipc_dispatch_wait(const int64_t* peer_ptrs, const EpIpcLayout& layout, int rank, int world_size,
-                                 int64_t max_tokens, int topk, int target, int64_t timeout_ns, int* error,
-                                 int* recv_counts, cudaStream_t stream) {
+                                 int64_t max_tokens, int topk, int64_t timeout_ns, int* error, int* recv_counts,
+                                 cudaStream_t stream) {
   sm90_ep_ipc_dispatch_wait_kernel<<<world_size, kThreads, 0, stream>>>(peer_ptrs, layout, rank, max_tokens, topk,
-                                                                        target, timeout_ns, error, recv_counts);
+                                                                        timeout_ns, error, recv_counts);
   DSO_LAUNCH_CHECK();
 }
 
@@ -217,9 +235,8 @@ void launch_ep_ipc_combine_send(const void* y, int64_t hidden, const int* recv_r
 }
 
 void launch_ep_ipc_combine_wait(const int64_t* peer_ptrs, const EpIpcLayout& layout, int rank, int world_size,
-                                int target, int64_t timeout_ns, int* error, cudaStream_t stream) {
-  sm90_ep_ipc_combine_wait_kernel<<<1, 32, 0, stream>>>(peer_ptrs, layout, rank, world_size, target, timeout_ns,
-                                                        error);
+                                int64_t timeout_ns, int* error, cudaStream_t stream) {
+  sm90_ep_ipc_combine_wait_kernel<<<1, 32, 0, stream>>>(peer_ptrs, layout, rank, world_size, timeout_ns, error);
   DSO_LAUNCH_CHECK();
 }
 

@@ -58,17 +58,15 @@ TORCH_LIBRARY(deepseek_ops, m) {
   m.def("ep_ipc_alloc(Tensor like, int num_bytes) -> Tensor");
   m.def("ep_ipc_handle(Tensor buffer) -> Tensor");
   m.def("ep_ipc_open(Tensor like, Tensor handle, int num_bytes) -> Tensor");
-  m.def("ep_ipc_barrier(Tensor peer_ptrs, int[] layout, int rank, int target, int timeout_ns, Tensor(a!) error,"
-        " int step) -> ()");
+  m.def("ep_ipc_barrier(Tensor peer_ptrs, int[] layout, int rank, int timeout_ns, Tensor(a!) error, int step) -> ()");
   m.def("ep_ipc_dispatch_send(Tensor x, Tensor? x_scales, Tensor topk_idx, Tensor topk_weights, Tensor slot_of,"
         " Tensor counts, Tensor peer_ptrs, int[] layout, int rank, int num_local_experts, int max_tokens,"
         " Tensor error) -> ()");
-  m.def("ep_ipc_dispatch_wait(Tensor peer_ptrs, int[] layout, int rank, int max_tokens, int topk, int target,"
-        " int timeout_ns, Tensor(a!) error, Tensor(b!) recv_counts) -> ()");
+  m.def("ep_ipc_dispatch_wait(Tensor peer_ptrs, int[] layout, int rank, int max_tokens, int topk, int timeout_ns,"
+        " Tensor(a!) error, Tensor(b!) recv_counts) -> ()");
   m.def("ep_ipc_combine_send(Tensor y, Tensor recv_row_of, Tensor recv_counts, Tensor peer_ptrs, int[] layout,"
         " int rank, int max_tokens, Tensor error) -> ()");
-  m.def("ep_ipc_combine_wait(Tensor peer_ptrs, int[] layout, int rank, int target, int timeout_ns,"
-        " Tensor(a!) error) -> ()");
+  m.def("ep_ipc_combine_wait(Tensor peer_ptrs, int[] layout, int rank, int timeout_ns, Tensor(a!) error) -> ()");
   // FP8 GEMMs, d = (a * a_scales) @ (b * b_scales)^T (+ c); the *_out variants write `out`.
   m.def("fp8_gemm(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, ScalarType out_dtype, Tensor? c) -> Tensor");
   m.def("fp8_gemm_out(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor? c, Tensor(a!) out) -> ()");
@@ -423,15 +421,15 @@ at::Tensor ep_ipc_open_cuda(const at::Tensor& like, const at::Tensor& handle, in
 
 dso::EpIpcLayout ep_ipc_layout(at::IntArrayRef f) {
   TORCH_CHECK(f.size() == dso::kEpIpcLayoutFields, "ep ipc: layout has ", dso::kEpIpcLayoutFields, " offsets");
-  return dso::EpIpcLayout{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9]};
+  return dso::EpIpcLayout{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10]};
 }
 
-void ep_ipc_barrier_cuda(const at::Tensor& peer_ptrs, at::IntArrayRef layout, int64_t rank, int64_t target,
-                         int64_t timeout_ns, const at::Tensor& error, int64_t step) {
+void ep_ipc_barrier_cuda(const at::Tensor& peer_ptrs, at::IntArrayRef layout, int64_t rank, int64_t timeout_ns,
+                         const at::Tensor& error, int64_t step) {
   const c10::cuda::CUDAGuard guard(peer_ptrs.device());
   dso::launch_ep_ipc_barrier(peer_ptrs.data_ptr<int64_t>(), ep_ipc_layout(layout), static_cast<int>(rank),
-                             static_cast<int>(peer_ptrs.size(0)), static_cast<int>(target), timeout_ns,
-                             error.data_ptr<int>(), static_cast<int>(step), current_stream());
+                             static_cast<int>(peer_ptrs.size(0)), timeout_ns, error.data_ptr<int>(),
+                             static_cast<int>(step), current_stream());
 }
 
 void ep_ipc_dispatch_send_cuda(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
@@ -449,13 +447,12 @@ void ep_ipc_dispatch_send_cuda(const at::Tensor& x, const std::optional<at::Tens
 }
 
 void ep_ipc_dispatch_wait_cuda(const at::Tensor& peer_ptrs, at::IntArrayRef layout, int64_t rank, int64_t max_tokens,
-                               int64_t topk, int64_t target, int64_t timeout_ns, const at::Tensor& error,
+                               int64_t topk, int64_t timeout_ns, const at::Tensor& error,
                                const at::Tensor& recv_counts) {
   const c10::cuda::CUDAGuard guard(peer_ptrs.device());
   dso::launch_ep_ipc_dispatch_wait(peer_ptrs.data_ptr<int64_t>(), ep_ipc_layout(layout), static_cast<int>(rank),
                                    static_cast<int>(peer_ptrs.size(0)), max_tokens, static_cast<int>(topk),
-                                   static_cast<int>(target), timeout_ns, error.data_ptr<int>(),
-                                   recv_counts.data_ptr<int>(), current_stream());
+                                   timeout_ns, error.data_ptr<int>(), recv_counts.data_ptr<int>(), current_stream());
 }
 
 void ep_ipc_combine_send_cuda(const at::Tensor& y, const at::Tensor& recv_row_of, const at::Tensor& recv_counts,
@@ -469,12 +466,12 @@ void ep_ipc_combine_send_cuda(const at::Tensor& y, const at::Tensor& recv_row_of
                                   current_stream());
 }
 
-void ep_ipc_combine_wait_cuda(const at::Tensor& peer_ptrs, at::IntArrayRef layout, int64_t rank, int64_t target,
-                              int64_t timeout_ns, const at::Tensor& error) {
+void ep_ipc_combine_wait_cuda(const at::Tensor& peer_ptrs, at::IntArrayRef layout, int64_t rank, int64_t timeout_ns,
+                              const at::Tensor& error) {
   const c10::cuda::CUDAGuard guard(peer_ptrs.device());
   dso::launch_ep_ipc_combine_wait(peer_ptrs.data_ptr<int64_t>(), ep_ipc_layout(layout), static_cast<int>(rank),
-                                  static_cast<int>(peer_ptrs.size(0)), static_cast<int>(target), timeout_ns,
-                                  error.data_ptr<int>(), current_stream());
+                                  static_cast<int>(peer_ptrs.size(0)), timeout_ns, error.data_ptr<int>(),
+                                  current_stream());
 }
 
 // [registration: cuda wrappers]

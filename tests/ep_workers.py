@@ -260,3 +260,37 @@ def check_ipc_device_timeout(rank: int, world_size: int, seed: int, case: dict):
     else:
         raise AssertionError("a Buffer that timed out must refuse further rounds")
     buffer.close()
+
+
+def check_graph_replays(rank: int, world_size: int, seed: int, case: dict):
+    """exact=False (no host sync) dispatch -> per-expert f -> combine, captured in a CUDA graph and
+    replayed over case["rounds"] new inputs (same token count, copied into the captured tensors)."""
+    from deepseek_ops import ep
+
+    x, topk_idx, weights = make_inputs(seed, rank, case, "cuda")
+    buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"], backend="ipc",
+                       max_topk=case["topk"])
+    first_expert = rank * (case["experts"] // world_size)
+
+    def step():
+        res = buffer.dispatch(x, topk_idx, weights, exact=False)
+        e = (res.recv_topk_idx + first_expert).float().unsqueeze(1)  # expert_fn, vectorized (padding: unused)
+        y = (res.recv_x.float() * (1.0 + e / 8.0) + e / 16.0).to(torch.bfloat16)
+        return buffer.combine(y, res.handle, weights)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # eager warm-up: every rank runs the same rounds, so the device round counters agree
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for round_idx in range(case["rounds"]):
+        new_x, new_idx, new_weights = make_inputs(seed + 1 + round_idx, rank, case, "cuda")
+        x.copy_(new_x), topk_idx.copy_(new_idx), weights.copy_(new_weights)
+        graph.replay()
+        dense = reference.moe_dense(new_x.cpu(), new_idx.cpu(), new_weights.cpu(), expert_fn)
+        assert_bitwise_equal(out.cpu(), dense, f"rank {rank} replay {round_idx}")
+    buffer.check()
+    buffer.close()

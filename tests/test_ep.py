@@ -448,6 +448,16 @@ def test_gpu_ipc_1000_rounds_identical(world_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_gpu_ipc_cuda_graph_replays(world_size):
+    """exact=False dispatch -> experts -> combine captured in one CUDA graph per rank, replayed over
+    new inputs written into the captured tensors: every replay equals the dense reference."""
+    case = dict(world_size=world_size, tokens=[64, 64, 64, 64][:world_size], hidden=512, experts=4 * world_size,
+                topk=4, route="random", rounds=5)
+    ep_workers.run_ranks(ep_workers.check_graph_replays, world_size, int(torch.randint(1 << 20, ())), case)
+
+
+@pytest.mark.gpu
 def test_gpu_ipc_absent_rank_times_out_on_host():
     case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2, backend="ipc", device="cuda")
     ep_workers.run_ranks(ep_workers.check_timeout, 2, int(torch.randint(1 << 20, ())), case)
@@ -482,7 +492,7 @@ class _EmulatedIpcKernels:
     def _field(self, rank, name, dtype, shape):
         return self.layout.view(self.buffers[rank], name, dtype, shape)
 
-    def ep_ipc_barrier(self, peer_ptrs, layout, rank, target, timeout_ns, error, step):
+    def ep_ipc_barrier(self, peer_ptrs, layout, rank, timeout_ns, error, step):
         self.sync.wait()
 
     def ep_ipc_dispatch_send(self, x, x_scales, topk_idx, weights, slot_of, counts, peer_ptrs, layout, rank, epr,
@@ -506,7 +516,7 @@ class _EmulatedIpcKernels:
             self._field(d, "counts", torch.int32, (w,))[rank] = int(counts[d])
         self.sync.wait()  # every rank's rows are in before anyone waits
 
-    def ep_ipc_dispatch_wait(self, peer_ptrs, layout, rank, max_tokens, topk, target, timeout_ns, error, recv_counts):
+    def ep_ipc_dispatch_wait(self, peer_ptrs, layout, rank, max_tokens, topk, timeout_ns, error, recv_counts):
         w = len(self.buffers)
         counts = self._field(rank, "counts", torch.int32, (w,))
         idx = self._field(rank, "idx", torch.int64, (w, max_tokens, topk))
@@ -527,11 +537,12 @@ class _EmulatedIpcKernels:
                     home[int(src[row]) * topk + k] = y[int(recv_row_of[row, k])]
         self.sync.wait()
 
-    def ep_ipc_combine_wait(self, peer_ptrs, layout, rank, target, timeout_ns, error):
+    def ep_ipc_combine_wait(self, peer_ptrs, layout, rank, timeout_ns, error):
         pass
 
 
-def test_ipc_backend_host_logic_emulated(monkeypatch):
+@pytest.mark.parametrize("exact", [True, False])
+def test_ipc_backend_host_logic_emulated(monkeypatch, exact):
     import datetime
     import threading
 
@@ -549,7 +560,7 @@ def test_ipc_backend_host_logic_emulated(monkeypatch):
                           num_local_experts=4, alignment=8, timeout=datetime.timedelta(seconds=1), max_topk=3,
                           device=torch.device("cpu"), timeout_ns=10 ** 9, layout=layout, buffer=buffers[rank],
                           peers={}, peer_ptrs=torch.zeros(w, dtype=torch.int64), error=torch.zeros(1, dtype=torch.int32),
-                          num_barriers=0, num_dispatches=0, num_combines=0, broken=False)
+                          broken=False)
         backends.append(b)
     failures = []
 
@@ -557,7 +568,10 @@ def test_ipc_backend_host_logic_emulated(monkeypatch):
         try:
             for round_seed in (seed, seed + 1):  # the second round runs over the first one's stale fields
                 x, topk_idx, weights = ep_workers.make_inputs(round_seed, rank, case)
-                res = backends[rank]._dispatch(x, None, topk_idx, weights, True)
+                res = backends[rank]._dispatch(x, None, topk_idx, weights, exact)
+                assert res.handle.synced == exact
+                if not exact:  # the worst case: every received slot's pairs, each group padded
+                    assert res.recv_x.shape[0] == w * max_tokens * case["topk"] + 4 * (8 - 1)
                 want = ep_workers.expected_rows(round_seed, rank, w, case)
                 for e in range(4):
                     rows = (res.recv_topk_idx == e).nonzero().flatten().tolist()

@@ -103,9 +103,12 @@ class Buffer:
     largest topk of any call (sizes the ipc buffers).
     timeout_s: a peer that dies or never arrives makes the others raise TimeoutError naming the
     stuck step after this long (gloo; NCCL uses the process group's own timeout).
-    Backends "torch" and "ipc" sync with the host once per dispatch (receive sizes; exact=False
-    only changes the padding of recv_x there) and "ipc" once per combine (its timeout flag); the
-    no-sync, CUDA-graph-safe variant is the one-GPU one (exact=False).
+    Backend "torch" syncs with the host once per dispatch (receive sizes; exact=False only changes
+    the padding of recv_x there). Backend "ipc" with exact=True syncs once per dispatch and once per
+    combine (its timeout flag), after a host agreement on the arguments; with exact=False it neither
+    syncs nor talks to the group (recv_x sized for the worst case: set max_tokens_per_rank to the
+    decode batch), so dispatch and combine can be captured in a CUDA graph; a timed-out peer then
+    surfaces at check(). One GPU: exact=False is the no-sync, graph-safe variant.
     close() (or garbage collection) releases the buffer.
     """
 
@@ -175,6 +178,13 @@ class Buffer:
         if self._impl is None:
             return combine(y, handle, topk_weights)
         return self._impl.combine(y, handle, topk_weights)
+
+    def check(self):
+        """Raises TimeoutError if a device wait of an unsynced (exact=False) ipc round timed out (one
+        host sync); nothing to check for the other backends."""
+        self._check_open()
+        if hasattr(self._impl, "check"):
+            self._impl.check()
 
     def close(self):
         """Releases the communication state (idempotent): ipc buffers freed, peers' handles closed."""

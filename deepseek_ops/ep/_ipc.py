@@ -11,8 +11,13 @@ the home rank sums them in k order (the one-GPU combine kernel): bitwise the oth
 
 Receive fields have room for max_tokens_per_rank rows from every source, so a round never
 overflows. Every device wait is bounded (timeout_s): a dead or absent peer makes the waiting kernel
-record the step and return; the host raises TimeoutError naming it. Dispatch syncs once (to size
-recv_x and read that flag); combine syncs once (the flag).
+record the step and return; the host raises TimeoutError naming it. With exact=True, dispatch syncs
+once (to size recv_x and read that flag) and so does its combine (the flag), after a host agreement
+on the arguments (bad input raises on every rank). With exact=False neither syncs nor talks to the
+group: recv_x has the worst case's rows (every received token's pairs, each local expert's group
+padded), the arguments are checked on this rank only, and the kernels count their rounds on the
+device, so a CUDA graph of dispatch and combine replays correctly (decode). A timed-out wait then
+surfaces at Buffer.check() (one sync) or at the next exact call.
 """
 import dataclasses
 from typing import Dict, List
@@ -20,13 +25,11 @@ from typing import Dict, List
 import torch
 
 from deepseek_ops.ep import _ops
-from deepseek_ops.ep._common import DispatchResult
+from deepseek_ops.ep._common import DispatchResult, check_combine_args, check_dispatch_args, worst_case_rows
 from deepseek_ops.ep._dist import DistBackend
 from deepseek_ops.ep._local import exact_rows
 
 _ipc = torch.ops.deepseek_ops
-SEND_BLOCKS = 132  # kEpIpcSendBlocks (csrc/ep_ipc.h): release adds per sender per dispatch
-COMBINE_BLOCKS = 132  # kEpIpcCombineBlocks
 STEPS = {1: "dispatch: barrier", 2: "dispatch: receive", 3: "combine: barrier", 4: "combine: receive"}
 _ALIGN = 256
 
@@ -34,13 +37,16 @@ _ALIGN = 256
 class IpcLayout:
     """Byte offsets of the fields of every rank's symmetric buffer, in EpIpcLayout's order."""
 
-    FIELDS = ("barrier", "arrive", "combine_arrive", "counts", "x", "scales", "idx", "weights", "src", "combine")
+    FIELDS = ("barrier", "arrive", "combine_arrive", "counts", "rounds", "x", "scales", "idx", "weights", "src",
+              "combine")
+    NUM_ROUNDS = 3  # kEpIpcNumRounds (csrc/ep_ipc.h): barrier, dispatch and combine rounds
 
     def __init__(self, world_size: int, max_tokens: int, hidden: int, max_topk: int):
         rows = world_size * max_tokens
         sizes = {"barrier": 4 * world_size, "arrive": 4 * world_size, "combine_arrive": 4 * world_size,
-                 "counts": 4 * world_size, "x": rows * hidden * 2, "scales": rows * (hidden // 128) * 4,
-                 "idx": rows * max_topk * 8, "weights": rows * max_topk * 4, "src": rows * 8,
+                 "counts": 4 * world_size, "rounds": 4 * self.NUM_ROUNDS, "x": rows * hidden * 2,
+                 "scales": rows * (hidden // 128) * 4, "idx": rows * max_topk * 8, "weights": rows * max_topk * 4,
+                 "src": rows * 8,
                  "combine": max_tokens * max_topk * hidden * 2}
         self.offsets: Dict[str, int] = {}
         offset = 0
@@ -61,13 +67,15 @@ class IpcLayout:
 @dataclasses.dataclass
 class IpcHandle:
     """recv_row_of [W * max_tokens, topk]: recv_x row of each received (row, k) (-1: none);
-    recv_counts [W] int32 on the device; pair_home [T, topk]: (t * topk + k) where the pair has an expert."""
+    recv_counts [W] int32 on the device; pair_home [T, topk]: (t * topk + k) where the pair has an expert.
+    synced: from an exact dispatch (its combine agrees on the arguments and reads the timeout flag)."""
 
     recv_row_of: torch.Tensor
     recv_counts: torch.Tensor
     num_rows: int
     pair_home: torch.Tensor
     pair_pos: torch.Tensor  # = pair_home; the name combine's argument check reads
+    synced: bool
 
 
 class IpcBackend(DistBackend):
@@ -89,7 +97,6 @@ class IpcBackend(DistBackend):
         ptrs = [self.buffer.data_ptr() if p == self.rank else self.peers[p].data_ptr() for p in range(self.world_size)]
         self.peer_ptrs = torch.tensor(ptrs, dtype=torch.int64, device=self.device)
         self.error = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self.num_barriers = self.num_dispatches = self.num_combines = 0
         self.broken = False
         # Nobody writes into a peer before every rank has mapped every buffer.
         self._wait(torch.distributed.barrier(group=group, async_op=True), "setup: handle exchange")
@@ -120,16 +127,32 @@ class IpcBackend(DistBackend):
 
     def dispatch(self, x, topk_idx, topk_weights, exact: bool) -> DispatchResult:
         self._check_usable()  # before the host agreement: a broken group must not be waited on
-        return super().dispatch(x, topk_idx, topk_weights, exact)
+        if exact:
+            return super().dispatch(x, topk_idx, topk_weights, exact)
+        # No host sync and no collective: checks on this rank only (out-of-range experts are skipped
+        # by the kernels, like -1). A rank that raises here leaves its peers to time out on the device.
+        x_data, x_scales = check_dispatch_args(x, topk_idx, topk_weights, self.num_experts, hidden=self.hidden,
+                                               max_tokens=self.max_tokens, check_range=False)
+        if topk_idx.shape[1] > self.max_topk:
+            raise ValueError(f"argument 'topk_idx': at most {self.max_topk} experts per token (the Buffer's "
+                             f"max_topk), got {topk_idx.shape[1]}")
+        weights = topk_weights.contiguous() if topk_weights is not None else None
+        return self._dispatch(x_data, x_scales, topk_idx.contiguous(), weights, exact)
 
     def combine(self, y: torch.Tensor, handle, topk_weights: torch.Tensor) -> torch.Tensor:
         self._check_usable()
+        if isinstance(handle, IpcHandle) and not handle.synced:
+            check_combine_args(y, topk_weights, handle.num_rows, handle.pair_pos.shape, hidden=self.hidden)
+            return self._combine(y.contiguous(), handle, topk_weights.contiguous())
         return super().combine(y, handle, topk_weights)
 
+    def check(self):
+        """Raises TimeoutError if a device wait of this Buffer timed out (one host sync)."""
+        self._check_usable()
+        self._raise_if_failed(int(self.error.item()))
+
     def _barrier(self, step: int):
-        self.num_barriers += 1
-        _ipc.ep_ipc_barrier(self.peer_ptrs, self.layout.as_list(), self.rank, self.num_barriers, self.timeout_ns,
-                            self.error, step)
+        _ipc.ep_ipc_barrier(self.peer_ptrs, self.layout.as_list(), self.rank, self.timeout_ns, self.error, step)
 
     def _raise_if_failed(self, code: int):
         if code != 0:
@@ -149,10 +172,9 @@ class IpcBackend(DistBackend):
         self._barrier(1)
         _ipc.ep_ipc_dispatch_send(x_data, x_scales, topk_idx, weights, slot_of.contiguous(), num_tokens_per_rank,
                                   self.peer_ptrs, self.layout.as_list(), self.rank, epr, self.max_tokens, self.error)
-        self.num_dispatches += 1
         recv_counts = torch.empty(w, dtype=torch.int32, device=self.device)
         _ipc.ep_ipc_dispatch_wait(self.peer_ptrs, self.layout.as_list(), self.rank, self.max_tokens, topk,
-                                  self.num_dispatches * SEND_BLOCKS, self.timeout_ns, self.error, recv_counts)
+                                  self.timeout_ns, self.error, recv_counts)
 
         view = self.layout.view
         recv_x = view(self.buffer, "x", x_data.dtype, (rows, x_data.shape[1]))
@@ -160,16 +182,19 @@ class IpcBackend(DistBackend):
             if x_scales is not None else None
         recv_idx = view(self.buffer, "idx", torch.int64, (rows, topk))
         recv_weights = view(self.buffer, "weights", torch.float32, (rows, topk))
-        _, counts, _ = _ops.dispatch_layout(recv_idx, epr, 1)
-        flag_and_counts = torch.cat([self.error.to(torch.int64), counts.to(torch.int64)]).cpu()  # the one sync
-        self._raise_if_failed(int(flag_and_counts[0]))
-        num_rows = exact_rows(flag_and_counts[1:], self.alignment)
+        if exact:
+            _, counts, _ = _ops.dispatch_layout(recv_idx, epr, 1)
+            flag_and_counts = torch.cat([self.error.to(torch.int64), counts.to(torch.int64)]).cpu()  # the one sync
+            self._raise_if_failed(int(flag_and_counts[0]))
+            num_rows = exact_rows(flag_and_counts[1:], self.alignment)
+        else:
+            num_rows = worst_case_rows(rows, topk, epr, self.alignment)
         out_x, out_scales, out_w, m_indices, recv_row_of, counts = _ops.permute(
             recv_x, recv_scales, recv_weights, recv_idx, epr, self.alignment, num_rows)
 
         token_pairs = torch.arange(num_tokens * topk, dtype=torch.int32, device=self.device).reshape(num_tokens, topk)
         pair_home = torch.where(valid, token_pairs, -1)
-        handle = IpcHandle(recv_row_of, recv_counts, num_rows, pair_home, pair_home)
+        handle = IpcHandle(recv_row_of, recv_counts, num_rows, pair_home, pair_home, exact)
         return DispatchResult(out_x if x_scales is None else (out_x, out_scales), m_indices, out_w, counts, handle)
 
     def _combine(self, y: torch.Tensor, handle: IpcHandle, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -177,11 +202,10 @@ class IpcBackend(DistBackend):
         self._barrier(3)
         _ipc.ep_ipc_combine_send(y, handle.recv_row_of, handle.recv_counts, self.peer_ptrs, self.layout.as_list(),
                                  self.rank, self.max_tokens, self.error)
-        self.num_combines += 1
-        _ipc.ep_ipc_combine_wait(self.peer_ptrs, self.layout.as_list(), self.rank, self.num_combines * COMBINE_BLOCKS,
-                                 self.timeout_ns, self.error)
+        _ipc.ep_ipc_combine_wait(self.peer_ptrs, self.layout.as_list(), self.rank, self.timeout_ns, self.error)
         home = self.layout.view(self.buffer, "combine", torch.bfloat16,
                                 (self.max_tokens * handle.pair_home.shape[1], self.hidden))
         out = _ops.combine(home, handle.pair_home, topk_weights)
-        self._raise_if_failed(int(self.error.item()))
+        if handle.synced:
+            self._raise_if_failed(int(self.error.item()))
         return out
