@@ -2,7 +2,9 @@
 
 `python -m benchmarks.tune_fp8_gemm [--quick] [--m M ...]` prints, per shape, the time of each
 (BLOCK_M, BLOCK_N) forced through DSO_FP8_GEMM_CONFIG beside the heuristic's pick, so the host
-heuristic (csrc/sm90_fp8_gemm.cu, select_sm90_fp8_gemm_config) can be corrected from data.
+heuristic (csrc/sm90_fp8_gemm.cu, select_sm90_fp8_gemm_config) can be corrected from data. Short
+ops are timed as the bench times them (graph replay over rotated input copies, operands from DRAM);
+lines "SWEEP m n k block_m block_n us" are printed for fitting.
 Every configuration's output is checked against the float64 reference before it is timed.
 """
 import argparse
@@ -11,7 +13,7 @@ import sys
 
 import torch
 
-from benchmarks.bench_fp8_gemm import M_VALUES, NK_SHAPES, CALC_DIFF_BOUND, make_inputs, time_op
+from benchmarks.bench_fp8_gemm import M_VALUES, NK_SHAPES, CALC_DIFF_BOUND, input_copies, make_inputs, time_op
 from deepseek_ops import reference
 from deepseek_ops.testing import calc_diff
 
@@ -23,9 +25,10 @@ def sweep(m: int, n: int, k: int):
 
     inp = make_inputs(m, n, k)
     args = (inp["a"], inp["a_scales"], inp["b"], inp["b_scales"])
+    fns = [lambda c=c: deepseek_ops.fp8_gemm(c["a"], c["a_scales"], c["b"], c["b_scales"]) for c in input_copies(inp)]
     ref = reference.fp8_gemm(*args, torch.float64)
     os.environ.pop("DSO_FP8_GEMM_CONFIG", None)
-    results = {"heuristic": time_op(lambda: deepseek_ops.fp8_gemm(*args))}
+    results = {"heuristic": time_op(*fns)}
     for block_m in (64, 128):
         for block_n in BLOCK_NS:
             if block_n > max(16, n):
@@ -40,7 +43,8 @@ def sweep(m: int, n: int, k: int):
             if not diff < CALC_DIFF_BOUND:
                 print(f"  {block_m}x{block_n}: WRONG RESULT, calc_diff {diff:.3g}", file=sys.stderr)
                 continue
-            results[f"{block_m}x{block_n}"] = time_op(lambda: deepseek_ops.fp8_gemm(*args))
+            results[f"{block_m}x{block_n}"] = time_op(*fns)
+            print(f"SWEEP {m} {n} {k} {block_m} {block_n} {results[f'{block_m}x{block_n}'] * 1e3:.2f}", flush=True)
     os.environ.pop("DSO_FP8_GEMM_CONFIG", None)
     return results
 

@@ -440,8 +440,10 @@ int smem_bytes(int block_m, int block_n, bool out_fp32, int num_stages, int num_
   return (num_stages * stage + num_wg * 64 * d_row + sfb + 7) / 8 * 8 + 2 * num_stages * 8;
 }
 
+// NOTE: up to 20 stages: narrow tiles (the small-M picks, e.g. 64 x 32 at 12 KB a stage) fill shared
+// memory with more of them, so an SM keeps as many operand bytes in flight as a wide tile does.
 int max_stages(int block_m, int block_n, bool out_fp32, int num_k_blocks, int max_smem) {
-  constexpr int kMaxStages = 10;
+  constexpr int kMaxStages = 20;
   int stages = 0;
   while (stages < kMaxStages && smem_bytes(block_m, block_n, out_fp32, stages + 1, num_k_blocks) <= max_smem) {
     ++stages;
