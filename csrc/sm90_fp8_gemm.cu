@@ -440,10 +440,10 @@ int smem_bytes(int block_m, int block_n, bool out_fp32, int num_stages, int num_
   return (num_stages * stage + num_wg * 64 * d_row + sfb + 7) / 8 * 8 + 2 * num_stages * 8;
 }
 
-// NOTE: up to 20 stages: narrow tiles (the small-M picks, e.g. 64 x 32 at 12 KB a stage) fill shared
-// memory with more of them, so an SM keeps as many operand bytes in flight as a wide tile does.
+// NOTE: 10 stages at most. Letting narrow tiles fill shared memory (up to 20 stages of 64 x 32)
+// changed no small-M time on the H200 (session 5): bytes in flight do not limit them.
 int max_stages(int block_m, int block_n, bool out_fp32, int num_k_blocks, int max_smem) {
-  constexpr int kMaxStages = 20;
+  constexpr int kMaxStages = 10;
   int stages = 0;
   while (stages < kMaxStages && smem_bytes(block_m, block_n, out_fp32, stages + 1, num_k_blocks) <= max_smem) {
     ++stages;

@@ -107,11 +107,10 @@ def test_fp8_gemm_every_config(gemm_config, block_m, block_n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_m,block_n,stages", [(128, 128, 2), (128, 128, 3), (128, 128, 5), (64, 32, 16),
-                                                    (64, 16, 20)])
+@pytest.mark.parametrize("block_m,block_n,stages", [(128, 128, 2), (128, 128, 3), (128, 128, 5), (64, 32, 10)])
 def test_fp8_gemm_pipeline_depths(gemm_config, block_m, block_n, stages):
     # Few stages wrap the ring (and flip the mbarrier phase) many times per tile; narrow tiles run
-    # the deepest rings (up to 20 stages).
+    # the deepest rings.
     gemm_config(block_m, block_n, stages)
     a, a_scales, b, b_scales = make_operands(300, 384, 2048)
     check_parity(deepseek_ops.fp8_gemm(a, a_scales, b, b_scales), a, a_scales, b, b_scales)
