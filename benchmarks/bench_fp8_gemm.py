@@ -18,15 +18,12 @@ import pytest
 import torch
 
 from benchmarks.report import OURS, Record, throughput
-from benchmarks.timing import bench, bench_graph, host_overhead_us
+from benchmarks.timing import host_overhead_us, input_copies, time_op
 from deepseek_ops import reference
 from deepseek_ops.testing import calc_diff
 
 NK_SHAPES = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 M_VALUES = [64, 128, 4096]
-SHORT_OP_MS = 0.05
-ROTATION_BYTES = 256 * 1024 * 1024  # inputs of the rotated copies together: several times the L2
-MAX_COPIES = 64
 CALC_DIFF_BOUND = 1e-5
 
 
@@ -71,23 +68,6 @@ def impls(inp: dict) -> Dict[str, Callable[[], torch.Tensor]]:
         "cublas_tensorwise": cublas_tensorwise_fn(a, b),
         "cublas_bf16": lambda: torch.matmul(a_bf16, b_bf16.t()),
     }
-
-
-def input_copies(inp: dict) -> List[dict]:
-    """inp and copies of it in fresh memory (same strides), enough that a graph replay cycling
-    through them reads every operand from DRAM."""
-    size = sum(t.untyped_storage().nbytes() for t in inp.values())
-    copies = [inp]
-    for _ in range(min(MAX_COPIES, -(-ROTATION_BYTES // size)) - 1):
-        copies.append({k: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
-                       for k, t in inp.items()})
-    return copies
-
-
-def time_op(*fns: Callable[[], object]) -> float:
-    """Median ms of fns[0]; an op under ~50 us is timed by graph replay over all fns (input copies)."""
-    ms = bench(fns[0])
-    return bench_graph(*fns) if ms < SHORT_OP_MS else ms
 
 
 def measure_shape(m: int, n: int, k: int) -> List[Record]:

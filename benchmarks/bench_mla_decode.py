@@ -7,21 +7,20 @@ Ours is timed without get_mla_metadata: the schedule is computed once per decode
 reused by every layer. Bytes = (sum(seqlens) * 576 + B * s_q * h_q * (576 + 512)) * 2 (FP8 cache:
 656 bytes a token instead of 1152); FLOPs = s_q * sum(seqlens) * h_q * (576 + 512) * 2.
 """
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from benchmarks.report import OURS, Record, throughput
-from benchmarks.timing import bench, bench_graph, host_overhead_us
+from benchmarks.timing import SHORT_OP_MS, bench, host_overhead_us, time_op
 from deepseek_ops import reference
 from deepseek_ops.testing import calc_diff
 
 PAGE = 64
 SCALE = 192 ** -0.5
 MAX_DIFF = 1e-5
-SHORT_OP_MS = 0.05
 # (B, s_q, h_q, seqlen, causal, varlen): memory-bound, compute-bound, mixed lengths (issue 5).
 SHAPES = [
     (128, 1, 16, 4096, False, False), (128, 1, 64, 4096, False, False),
@@ -92,11 +91,6 @@ def sdpa_impl(q, kv, block_table, seqlens, causal) -> Callable[[], torch.Tensor]
     k, v = dense[:, None], dense[:, None, :, :512]
     return lambda: F.scaled_dot_product_attention(rows, k, v, attn_mask=row_mask, scale=SCALE).reshape(
         batch, s_q, h_q, 512)
-
-
-def time_op(fn: Callable[[], object]) -> float:
-    ms = bench(fn)
-    return bench_graph(fn) if ms < SHORT_OP_MS else ms
 
 
 def measure(batch, s_q, h_q, seqlen, causal, varlen, fp8, peers=True) -> List[Record]:

@@ -4,6 +4,8 @@ bench(fn)            median ms of single eager calls, CUDA events, L2 flushed be
 bench_graph(*fns)    median ms per call of `calls` invocations captured in one CUDA graph:
                      the kernel time of ops under ~50 us, with the launch path taken out;
                      several fns (the op on copies of its inputs) are called in turn.
+time_op(*fns)        bench(fns[0]), or for an op under SHORT_OP_MS bench_graph over every fn
+                     (the op on input_copies(...) of its inputs: operands from DRAM).
 host_overhead_us(fn) wall-clock us per call of back-to-back eager calls (see its docstring).
 bench_ranks(fn, g)   the slowest rank's median ms of a collective op, every run started together.
 warm_up()            >= 1 s of sustained GPU work; every function above runs it once per process.
@@ -14,11 +16,14 @@ by the caller once and shared by every implementation being compared.
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # several times the 50-60 MB L2 of H100/H200
+SHORT_OP_MS = 0.05  # protocol: under ~50 us the kernel time comes from CUDA-graph replay
+ROTATION_BYTES = 256 * 1024 * 1024  # inputs of the rotated copies together: several times the L2
+MAX_COPIES = 64
 MAX_RUNS = 1000
 
 IDLE_REWARM_S = 2.0  # GPU idle longer than this (compiling a peer, checking results): warm again
@@ -159,6 +164,24 @@ def _capture(fns, calls: int) -> "torch.cuda.CUDAGraph":
                 fns[i % len(fns)]()
     torch.cuda.current_stream().wait_stream(stream)
     return graph
+
+
+def input_copies(inputs: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+    """inputs and copies of them in fresh memory (same shapes and strides), enough that a graph
+    replay cycling through them reads every operand from DRAM (protocol: inputs rotated)."""
+    size = sum(t.untyped_storage().nbytes() for t in inputs.values())
+    copies = [inputs]
+    for _ in range(min(MAX_COPIES, -(-ROTATION_BYTES // size)) - 1):
+        copies.append({k: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                       for k, t in inputs.items()})
+    return copies
+
+
+def time_op(*fns: Callable[[], object]) -> float:
+    """Median ms of fns[0] (bench); an op under SHORT_OP_MS is timed by bench_graph over all fns:
+    the same op on input_copies of its inputs, so that no call finds its operands in L2."""
+    ms = bench(fns[0])
+    return bench_graph(*fns) if ms < SHORT_OP_MS else ms
 
 
 def host_overhead_us(fn: Callable[[], object], *, calls: int = 200) -> float:

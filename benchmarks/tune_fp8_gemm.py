@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from benchmarks.bench_fp8_gemm import M_VALUES, NK_SHAPES, CALC_DIFF_BOUND, input_copies, make_inputs, time_op
+from benchmarks.bench_fp8_gemm import M_VALUES, NK_SHAPES, CALC_DIFF_BOUND, make_inputs
+from benchmarks.timing import input_copies, time_op
 from deepseek_ops import reference
 from deepseek_ops.testing import calc_diff
 
