@@ -8,6 +8,7 @@ tokens: after token t comes successor[t] with probability 0.9, else a uniform to
 of the fitted model follows the chain, so a kernel that computes something else shows twice: as
 tokens that differ from the reference backend's, and as tokens that leave the chain.
 """
+import functools
 from typing import Dict, Tuple
 
 import torch
@@ -58,12 +59,12 @@ def train_tiny(successor: torch.Tensor, device, steps: int = 60, seed: int = 0) 
 
 
 @torch.no_grad()
-def fp8_model(state: Dict[str, torch.Tensor], backend: str, fp8_activations: bool = False) -> Transformer:
-    """The trained float weights as a bf16 FP8 checkpoint would hold them (linears e4m3 with 128 x
-    128 block scales, the rest bf16), on the state's device."""
+def checkpoint_model(state: Dict[str, torch.Tensor], backend: str, fp8: bool, fp8_activations: bool = False):
+    """The trained float weights as a bf16 checkpoint holds them, FP8 (linears e4m3 with 128 x 128
+    block scales, the rest bf16) or not, on the state's device."""
     device = next(iter(state.values())).device
     with torch.device(device):
-        model = Transformer(preset("tiny", dtype="bfloat16", fp8=True), backend, fp8_activations=fp8_activations)
+        model = Transformer(preset("tiny", dtype="bfloat16", fp8=fp8), backend, fp8_activations=fp8_activations)
     fp8_linears = {name for name, m in model.named_modules() if isinstance(m, Linear) and m.is_fp8}
     for name, module in model.named_modules():
         if name in fp8_linears:
@@ -82,8 +83,14 @@ def chain_fraction(tokens, successor: torch.Tensor) -> float:
     return sum(follows) / max(1, len(follows))
 
 
-def trained_pair(device) -> Tuple[Transformer, Transformer, torch.Tensor]:
-    """(reference with FP8 activations, kernels) backends on the same fitted FP8 weights, and the chain."""
-    successor = chain_successors()
-    state = train_tiny(successor, device)
-    return fp8_model(state, "reference", fp8_activations=True), fp8_model(state, "kernels"), successor
+@functools.lru_cache(maxsize=None)
+def _trained_state(device: str) -> Dict[str, torch.Tensor]:
+    return train_tiny(chain_successors(), device)  # once per device and process
+
+
+def trained_pair(device: str, fp8: bool) -> Tuple[Transformer, Transformer, torch.Tensor]:
+    """(reference, kernels) backends on the same fitted weights (FP8 checkpoint: the reference with
+    FP8 activations, as the kernels compute), and the chain."""
+    state = _trained_state(device)
+    return (checkpoint_model(state, "reference", fp8, fp8_activations=fp8), checkpoint_model(state, "kernels", fp8),
+            chain_successors())
