@@ -30,23 +30,6 @@ struct Vec16 {
 };
 
 template <typename T>
-__device__ __forceinline__ Vec16<T> unpack16(int4 raw) {
-  Vec16<T> out;
-  const T* elems = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < Vec16<T>::kElems; ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out.v[i] = elems[i];
-    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      out.v[i] = __bfloat162float(elems[i]);
-    } else {
-      out.v[i] = __half2float(elems[i]);
-    }
-  }
-  return out;
-}
-
-template <typename T>
 __device__ __forceinline__ T from_float(float v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
@@ -66,6 +49,15 @@ __device__ __forceinline__ float to_float(T v) {
   } else {
     return __half2float(v);
   }
+}
+
+template <typename T>
+__device__ __forceinline__ Vec16<T> unpack16(int4 raw) {
+  Vec16<T> out;
+  const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kElems; ++i) out.v[i] = to_float(elems[i]);
+  return out;
 }
 
 // silu(gate) * up as (F.silu(gate.float()) * up.float()).to(T) computes it on CUDA: silu(g) is
