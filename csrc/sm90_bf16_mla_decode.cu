@@ -296,6 +296,41 @@ __device__ __forceinline__ void producer(const MlaDecodeArgs& args, const CUtens
 
 __device__ __forceinline__ void consumer_sync() { ptx::named_barrier_sync(kConsumerBarrier, kNumConsumers); }
 
+// bf16(e4m3 * scale) of 16 values (two per output word, low byte first), rounded as the reference does.
+// NOTE: the e4m3 conversion instructions run on the conversion unit (16 a clock per SM); three of them
+// per value made dequantization take as long as a tile's MMAs. Moving the bits instead leaves one
+// conversion per pair (the bf16 pack): a value times 2^-120 times (scale * 2^120) is the same real
+// number as value * scale, so its fp32 rounding is identical. NaN inputs and scales >= 2^8 (whose
+// 2^120 multiple overflows) take the conversion path.
+__device__ __forceinline__ void dequant_e4m3x16(const uint4 raw, float scale, uint32_t (&out)[8]) {
+  const uint32_t quads[4] = {raw.x, raw.y, raw.z, raw.w};
+  const float scale_up = scale * 0x1p120f;
+  uint32_t nan_probe = 0;  // bit 7 of a byte is set iff that e4m3 was NaN (7 low bits all ones)
+#pragma unroll
+  for (int q = 0; q < 4; ++q) nan_probe |= (quads[q] & 0x7f7f7f7fu) + 0x01010101u;
+  if ((nan_probe & 0x80808080u) == 0 && scale_up <= FLT_MAX) {
+    // bf16 pair -> the two floats (a bf16 is the high half of its float) -> times scale_up -> bf16 pair.
+    const auto scaled = [scale_up](uint32_t w) {
+      const __nv_bfloat162 b =
+          __floats2bfloat162_rn(__uint_as_float(w << 16) * scale_up, __uint_as_float(w & 0xffff0000u) * scale_up);
+      return *reinterpret_cast<const uint32_t*>(&b);
+    };
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      out[2 * q] = scaled(ptx::e4m3x2_to_bf16x2_times_2m120<0>(quads[q]));
+      out[2 * q + 1] = scaled(ptx::e4m3x2_to_bf16x2_times_2m120<1>(quads[q]));
+    }
+    return;
+  }
+  const uint16_t* pairs = reinterpret_cast<const uint16_t*>(quads);
+#pragma unroll
+  for (int p = 0; p < 8; ++p) {
+    const float2 v = ptx::e4m3x2_to_float2(pairs[p]);
+    const __nv_bfloat162 b = __floats2bfloat162_rn(v.x * scale, v.y * scale);
+    out[p] = *reinterpret_cast<const uint32_t*>(&b);
+  }
+}
+
 // Staging page -> bf16 K tile: value * scale of its 128-group, rounded to bf16 (as the reference
 // dequantizes); the RoPE part is copied. Tokens at or past num_valid (never loaded) become 0.
 __device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint8_t* smem_k, int num_valid) {
@@ -307,15 +342,8 @@ __device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint
     if (unit < 32) {
       uint32_t bf16x2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       if (valid) {
-        const int4 raw = *reinterpret_cast<const int4*>(src + unit * 16);
-        const float scale = reinterpret_cast<const float*>(src + 512)[unit / 8];
-        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&raw);
-#pragma unroll
-        for (int p = 0; p < 8; ++p) {
-          const float2 v = ptx::e4m3x2_to_float2(pairs[p]);
-          const __nv_bfloat162 b = __floats2bfloat162_rn(v.x * scale, v.y * scale);
-          bf16x2[p] = *reinterpret_cast<const uint32_t*>(&b);
-        }
+        const uint4 raw = *reinterpret_cast<const uint4*>(src + unit * 16);
+        dequant_e4m3x16(raw, reinterpret_cast<const float*>(src + 512)[unit / 8], bf16x2);
       }
       *reinterpret_cast<int4*>(smem_k + swizzled(token, 2 * unit)) =
           make_int4(bf16x2[0], bf16x2[1], bf16x2[2], bf16x2[3]);

@@ -272,9 +272,11 @@ def _seqlens(batch):
     return lens[:batch]
 
 
-def _check_decode(batch, s_q, h_q, causal, fp8, seqlens=None):
+def _check_decode(batch, s_q, h_q, causal, fp8, seqlens=None, edit_cache=None):
     seqlens = seqlens if seqlens is not None else _seqlens(batch)
     q, kv, block_table, cache_seqlens = make_cache(seqlens, s_q, h_q, "cuda", fp8=fp8)
+    if edit_cache is not None:
+        edit_cache(kv)
     ref_out, ref_lse = reference_decode(q, kv, block_table, cache_seqlens, causal)
     out = poison_(torch.empty(batch, s_q, h_q, 512, dtype=torch.bfloat16, device="cuda"))
     got, lse = deepseek_ops.mla_decode(q, kv, block_table, cache_seqlens, SCALE, causal=causal, out=out)
@@ -306,6 +308,33 @@ def test_mla_decode_single_length(seqlen, s_q, causal):
 @pytest.mark.parametrize("batch, s_q, h_q, causal", PARITY_CASES[::2])
 def test_mla_decode_fp8(batch, s_q, h_q, causal):
     _check_decode(batch, s_q, h_q, causal, fp8=True)
+
+
+def _every_e4m3_and_wide_scales(kv):
+    """Valid FP8 tokens get every non-NaN e4m3 byte (subnormals, -0) and scales from 2^-140 (subnormal)
+    to 2^10 (>= 2^8 takes the kernel's conversion path instead of its bit move)."""
+    valid = ~(kv == NAN_BYTE).all(-1)  # make_cache fills whole invalid slots with NAN_BYTE
+    raw = torch.randint(0, 254, kv.shape[:-1] + (512,), dtype=torch.int32, device=kv.device)
+    kv[..., :512] = torch.where(valid[..., None], raw + (raw >= 0x7F).int(), NAN_BYTE).to(torch.uint8)
+    scales = torch.exp2(torch.rand(kv.shape[:-1] + (4,), device=kv.device) * 150 - 140)
+    kv[..., 512:528] = torch.where(valid[..., None], scales.view(torch.uint8), NAN_BYTE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_q", [16, 128])
+def test_mla_decode_fp8_every_value_and_scale_range(h_q):
+    _check_decode(6, 1, h_q, False, fp8=True, edit_cache=_every_e4m3_and_wide_scales)
+
+
+@pytest.mark.gpu
+def test_mla_decode_fp8_nan_value_reaches_its_request_only():
+    """A NaN e4m3 in a visible token makes that request's output NaN, as in the reference."""
+    q, kv, block_table, cache_seqlens = make_cache([130, 300, 64], 1, 16, "cuda", fp8=True)
+    kv[block_table[0, 1], 5, 0, 77] = 0x7F
+    ref_out, _ = reference_decode(q, kv, block_table, cache_seqlens, False)
+    out, lse = deepseek_ops.mla_decode(q, kv, block_table, cache_seqlens, SCALE)
+    assert ref_out[0].isnan().all() and out[0].isnan().all() and lse[0].isnan().all()
+    assert calc_diff(out[1:], ref_out[1:]) < OUT_DIFF
 
 
 @pytest.mark.gpu
