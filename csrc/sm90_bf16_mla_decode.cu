@@ -308,6 +308,9 @@ __device__ __forceinline__ void dequant_e4m3x16(const uint4 raw, float scale, ui
   uint32_t nan_probe = 0;  // bit 7 of a byte is set iff that e4m3 was NaN (7 low bits all ones)
 #pragma unroll
   for (int q = 0; q < 4; ++q) nan_probe |= (quads[q] & 0x7f7f7f7fu) + 0x01010101u;
+#ifdef DSO_MLA_DEQUANT_CVT
+  nan_probe = 0x80u;
+#endif
   if ((nan_probe & 0x80808080u) == 0 && scale_up <= FLT_MAX) {
     // bf16 pair -> the two floats (a bf16 is the high half of its float) -> times scale_up -> bf16 pair.
     const auto scaled = [scale_up](uint32_t w) {
@@ -333,27 +336,49 @@ __device__ __forceinline__ void dequant_e4m3x16(const uint4 raw, float scale, ui
 
 // Staging page -> bf16 K tile: value * scale of its 128-group, rounded to bf16 (as the reference
 // dequantizes); the RoPE part is copied. Tokens at or past num_valid (never loaded) become 0.
+// NOTE: 8 consumer warps are too few to hide shared-memory latency one chunk at a time, so each thread
+// loads a batch of chunks before converting any (the compiler may not move a load above a store to the
+// K tile: both are shared memory).
 __device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint8_t* smem_k, int num_valid) {
-  constexpr int kUnits = 32 + 8;  // 32 chunks of 16 e4m3 values, 8 chunks of bf16 RoPE
-  for (int i = threadIdx.x; i < BLOCK_N * kUnits; i += kNumConsumers) {
-    const int token = i / kUnits, unit = i % kUnits;
-    const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes;
-    const bool valid = token < num_valid;
-    if (unit < 32) {
-      uint32_t bf16x2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if (valid) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(src + unit * 16);
-        dequant_e4m3x16(raw, reinterpret_cast<const float*>(src + 512)[unit / 8], bf16x2);
-      }
-      *reinterpret_cast<int4*>(smem_k + swizzled(token, 2 * unit)) =
-          make_int4(bf16x2[0], bf16x2[1], bf16x2[2], bf16x2[3]);
-      *reinterpret_cast<int4*>(smem_k + swizzled(token, 2 * unit + 1)) =
-          make_int4(bf16x2[4], bf16x2[5], bf16x2[6], bf16x2[7]);
-    } else {
-      const int chunk = unit - 32;
-      *reinterpret_cast<int4*>(smem_k + swizzled(token, 64 + chunk)) =
-          valid ? *reinterpret_cast<const int4*>(src + 512 + 16 + chunk * 16) : make_int4(0, 0, 0, 0);
+  constexpr int kValueChunks = kMlaHeadDimV / 16;                      // 32 chunks of 16 e4m3 a token
+  constexpr int kRopeChunks = (kMlaHeadDimQK - kMlaHeadDimV) * 2 / 16;  // 8 chunks of bf16 RoPE a token
+  constexpr int kBatch = 4;
+  static_assert(BLOCK_N * kValueChunks % (kBatch * kNumConsumers) == 0, "whole batches of value chunks");
+  static_assert(BLOCK_N * kRopeChunks % kNumConsumers == 0, "whole rounds of RoPE chunks");
+#pragma unroll 1
+  for (int base = threadIdx.x; base < BLOCK_N * kValueChunks; base += kBatch * kNumConsumers) {
+    uint4 raw[kBatch];
+    float scale[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int i = base + b * kNumConsumers, token = i / kValueChunks, chunk = i % kValueChunks;
+      const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes;
+      const bool valid = token < num_valid;
+      raw[b] = valid ? *reinterpret_cast<const uint4*>(src + chunk * 16) : make_uint4(0, 0, 0, 0);
+      scale[b] = valid ? reinterpret_cast<const float*>(src + kMlaHeadDimV)[chunk / 8] : 0.0f;
     }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int i = base + b * kNumConsumers, token = i / kValueChunks, chunk = i % kValueChunks;
+      uint32_t bf16x2[8];
+      dequant_e4m3x16(raw[b], scale[b], bf16x2);  // zero bytes and scale give +0
+      *reinterpret_cast<uint4*>(smem_k + swizzled(token, 2 * chunk)) =
+          make_uint4(bf16x2[0], bf16x2[1], bf16x2[2], bf16x2[3]);
+      *reinterpret_cast<uint4*>(smem_k + swizzled(token, 2 * chunk + 1)) =
+          make_uint4(bf16x2[4], bf16x2[5], bf16x2[6], bf16x2[7]);
+    }
+  }
+  uint4 rope[BLOCK_N * kRopeChunks / kNumConsumers];
+#pragma unroll
+  for (int r = 0; r < BLOCK_N * kRopeChunks / kNumConsumers; ++r) {
+    const int i = threadIdx.x + r * kNumConsumers, token = i / kRopeChunks, chunk = i % kRopeChunks;
+    const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes + kMlaHeadDimV + 16 + chunk * 16;
+    rope[r] = token < num_valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int r = 0; r < BLOCK_N * kRopeChunks / kNumConsumers; ++r) {
+    const int i = threadIdx.x + r * kNumConsumers, token = i / kRopeChunks, chunk = i % kRopeChunks;
+    *reinterpret_cast<uint4*>(smem_k + swizzled(token, 2 * kValueChunks + chunk)) = rope[r];
   }
 }
 
@@ -532,7 +557,7 @@ __device__ __forceinline__ void write_results(Consumer& c, const MlaDecodeArgs& 
     const int row = row_base + local_row;
     if (row >= rows) continue;
     const float sum = smem_sum[local_row] + smem_sum[BLOCK_M + local_row];
-    const bool has_keys = sum > 0.0f;
+    const bool has_keys = sum != 0.0f;  // a NaN sum (a NaN in the cache) stays NaN, as in the reference
     const float inv = has_keys ? 1.0f / sum : 0.0f;
     const float lse_log2 = c.row_base[h] + log2f(sum);
     const int col = 256 * c.half + 2 * c.t;
@@ -673,7 +698,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) sm90_mla_combine_kernel(co
   for (int s = lane; s < num_splits; s += 32) sum += expf(lse_accum[static_cast<int64_t>(s) * rows] - base);
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  const bool has_keys = sum > 0.0f;
+  const bool has_keys = sum != 0.0f;  // NaN: a NaN split's lse stays NaN
   const float lse = has_keys ? base + logf(sum) : INFINITY;
 
   // Each lane owns 16 columns: 4 float4 at lane * 4 + 128 * i.
