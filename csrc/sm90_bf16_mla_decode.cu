@@ -310,51 +310,45 @@ __device__ __forceinline__ void dequant_e4m3x16(const uint4 raw, float scale, ui
 // Staging page -> bf16 K tile: value * scale of its 128-group, rounded to bf16 (as the reference
 // dequantizes); the RoPE part is copied. Tokens at or past num_valid (never loaded) become 0.
 // NOTE: 8 consumer warps are too few to hide shared-memory latency one chunk at a time, so each thread
-// loads a batch of chunks before converting any (the compiler may not move a load above a store to the
-// K tile: both are shared memory). That took h16 seqlen 4096 from 0.269 to 0.228 ms on the H200.
-// Moving e4m3 bits into bf16 instead of the cvt instructions was measured slower (0.249 ms): more
-// instructions, and the conversions were not the limit.
+// loads all its chunks before converting any (the compiler may not move a load above a store to the K
+// tile: both are shared memory). On the H200 (h16, seqlen 4096) that took the FP8 decode from 0.269 ms
+// to 0.208 ms (batches of 4 chunks: 0.229 ms). Moving e4m3 bits into bf16 instead of the cvt
+// instructions was slower (0.249 ms against 0.229 ms, both with batches of 4): more instructions.
 __device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint8_t* smem_k, int num_valid) {
   constexpr int kValueChunks = kMlaHeadDimV / 16;                      // 32 chunks of 16 e4m3 a token
   constexpr int kRopeChunks = (kMlaHeadDimQK - kMlaHeadDimV) * 2 / 16;  // 8 chunks of bf16 RoPE a token
-#ifndef DSO_MLA_DEQUANT_BATCH
-#define DSO_MLA_DEQUANT_BATCH 4
-#endif
-  constexpr int kBatch = DSO_MLA_DEQUANT_BATCH;
-  static_assert(BLOCK_N * kValueChunks % (kBatch * kNumConsumers) == 0, "whole batches of value chunks");
-  static_assert(BLOCK_N * kRopeChunks % kNumConsumers == 0, "whole rounds of RoPE chunks");
-#pragma unroll 1
-  for (int base = threadIdx.x; base < BLOCK_N * kValueChunks; base += kBatch * kNumConsumers) {
-    uint4 raw[kBatch];
-    float scale[kBatch];
+  constexpr int kValuesPerThread = BLOCK_N * kValueChunks / kNumConsumers;
+  constexpr int kRopesPerThread = BLOCK_N * kRopeChunks / kNumConsumers;
+  static_assert(BLOCK_N * kValueChunks % kNumConsumers == 0 && BLOCK_N * kRopeChunks % kNumConsumers == 0,
+                "every thread converts the same number of chunks");
+  uint4 raw[kValuesPerThread], rope[kRopesPerThread];
+  float scale[kValuesPerThread];
 #pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int i = base + b * kNumConsumers, token = i / kValueChunks, chunk = i % kValueChunks;
-      const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes;
-      const bool valid = token < num_valid;
-      raw[b] = valid ? *reinterpret_cast<const uint4*>(src + chunk * 16) : make_uint4(0, 0, 0, 0);
-      scale[b] = valid ? reinterpret_cast<const float*>(src + kMlaHeadDimV)[chunk / 8] : 0.0f;
-    }
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int i = base + b * kNumConsumers, token = i / kValueChunks, chunk = i % kValueChunks;
-      uint32_t bf16x2[8];
-      dequant_e4m3x16(raw[b], scale[b], bf16x2);  // zero bytes and scale give +0
-      *reinterpret_cast<uint4*>(smem_k + swizzled(token, 2 * chunk)) =
-          make_uint4(bf16x2[0], bf16x2[1], bf16x2[2], bf16x2[3]);
-      *reinterpret_cast<uint4*>(smem_k + swizzled(token, 2 * chunk + 1)) =
-          make_uint4(bf16x2[4], bf16x2[5], bf16x2[6], bf16x2[7]);
-    }
+  for (int v = 0; v < kValuesPerThread; ++v) {
+    const int i = threadIdx.x + v * kNumConsumers, token = i / kValueChunks, chunk = i % kValueChunks;
+    const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes;
+    const bool valid = token < num_valid;
+    raw[v] = valid ? *reinterpret_cast<const uint4*>(src + chunk * 16) : make_uint4(0, 0, 0, 0);
+    scale[v] = valid ? reinterpret_cast<const float*>(src + kMlaHeadDimV)[chunk / 8] : 0.0f;
   }
-  uint4 rope[BLOCK_N * kRopeChunks / kNumConsumers];
 #pragma unroll
-  for (int r = 0; r < BLOCK_N * kRopeChunks / kNumConsumers; ++r) {
+  for (int r = 0; r < kRopesPerThread; ++r) {
     const int i = threadIdx.x + r * kNumConsumers, token = i / kRopeChunks, chunk = i % kRopeChunks;
     const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes + kMlaHeadDimV + 16 + chunk * 16;
     rope[r] = token < num_valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
   }
 #pragma unroll
-  for (int r = 0; r < BLOCK_N * kRopeChunks / kNumConsumers; ++r) {
+  for (int v = 0; v < kValuesPerThread; ++v) {
+    const int i = threadIdx.x + v * kNumConsumers, token = i / kValueChunks, chunk = i % kValueChunks;
+    uint32_t bf16x2[8];
+    dequant_e4m3x16(raw[v], scale[v], bf16x2);  // zero bytes and scale give +0
+    *reinterpret_cast<uint4*>(smem_k + swizzled(token, 2 * chunk)) =
+        make_uint4(bf16x2[0], bf16x2[1], bf16x2[2], bf16x2[3]);
+    *reinterpret_cast<uint4*>(smem_k + swizzled(token, 2 * chunk + 1)) =
+        make_uint4(bf16x2[4], bf16x2[5], bf16x2[6], bf16x2[7]);
+  }
+#pragma unroll
+  for (int r = 0; r < kRopesPerThread; ++r) {
     const int i = threadIdx.x + r * kNumConsumers, token = i / kRopeChunks, chunk = i % kRopeChunks;
     *reinterpret_cast<uint4*>(smem_k + swizzled(token, 2 * kValueChunks + chunk)) = rope[r];
   }
