@@ -312,7 +312,7 @@ __device__ __forceinline__ void dequant_e4m3x16(const uint4 raw, float scale, ui
 // NOTE: 8 consumer warps are too few to hide shared-memory latency one chunk at a time, so each thread
 // loads all its chunks before converting any (the compiler may not move a load above a store to the K
 // tile: both are shared memory). On the H200 (h16, seqlen 4096) that took the FP8 decode from 0.269 ms
-// to 0.208 ms (batches of 4 chunks: 0.229 ms). Moving e4m3 bits into bf16 instead of the cvt
+// to 0.200 ms (batches of 4 chunks: 0.229 ms). Moving e4m3 bits into bf16 instead of the cvt
 // instructions was slower (0.249 ms against 0.229 ms, both with batches of 4): more instructions.
 __device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint8_t* smem_k, int num_valid) {
   constexpr int kValueChunks = kMlaHeadDimV / 16;                      // 32 chunks of 16 e4m3 a token
