@@ -22,9 +22,6 @@
 // rows may read those inputs before its wait (it reads them only for its tokens, so only when count
 // runs), never the workspace or its outputs.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
-#include <utility>
 
 #include <cuda_bf16.h>
 
@@ -32,6 +29,7 @@
 #include "common.h"
 #include "ep_local.h"
 #include "griddep.cuh"
+#include "launch_pdl.h"
 #include "memory.cuh"
 #include "special_registers.cuh"
 
@@ -423,33 +421,6 @@ int64_t num_count_blocks(int64_t num_tokens) {
   return std::max<int64_t>(1, ceil_div<int64_t>(num_tokens, kTokensPerCountBlock));
 }
 
-// DSO_EP_PDL=0 launches the dispatch kernels plainly (stream order only): the A/B switch for PDL.
-bool pdl_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("DSO_EP_PDL");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
-  return enabled;
-}
-
-// Launches with programmatic stream serialization: the kernel may start before the previous kernel
-// of the stream has finished, and must griddep_wait before it touches what that kernel writes.
-template <typename... Params, typename... Args>
-void launch_with_pdl(void (*kernel)(Params...), int64_t num_blocks, int num_threads, size_t smem,
-                     cudaStream_t stream, Args&&... args) {
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(num_blocks));
-  config.blockDim = dim3(num_threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  DSO_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
-}
-
 }  // namespace
 
 void launch_ep_dispatch_layout(const int64_t* topk_idx, int64_t num_tokens, int topk, int num_experts, int num_ranks,
@@ -500,7 +471,7 @@ void launch_ep_permute(const void* x, int64_t row_bytes, const float* x_scales, 
       {kMaxCountWarps, (kCountSmemBytes - stage_smem) / warp_count_smem, ceil_div<int64_t>(max_block_pairs, 32)})));
   const int pairs_per_warp = static_cast<int>(align_up<int64_t>(ceil_div<int64_t>(max_block_pairs, num_rank_warps), 32));
   const size_t count_smem = stage_smem + warp_count_smem * num_rank_warps;  // also the last block's scan scratch
-  launch_with_pdl(sm90_ep_count_kernel, num_blocks, kCountThreads, count_smem, stream, topk_idx, num_tokens * topk,
+  launch_with_pdl(sm90_ep_count_kernel, dim3(static_cast<unsigned>(num_blocks)), kCountThreads, count_smem, stream, topk_idx, num_tokens * topk,
                   topk, num_experts, alignment, num_rank_warps, pairs_per_warp, pair_rank, block_counts,
                   block_offsets, expert_start, num_tokens_per_expert);
 
@@ -516,7 +487,7 @@ void launch_ep_permute(const void* x, int64_t row_bytes, const float* x_scales, 
     const int num_threads = static_cast<int>(std::clamp<int64_t>(
         align_up<int64_t>(ceil_div<int64_t>(row_bytes / 16, chunks), 32), 32, kMaxRowThreads));
     launch_with_pdl(short_row ? sm90_ep_permute_rows_kernel<kShortRowChunks> : sm90_ep_permute_rows_kernel<kLongRowChunks>,
-                    rows_blocks, num_threads, 0, stream,
+                    dim3(static_cast<unsigned>(rows_blocks)), num_threads, 0, stream,
                     static_cast<const uint8_t*>(x), row_bytes, x_scales, num_groups, vector_scales, topk_weights,
                     topk_idx, num_tokens, topk, num_experts, num_rows, pair_rank, block_offsets, expert_start,
                     num_tokens_per_expert, static_cast<uint8_t*>(recv_x), recv_scales, recv_weights, m_indices,

@@ -40,12 +40,15 @@
 #include <climits>
 
 #include "common.h"
+#include "launch_pdl.h"
 
 #include "barrier.cuh"
 #include "bulk_copy.cuh"
+#include "cache_policy.cuh"
 #include "cp_async.cuh"
 #include "fence.cuh"
 #include "fp8.cuh"
+#include "griddep.cuh"
 #include "mbarrier.cuh"
 #include "sm90_bf16_mla_decode.h"
 #include "tensor_map.h"
@@ -220,7 +223,8 @@ __device__ __forceinline__ int64_t page_of(const MlaDecodeArgs& args, const Requ
 
 // bf16 page -> swizzled K tile. Every lane arrives once on `full` (count 32).
 __device__ __forceinline__ void produce_tile_bf16(const MlaDecodeArgs& args, const CUtensorMap* tmap_kv,
-                                                  const Request& r, int tile, uint8_t* smem_k, uint64_t* full) {
+                                                  const Request& r, int tile, uint8_t* smem_k, uint64_t* full,
+                                                  uint64_t l2_policy) {
   const int lane = threadIdx.x % 32;
   const int64_t page = page_of(args, r, tile);
   const int num_valid = r.seqlen - tile * BLOCK_N;
@@ -230,7 +234,8 @@ __device__ __forceinline__ void produce_tile_bf16(const MlaDecodeArgs& args, con
       ptx::mbarrier_arrive_expect_tx(full, kTileBytes);
 #pragma unroll
       for (int b = 0; b < kTileBytes / kSwizzleBlockBytes; ++b) {
-        ptx::tma_load_2d(smem_k + b * kSwizzleBlockBytes, tmap_kv, full, 64 * b, static_cast<int32_t>(page * BLOCK_N));
+        ptx::tma_load_2d(smem_k + b * kSwizzleBlockBytes, tmap_kv, full, 64 * b, static_cast<int32_t>(page * BLOCK_N),
+                         l2_policy);
       }
     } else {
       ptx::mbarrier_arrive(full);
@@ -254,7 +259,7 @@ __device__ __forceinline__ void produce_tile_bf16(const MlaDecodeArgs& args, con
 
 // Packed FP8 page -> linear staging buffer: the valid tokens' bytes only, in one bulk copy.
 __device__ __forceinline__ void produce_tile_fp8(const MlaDecodeArgs& args, const Request& r, int tile,
-                                                 uint8_t* smem_stage, uint64_t* full) {
+                                                 uint8_t* smem_stage, uint64_t* full, uint64_t l2_policy) {
   if (threadIdx.x % 32 != 0) {
     ptx::mbarrier_arrive(full);
     return;
@@ -267,13 +272,19 @@ __device__ __forceinline__ void produce_tile_fp8(const MlaDecodeArgs& args, cons
   }
   const uint8_t* gmem_page = static_cast<const uint8_t*>(args.kv_cache) + page_of(args, r, tile) * kFp8PageBytes;
   ptx::mbarrier_arrive_expect_tx(full, bytes);
-  ptx::bulk_load(smem_stage, gmem_page, bytes, full);
+  ptx::bulk_load(smem_stage, gmem_page, bytes, full, l2_policy);
 }
 
 template <bool kFp8>
 __device__ __forceinline__ void producer(const MlaDecodeArgs& args, const CUtensorMap* tmap_kv, const int* sched,
                                          uint8_t* smem, uint64_t* full, uint64_t* empty) {
   constexpr int kStages = kFp8 ? 1 : 2;
+  // A page read by one CTA only (one head block) is read once: its lines are the first L2 evicts, so
+  // the stream replaces itself instead of what else L2 holds, and no dirty line has to be written
+  // back to make room. After the benchmark's L2 flush (a 256 MiB write) that took h16 / h64 at
+  // seqlen 4096 from 0.179 / 0.185 ms to 0.166 / 0.169 ms on the H200. With several head blocks
+  // the other CTAs of the part read the same page at about the same time: normal priority.
+  const uint64_t l2_policy = gridDim.x == 1 ? ptx::l2_policy_evict_first() : ptx::l2_policy_evict_normal();
   uint32_t fill = 0;
   for (int req = sched[0]; req <= sched[2]; ++req) {
     Request r;
@@ -282,9 +293,9 @@ __device__ __forceinline__ void producer(const MlaDecodeArgs& args, const CUtens
       const int stage = fill % kStages;
       ptx::mbarrier_wait(&empty[stage], ((fill / kStages) & 1) ^ 1);
       if constexpr (kFp8) {
-        produce_tile_fp8(args, r, tile, smem + kSmemK + kTileBytes, &full[0]);
+        produce_tile_fp8(args, r, tile, smem + kSmemK + kTileBytes, &full[0], l2_policy);
       } else {
-        produce_tile_bf16(args, tmap_kv, r, tile, smem + kSmemK + stage * kTileBytes, &full[stage]);
+        produce_tile_bf16(args, tmap_kv, r, tile, smem + kSmemK + stage * kTileBytes, &full[stage], l2_policy);
       }
     }
   }
@@ -623,6 +634,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kSmemFull);
   uint64_t* empty = reinterpret_cast<uint64_t*>(smem + kSmemEmpty);
   const int* sched = args.tile_sched + blockIdx.y * kMlaSchedCols;
+  // The combine kernel may launch now: its blocks take an SM as soon as a decode CTA leaves it (they
+  // cannot share one: a decode CTA holds the whole register file) and wait for this grid there.
+  ptx::griddep_launch_dependents();
 
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < 2; ++stage) {
@@ -656,6 +670,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) sm90_mla_combine_kernel(co
   const int rows = args.s_q * args.h_q;
   const int row = blockIdx.x * kCombineWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  ptx::griddep_wait();  // launched early (PDL): the decode grid's o_accum / lse_accum are complete after this
   const int split_begin = args.split_offsets[req];
   const int num_splits = args.split_offsets[req + 1] - split_begin;
   if (row >= rows || num_splits <= 1) return;
@@ -758,9 +773,8 @@ void launch_mla_decode(const MlaDecodeArgs& args, cudaStream_t stream) {
   } else {
     launch_decode_kernel<false>(args, grid, stream);
   }
-  const dim3 combine_grid(ceil_div(rows, kCombineWarps), args.batch);
-  sm90_mla_combine_kernel<<<combine_grid, kCombineWarps * 32, 0, stream>>>(args);
-  DSO_LAUNCH_CHECK();
+  launch_with_pdl(sm90_mla_combine_kernel, dim3(ceil_div(rows, kCombineWarps), args.batch), kCombineWarps * 32, 0,
+                  stream, args);
 }
 
 }  // namespace dso
