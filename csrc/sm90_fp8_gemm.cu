@@ -205,12 +205,6 @@ __device__ __forceinline__ void store_rows(const GemmParams& p, const uint8_t* s
   }
 }
 
-// A K block's combined scales a_scale[row] * b_scale[column block] for the two rows a thread holds
-// (lo, hi = lo + 8) and the two 128-column scale blocks a tile can touch.
-struct BlockScales {
-  float lo_first, hi_first, lo_second, hi_second;
-};
-
 template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32>
 __device__ __forceinline__ void consume(const GemmParams& p, uint8_t* smem,
                                         const SmemLayout<BLOCK_M, BLOCK_N, kOutFp32>& layout, uint64_t* full,
@@ -231,11 +225,33 @@ __device__ __forceinline__ void consume(const GemmParams& p, uint8_t* smem,
   float acc0[kNumAccum];
   float acc1[kNumAccum];
   float final_acc[kNumAccum];
-  BlockScales scales0, scales1;  // of the K block in acc0 / acc1: a_scale x b_scale, per row half and column block
   // Two positions in the ring: the stage the next K block is issued from, and the next one to release.
   int issue_stage = 0, release_stage = 0;
   uint32_t issue_phase = 0;
   int sfb_buffer = 0;
+
+  // Waits for the next stage and issues its 4 wgmma (one 128-wide K block) into acc, one group.
+  auto issue = [&](float (&acc)[kNumAccum]) {
+    ptx::mbarrier_wait(&full[issue_stage], issue_phase);
+    const uint64_t desc_a =
+        ptx::make_smem_desc_sw128(smem + layout.a_offset(issue_stage) + math_wg_idx * 64 * BLOCK_K);
+    const uint64_t desc_b = ptx::make_smem_desc_sw128(smem + layout.b_offset(issue_stage));
+#pragma unroll
+    for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < BLOCK_K / 32; ++k) {
+      // 32 e4m3 = 32 bytes further along the swizzled 128-byte rows: start address += 32 >> 4.
+      K::Mma::mma(acc, desc_a + k * 2, desc_b + k * 2, k > 0);
+    }
+    ptx::wgmma_commit_group();
+#pragma unroll
+    for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
+    if (++issue_stage == layout.num_stages) {
+      issue_stage = 0;
+      issue_phase ^= 1;
+    }
+  };
 
   TileScheduler<kType, BLOCK_M, BLOCK_N> scheduler(p);
   Tile tile;
@@ -252,50 +268,25 @@ __device__ __forceinline__ void consume(const GemmParams& p, uint8_t* smem,
 #pragma unroll
     for (int i = 0; i < kNumAccum; ++i) final_acc[i] = 0.0f;
 
-    // Waits for the next stage, reads its scales and issues its 4 wgmma (one 128-wide K block) into
-    // acc, one group. The scales are read here, not at promotion: their shared-memory latency then
-    // hides under the wgmma instead of delaying the promotion FMULs (ncu: 8% of the consumer warps'
-    // stall samples sat on those loads).
-    auto issue = [&](float (&acc)[kNumAccum], BlockScales& scales, int k_block_idx) {
-      ptx::mbarrier_wait(&full[issue_stage], issue_phase);
-      const float* smem_sfa = reinterpret_cast<const float*>(smem + layout.sfa_offset(issue_stage));
+    // K block k_block_idx (its group the oldest in flight, in acc) -> final_acc; frees its stage.
+    auto promote = [&](float (&acc)[kNumAccum], int k_block_idx) {
+#pragma unroll
+      for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
+      const float* smem_sfa = reinterpret_cast<const float*>(smem + layout.sfa_offset(release_stage));
       const float sa_lo = smem_sfa[sfa_row], sa_hi = smem_sfa[sfa_row + 8];
-      const float sb_first = sfb[k_block_idx], sb_second = sfb[p.num_k_blocks + k_block_idx];
-      const uint64_t desc_a =
-          ptx::make_smem_desc_sw128(smem + layout.a_offset(issue_stage) + math_wg_idx * 64 * BLOCK_K);
-      const uint64_t desc_b = ptx::make_smem_desc_sw128(smem + layout.b_offset(issue_stage));
-#pragma unroll
-      for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
-      ptx::wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < BLOCK_K / 32; ++k) {
-        // 32 e4m3 = 32 bytes further along the swizzled 128-byte rows: start address += 32 >> 4.
-        K::Mma::mma(acc, desc_a + k * 2, desc_b + k * 2, k > 0);
-      }
-      ptx::wgmma_commit_group();
-#pragma unroll
-      for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
-      scales = {sa_lo * sb_first, sa_hi * sb_first, sa_lo * sb_second, sa_hi * sb_second};
-      if (++issue_stage == layout.num_stages) {
-        issue_stage = 0;
-        issue_phase ^= 1;
-      }
-    };
-
-    // The oldest K block in flight (in acc, its scales read at issue) -> final_acc; frees its stage.
-    auto promote = [&](float (&acc)[kNumAccum], const BlockScales& scales) {
-#pragma unroll
-      for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
-      // This warp's reads of the stage (scales at issue, wgmma operands) are complete.
+      // This warp's reads of the stage (scales above, wgmma operands) are complete.
       __syncwarp();
       if (lane_idx == 0) ptx::mbarrier_arrive(&empty[release_stage]);
       if (++release_stage == layout.num_stages) release_stage = 0;
+      const float sb_first = sfb[k_block_idx], sb_second = sfb[p.num_k_blocks + k_block_idx];
+      const float s_lo_first = sa_lo * sb_first, s_hi_first = sa_hi * sb_first;
+      const float s_lo_second = sa_lo * sb_second, s_hi_second = sa_hi * sb_second;
 #pragma unroll
       for (int j = 0; j < BLOCK_N / 8; ++j) {
         // boundary is a multiple of 16, so an 8-column group never straddles two scale blocks.
         const bool first = !K::kMayStraddle || j * 8 < boundary;
-        const float s_lo = first ? scales.lo_first : scales.lo_second;
-        const float s_hi = first ? scales.hi_first : scales.hi_second;
+        const float s_lo = first ? s_lo_first : s_lo_second;
+        const float s_hi = first ? s_hi_first : s_hi_second;
         final_acc[4 * j + 0] += acc[4 * j + 0] * s_lo;
         final_acc[4 * j + 1] += acc[4 * j + 1] * s_lo;
         final_acc[4 * j + 2] += acc[4 * j + 2] * s_hi;
@@ -309,31 +300,31 @@ __device__ __forceinline__ void consume(const GemmParams& p, uint8_t* smem,
       // NOTE: the loop is unrolled by two so that each accumulator is a fixed register array; a
       // loop whose body branches on which accumulator is in flight makes ptxas serialize every
       // wgmma (warning C7514; tests/test_build.py checks the SASS for it).
-      issue(acc0, scales0, 0);
+      issue(acc0);
       int k_block_idx = 0;
       for (; k_block_idx + 2 < p.num_k_blocks; k_block_idx += 2) {  // acc0 in flight at the top
-        issue(acc1, scales1, k_block_idx + 1);
+        issue(acc1);
         ptx::wgmma_wait_group<1>();
-        promote(acc0, scales0);
-        issue(acc0, scales0, k_block_idx + 2);
+        promote(acc0, k_block_idx);
+        issue(acc0);
         ptx::wgmma_wait_group<1>();
-        promote(acc1, scales1);
+        promote(acc1, k_block_idx + 1);
       }
       if (k_block_idx + 1 < p.num_k_blocks) {
-        issue(acc1, scales1, k_block_idx + 1);
+        issue(acc1);
         ptx::wgmma_wait_group<1>();
-        promote(acc0, scales0);
+        promote(acc0, k_block_idx);
         ptx::wgmma_wait_group<0>();
-        promote(acc1, scales1);
+        promote(acc1, k_block_idx + 1);
       } else {
         ptx::wgmma_wait_group<0>();
-        promote(acc0, scales0);
+        promote(acc0, k_block_idx);
       }
     } else {
       for (int k_block_idx = 0; k_block_idx < p.num_k_blocks; ++k_block_idx) {
-        issue(acc0, scales0, k_block_idx);
+        issue(acc0);
         ptx::wgmma_wait_group<0>();
-        promote(acc0, scales0);
+        promote(acc0, k_block_idx);
       }
     }
 
