@@ -224,7 +224,7 @@ __device__ __forceinline__ int64_t page_of(const MlaDecodeArgs& args, const Requ
 // bf16 page -> swizzled K tile. Every lane arrives once on `full` (count 32).
 __device__ __forceinline__ void produce_tile_bf16(const MlaDecodeArgs& args, const CUtensorMap* tmap_kv,
                                                   const Request& r, int tile, uint8_t* smem_k, uint64_t* full,
-                                                  uint64_t l2_policy) {
+                                                  bool read_once, uint64_t evict_first) {
   const int lane = threadIdx.x % 32;
   const int64_t page = page_of(args, r, tile);
   const int num_valid = r.seqlen - tile * BLOCK_N;
@@ -234,8 +234,12 @@ __device__ __forceinline__ void produce_tile_bf16(const MlaDecodeArgs& args, con
       ptx::mbarrier_arrive_expect_tx(full, kTileBytes);
 #pragma unroll
       for (int b = 0; b < kTileBytes / kSwizzleBlockBytes; ++b) {
-        ptx::tma_load_2d(smem_k + b * kSwizzleBlockBytes, tmap_kv, full, 64 * b, static_cast<int32_t>(page * BLOCK_N),
-                         l2_policy);
+        uint8_t* box = smem_k + b * kSwizzleBlockBytes;
+        if (read_once) {
+          ptx::tma_load_2d(box, tmap_kv, full, 64 * b, static_cast<int32_t>(page * BLOCK_N), evict_first);
+        } else {
+          ptx::tma_load_2d(box, tmap_kv, full, 64 * b, static_cast<int32_t>(page * BLOCK_N));
+        }
       }
     } else {
       ptx::mbarrier_arrive(full);
@@ -259,7 +263,8 @@ __device__ __forceinline__ void produce_tile_bf16(const MlaDecodeArgs& args, con
 
 // Packed FP8 page -> linear staging buffer: the valid tokens' bytes only, in one bulk copy.
 __device__ __forceinline__ void produce_tile_fp8(const MlaDecodeArgs& args, const Request& r, int tile,
-                                                 uint8_t* smem_stage, uint64_t* full, uint64_t l2_policy) {
+                                                 uint8_t* smem_stage, uint64_t* full, bool read_once,
+                                                 uint64_t evict_first) {
   if (threadIdx.x % 32 != 0) {
     ptx::mbarrier_arrive(full);
     return;
@@ -272,7 +277,11 @@ __device__ __forceinline__ void produce_tile_fp8(const MlaDecodeArgs& args, cons
   }
   const uint8_t* gmem_page = static_cast<const uint8_t*>(args.kv_cache) + page_of(args, r, tile) * kFp8PageBytes;
   ptx::mbarrier_arrive_expect_tx(full, bytes);
-  ptx::bulk_load(smem_stage, gmem_page, bytes, full, l2_policy);
+  if (read_once) {
+    ptx::bulk_load(smem_stage, gmem_page, bytes, full, evict_first);
+  } else {
+    ptx::bulk_load(smem_stage, gmem_page, bytes, full);
+  }
 }
 
 template <bool kFp8>
@@ -283,8 +292,9 @@ __device__ __forceinline__ void producer(const MlaDecodeArgs& args, const CUtens
   // the stream replaces itself instead of what else L2 holds, and no dirty line has to be written
   // back to make room. After the benchmark's L2 flush (a 256 MiB write) that took h16 / h64 at
   // seqlen 4096 from 0.179 / 0.185 ms to 0.166 / 0.169 ms on the H200. With several head blocks
-  // the other CTAs of the part read the same page at about the same time: normal priority.
-  const uint64_t l2_policy = gridDim.x == 1 ? ptx::l2_policy_evict_first() : ptx::l2_policy_evict_normal();
+  // the other CTAs of the part read the same page at about the same time: no hint.
+  const bool read_once = gridDim.x == 1;
+  const uint64_t evict_first = ptx::l2_policy_evict_first();
   uint32_t fill = 0;
   for (int req = sched[0]; req <= sched[2]; ++req) {
     Request r;
@@ -293,9 +303,10 @@ __device__ __forceinline__ void producer(const MlaDecodeArgs& args, const CUtens
       const int stage = fill % kStages;
       ptx::mbarrier_wait(&empty[stage], ((fill / kStages) & 1) ^ 1);
       if constexpr (kFp8) {
-        produce_tile_fp8(args, r, tile, smem + kSmemK + kTileBytes, &full[0], l2_policy);
+        produce_tile_fp8(args, r, tile, smem + kSmemK + kTileBytes, &full[0], read_once, evict_first);
       } else {
-        produce_tile_bf16(args, tmap_kv, r, tile, smem + kSmemK + stage * kTileBytes, &full[stage], l2_policy);
+        produce_tile_bf16(args, tmap_kv, r, tile, smem + kSmemK + stage * kTileBytes, &full[stage], read_once,
+                          evict_first);
       }
     }
   }

@@ -105,7 +105,8 @@ struct Kernel {
 // A B tile read by at most this many tiles (the row blocks of its group) is streamed through L2 as
 // evict-first: those tiles are consecutive in the rasterization, so they run in one wave and read it
 // at about the same time, and then it is dead. It then replaces itself, not A (which every column
-// block re-reads) nor dirty lines that would first have to be written back.
+// block re-reads) nor dirty lines that would first have to be written back. Other B tiles are loaded
+// without a hint: a hint of normal priority measured ~2% slower at M = 4096 (within the spread).
 constexpr int kMaxStreamedBReaders = 2;
 
 template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32>
@@ -115,18 +116,22 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
                                         uint64_t* empty) {
   using Layout = SmemLayout<BLOCK_M, BLOCK_N, kOutFp32>;
   TileScheduler<kType, BLOCK_M, BLOCK_N> scheduler(p);
-  const uint64_t evict_first = ptx::l2_policy_evict_first(), evict_normal = ptx::l2_policy_evict_normal();
+  const uint64_t evict_first = ptx::l2_policy_evict_first();
   int stage = 0;
   uint32_t phase = 0;
   Tile tile;
   while (scheduler.next(tile)) {
     const int b_row = tile.group_idx * p.n + tile.n_block_idx * BLOCK_N;
-    const uint64_t b_policy = scheduler.num_m_blocks <= kMaxStreamedBReaders ? evict_first : evict_normal;
+    const bool stream_b = scheduler.num_m_blocks <= kMaxStreamedBReaders;
     for (int k_block_idx = 0; k_block_idx < p.num_k_blocks; ++k_block_idx) {
       ptx::mbarrier_wait(&empty[stage], phase ^ 1);
       ptx::mbarrier_arrive_expect_tx(&full[stage], Layout::kStageTxBytes);
       ptx::tma_load_2d(smem + layout.a_offset(stage), tmap_a, &full[stage], k_block_idx * BLOCK_K, tile.row);
-      ptx::tma_load_2d(smem + layout.b_offset(stage), tmap_b, &full[stage], k_block_idx * BLOCK_K, b_row, b_policy);
+      if (stream_b) {
+        ptx::tma_load_2d(smem + layout.b_offset(stage), tmap_b, &full[stage], k_block_idx * BLOCK_K, b_row, evict_first);
+      } else {
+        ptx::tma_load_2d(smem + layout.b_offset(stage), tmap_b, &full[stage], k_block_idx * BLOCK_K, b_row);
+      }
       ptx::tma_load_2d(smem + layout.sfa_offset(stage), tmap_sfa, &full[stage], tile.row, k_block_idx);
       if (++stage == layout.num_stages) {
         stage = 0;
