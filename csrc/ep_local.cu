@@ -471,9 +471,9 @@ void launch_ep_permute(const void* x, int64_t row_bytes, const float* x_scales, 
       {kMaxCountWarps, (kCountSmemBytes - stage_smem) / warp_count_smem, ceil_div<int64_t>(max_block_pairs, 32)})));
   const int pairs_per_warp = static_cast<int>(align_up<int64_t>(ceil_div<int64_t>(max_block_pairs, num_rank_warps), 32));
   const size_t count_smem = stage_smem + warp_count_smem * num_rank_warps;  // also the last block's scan scratch
-  launch_with_pdl(sm90_ep_count_kernel, dim3(static_cast<unsigned>(num_blocks)), kCountThreads, count_smem, stream, topk_idx, num_tokens * topk,
-                  topk, num_experts, alignment, num_rank_warps, pairs_per_warp, pair_rank, block_counts,
-                  block_offsets, expert_start, num_tokens_per_expert);
+  launch_with_pdl(sm90_ep_count_kernel, dim3(static_cast<unsigned>(num_blocks)), kCountThreads, count_smem, stream,
+                  topk_idx, num_tokens * topk, topk, num_experts, alignment, num_rank_warps, pairs_per_warp,
+                  pair_rank, block_counts, block_offsets, expert_start, num_tokens_per_expert);
 
   const int64_t rows_blocks = std::max<int64_t>(num_tokens, ceil_div<int64_t>(num_rows, kPadRowsPerBlock));
   if (rows_blocks > 0) {
