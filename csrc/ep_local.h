@@ -23,7 +23,7 @@ int64_t ep_permute_workspace_ints(int64_t num_tokens, int topk, int num_experts)
 // on padding rows, row_of [num_tokens, topk] (-1: no expert) and num_tokens_per_expert (unpadded).
 // Padding rows of recv_x and recv_scales are left unwritten. row_bytes % 16 == 0, x 16-byte aligned.
 // x_scales / recv_scales may be null (num_groups 0), topk_weights / recv_weights may be null.
-// Two kernels chained by programmatic dependent launch (DSO_EP_PDL=0 in the environment: plain
+// Two kernels chained by programmatic dependent launch (DSO_PDL=0 in the environment: plain
 // stream-ordered launches); no host sync, no memset, CUDA-graph safe.
 void launch_ep_permute(const void* x, int64_t row_bytes, const float* x_scales, int num_groups,
                        const float* topk_weights, const int64_t* topk_idx, int64_t num_tokens, int topk,
