@@ -10,7 +10,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# float64 serves parity tests against other implementations (no rounding differences to flip a routing tie).
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 FP8_BLOCK = 128  # DeepSeek-V3 FP8 checkpoints scale weights per 128 x 128 block
 PAGE_SIZE = 64  # tokens per page of the paged latent cache (the mla_decode block size)
 

@@ -12,7 +12,9 @@ from model.model import Linear, MoE, Transformer, random_model, route
 
 @pytest.fixture(scope="module")
 def tiny():
-    return random_model(preset("tiny"))
+    # float64: the forms compared here round differently, and in float32 that can flip the experts of
+    # a token whose gate scores tie within ~1e-7 (1.5% of random tiny models have a tie within 1e-6).
+    return random_model(preset("tiny", dtype="float64"))
 
 
 def _twin(model: Transformer, attn_impl: str) -> Transformer:
@@ -134,8 +136,8 @@ def test_bad_backend_arguments():
 
 def test_decode_step_compiles_fullgraph():
     args = preset("tiny", num_hidden_layers=1, first_k_dense_replace=0, n_routed_experts=4, n_group=2,
-                  topk_group=1, num_experts_per_tok=2, num_nextn_predict_layers=0)
-    model = random_model(args)
+                  topk_group=1, num_experts_per_tok=2, num_nextn_predict_layers=0, dtype="float64")
+    model = random_model(args)  # float64: compiled kernels round differently (see the tiny fixture)
     block_table, num_blocks = allocate_block_table(2, 128, "cpu")
     model.setup_cache(num_blocks)
     prompts = torch.randint(0, args.vocab_size, (2, 9))
