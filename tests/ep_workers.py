@@ -1,15 +1,14 @@
-"""Multi-process helpers for tests/test_ep.py: one process per rank, torch.distributed on gloo (CPU,
-or the control plane of GPU runs) or NCCL (one GPU per rank). With CUDA, rank r uses GPU
-r % device_count: on a multi-GPU machine the ranks exchange over NVLink, on one GPU they share it.
+"""Multi-process helpers for tests/test_ep.py and tests/test_model_ep.py: one process per rank,
+torch.distributed on gloo (CPU, or the control plane of GPU runs) or NCCL (one GPU per rank). With
+CUDA, rank r uses GPU r % device_count: on a multi-GPU machine the ranks exchange over NVLink, on one
+GPU they share it.
 
 Each rank draws its own inputs from (seed, rank) and can redraw any other rank's, so every rank
 checks its received rows exactly against what the senders hold, and its combined output against
 the single-process dense reference.
 """
-import os
 import socket
 import time
-import traceback
 from typing import Callable
 
 import torch

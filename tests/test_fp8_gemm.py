@@ -1,6 +1,4 @@
 """fp8_gemm / fp8_linear: parity with the float64 reference, every tile configuration, bad inputs."""
-import os
-
 import pytest
 import torch
 

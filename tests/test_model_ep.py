@@ -2,106 +2,68 @@
 deepseek_ops.ep; the model computes what the one-process model computes, and loads its shard
 of a checkpoint. On the GPU (marked): the kernels backend with FP8 dispatch over the ipc tier (one
 GPU per rank where there are enough, over NVLink) and over torch.distributed."""
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from deepseek_ops.testing import calc_diff
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import preset
 from model.model import RemoteExpert, random_model
 
+from ep_workers import run_ranks
+
 WORLD = 2
 ARGS = dict(dtype="bfloat16")  # ep dispatch carries bf16 rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_ranks(target, *args):
-    """target(rank, port, *args, errors) in WORLD spawned processes; fails with their tracebacks."""
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, port, *args, errors)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    assert not failures, "\n".join(failures)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-
-
-def _worker(rank, port, ckpt, seed, errors):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        torch.manual_seed(1234 + rank)  # each rank its own tokens
-        full = random_model(preset("tiny", **ARGS), seed=seed)
-        sharded = random_model(preset("tiny", **ARGS), seed=seed, ep_group=dist.group.WORLD)
-        loaded = load_checkpoint(ckpt, ep_group=dist.group.WORLD)
-        experts = loaded.main_layers[1].mlp.experts
-        held = [j for j, e in enumerate(experts) if not isinstance(e, RemoteExpert)]
-        assert held == list(range(rank * 8, rank * 8 + 8)), held
-        tokens = torch.randint(0, full.args.vocab_size, (2, 13 + 5 * rank))  # ranks differ in token count
-        with torch.no_grad():
-            expected, _ = full(tokens)
-            for model in (sharded, loaded):
-                got, _ = model(tokens)
-                assert calc_diff(got.double(), expected.double()) < 1e-4, calc_diff(got.double(), expected.double())
-        try:
-            save_checkpoint(sharded, ckpt / f"shard{rank}")
-            raise AssertionError("saving an expert-parallel shard must be refused")
-        except ValueError as exc:
-            assert "expert parallel" in str(exc)
-        dist.destroy_process_group()
-    except Exception:  # report to the parent, which fails the test with the traceback
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+def _worker(rank, world_size, ckpt, seed):
+    torch.manual_seed(1234 + rank)  # each rank its own tokens
+    full = random_model(preset("tiny", **ARGS), seed=seed)
+    sharded = random_model(preset("tiny", **ARGS), seed=seed, ep_group=dist.group.WORLD)
+    loaded = load_checkpoint(ckpt, ep_group=dist.group.WORLD)
+    experts = loaded.main_layers[1].mlp.experts
+    held = [j for j, e in enumerate(experts) if not isinstance(e, RemoteExpert)]
+    assert held == list(range(rank * 8, rank * 8 + 8)), held
+    tokens = torch.randint(0, full.args.vocab_size, (2, 13 + 5 * rank))  # ranks differ in token count
+    with torch.no_grad():
+        expected, _ = full(tokens)
+        for model in (sharded, loaded):
+            got, _ = model(tokens)
+            assert calc_diff(got.double(), expected.double()) < 1e-4, calc_diff(got.double(), expected.double())
+    try:  # not pytest.raises: its Failed is no Exception, and mp.spawn reports only Exceptions' tracebacks
+        save_checkpoint(sharded, ckpt / f"shard{rank}")
+    except ValueError as exc:
+        assert "expert parallel" in str(exc)
+    else:
+        raise AssertionError("saving an expert-parallel shard must be refused")
 
 
 def test_expert_parallel_matches_one_process(tmp_path):
     seed = int(torch.randint(0, 2**30, ()))
     save_checkpoint(random_model(preset("tiny", **ARGS), seed=seed), tmp_path)
-    _run_ranks(_worker, tmp_path, seed)
+    run_ranks(_worker, WORLD, tmp_path, seed)
 
 
-def _kernels_worker(rank, port, seed, ep_backend, errors):
-    try:
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        args = preset("tiny", dtype="bfloat16", fp8=True)
-        full = random_model(args, "kernels", device="cuda", seed=seed).prepare()
-        sharded = random_model(args, "kernels", device="cuda", seed=seed, ep_group=dist.group.WORLD).prepare()
-        moe = sharded.main_layers[1].mlp
-        assert moe.w13 is not None and moe.w13.shape[0] == args.n_routed_experts // WORLD  # grouped FP8 path on
-        moe.ep_backend = ep_backend
-        torch.manual_seed(seed + rank)  # each rank its own tokens, and a different count
-        tokens = torch.randint(0, args.vocab_size, (3, 29 + 11 * rank), device="cuda")
-        with torch.no_grad():
-            expected, _ = full(tokens)
-            got, _ = sharded(tokens)
-        assert moe.ep_buffer.backend == ep_backend
-        error = calc_diff(got.double(), expected.double())
-        assert error < 1e-6, f"calc_diff {error:.3e}"
-        dist.destroy_process_group()
-    except Exception:  # report to the parent, which fails the test with the traceback
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+def _kernels_worker(rank, world_size, seed, ep_backend):
+    args = preset("tiny", dtype="bfloat16", fp8=True)
+    full = random_model(args, "kernels", device="cuda", seed=seed).prepare()
+    sharded = random_model(args, "kernels", device="cuda", seed=seed, ep_group=dist.group.WORLD).prepare()
+    moe = sharded.main_layers[1].mlp
+    assert moe.w13 is not None and moe.w13.shape[0] == args.n_routed_experts // world_size  # grouped FP8 path on
+    moe.ep_backend = ep_backend
+    torch.manual_seed(seed + rank)  # each rank its own tokens, and a different count
+    tokens = torch.randint(0, args.vocab_size, (3, 29 + 11 * rank), device="cuda")
+    with torch.no_grad():
+        expected, _ = full(tokens)
+        got, _ = sharded(tokens)
+    assert moe.ep_buffer.backend == ep_backend
+    error = calc_diff(got.double(), expected.double())
+    assert error < 1e-6, f"calc_diff {error:.3e}"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("ep_backend", ["ipc", "torch"])
 def test_gpu_expert_parallel_kernels_match_one_process(ep_backend):
     seed = int(torch.randint(0, 2**30, ()))
-    _run_ranks(_kernels_worker, seed, ep_backend)
+    run_ranks(_kernels_worker, WORLD, seed, ep_backend)
