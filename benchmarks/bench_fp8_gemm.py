@@ -5,7 +5,9 @@ Peers, same inputs, same process:
                      rejects some shapes (e.g. N not a multiple of 128): recorded as unsupported;
   cublas_tensorwise  torch._scaled_mm with one scale per tensor, fast accumulation: the upper
                      bound of scaled FP8 in cuBLAS (not the same math: no per-block scales);
-  cublas_bf16        torch.matmul on the dequantized bf16 operands.
+  cublas_bf16        torch.matmul on the dequantized bf16 operands;
+  deepgemm           DeepGEMM's fp8_gemm_nt (the same recipe), when importable (benchmarks/peers.py).
+Every impl is timed in two rounds, the second in reversed order (timing.time_rounds).
 TFLOP/s = 2MNK / t. Bytes = A + B + D (bf16) + both scale tensors. Each output is checked against
 the float64 reference before timing (calc_diff < 1e-5 for ours, recorded as `error` for all).
 Kernel time: CUDA events with an L2 flush, or under ~50 us CUDA-graph replay cycling through copies
@@ -18,7 +20,8 @@ import pytest
 import torch
 
 from benchmarks.report import OURS, Record, throughput
-from benchmarks.timing import host_overhead_us, input_copies, time_op
+from benchmarks.peers import deepgemm_fp8_gemm_fn
+from benchmarks.timing import host_overhead_us, input_copies, time_rounds
 from deepseek_ops import reference
 from deepseek_ops.testing import calc_diff
 
@@ -62,12 +65,14 @@ def impls(inp: dict) -> Dict[str, Callable[[], torch.Tensor]]:
     n, k = b.shape
     a_bf16 = reference._dequant_fp8_a(a, a_scales).to(torch.bfloat16)
     b_bf16 = reference.dequant_fp8_block(b, b_scales, 128, torch.bfloat16)
-    return {
+    fns = {
         OURS: lambda: deepseek_ops.fp8_gemm(a, a_scales, b, b_scales),
+        "deepgemm": deepgemm_fp8_gemm_fn(a, a_scales, b, b_scales),
         "cublas_block": cublas_block_fn(a, a_scales, b, b_scales),
         "cublas_tensorwise": cublas_tensorwise_fn(a, b),
         "cublas_bf16": lambda: torch.matmul(a_bf16, b_bf16.t()),
     }
+    return {impl: fn for impl, fn in fns.items() if fn is not None}
 
 
 def measure_shape(m: int, n: int, k: int) -> List[Record]:
@@ -75,25 +80,34 @@ def measure_shape(m: int, n: int, k: int) -> List[Record]:
     ref = reference.fp8_gemm(inp["a"], inp["a_scales"], inp["b"], inp["b_scales"], torch.float64)
     shape = {"M": m, "N": n, "K": k}
     flops, bytes_moved = 2.0 * m * n * k, gemm_bytes(m, n, k)
-    records = []
     copies = [impls(c) for c in input_copies(inp)]
+    errors = {}
     for impl, fn in copies[0].items():
         try:
             out = fn()
-        except RuntimeError as exc:  # e.g. cuBLASLt block scaling rejecting N % 128 != 0
+        except Exception as exc:  # a peer's refusal, e.g. cuBLASLt block scaling rejecting N % 128 != 0
+            if impl == OURS:
+                raise
             print(f"fp8_gemm {shape}: {impl} unsupported ({str(exc).splitlines()[0][:120]})", flush=True)
             continue
-        error = calc_diff(out, ref)
-        if impl == OURS and not error < CALC_DIFF_BOUND:
-            raise AssertionError(f"fp8_gemm {shape}: calc_diff {error:.3g} >= {CALC_DIFF_BOUND}; not timed")
-        ms = time_op(*[c[impl] for c in copies])
+        errors[impl] = calc_diff(out, ref)
+        if impl in (OURS, "deepgemm") and not errors[impl] < CALC_DIFF_BOUND:
+            raise AssertionError(f"fp8_gemm {shape}: {impl} calc_diff {errors[impl]:.3g} >= {CALC_DIFF_BOUND}; "
+                                 "not timed")
+    times = time_rounds(copies, list(errors))
+    records = []
+    for impl, ms in times.items():
         tflops, gbps = throughput(ms, flops=flops, bytes_moved=bytes_moved)
-        records.append(Record("fp8_gemm", dict(shape), impl, ms, tflops, gbps, error))
-        if impl == OURS:
-            floor_ms = max(bytes_moved / 4.8e12, flops / 1979e12) * 1e3
-            print(f"fp8_gemm {shape}: ours {ms * 1e3:.1f} us, {tflops:.0f} TFLOP/s ({tflops / 1979:.0%} of FP8 peak), "
-                  f"{gbps:.0f} GB/s, floor {floor_ms * 1e3:.1f} us; host overhead "
-                  f"{host_overhead_us(fn):.1f} us per eager call", flush=True)
+        records.append(Record("fp8_gemm", dict(shape), impl, ms, tflops, gbps, errors[impl]))
+    ms = times[OURS]
+    tflops, gbps = throughput(ms, flops=flops, bytes_moved=bytes_moved)
+    floor_ms = max(bytes_moved / 4.8e12, flops / 1979e12) * 1e3
+    peers = ", ".join(f"{p} {times[p] / ms:.2f}x" for p in ("deepgemm", "cublas_block") if p in times)
+    print(f"fp8_gemm {shape}: ours {ms * 1e3:.1f} us ({peers}), {tflops:.0f} TFLOP/s ({tflops / 1979:.0%} of FP8 "
+          f"peak), {gbps:.0f} GB/s, floor {floor_ms * 1e3:.1f} us; host overhead per eager call "
+          f"{host_overhead_us(copies[0][OURS]):.1f} us"
+          + (f" (cublas_block {host_overhead_us(copies[0]['cublas_block']):.1f} us)" if "cublas_block" in times
+             else ""), flush=True)
     del inp, ref, copies
     torch.cuda.empty_cache()
     return records

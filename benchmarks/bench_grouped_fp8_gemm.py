@@ -4,9 +4,12 @@ Peers, same inputs, same process:
   cublas_block        a Python loop of torch._scaled_mm (1x128 / 128x128 block scales), one call
                       per group (masked: on the valid rows only);
   deepseek_ops_dense  our dense fp8_gemm on the same total rows against one expert's weight: the
-                      upper bound a grouped kernel can reach.
+                      upper bound a grouped kernel can reach;
+  deepgemm            DeepGEMM's m_grouped_fp8_gemm_nt_{contiguous,masked}, when importable.
+Every impl is timed in two rounds, the second in reversed order (timing.time_rounds).
 FLOPs count valid rows only: 2 * sum(rows) * N * K. Bytes = valid rows of A + every group's B +
-valid rows of D + scales. Ours is checked per group against the float64 reference before timing.
+valid rows of D + scales. Ours and DeepGEMM are checked per group against the float64 reference
+before timing.
 Ops under ~50 us are timed by graph replay over copies of the inputs (operands from DRAM).
 """
 import functools
@@ -17,7 +20,8 @@ import torch
 
 from benchmarks.bench_fp8_gemm import CALC_DIFF_BOUND, cublas_block_fn
 from benchmarks.report import OURS, Record, throughput
-from benchmarks.timing import host_overhead_us, input_copies, time_op
+from benchmarks.peers import deepgemm_contiguous_fn, deepgemm_masked_fn
+from benchmarks.timing import host_overhead_us, input_copies, time_rounds
 from deepseek_ops import reference
 from deepseek_ops.testing import calc_diff
 
@@ -59,10 +63,12 @@ def contiguous_impls(t: dict, num_groups: int, rows: int) -> Dict[str, Callable[
 
     sl = [slice(g * rows, (g + 1) * rows) for g in range(num_groups)]
     peers = [cublas_block_fn(t["a"][s], t["a_scales"][s], t["b"][g], t["b_scales"][g]) for g, s in enumerate(sl)]
-    return {OURS: lambda: deepseek_ops.grouped_fp8_gemm_contiguous(t["a"], t["a_scales"], t["b"], t["b_scales"],
-                                                                  t["m_indices"]),
-            "cublas_block": lambda: [f() for f in peers],
-            "deepseek_ops_dense": lambda: deepseek_ops.fp8_gemm(t["a"], t["a_scales"], t["b"][0], t["b_scales"][0])}
+    fns = {OURS: lambda: deepseek_ops.grouped_fp8_gemm_contiguous(t["a"], t["a_scales"], t["b"], t["b_scales"],
+                                                                 t["m_indices"]),
+           "deepgemm": deepgemm_contiguous_fn(t["a"], t["a_scales"], t["b"], t["b_scales"], t["m_indices"]),
+           "cublas_block": lambda: [f() for f in peers],
+           "deepseek_ops_dense": lambda: deepseek_ops.fp8_gemm(t["a"], t["a_scales"], t["b"][0], t["b_scales"][0])}
+    return {impl: fn for impl, fn in fns.items() if fn is not None}
 
 
 def masked_impls(t: dict, num_groups: int, rows: int) -> Dict[str, Callable[[], object]]:
@@ -71,38 +77,48 @@ def masked_impls(t: dict, num_groups: int, rows: int) -> Dict[str, Callable[[], 
     k = t["a"].shape[-1]
     a, a_scales = t["a"].view(num_groups, rows, k), t["a_scales"].view(num_groups, rows, k // 128)
     peers = [cublas_block_fn(a[g], a_scales[g], t["b"][g], t["b_scales"][g]) for g in range(num_groups)]
-    return {OURS: lambda: deepseek_ops.grouped_fp8_gemm_masked(a, a_scales, t["b"], t["b_scales"], t["masked_m"],
-                                                              rows),
-            "cublas_block": lambda: [f() for f in peers],
-            "deepseek_ops_dense": lambda: deepseek_ops.fp8_gemm(t["a"], t["a_scales"], t["b"][0], t["b_scales"][0])}
+    fns = {OURS: lambda: deepseek_ops.grouped_fp8_gemm_masked(a, a_scales, t["b"], t["b_scales"], t["masked_m"],
+                                                             rows),
+           "deepgemm": deepgemm_masked_fn(a, a_scales, t["b"], t["b_scales"], t["masked_m"], rows),
+           "cublas_block": lambda: [f() for f in peers],
+           "deepseek_ops_dense": lambda: deepseek_ops.fp8_gemm(t["a"], t["a_scales"], t["b"][0], t["b_scales"][0])}
+    return {impl: fn for impl, fn in fns.items() if fn is not None}
 
 
 def _measure(kernel: str, shape: dict, inputs: dict, make_impls: Callable[[dict], Dict[str, Callable[[], object]]],
-             out_groups, operands) -> List[Record]:
-    """Checks ours per group (out_groups) against the float64 reference of its operands (a, a_scales,
-    b, b_scales), then times every impl; short ones over copies of the inputs."""
+             split: Callable[[torch.Tensor], List[torch.Tensor]], operands) -> List[Record]:
+    """Checks ours and DeepGEMM per group (split(output)) against the float64 reference of each group's
+    operands (a, a_scales, b, b_scales), then times every impl; short ones over copies of the inputs."""
     refs = [reference.fp8_gemm(*ops, torch.float64) for ops in operands]
-    for g, (out, ref) in enumerate(zip(out_groups, refs)):
-        diff = calc_diff(out, ref)
-        if not diff < CALC_DIFF_BOUND:
-            raise AssertionError(f"{kernel} {shape}: group {g} calc_diff {diff:.3g}; not timed")
+    impls_per_copy = [make_impls(c) for c in input_copies(inputs)]
+    supported = []
+    for impl, fn in impls_per_copy[0].items():
+        try:
+            out = fn()
+        except Exception as exc:  # a peer's refusal
+            if impl == OURS:
+                raise
+            print(f"{kernel} {shape}: {impl} unsupported ({str(exc).splitlines()[0][:120]})", flush=True)
+            continue
+        supported.append(impl)
+        if impl in (OURS, "deepgemm"):
+            for g, (out_g, ref) in enumerate(zip(split(out), refs)):
+                diff = calc_diff(out_g, ref)
+                if not diff < CALC_DIFF_BOUND:
+                    raise AssertionError(f"{kernel} {shape}: {impl} group {g} calc_diff {diff:.3g}; not timed")
     del refs
     g, m, n, k = shape["G"], shape["M"], shape["N"], shape["K"]
     flops, bytes_moved = 2.0 * g * m * n * k, grouped_bytes(g, m, n, k)
-    impls_per_copy = [make_impls(c) for c in input_copies(inputs)]
+    times = time_rounds(impls_per_copy, supported)
     records = []
-    for impl, fn in impls_per_copy[0].items():
-        try:
-            fn()
-        except RuntimeError as exc:
-            print(f"{kernel} {shape}: {impl} unsupported ({str(exc).splitlines()[0][:120]})", flush=True)
-            continue
-        ms = time_op(*[impls[impl] for impls in impls_per_copy])
+    for impl, ms in times.items():
         tflops, gbps = throughput(ms, flops=flops, bytes_moved=bytes_moved)
         records.append(Record(kernel, dict(shape), impl, ms, tflops, gbps, None))
-        if impl == OURS:
-            print(f"{kernel} {shape}: ours {ms * 1e3:.1f} us, {tflops:.0f} TFLOP/s, {gbps:.0f} GB/s; host "
-                  f"overhead {host_overhead_us(fn):.1f} us per eager call", flush=True)
+    ms = times[OURS]
+    tflops, gbps = throughput(ms, flops=flops, bytes_moved=bytes_moved)
+    peers = ", ".join(f"{p} {times[p] / ms:.2f}x" for p in ("deepgemm", "cublas_block") if p in times)
+    print(f"{kernel} {shape}: ours {ms * 1e3:.1f} us ({peers}), {tflops:.0f} TFLOP/s, {gbps:.0f} GB/s; host "
+          f"overhead {host_overhead_us(impls_per_copy[0][OURS]):.1f} us per eager call", flush=True)
     del impls_per_copy
     torch.cuda.empty_cache()
     return records
@@ -118,9 +134,8 @@ def measure_contiguous(num_groups: int, rows: int, n: int, k: int) -> List[Recor
     inputs = {"a": a, "a_scales": a_scales, "b": b, "b_scales": b_scales, "m_indices": m_indices}
     shape = {"G": num_groups, "M": rows, "N": n, "K": k}
     make_impls = functools.partial(contiguous_impls, num_groups=num_groups, rows=rows)
-    out = make_impls(inputs)[OURS]()
     sl = [slice(g * rows, (g + 1) * rows) for g in range(num_groups)]
-    return _measure("grouped_fp8_gemm_contiguous", shape, inputs, make_impls, [out[s] for s in sl],
+    return _measure("grouped_fp8_gemm_contiguous", shape, inputs, make_impls, lambda out: [out[s] for s in sl],
                     [(a[s], a_scales[s], b[g], b_scales[g]) for g, s in enumerate(sl)])
 
 
@@ -133,9 +148,8 @@ def measure_masked(num_groups: int, rows: int, n: int, k: int) -> List[Record]:
     inputs = {"a": a, "a_scales": a_scales, "b": b, "b_scales": b_scales, "masked_m": masked_m}
     shape = {"G": num_groups, "M": rows, "N": n, "K": k, "expected_m": rows}
     make_impls = functools.partial(masked_impls, num_groups=num_groups, rows=rows)
-    out = make_impls(inputs)[OURS]()
     sl = [slice(g * rows, (g + 1) * rows) for g in range(num_groups)]
-    return _measure("grouped_fp8_gemm_masked", shape, inputs, make_impls, list(out),
+    return _measure("grouped_fp8_gemm_masked", shape, inputs, make_impls, list,
                     [(a[s], a_scales[s], b[g], b_scales[g]) for g, s in enumerate(sl)])
 
 

@@ -12,7 +12,8 @@
 //
 // Build (from the repository root, any machine with nvcc; run on the H200):
 //   nvcc -std=c++20 -O3 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -Iptx -Icsrc \
-//        benchmarks/fp8_gemm_standalone.cu csrc/sm90_fp8_gemm.cu -o fp8_gemm_standalone
+//        benchmarks/fp8_gemm_standalone.cu csrc/sm90_fp8_gemm.cu csrc/sm90_fp8_gemm_config.cpp \
+//        -o fp8_gemm_standalone
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "sm90_fp8_gemm.h"
+#include "sm90_fp8_gemm_variants.h"
 
 namespace {
 
@@ -114,7 +116,6 @@ void warm_up(const Buffers& buf) {
 int sweep() {
   const int64_t ms[] = {64, 128, 4096};
   const int64_t nks[][2] = {{2112, 7168}, {24576, 1536}, {32768, 512}, {7168, 16384}, {4096, 7168}, {7168, 2048}};
-  const int block_ns[] = {16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192};
   const Buffers buf(4096 * 16384, 32768 * 7168, 4096 * 128, 256 * 128, 4096 * 32768 * 2);
   warm_up(buf);
   std::printf("M N K | pick (us) | best (us) | every BLOCK_MxBLOCK_N: us\n");
@@ -126,9 +127,9 @@ int sweep() {
       const double pick_us = median_us(p, buf, 20, true);
       double best_us = 1e30;
       char best[16] = "", line[2048] = "";
-      for (const int block_m : {64, 128}) {
-        for (const int block_n : block_ns) {
-          if (block_n > nk[0]) continue;
+      for (const int block_m : {64, 128, 256}) {
+        for (const int block_n : {DSO_GEMM_BLOCK_NS}) {
+          if (block_n > nk[0] || !dso::gemm::variant_instantiated(p.type, false, block_m, block_n, 1)) continue;
           char config[16];
           std::snprintf(config, sizeof config, "%dx%d", block_m, block_n);
           setenv("DSO_FP8_GEMM_CONFIG", config, 1);

@@ -235,3 +235,15 @@ def bench_ranks(fn: Callable[[], object], group, *, runs: int = 50, warmup_calls
     slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
     return float(slowest.item())
+
+
+def time_rounds(copies: List[Dict[str, Callable[[], object]]], impls: List[str]) -> Dict[str, float]:
+    """Protocol for implementations compared in one process: each impl is timed (time_op over the
+    copies of its inputs) in two rounds, the second in reversed order, and the mean of its two
+    medians returned: the H200 drifts under its power cap, so a single round's ratio can be off by
+    several percent."""
+    times: Dict[str, List[float]] = {impl: [] for impl in impls}
+    for order in (list(impls), list(reversed(impls))):
+        for impl in order:
+            times[impl].append(time_op(*[c[impl] for c in copies]))
+    return {impl: sum(t) / len(t) for impl, t in times.items()}

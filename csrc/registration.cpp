@@ -8,6 +8,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #ifdef DSO_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,6 +20,7 @@
 #include "ep_local.h"
 #include "ep_ipc.h"
 #include "sm90_fp8_gemm.h"
+#include "sm90_fp8_gemm_variants.h"
 // [registration: kernel headers]
 #endif
 
@@ -31,10 +34,36 @@ bool built_with_cuda() {
 #endif
 }
 
+// The compiled FP8 GEMM tile variants, flattened as (gemm type, fp32 output, BLOCK_M, BLOCK_N, cluster
+// size) per variant (gemm type: 0 dense, 1 contiguous grouped, 2 masked grouped); empty without CUDA.
+std::vector<int64_t> fp8_gemm_tile_configs() {
+  std::vector<int64_t> configs;
+#ifdef DSO_WITH_CUDA
+  for (const dso::GemmType type :
+       {dso::GemmType::kNormal, dso::GemmType::kGroupedContiguous, dso::GemmType::kGroupedMasked}) {
+    for (const bool out_fp32 : {false, true}) {
+      auto add = [&](int block_m, int block_n, int cluster) {
+        if (dso::gemm::variant_instantiated(type, out_fp32, block_m, block_n, cluster)) {
+          configs.insert(configs.end(), {static_cast<int>(type), out_fp32, block_m, block_n, cluster});
+        }
+      };
+      for (const int block_m : {64, 128}) {
+        for (const int block_n : dso::gemm::kBlockNs) add(block_m, block_n, 1);
+      }
+      for (const int cluster : {1, 2}) {
+        for (const int block_n : dso::gemm::kWideBlockNs) add(256, block_n, cluster);
+      }
+    }
+  }
+#endif
+  return configs;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(deepseek_ops, m) {
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  m.def("fp8_gemm_tile_configs() -> int[]", &fp8_gemm_tile_configs);
 
   // FP8 quantization (DeepSeek-V3 recipe: 1x128 activation groups, 128x128 weight blocks).
   m.def("per_token_group_quant_fp8(Tensor x, int group_size, bool ue8m0, bool column_major_scales)"

@@ -43,13 +43,15 @@ struct Fp8GemmProblem {
   int64_t expected_m = 0;              // masked: rows per group to tune for (a hint)
 };
 
-// Tile configuration. Chosen by a heuristic unless the environment variable
-// DSO_FP8_GEMM_CONFIG="BLOCK_MxBLOCK_N[xSTAGES]" forces one (used by tests to cover every variant);
-// DSO_FP8_GEMM_VERBOSE=1 prints the configuration of every launch to stderr (for tuning).
+// Tile configuration. Chosen by a heuristic (csrc/sm90_fp8_gemm_config.cpp) unless the environment
+// variable DSO_FP8_GEMM_CONFIG="BLOCK_MxBLOCK_N[xSTAGES[xCLUSTER]]" forces one (STAGES 0: as many as
+// fit; used by tests to cover every variant); DSO_FP8_GEMM_VERBOSE=1 prints the configuration of
+// every launch to stderr (for tuning).
 struct Fp8GemmConfig {
   int block_m = 0;
   int block_n = 0;
   int num_stages = 0;
+  int cluster_size = 1;  // 2: pairs of CTAs share A through TMA multicast (dense)
   int num_ctas = 0;
 };
 

@@ -4,6 +4,10 @@
 // each run their own copy and see the same sequence. Dense and contiguous-grouped problems tile
 // [m, n]; masked-grouped problems concatenate, group after group, the tiles of each group's
 // ceil(masked_m[g] / BLOCK_M) row blocks (read from device memory: no host sync).
+//
+// Dense problems may run in clusters of two CTAs that share A: the pair walks pairs of tiles with the
+// same row block and adjacent column blocks, each CTA loading half of A for both (TMA multicast). An
+// odd last column block is covered at the end by pairs of row blocks that load their own A.
 #pragma once
 #include <cstdint>
 
@@ -36,6 +40,7 @@ struct Tile {
   int group_idx;
   int row;        // first row of the tile in A's (and D's) row space, groups flattened
   int num_rows;   // rows of the tile that hold valid output (<= BLOCK_M)
+  bool multicast; // clusters: the peer CTA's tile has the same rows, and each loads half of A for both
 };
 
 __device__ __forceinline__ void rasterize(int tile_idx, int num_m_blocks, int num_n_blocks, int& m_block_idx,
@@ -49,12 +54,14 @@ __device__ __forceinline__ void rasterize(int tile_idx, int num_m_blocks, int nu
   n_block_idx = in_band / band_m_blocks;
 }
 
-template <GemmType kType, int BLOCK_M, int BLOCK_N>
+template <GemmType kType, int BLOCK_M, int BLOCK_N, int kClusterSize = 1>
 struct TileScheduler {
+  static_assert(kClusterSize == 1 || (kClusterSize == 2 && kType == GemmType::kNormal),
+                "clusters of two CTAs serve the dense layout");
   const GemmParams& p;
   int num_n_blocks;
   int num_m_blocks;  // dense / contiguous; masked: of the current group
-  int next_tile_idx;
+  int next_tile_idx; // clusters: the next tile pair
   // Masked: tiles [group_begin, group_end) belong to group current_group.
   int current_group = -1;
   int group_begin = 0;
@@ -62,12 +69,41 @@ struct TileScheduler {
 
   __device__ __forceinline__ explicit TileScheduler(const GemmParams& params)
       : p(params), num_n_blocks((params.n + BLOCK_N - 1) / BLOCK_N),
-        num_m_blocks((params.m + BLOCK_M - 1) / BLOCK_M), next_tile_idx(blockIdx.x) {}
+        num_m_blocks((params.m + BLOCK_M - 1) / BLOCK_M), next_tile_idx(blockIdx.x / kClusterSize) {}
+
+  // Clusters of two: pair pair_idx -> this CTA's tile (rank = blockIdx.x % 2 in a 1-D grid of clusters).
+  __device__ __forceinline__ bool pair_tile(int pair_idx, Tile& tile) const {
+    const int rank = blockIdx.x % 2;
+    const int num_multicast_pairs = num_m_blocks * (num_n_blocks / 2);
+    if (pair_idx < num_multicast_pairs) {
+      int n_pair_idx;
+      rasterize(pair_idx, num_m_blocks, num_n_blocks / 2, tile.m_block_idx, n_pair_idx);
+      tile.n_block_idx = 2 * n_pair_idx + rank;
+      tile.multicast = true;
+    } else {
+      // The odd last column block: row blocks 2q and 2q + 1; the last pair may have one tile only.
+      const int q = pair_idx - num_multicast_pairs;
+      if (num_n_blocks % 2 == 0 || 2 * q + rank >= num_m_blocks) return false;
+      tile.m_block_idx = 2 * q + rank;
+      tile.n_block_idx = num_n_blocks - 1;
+      tile.multicast = false;
+    }
+    tile.row = tile.m_block_idx * BLOCK_M;
+    tile.num_rows = min(BLOCK_M, p.m - tile.row);
+    tile.group_idx = 0;
+    return true;
+  }
 
   // Rows of group g that are valid; device data is clamped so a bad masked_m never writes out of bounds.
   __device__ __forceinline__ int masked_rows(int g) const { return max(0, min(__ldg(p.masked_m + g), p.m)); }
 
   __device__ __forceinline__ bool next(Tile& tile) {
+    if constexpr (kClusterSize == 2) {
+      const int pair_idx = next_tile_idx;
+      next_tile_idx += gridDim.x / 2;
+      return pair_tile(pair_idx, tile);
+    }
+    tile.multicast = false;
     while (true) {
       const int tile_idx = next_tile_idx;
       next_tile_idx += gridDim.x;

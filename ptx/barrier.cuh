@@ -10,4 +10,21 @@ __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t num_thr
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
 }
 
+// PTX ISA 9.7.13.1 (barrier.red.and): named_barrier_sync that also returns whether `pred` held in
+// every one of the `num_threads` threads.
+__device__ __forceinline__ bool named_barrier_sync_and(uint32_t id, uint32_t num_threads, bool pred) {
+  uint32_t all;
+  asm volatile(
+      "{\n"
+      ".reg .pred p, q;\n"
+      "setp.ne.u32 p, %1, 0;\n"
+      "barrier.red.and.pred q, %2, %3, p;\n"
+      "selp.u32 %0, 1, 0, q;\n"
+      "}"
+      : "=r"(all)
+      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(num_threads)
+      : "memory");
+  return all != 0;
+}
+
 }  // namespace dso::ptx

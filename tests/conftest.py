@@ -30,7 +30,7 @@ def _fresh_seed(request):
 def gemm_config(monkeypatch):
     """Forces an FP8 GEMM tile configuration through DSO_FP8_GEMM_CONFIG (read on every launch)."""
 
-    def force(block_m: int, block_n: int, stages: int = 0):
-        monkeypatch.setenv("DSO_FP8_GEMM_CONFIG", f"{block_m}x{block_n}" + (f"x{stages}" if stages else ""))
+    def force(block_m: int, block_n: int, stages: int = 0, cluster: int = 1):
+        monkeypatch.setenv("DSO_FP8_GEMM_CONFIG", f"{block_m}x{block_n}x{stages}x{cluster}")
 
     return force

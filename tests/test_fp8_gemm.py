@@ -4,16 +4,17 @@ import torch
 
 import deepseek_ops
 from deepseek_ops import reference
-from deepseek_ops.testing import opcheck_fp8_safe, assert_bitwise_equal, assert_written, calc_diff, max_rel_error, poison_
+from deepseek_ops.testing import (opcheck_fp8_safe, assert_bitwise_equal, assert_written, calc_diff,
+                                  fp8_gemm_tile_configs, max_rel_error, poison_)
 
 FP8 = torch.float8_e4m3fn
 CALC_DIFF_BOUND = 1e-5
 # max |out - ref| / max |ref|: bf16 rounding (2^-9 relative) dominates; fp32 output is far tighter.
 MAX_REL_ERROR = {torch.bfloat16: 2 ** -7, torch.float32: 1e-3}
 
-# (BLOCK_M, BLOCK_N) of every instantiated dense variant (csrc/sm90_fp8_gemm.cu, DSO_GEMM_BLOCK_NS).
-BLOCK_NS = (16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192)
-CONFIGS = [(bm, bn) for bm in (64, 128) for bn in BLOCK_NS]
+# (BLOCK_M, BLOCK_N, cluster size) of every compiled dense variant, as the extension reports them.
+CONFIGS = fp8_gemm_tile_configs("dense")
+CONFIGS_FP32 = fp8_gemm_tile_configs("dense", torch.float32)
 
 
 def make_operands(m: int, n: int, k: int, device="cuda", column_major: bool = True):
@@ -54,7 +55,7 @@ def check_parity(out, a, a_scales, b, b_scales, c=None):
 # ---- GPU parity ---------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("block_m", [64, 128, 256])
 def test_fp8_gemm_single_tile(gemm_config, block_m):
     # The smallest problem: one tile, one K block. If this fails, the rest will too; the message
     # says which rows/columns are wrong (descriptor, swizzle or fragment layout).
@@ -64,7 +65,7 @@ def test_fp8_gemm_single_tile(gemm_config, block_m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_m,block_n", [(128, 128), (64, 144), (128, 112)])
+@pytest.mark.parametrize("block_m,block_n", [(128, 128), (64, 144), (128, 112), (256, 128), (256, 96)])
 def test_fp8_gemm_unit_scales(gemm_config, block_m, block_n):
     # Triage: all scales 1 isolates the MMA path (descriptors, swizzle, fragment layout, edges)
     # from the scale bookkeeping; if this passes and the random-scale tests fail, look at scales.
@@ -91,12 +92,14 @@ def test_fp8_gemm_parity(m, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_m,block_n", CONFIGS)
-def test_fp8_gemm_every_config(gemm_config, block_m, block_n):
+@pytest.mark.parametrize("block_m,block_n,cluster", CONFIGS)
+def test_fp8_gemm_every_config(gemm_config, block_m, block_n, cluster):
     # N = 2112 is 16.5 scale blocks: tiles of widths not dividing 128 straddle two scale blocks,
-    # and the last tile of every width is partial. M = 200 leaves a partial row block.
-    gemm_config(block_m, block_n)
-    for m, n, k in [(200, 2112, 640), (64, 7168, 256), (1, 16, 128)]:
+    # and the last tile of every width is partial. M = 200 and 300 leave partial row blocks (of
+    # 256-row tiles: one warpgroup's rows all past M). Clusters: odd column-block counts (a last column
+    # in pairs of row blocks, one of them alone).
+    gemm_config(block_m, block_n, cluster=cluster)
+    for m, n, k in [(200, 2112, 640), (300, 1040, 384), (64, 7168, 256), (1, 16, 128)]:
         a, a_scales, b, b_scales = make_operands(m, n, k)
         out = poison_(torch.empty(m, n, device="cuda", dtype=torch.bfloat16))
         deepseek_ops.fp8_gemm(a, a_scales, b, b_scales, out=out)
@@ -105,11 +108,25 @@ def test_fp8_gemm_every_config(gemm_config, block_m, block_n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_m,block_n,stages", [(128, 128, 2), (128, 128, 3), (128, 128, 5), (64, 32, 10)])
-def test_fp8_gemm_pipeline_depths(gemm_config, block_m, block_n, stages):
+@pytest.mark.parametrize("block_m,block_n,cluster", CONFIGS_FP32)
+def test_fp8_gemm_every_config_fp32(gemm_config, block_m, block_n, cluster):
+    gemm_config(block_m, block_n, cluster=cluster)
+    a, a_scales, b, b_scales = make_operands(200, 2112, 640)
+    c = torch.randn(200, 2112, device="cuda")
+    out = poison_(torch.empty(200, 2112, device="cuda", dtype=torch.float32))
+    deepseek_ops.fp8_gemm(a, a_scales, b, b_scales, out_dtype=torch.float32, c=c, out=out)
+    assert_written(out)
+    check_parity(out, a, a_scales, b, b_scales, c)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m,block_n,stages,cluster", [(128, 128, 2, 1), (128, 128, 3, 1), (128, 128, 5, 1),
+                                                           (64, 32, 10, 1), (256, 128, 2, 1), (256, 64, 3, 1),
+                                                           (256, 128, 2, 2), (256, 96, 3, 2)])
+def test_fp8_gemm_pipeline_depths(gemm_config, block_m, block_n, stages, cluster):
     # Few stages wrap the ring (and flip the mbarrier phase) many times per tile; narrow tiles run
-    # the deepest rings.
-    gemm_config(block_m, block_n, stages)
+    # the deepest rings. Clusters: the two CTAs' rings wrap in lock-step.
+    gemm_config(block_m, block_n, stages, cluster)
     a, a_scales, b, b_scales = make_operands(300, 384, 2048)
     check_parity(deepseek_ops.fp8_gemm(a, a_scales, b, b_scales), a, a_scales, b, b_scales)
 
@@ -122,6 +139,12 @@ def test_fp8_gemm_config_override_is_validated(gemm_config):
         deepseek_ops.fp8_gemm(a, a_scales, b, b_scales)
     gemm_config(128, 128, 99)
     with pytest.raises(RuntimeError, match="does not fit"):
+        deepseek_ops.fp8_gemm(a, a_scales, b, b_scales)
+    gemm_config(256, 128)  # 256-row tiles are bf16-output only
+    with pytest.raises(RuntimeError, match="no fp8 gemm kernel"):
+        deepseek_ops.fp8_gemm(a, a_scales, b, b_scales, out_dtype=torch.float32)
+    gemm_config(128, 128, cluster=2)  # clusters serve 256-row tiles
+    with pytest.raises(RuntimeError, match="no fp8 gemm kernel"):
         deepseek_ops.fp8_gemm(a, a_scales, b, b_scales)
 
 

@@ -4,11 +4,13 @@ import torch
 
 import deepseek_ops
 from deepseek_ops import reference
-from deepseek_ops.testing import opcheck_fp8_safe, assert_bitwise_equal, assert_written, calc_diff, poison_
+from deepseek_ops.testing import (opcheck_fp8_safe, assert_bitwise_equal, assert_written, calc_diff,
+                                  fp8_gemm_tile_configs, poison_)
 
 FP8 = torch.float8_e4m3fn
 CALC_DIFF_BOUND = 1e-5
-BLOCK_NS = (16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192)
+CONTIGUOUS_CONFIGS = fp8_gemm_tile_configs("contiguous")
+MASKED_CONFIGS = fp8_gemm_tile_configs("masked")
 ALIGN = 128
 
 
@@ -94,13 +96,15 @@ def test_contiguous_parity(num_groups, max_rows, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_n", BLOCK_NS)
-def test_contiguous_every_config(gemm_config, block_n):
-    gemm_config(128, block_n)
+@pytest.mark.parametrize("block_m,block_n,cluster", CONTIGUOUS_CONFIGS)
+def test_contiguous_every_config(gemm_config, block_m, block_n, cluster):
+    gemm_config(block_m, block_n, cluster=cluster)
     a, a_scales, b, b_scales, m_indices, _ = make_contiguous([130, 0, 1, 257], 2112, 384)
     out = poison_(torch.empty(a.shape[0], 2112, device="cuda", dtype=torch.bfloat16))
     deepseek_ops.grouped_fp8_gemm_contiguous(a, a_scales, b, b_scales, m_indices, out=out)
     assert_written(out[m_indices >= 0])
+    # Padding rows share row blocks with valid rows: the epilogue leaves them untouched.
+    assert torch.isnan(out[m_indices < 0].float()).all(), "padding rows were written"
     check_contiguous(out, a, a_scales, b, b_scales, m_indices)
 
 
@@ -140,16 +144,16 @@ def test_masked_parity(num_groups, m_max, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_m", [64, 128])
-@pytest.mark.parametrize("block_n", BLOCK_NS)
-def test_masked_every_config(gemm_config, block_m, block_n):
-    gemm_config(block_m, block_n)
+@pytest.mark.parametrize("block_m,block_n,cluster", MASKED_CONFIGS)
+def test_masked_every_config(gemm_config, block_m, block_n, cluster):
+    gemm_config(block_m, block_n, cluster=cluster)
     a, a_scales, b, b_scales = make_masked(3, 200, 2112, 384)
     masked_m = torch.tensor([200, 0, 65], dtype=torch.int32, device="cuda")
     out = poison_(torch.empty(3, 200, 2112, device="cuda", dtype=torch.bfloat16))
     deepseek_ops.grouped_fp8_gemm_masked(a, a_scales, b, b_scales, masked_m, 100, out=out)
     assert_written(out[0])
     assert_written(out[2, :65])
+    assert torch.isnan(out[1].float()).all() and torch.isnan(out[2, 65:].float()).all(), "rows past masked_m written"
     check_masked(out, a, a_scales, b, b_scales, masked_m)
 
 

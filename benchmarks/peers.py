@@ -1,0 +1,74 @@
+"""DeepGEMM and FlashMLA as peers in the benchmarks, when they are importable.
+
+They have no wheel for the H200; ../shared/peers/README.md lays them out and builds them there (their
+code never enters this repository). Each factory returns a zero-argument callable that launches the
+peer on our inputs and returns its output (checked against our float64 reference before timing), or
+None, after one printed line, when the peer is not importable.
+"""
+import functools
+from typing import Callable, Optional
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _import(name: str):
+    try:
+        return __import__(name)
+    except ImportError as exc:
+        print(f"peer {name} not importable ({exc}); its records are skipped", flush=True)
+        return None
+
+
+def deepgemm_fp8_gemm_fn(a, a_scales, b, b_scales) -> Optional[Callable[[], torch.Tensor]]:
+    """deep_gemm.fp8_gemm_nt on our inputs (M-major a scales: its TMA-aligned layout, made once)."""
+    dg = _import("deep_gemm")
+    if dg is None:
+        return None
+    sfa = dg.get_mn_major_tma_aligned_tensor(a_scales)
+    d = torch.empty(a.shape[0], b.shape[0], device=a.device, dtype=torch.bfloat16)
+
+    def call():
+        dg.fp8_gemm_nt((a, sfa), (b, b_scales), d)
+        return d
+
+    return call
+
+
+def deepgemm_contiguous_fn(a, a_scales, b, b_scales, m_indices) -> Optional[Callable[[], torch.Tensor]]:
+    dg = _import("deep_gemm")
+    if dg is None:
+        return None
+    sfa = dg.get_mn_major_tma_aligned_tensor(a_scales)
+    d = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=torch.bfloat16)
+
+    def call():
+        dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, b_scales), d, m_indices)
+        return d
+
+    return call
+
+
+def deepgemm_masked_fn(a3, a_scales3, b, b_scales, masked_m, expected_m) -> Optional[Callable[[], torch.Tensor]]:
+    dg = _import("deep_gemm")
+    if dg is None:
+        return None
+    sfa = dg.get_mn_major_tma_aligned_tensor(a_scales3)
+    d = torch.empty(a3.shape[0], a3.shape[1], b.shape[1], device=a3.device, dtype=torch.bfloat16)
+
+    def call():
+        dg.m_grouped_fp8_gemm_nt_masked((a3, sfa), (b, b_scales), d, masked_m, expected_m)
+        return d
+
+    return call
+
+
+def flashmla_decode_fn(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal
+                       ) -> Optional[Callable[[], torch.Tensor]]:
+    """flash_mla.flash_mla_with_kvcache on our bf16 cache (its layout is ours); metadata made once."""
+    fm = _import("flash_mla")
+    if fm is None:
+        return None
+    meta = fm.get_mla_metadata()[0]
+    return lambda: fm.flash_mla_with_kvcache(q, kv_cache, block_table, cache_seqlens, 512, meta,
+                                             softmax_scale=softmax_scale, causal=causal)[0]

@@ -1,0 +1,229 @@
+// Tile configuration of the FP8 GEMM (host only): which instantiated variant (gemm::variant_instantiated)
+// and how many pipeline stages a problem runs with.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include <cuda_runtime.h>
+
+#include "common.h"
+#include "sm90_fp8_gemm.h"
+#include "sm90_fp8_gemm_layout.h"
+#include "sm90_fp8_gemm_variants.h"
+
+namespace dso {
+namespace {
+
+using gemm::kMaxStages;
+using gemm::SmemLayout;
+
+struct DeviceInfo {
+  int num_sms = 0;
+  int max_smem = 0;
+};
+
+const DeviceInfo& device_info() {
+  static DeviceInfo infos[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  int device = 0;
+  DSO_CUDA_CHECK(cudaGetDevice(&device));
+  once_per_device(once, [device] {
+    DeviceInfo& info = infos[device % kMaxDevices];
+    DSO_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device));
+    DSO_CUDA_CHECK(cudaDeviceGetAttribute(&info.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  });
+  return infos[device % kMaxDevices];
+}
+
+// NOTE: kMaxStages at most. Letting narrow tiles fill shared memory (up to 20 stages of 64 x 32)
+// changed no small-M time on the H200: bytes in flight do not limit them.
+int max_stages(int block_m, int block_n, bool out_fp32, int num_k_blocks, int max_smem) {
+  int stages = 0;
+  while (stages < kMaxStages &&
+         SmemLayout{block_m, block_n, out_fp32, stages + 1, num_k_blocks}.total_bytes() <= max_smem) {
+    ++stages;
+  }
+  return stages;
+}
+
+int64_t num_tiles(const Fp8GemmProblem& p, int block_m, int block_n, int64_t rows_per_group) {
+  const int64_t n_blocks = ceil_div<int64_t>(p.n, block_n);
+  if (p.type == GemmType::kGroupedMasked) return p.num_groups * ceil_div<int64_t>(rows_per_group, block_m) * n_blocks;
+  return ceil_div<int64_t>(p.m, block_m) * n_blocks;
+}
+
+// Clusters of two walk pairs of tiles (sm90_fp8_gemm_scheduler.cuh): pairs of column blocks, then the
+// odd last column block in pairs of row blocks.
+int64_t num_tile_pairs(const Fp8GemmProblem& p, int block_m, int block_n) {
+  const int64_t m_blocks = ceil_div<int64_t>(p.m, block_m), n_blocks = ceil_div<int64_t>(p.n, block_n);
+  return m_blocks * (n_blocks / 2) + (n_blocks % 2 == 1 ? ceil_div<int64_t>(m_blocks, 2) : 0);
+}
+
+// Tensor-core throughput of a full wave of BLOCK_M x BLOCK_N tiles relative to 128 x 128. BLOCK_M 64
+// and 128: a sweep of every variant on the H200 over the M = 4096 bench shapes (L2 flushed;
+// benchmarks/fp8_gemm_standalone.cu sweep), when tiles of widths that do not divide 128 still chose
+// their B scale at run time. 128 x 192 and the 256-row tiles: the same shapes in one A/B run on an
+// H100 (benchmarks/ab_fp8_gemm.py, per-wave time of each against 128 x 128), with the scale boundary
+// resolved at compile time; 256 x 64 was not measured (ranked below 256 x 96). 128 x 128 and 256-row
+// tiles promote while the tensor cores run (two accumulators, or the other warpgroup's passes).
+double mma_efficiency(int block_m, int block_n) {
+  struct Measured {
+    int block_n;
+    double block_m64, block_m128, block_m256;
+  };
+  constexpr Measured kTable[] = {{16, 0.15, 0.25, 0.0},   {32, 0.31, 0.47, 0.0},   {48, 0.40, 0.60, 0.0},
+                                 {64, 0.53, 0.71, 0.85},  {80, 0.55, 0.70, 0.0},   {96, 0.62, 0.78, 1.01},
+                                 {112, 0.63, 0.79, 1.05}, {128, 0.75, 1.00, 1.125}, {144, 0.59, 0.71, 0.0},
+                                 {160, 0.62, 0.76, 0.0},  {192, 0.63, 1.12, 0.0}};
+  for (const Measured& row : kTable) {
+    if (row.block_n == block_n) {
+      const double e = block_m == 64 ? row.block_m64 : block_m == 128 ? row.block_m128 : row.block_m256;
+      if (e > 0.0) return e;
+    }
+  }
+  return 0.5;  // a width outside the table (a -DDSO_GEMM_BLOCK_NS build): rank it low
+}
+
+// Estimated time of a configuration: waves of tiles, each costing the slower of its tensor-core time
+// and its operand ingest. Ingest mixes DRAM (the problem's unique bytes, shared by all SMs) and L2
+// (operands re-read by other tiles). Constants fitted to a sweep over M in {64, 128, 4096}.
+double estimate_seconds(const Fp8GemmProblem& p, int block_m, int block_n, int num_sms) {
+  // A fitted rate, not a peak (128 x 128 tiles run ~1.2 PFLOP/s at full clocks): it also absorbs
+  // per-tile costs.
+  constexpr double kSmFlops = 0.9e15 / 132;
+  constexpr double kSmL2BytesPerS = 80e9;
+  constexpr double kDramBytesPerS = 3.0e12;
+  const int64_t rows = p.type == GemmType::kGroupedMasked ? (p.expected_m > 0 ? std::min(p.expected_m, p.m) : p.m)
+                                                          : p.m;
+  const int64_t tiles = num_tiles(p, block_m, block_n, rows);
+  const double waves = static_cast<double>(ceil_div<int64_t>(tiles, num_sms));
+  const double compute = 2.0 * block_m * block_n * p.k / (kSmFlops * mma_efficiency(block_m, block_n));
+  const int64_t total_rows = p.type == GemmType::kGroupedMasked ? rows * p.num_groups : p.m;
+  const int64_t b_groups = p.type == GemmType::kNormal ? 1 : p.num_groups;
+  const double unique_bytes = static_cast<double>(total_rows) * p.k + static_cast<double>(b_groups) * p.n * p.k +
+                              static_cast<double>(total_rows) * p.n * (p.d_fp32 ? 4 : 2);
+  const double tile_bytes = static_cast<double>(block_m + block_n) * p.k;
+  const double dram_share = std::min(1.0, unique_bytes / (static_cast<double>(tiles) * tile_bytes));
+  const double ingest = tile_bytes * (dram_share / (kDramBytesPerS / num_sms) + (1.0 - dram_share) / kSmL2BytesPerS);
+  return waves * std::max(compute, ingest);
+}
+
+bool parse_config_override(Fp8GemmConfig& config) {
+  const char* env = std::getenv("DSO_FP8_GEMM_CONFIG");
+  if (env == nullptr || *env == '\0') return false;
+  int bm = 0, bn = 0, stages = 0, cluster = 1;
+  const int parsed = std::sscanf(env, "%dx%dx%dx%d", &bm, &bn, &stages, &cluster);
+  if (parsed < 2) {
+    throw std::runtime_error(
+        std::string("deepseek_ops: DSO_FP8_GEMM_CONFIG must be BLOCK_MxBLOCK_N[xSTAGES[xCLUSTER]], got ") + env);
+  }
+  config.block_m = bm;
+  config.block_n = bn;
+  config.num_stages = parsed >= 3 ? stages : 0;
+  config.cluster_size = parsed == 4 ? cluster : 1;
+  return true;
+}
+
+// The heuristic's pick for a problem shape, remembered: decode steps repeat the same few shapes, and
+// the search costs about a microsecond of host time per call.
+struct ShapeKey {
+  int device;
+  GemmType type;
+  bool d_fp32;
+  int64_t m, n, k, num_groups, expected_m;
+  bool operator==(const ShapeKey& o) const {
+    return device == o.device && type == o.type && d_fp32 == o.d_fp32 && m == o.m && n == o.n && k == o.k &&
+           num_groups == o.num_groups && expected_m == o.expected_m;
+  }
+};
+
+struct ShapeKeyHash {
+  size_t operator()(const ShapeKey& key) const {
+    size_t h = static_cast<size_t>(key.device) * 31 + static_cast<size_t>(key.type) * 7 + key.d_fp32;
+    for (const int64_t v : {key.m, key.n, key.k, key.num_groups, key.expected_m}) {
+      h = h * 1000003 ^ std::hash<int64_t>()(v);
+    }
+    return h;
+  }
+};
+
+// The heuristic's tile: the instantiated variant of least estimated time.
+Fp8GemmConfig heuristic_tile(const Fp8GemmProblem& p, const DeviceInfo& info) {
+  const int num_k_blocks = static_cast<int>(p.k / 128);
+  Fp8GemmConfig config;
+  double best = 0.0;
+  auto consider = [&](int block_m, int block_n) {
+    if (!gemm::variant_instantiated(p.type, p.d_fp32, block_m, block_n, 1)) return;
+    if (block_n > align_up<int64_t>(p.n, 16) && block_n != 16) return;
+    if (max_stages(block_m, block_n, p.d_fp32, num_k_blocks, info.max_smem) < 3) return;
+    const double t = estimate_seconds(p, block_m, block_n, info.num_sms);
+    // Ties: the first, i.e. the smaller BLOCK_M and BLOCK_N, wins.
+    if (config.block_m == 0 || t < best * 0.995) {
+      best = t;
+      config.block_m = block_m;
+      config.block_n = block_n;
+    }
+  };
+  for (const int block_m : {64, 128}) {
+    for (const int block_n : gemm::kBlockNs) consider(block_m, block_n);
+  }
+  for (const int block_n : gemm::kWideBlockNs) consider(256, block_n);
+  return config;
+}
+
+// Checks a tile (chosen or forced) and completes it: the stage count (as many as fit unless forced)
+// and the grid.
+Fp8GemmConfig complete(Fp8GemmConfig config, const Fp8GemmProblem& p, const DeviceInfo& info) {
+  const int num_k_blocks = static_cast<int>(p.k / 128);
+  if (config.block_m == 0) {
+    throw std::runtime_error("deepseek_ops: fp8 gemm: no tile configuration fits in shared memory for K = " +
+                             std::to_string(p.k));
+  }
+  if (!gemm::variant_instantiated(p.type, p.d_fp32, config.block_m, config.block_n, config.cluster_size)) {
+    throw std::runtime_error("deepseek_ops: no fp8 gemm kernel instantiated for BLOCK_M=" +
+                             std::to_string(config.block_m) + ", BLOCK_N=" + std::to_string(config.block_n) +
+                             ", cluster " + std::to_string(config.cluster_size) + (p.d_fp32 ? ", fp32" : ", bf16") +
+                             " output and this gemm type");
+  }
+  const int stages_fit = max_stages(config.block_m, config.block_n, p.d_fp32, num_k_blocks, info.max_smem);
+  if (config.num_stages == 0) config.num_stages = stages_fit;
+  if (config.num_stages < 2 || config.num_stages > stages_fit) {
+    throw std::runtime_error("deepseek_ops: fp8 gemm config " + std::to_string(config.block_m) + "x" +
+                             std::to_string(config.block_n) + "x" + std::to_string(config.num_stages) +
+                             " does not fit in shared memory for K = " + std::to_string(p.k) + " (at most " +
+                             std::to_string(stages_fit) + " stages)");
+  }
+  if (config.cluster_size == 2) {
+    const int64_t pairs = num_tile_pairs(p, config.block_m, config.block_n);
+    config.num_ctas = static_cast<int>(2 * std::max<int64_t>(1, std::min<int64_t>(pairs, info.num_sms / 2)));
+  } else {
+    const int64_t tiles = num_tiles(p, config.block_m, config.block_n, p.m);
+    config.num_ctas = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(tiles, info.num_sms)));
+  }
+  return config;
+}
+
+}  // namespace
+
+Fp8GemmConfig select_sm90_fp8_gemm_config(const Fp8GemmProblem& p) {
+  const DeviceInfo& info = device_info();
+  Fp8GemmConfig forced;
+  if (parse_config_override(forced)) return complete(forced, p, info);
+  static std::mutex mutex;
+  static std::unordered_map<ShapeKey, Fp8GemmConfig, ShapeKeyHash> picks;
+  int device = 0;
+  DSO_CUDA_CHECK(cudaGetDevice(&device));
+  const ShapeKey key{device, p.type, p.d_fp32, p.m, p.n, p.k, p.num_groups, p.expected_m};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = picks.find(key);
+  if (it == picks.end()) {
+    if (picks.size() >= 4096) picks.clear();  // bounded: shapes that vary every call (prefill lengths)
+    it = picks.emplace(key, complete(heuristic_tile(p, info), p, info)).first;
+  }
+  return it->second;
+}
+
+}  // namespace dso

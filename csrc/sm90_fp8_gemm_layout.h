@@ -1,0 +1,77 @@
+// Tile geometry and shared-memory layout of the FP8 GEMM (csrc/sm90_fp8_gemm.cu), one definition for
+// the kernel and for the host code that sizes the pipeline (csrc/sm90_fp8_gemm_config.cpp).
+#pragma once
+
+#ifdef __CUDACC__
+#define DSO_HOST_DEVICE __host__ __device__
+#else
+#define DSO_HOST_DEVICE
+#endif
+
+namespace dso::gemm {
+
+constexpr int BLOCK_K = 128;  // one scale per 128 K: a K block is exactly one scale block
+constexpr int kWgmmaM = 64;   // rows of one wgmma; a warpgroup owns one or two such passes
+constexpr int kMaxStages = 10;
+
+constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
+
+// A BLOCK_N-wide tile starts at a multiple of gcd(BLOCK_N, 128), so it touches at most two of B's
+// 128-row scale blocks when BLOCK_N - gcd(BLOCK_N, 128) <= 128.
+constexpr bool block_n_supported(int block_n) {
+  return block_n % 16 == 0 && block_n >= 16 && block_n <= 256 && block_n - gcd(block_n, 128) <= 128;
+}
+
+// BLOCK_M = 64: one consumer warpgroup; 128: two of 64 rows; 256: two of 128 rows (two wgmma passes).
+constexpr int num_math_warpgroups(int block_m) { return block_m == 64 ? 1 : 2; }
+
+// bf16 output is staged for TMA stores in atoms of kSwizzle-byte rows (the widest swizzle that
+// divides a row of the tile): a warp's stmatrix rows then land on distinct banks.
+constexpr int d_swizzle_bytes(int block_n) {
+  return (block_n * 2) % 128 == 0 ? 128 : (block_n * 2) % 64 == 0 ? 64 : 32;
+}
+
+constexpr int align_1024(int bytes) { return (bytes + 1023) / 1024 * 1024; }
+
+// [stages x A tile][stages x B tile][stages x A scales][per warpgroup: D staging][per warpgroup:
+// 2 x B scales][per warpgroup: a flag per row][full, empty barriers]. A and B tiles and D atoms start on 1024-byte boundaries
+// (128-byte swizzle atoms).
+struct SmemLayout {
+  int block_m, block_n;
+  bool out_fp32;
+  int num_stages, num_k_blocks;
+
+  DSO_HOST_DEVICE constexpr int num_warpgroups() const { return num_math_warpgroups(block_m); }
+  DSO_HOST_DEVICE constexpr int wg_rows() const { return block_m / num_warpgroups(); }
+  DSO_HOST_DEVICE constexpr int a_bytes() const { return block_m * BLOCK_K; }  // e4m3: a byte an element
+  DSO_HOST_DEVICE constexpr int b_bytes() const { return block_n * BLOCK_K; }
+  DSO_HOST_DEVICE constexpr int sfa_bytes() const { return block_m * 4; }
+  DSO_HOST_DEVICE constexpr int stage_tx_bytes() const { return a_bytes() + b_bytes() + sfa_bytes(); }
+  // fp32 output: rows padded by 16 bytes (the 8 rows a warp writes at once land on distinct banks).
+  DSO_HOST_DEVICE constexpr int d_fp32_row_bytes() const { return block_n * 4 + 16; }
+  DSO_HOST_DEVICE constexpr int d_bytes_per_warpgroup() const {
+    return out_fp32 ? wg_rows() * d_fp32_row_bytes() : align_1024(wg_rows() * block_n * 2);
+  }
+  DSO_HOST_DEVICE constexpr int sfb_floats_per_buffer() const { return 2 * num_k_blocks; }
+
+  DSO_HOST_DEVICE constexpr int a_offset(int stage) const { return stage * a_bytes(); }
+  DSO_HOST_DEVICE constexpr int b_offset(int stage) const { return num_stages * a_bytes() + stage * b_bytes(); }
+  DSO_HOST_DEVICE constexpr int sfa_offset(int stage) const {
+    return num_stages * (a_bytes() + b_bytes()) + stage * sfa_bytes();
+  }
+  DSO_HOST_DEVICE constexpr int d_offset(int warpgroup) const {
+    return align_1024(num_stages * stage_tx_bytes()) + warpgroup * d_bytes_per_warpgroup();
+  }
+  // Per warpgroup, two buffers (this tile, next tile) of [2 column blocks][num_k_blocks] floats.
+  DSO_HOST_DEVICE constexpr int sfb_offset(int warpgroup) const {
+    return d_offset(num_warpgroups()) + warpgroup * 2 * sfb_floats_per_buffer() * 4;
+  }
+  // Per warpgroup, one byte per row: whether the row belongs to the tile (contiguous layout).
+  DSO_HOST_DEVICE constexpr int row_ok_offset(int warpgroup) const {
+    return sfb_offset(num_warpgroups()) + warpgroup * wg_rows();
+  }
+  DSO_HOST_DEVICE constexpr int barrier_offset() const { return (row_ok_offset(num_warpgroups()) + 7) / 8 * 8; }
+  DSO_HOST_DEVICE constexpr int total_bytes() const { return barrier_offset() + 2 * num_stages * 8; }
+};
+
+}  // namespace dso::gemm

@@ -1,0 +1,48 @@
+// The FP8 GEMM tile variants that are compiled (csrc/sm90_fp8_gemm.cu dispatches over them, the
+// configuration heuristic chooses among them, and the extension reports them to the tests).
+#pragma once
+#include "sm90_fp8_gemm.h"
+
+// Widths of 64- and 128-row tiles (multiples of 16 whose tiles touch at most 2 scale blocks).
+// -DDSO_GEMM_BLOCK_NS=128 -DDSO_GEMM_WIDE_BLOCK_NS=128 builds a single width (quick iteration).
+#ifndef DSO_GEMM_BLOCK_NS
+#define DSO_GEMM_BLOCK_NS 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192
+#endif
+// Widths of 256-row tiles (dense, bf16 output): two 64-row passes per warpgroup hold BLOCK_N
+// fp32 results per thread, so BLOCK_N <= 128.
+#ifndef DSO_GEMM_WIDE_BLOCK_NS
+#define DSO_GEMM_WIDE_BLOCK_NS 64, 96, 112, 128
+#endif
+
+namespace dso::gemm {
+
+constexpr int kBlockNs[] = {DSO_GEMM_BLOCK_NS};
+constexpr int kWideBlockNs[] = {DSO_GEMM_WIDE_BLOCK_NS};
+
+template <int kSize>
+constexpr bool contains(const int (&values)[kSize], int value) {
+  for (int v : values) {
+    if (v == value) return true;
+  }
+  return false;
+}
+
+// Contiguous groups are 128-row aligned, so that layout has 128-row tiles only; fp32 output and the
+// grouped layouts have no 256-row tiles; the masked layout takes the same 64/128-row tiles as dense.
+// Clusters of two CTAs sharing A serve the dense 256-row tiles.
+constexpr bool variant_instantiated(GemmType type, bool out_fp32, int block_m, int block_n, int cluster_size) {
+  if (cluster_size != 1 && (cluster_size != 2 || block_m != 256)) return false;
+  if (block_m == 256) return type == GemmType::kNormal && !out_fp32 && contains(kWideBlockNs, block_n);
+  if (!contains(kBlockNs, block_n)) return false;
+  switch (type) {
+    case GemmType::kNormal:
+      return block_m == 64 || block_m == 128;
+    case GemmType::kGroupedContiguous:
+      return !out_fp32 && block_m == 128;
+    case GemmType::kGroupedMasked:
+      return !out_fp32 && (block_m == 64 || block_m == 128);
+  }
+  return false;
+}
+
+}  // namespace dso::gemm
