@@ -25,7 +25,6 @@
 
 #include "barrier.cuh"
 #include "cache_policy.cuh"
-#include "cluster.cuh"
 #include "common.h"
 #include "cp_async.cuh"
 #include "fence.cuh"
@@ -34,6 +33,7 @@
 #include "sm90_fp8_gemm_layout.h"
 #include "sm90_fp8_gemm_scheduler.cuh"
 #include "sm90_fp8_gemm_variants.h"
+#include "special_registers.cuh"
 #include "stmatrix.cuh"
 #include "tensor_map.h"
 #include "tma.cuh"
@@ -98,7 +98,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
   using K = Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>;
   TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize> scheduler(p);
   const uint64_t evict_first = ptx::l2_policy_evict_first();
-  const uint32_t rank = kClusterSize == 2 ? ptx::cluster_cta_rank() : 0;
+  const uint32_t rank = kClusterSize == 2 ? ptx::read_cluster_ctarank() : 0;
   int stage = 0;
   uint32_t phase = 0;
   auto next_stage = [&]() {
@@ -316,7 +316,7 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
   const float* sfb = smem_sfb;
   TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize> scheduler(p);
   Tile tile{};
-  const uint32_t rank = kClusterSize == 2 ? ptx::cluster_cta_rank() : 0;
+  const uint32_t rank = kClusterSize == 2 ? ptx::read_cluster_ctarank() : 0;
 
   auto wait_full = [&]() { ptx::mbarrier_wait(&full[issue_stage], issue_phase); };
   auto next_issue_stage = [&]() {

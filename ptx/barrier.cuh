@@ -1,4 +1,5 @@
-// Named CTA barriers: synchronize a subset of warps (one warpgroup) without stalling the rest.
+// Named CTA barriers (synchronize a subset of warps, one warpgroup, without stalling the rest) and the
+// cluster barrier.
 #pragma once
 #include <cstdint>
 
@@ -25,6 +26,12 @@ __device__ __forceinline__ bool named_barrier_sync_and(uint32_t id, uint32_t num
       : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(num_threads)
       : "memory");
   return all != 0;
+}
+
+// PTX ISA 9.7.13.3 (barrier.cluster): every thread of every CTA of the cluster arrives (release: its
+// earlier writes, e.g. mbarrier initialization, become visible to the cluster) and waits (acquire).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
 }  // namespace dso::ptx

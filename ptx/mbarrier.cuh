@@ -42,4 +42,22 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(addr), "r"(bytes) : "memory");
 }
 
+// PTX ISA 9.7.13.15.13 (mbarrier.arrive, shared::cluster): one arrival on the mbarrier at the same
+// shared-memory offset as `bar` in the CTA of rank `cta_rank` (mapa translates the address).
+// NOTE: default semantics (release at CTA scope), as CUTLASS's ClusterBarrier: what the arrival
+// publishes is that this warp's wgmma and scale reads of a stage are complete, and the peer only
+// overwrites the stage with TMA. `.release.cluster` compiles to a GPU-scope MEMBAR before every
+// arrival, which cost a third of the GEMM's time on an H100.
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* bar, uint32_t cta_rank) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n"
+      "}" ::"r"(addr),
+      "r"(cta_rank)
+      : "memory");
+}
+
 }  // namespace dso::ptx

@@ -1,4 +1,5 @@
-// Special registers read with mov: the global clock (bounded spin-waits) and the grid's launch number.
+// Special registers read with mov: the global clock (bounded spin-waits), the grid's launch number and
+// a CTA's rank in its cluster.
 #pragma once
 #include <cstdint>
 
@@ -17,6 +18,13 @@ __device__ __forceinline__ uint64_t read_gridid() {
   uint64_t id;
   asm volatile("mov.u64 %0, %%gridid;" : "=l"(id));
   return id;
+}
+
+// PTX ISA 10.19 (%cluster_ctarank): this CTA's rank in its cluster.
+__device__ __forceinline__ uint32_t read_cluster_ctarank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
 }
 
 }  // namespace dso::ptx
