@@ -9,14 +9,22 @@ Bytes actually moved (BENCHMARKS.md): dispatch reads each token row (+ scales) o
 once per (token, expert) pair, plus topk_idx / weights read and row_of, m_indices, weights written;
 combine reads one bf16 row per pair (+ row_of, weights) and writes one bf16 row per token.
 """
+import argparse
+import json
+import os
+import socket
+import tempfile
 from typing import Callable, Dict, List
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+import deepseek_ops
 from benchmarks.report import OURS, Record, throughput
-from benchmarks.timing import bench
-from deepseek_ops import reference
+from benchmarks.timing import bench, bench_ranks
+from deepseek_ops import ep, reference
 
 SHAPES = [dict(tokens=4096, hidden=7168, experts=256, topk=8)]
 QUICK_SHAPES = SHAPES
@@ -117,9 +125,6 @@ def _time(kernel: str, shape: dict, impls: Dict[str, Callable], errors: Dict[str
 
 
 def run_shape(tokens: int, hidden: int, experts: int, topk: int, fp8: bool) -> List[Record]:
-    import deepseek_ops
-    from deepseek_ops import ep
-
     topk_idx, weights = make_routing(tokens, experts, topk)
     x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
     x_scales = None
@@ -177,8 +182,6 @@ def _pytest_bench(benchmark, fn):
 
 @pytest.mark.gpu
 def test_ep_dispatch(benchmark):
-    from deepseek_ops import ep
-
     s = SHAPES[0]
     topk_idx, weights = make_routing(s["tokens"], s["experts"], s["topk"])
     x = torch.randn(s["tokens"], s["hidden"], device="cuda").to(torch.bfloat16)
@@ -192,8 +195,6 @@ def test_ep_dispatch(benchmark):
 
 @pytest.mark.gpu
 def test_ep_combine(benchmark):
-    from deepseek_ops import ep
-
     s = SHAPES[0]
     topk_idx, weights = make_routing(s["tokens"], s["experts"], s["topk"])
     x = torch.randn(s["tokens"], s["hidden"], device="cuda").to(torch.bfloat16)
@@ -209,14 +210,6 @@ def test_ep_combine(benchmark):
 # time-slice one GPU, so these figures say nothing about NVLink; the multi-GPU run has its own issue.
 
 def _rank_bench(rank: int, world_size: int, port: int, tokens: int, backends, out_dir: str):
-    import json
-    import os
-
-    import torch.distributed as dist
-
-    from benchmarks.timing import bench_ranks
-    from deepseek_ops import ep
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     s = dict(SHAPES[0], tokens=tokens)
     topk_idx, weights = make_routing(s["tokens"], s["experts"], s["topk"])
@@ -245,12 +238,6 @@ def _rank_bench(rank: int, world_size: int, port: int, tokens: int, backends, ou
 def run_processes(world_size: int, tokens: int = 4096, backends=("ipc", "torch")) -> dict:
     """Spawns world_size processes on the one GPU; returns {variant: {op: max over ranks of median ms}}
     (variants: the backends, and "ipc-nosync" for ipc with exact=False)."""
-    import json
-    import socket
-    import tempfile
-
-    import torch.multiprocessing as mp
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -261,8 +248,6 @@ def run_processes(world_size: int, tokens: int = 4096, backends=("ipc", "torch")
 
 
 if __name__ == "__main__":
-    import argparse
-
     parser = argparse.ArgumentParser(description="ep dispatch/combine with several processes on one GPU")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")

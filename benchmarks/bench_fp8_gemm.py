@@ -19,6 +19,7 @@ import torch
 
 from benchmarks.report import OURS, Record, throughput
 from benchmarks.timing import host_overhead_us, input_copies, time_op
+import deepseek_ops
 from deepseek_ops import reference
 from deepseek_ops.testing import calc_diff
 
@@ -33,8 +34,6 @@ def gemm_bytes(m: int, n: int, k: int, out_bytes: int = 2) -> int:
 
 def make_inputs(m: int, n: int, k: int) -> dict:
     """Quantized random activations and weights, as the model produces them (M-major a scales)."""
-    import deepseek_ops
-
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
     a, a_scales = deepseek_ops.per_token_group_quant_fp8(x, 128, column_major_scales=True)
@@ -56,8 +55,6 @@ def cublas_tensorwise_fn(a, b) -> Callable[[], torch.Tensor]:
 
 
 def impls(inp: dict) -> Dict[str, Callable[[], torch.Tensor]]:
-    import deepseek_ops
-
     a, a_scales, b, b_scales = inp["a"], inp["a_scales"], inp["b"], inp["b_scales"]
     n, k = b.shape
     a_bf16 = reference._dequant_fp8_a(a, a_scales).to(torch.bfloat16)

@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from benchmarks.timing import bench
+
 OURS = "deepseek_ops"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +54,6 @@ def measure_ceilings() -> Dict[str, float]:
     copy_gbps: copy of a 2 GiB buffer into another, counting bytes read + written (4 GiB a copy).
     bf16_tflops: torch.matmul (cuBLAS) of random bf16 8192 x 8192 x 8192.
     """
-    from benchmarks.timing import bench
-
     n_bytes = 2 * 1024 ** 3
     src = torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)

@@ -19,6 +19,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # several times the 50-60 MB L2 of H100/H200
 SHORT_OP_MS = 0.05  # protocol: under ~50 us the kernel time comes from CUDA-graph replay
@@ -213,8 +214,6 @@ def bench_ranks(fn: Callable[[], object], group, *, runs: int = 50, warmup_calls
     sync. An op that syncs with the host inside is timed end to end, its host work included. Every
     rank makes the same number of calls (a collective called a different number of times hangs).
     """
-    import torch.distributed as dist
-
     _ensure_warm()
     for _ in range(warmup_calls):
         fn()

@@ -20,7 +20,7 @@ def random_b(g, n, k, device):
 
 def make_contiguous(sizes, n, k, device="cuda"):
     """Groups of `sizes` rows, each padded to the alignment; padding rows are -1 in m_indices."""
-    assert deepseek_ops.grouped_gemm_alignment() == ALIGN
+    assert deepseek_ops.GROUPED_GEMM_ALIGNMENT == ALIGN
     padded = [-(-s // ALIGN) * ALIGN for s in sizes]
     offsets = [0]
     for p in padded:
