@@ -1,4 +1,5 @@
-"""Builds deepseek_ops._C: every csrc/*.cu for sm_90a plus csrc/registration.cpp.
+"""Builds deepseek_ops._C: every csrc/*.cu for sm_90a plus the csrc/*.cpp (the schemas in
+registration.cpp, the CUDA adapters in torch_<family>.cpp).
 
 Without a CUDA toolkit (or with a CPU-only torch) only registration.cpp is compiled:
 the op schemas exist and the reference kernels run on the CPU; CUDA calls then
@@ -42,7 +43,7 @@ def _extension():
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
             "-Xptxas=-v" if os.environ.get("DEEPSEEK_OPS_PTXAS_VERBOSE") == "1" else "-Xptxas=-O3",
             *_arch_flags()]
-    sources = sorted(glob.glob("csrc/*.cu")) + ["csrc/registration.cpp"]
+    sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
     return CUDAExtension("deepseek_ops._C", sources,
                          include_dirs=[os.path.join(ROOT, "ptx"), os.path.join(ROOT, "csrc")],
                          define_macros=[("DSO_WITH_CUDA", "1")],

@@ -5,7 +5,7 @@ scales travel with the rows), bf16 combine. Ours: deepseek_ops.ep.dispatch(exact
 no-sync, CUDA-graph-safe variant) and ep.combine. Peer `torch`: the same contiguous padded layout
 with plain PyTorch (sort, index_select, index_copy_; combine with index_select and index_add_).
 
-Bytes actually moved (BENCHMARKS.md): dispatch reads each token row (+ scales) once and writes it
+Bytes actually moved (benchmarks/README.md): dispatch reads each token row (+ scales) once and writes it
 once per (token, expert) pair, plus topk_idx / weights read and row_of, m_indices, weights written;
 combine reads one bf16 row per pair (+ row_of, weights) and writes one bf16 row per token.
 """
@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 import deepseek_ops
 from benchmarks.report import OURS, Record, throughput
-from benchmarks.timing import bench, bench_ranks
+from benchmarks.timing import bench, bench_ranks, pytest_benchmark
 from deepseek_ops import ep, reference
 
 SHAPES = [dict(tokens=4096, hidden=7168, experts=256, topk=8)]
@@ -167,18 +167,7 @@ def run(quick: bool = False) -> List[Record]:
     return records
 
 
-# pytest-benchmark entries (`pytest benchmarks/bench_ep.py --benchmark-only` on the H200); gpu-marked,
-# skipped without a Hopper GPU (benchmarks/conftest.py). The CUDA-event median goes into extra_info.
-
-def _pytest_bench(benchmark, fn):
-    benchmark.extra_info["median_ms_cuda_events"] = bench(fn)
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
-
+# pytest-benchmark entries (`pytest benchmarks/bench_ep.py --benchmark-only`).
 
 @pytest.mark.gpu
 def test_ep_dispatch(benchmark):
@@ -189,7 +178,7 @@ def test_ep_dispatch(benchmark):
     res = ep.dispatch(x, topk_idx, weights, num_experts=s["experts"], alignment=ALIGNMENT, exact=False)
     ref = reference.ep_permute(x, None, weights, topk_idx, s["experts"], ALIGNMENT, num_rows)
     assert _dispatch_error(res.recv_x, None, res.recv_topk_idx, ref) == 0.0, "differs from the reference; not timed"
-    _pytest_bench(benchmark, lambda: ep.dispatch(x, topk_idx, weights, num_experts=s["experts"], alignment=ALIGNMENT,
+    pytest_benchmark(benchmark, lambda: ep.dispatch(x, topk_idx, weights, num_experts=s["experts"], alignment=ALIGNMENT,
                                                  exact=False))
 
 
@@ -201,7 +190,7 @@ def test_ep_combine(benchmark):
     res = ep.dispatch(x, topk_idx, weights, num_experts=s["experts"], alignment=ALIGNMENT, exact=False)
     y = torch.randn(res.recv_x.shape, device="cuda").to(torch.bfloat16)
     assert rows_mismatch(ep.combine(y, res.handle, weights), reference.ep_combine(y, res.handle.row_of, weights)) == 0.0
-    _pytest_bench(benchmark, lambda: ep.combine(y, res.handle, weights))
+    pytest_benchmark(benchmark, lambda: ep.combine(y, res.handle, weights))
 
 
 # ---- Several processes sharing one GPU (ipc and torch backends): figures only --------------------

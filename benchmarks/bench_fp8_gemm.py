@@ -1,4 +1,4 @@
-"""fp8_gemm (dense, DeepSeek-V3 scaling) against cuBLAS, shapes of issue 3.
+"""fp8_gemm (dense, DeepSeek-V3 scaling) against cuBLAS, on DeepSeek-V3's projection shapes.
 
 Peers, same inputs, same process:
   cublas_block       torch._scaled_mm with 1x128 (a) / 128x128 (b) block scales (cuBLASLt); it
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from benchmarks.report import OURS, Record, throughput
-from benchmarks.timing import host_overhead_us, input_copies, time_op
+from benchmarks.timing import host_overhead_us, input_copies, pytest_benchmark, time_op
 import deepseek_ops
 from deepseek_ops import reference
 from deepseek_ops.testing import calc_diff
@@ -106,21 +106,15 @@ def run(quick: bool = False) -> List[Record]:
     return records
 
 
-# pytest-benchmark entries (`pytest benchmarks/ --benchmark-only` on the H200).
+# pytest-benchmark entries (`pytest benchmarks/ --benchmark-only`).
 
 def _pytest_bench(benchmark, m: int, n: int, k: int):
     inp = make_inputs(m, n, k)
     fn = impls(inp)[OURS]
     ref = reference.fp8_gemm(inp["a"], inp["a_scales"], inp["b"], inp["b_scales"], torch.float64)
     assert calc_diff(fn(), ref) < CALC_DIFF_BOUND, "deepseek_ops differs from the reference; not timed"
-    ms = time_op(fn)
-    benchmark.extra_info.update({"median_ms": ms, "tflops": 2.0 * m * n * k / ms / 1e9})
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
+    ms = pytest_benchmark(benchmark, fn)
+    benchmark.extra_info["tflops"] = throughput(ms, flops=2.0 * m * n * k)[0]
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Grouped FP8 GEMMs for MoE experts (contiguous and masked layouts), shapes of issue 4.
+"""Grouped FP8 GEMMs for MoE experts (contiguous and masked layouts), on DeepSeek-V3's expert shapes.
 
 Peers, same inputs, same process:
   cublas_block        a Python loop of torch._scaled_mm (1x128 / 128x128 block scales), one call
@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.bench_fp8_gemm import CALC_DIFF_BOUND, cublas_block_fn
 from benchmarks.report import OURS, Record, throughput
-from benchmarks.timing import host_overhead_us, input_copies, time_op
+from benchmarks.timing import host_overhead_us, input_copies, pytest_benchmark, time_op
 import deepseek_ops
 from deepseek_ops import reference
 from deepseek_ops.testing import calc_diff
@@ -146,11 +146,7 @@ def test_grouped_fp8_gemm_contiguous(benchmark):
     b, b_scales = _weights(g, n, k)
     m_indices = torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(rows)
 
-    def call():
-        deepseek_ops.grouped_fp8_gemm_contiguous(a, a_scales, b, b_scales, m_indices)
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
+    pytest_benchmark(benchmark, lambda: deepseek_ops.grouped_fp8_gemm_contiguous(a, a_scales, b, b_scales, m_indices))
 
 
 @pytest.mark.gpu
@@ -160,9 +156,5 @@ def test_grouped_fp8_gemm_masked(benchmark):
     b, b_scales = _weights(g, n, k)
     masked_m = torch.full((g,), rows, device="cuda", dtype=torch.int32)
 
-    def call():
-        deepseek_ops.grouped_fp8_gemm_masked(a2.view(g, rows, k), s2.view(g, rows, k // 128), b, b_scales,
-                                             masked_m, rows)
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
+    pytest_benchmark(benchmark, lambda: deepseek_ops.grouped_fp8_gemm_masked(
+        a2.view(g, rows, k), s2.view(g, rows, k // 128), b, b_scales, masked_m, rows))

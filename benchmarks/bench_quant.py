@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks.report import OURS, Record, throughput
-from benchmarks.timing import SHORT_OP_MS, bench, host_overhead_us, input_copies, time_op
+from benchmarks.timing import SHORT_OP_MS, host_overhead_us, input_copies, pytest_benchmark, time_op
 import deepseek_ops
 from deepseek_ops import reference
 
@@ -117,22 +117,14 @@ def run(quick: bool = False, device: str = "cuda") -> List[Record]:
     return records
 
 
-# pytest-benchmark entries (`pytest benchmarks/ --benchmark-only` on the H200): wall time of a
-# synchronized call; the CUDA-event median and GB/s go into extra_info.
-# (the gpu marker skips them without a Hopper GPU: benchmarks/conftest.py)
+# pytest-benchmark entries (`pytest benchmarks/ --benchmark-only`); GB/s goes into extra_info.
 
 
 def _pytest_bench(benchmark, impl_fn, ref, bytes_moved: int):
     out = impl_fn()
     assert _mismatch(out, ref) == 0.0, "deepseek_ops differs from the reference; not timed"
-    ms = bench(impl_fn)
-    benchmark.extra_info.update({"median_ms_cuda_events": ms, "gbps": throughput(ms, bytes_moved=bytes_moved)[1]})
-
-    def call():
-        impl_fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
+    ms = pytest_benchmark(benchmark, impl_fn)
+    benchmark.extra_info["gbps"] = throughput(ms, bytes_moved=bytes_moved)[1]
 
 
 @pytest.mark.gpu

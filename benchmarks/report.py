@@ -1,6 +1,6 @@
 """Benchmark records, the ceiling probe, and the report (tables, JSON, roofline PNG).
 
-The JSON schema and the kernel/peer names are fixed by /work/shared/BENCHMARKS.md ("Output").
+The JSON schema and the kernel/peer names are fixed by benchmarks/README.md ("Output").
 Our implementation's records use impl="deepseek_ops" (OURS); every other impl is a peer.
 """
 import dataclasses
@@ -168,12 +168,6 @@ def format_tables(records: Sequence[Record], ceilings: Dict[str, float]) -> str:
                 lines.append("-+-".join("-" * w for w in widths))
         lines.append("")
     return "\n".join(lines)
-
-
-def print_tables(records: Sequence[Record], ceilings: Dict[str, float]) -> None:
-    print(f"ceilings: copy {ceilings.get('copy_gbps', float('nan')):.1f} GB/s, "
-          f"bf16 matmul {ceilings.get('bf16_tflops', float('nan')):.1f} TFLOP/s")
-    print(format_tables(records, ceilings))
 
 
 def plot_roofline(records: Sequence[Record], ceilings: Dict[str, float], path: Path) -> Path:

@@ -1,6 +1,6 @@
 """Numbers the kernels, the references and the model share. The C++ side mirrors each one once:
-csrc/sm90_mla_decode.h (MLA cache geometry), ptx/fp8_recipe.cuh (FP8 recipe),
-and the grouped GEMM's BLOCK_M (csrc/sm90_fp8_gemm.cu) is the group alignment.
+csrc/sm90_mla_cache.h (MLA cache geometry), csrc/fp8_recipe.cuh (FP8 recipe), and the grouped
+GEMM's BLOCK_M (csrc/sm90_fp8_gemm.cu) is the group alignment.
 """
 
 # The FP8 recipe (DeepSeek-V3): a group's scale is max(amax, FP8_SCALE_FLOOR) / FP8_MAX, an IEEE fp32

@@ -4,7 +4,8 @@ from typing import Optional, Tuple
 import torch
 
 from deepseek_ops import reference
-from deepseek_ops._checks import FLOAT_DTYPES, FP8, aligned16, check_choice, check_cuda_arch, check_multiple, check_tensor
+from deepseek_ops._checks import (FLOAT_DTYPES, FP8, aligned16, check_choice, check_cuda_arch, check_multiple,
+                                  check_tensor)
 from deepseek_ops._registry import register_op
 
 _ops = torch.ops.deepseek_ops

@@ -31,7 +31,7 @@ def _quantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def column_major_scales(scales: torch.Tensor) -> torch.Tensor:
-    """[M, G] scales stored as [G, align(M, 4)] (M contiguous), the layout the GEMMs' TMA reads."""
+    """[M, G] scales stored as [G, align(M, 4)]: the M-major layout the GEMMs read (deepseek_ops/gemm.py)."""
     m, g = scales.shape
     storage = scales.new_zeros(g, (m + 3) // 4 * 4)
     out = storage.narrow(1, 0, m).t()

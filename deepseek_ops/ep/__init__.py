@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from deepseek_ops._checks import check_tensor
+from deepseek_ops._checks import aligned16, check_tensor
 from deepseek_ops.constants import GROUPED_GEMM_ALIGNMENT
 from deepseek_ops.ep import _local, _ops
 from deepseek_ops.ep._common import DispatchResult, LocalHandle, XInput, check_combine_args, check_dispatch_args
@@ -91,7 +91,7 @@ def combine(y: torch.Tensor, handle: LocalHandle, topk_weights: torch.Tensor) ->
         raise ValueError(f"argument 'handle': expected the handle of deepseek_ops.ep.dispatch, got "
                          f"{type(handle).__name__}")
     check_combine_args(y, topk_weights, handle.num_rows, handle.row_of.shape)
-    return _local.combine(y.contiguous(), handle, topk_weights.contiguous())
+    return _local.combine(aligned16(y), handle, topk_weights.contiguous())
 
 
 class Buffer:

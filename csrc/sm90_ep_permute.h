@@ -1,4 +1,4 @@
-// Launchers of the one-GPU expert-parallel kernels (csrc/ep_local.cu): layout counting, the dispatch
+// Launchers of the one-GPU expert-parallel kernels (csrc/sm90_ep_permute.cu): layout counting, the dispatch
 // permutation into the grouped GEMM's per-expert contiguous layout, and the weighted combine.
 #pragma once
 #include <cstdint>
