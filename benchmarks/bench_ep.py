@@ -25,10 +25,11 @@ import deepseek_ops
 from benchmarks.report import OURS, Record, throughput
 from benchmarks.timing import bench, bench_ranks, pytest_benchmark
 from deepseek_ops import ep, reference
+from deepseek_ops.constants import GROUPED_GEMM_ALIGNMENT
 
 SHAPES = [dict(tokens=4096, hidden=7168, experts=256, topk=8)]
 QUICK_SHAPES = SHAPES
-ALIGNMENT = 128
+ALIGNMENT = GROUPED_GEMM_ALIGNMENT
 
 
 def make_routing(tokens: int, experts: int, topk: int, device: str = "cuda"):

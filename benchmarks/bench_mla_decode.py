@@ -17,10 +17,10 @@ from benchmarks.report import OURS, Record, throughput
 from benchmarks.timing import SHORT_OP_MS, host_overhead_us, pytest_benchmark, time_op
 import deepseek_ops
 from deepseek_ops import reference
-from deepseek_ops.constants import MLA_FP8_TOKEN_BYTES, MLA_HEAD_DIM_QK
+from deepseek_ops.constants import MLA_FP8_TOKEN_BYTES, MLA_HEAD_DIM_QK, MLA_PAGE_SIZE
 from deepseek_ops.testing import calc_diff
 
-PAGE = 64
+PAGE = MLA_PAGE_SIZE
 SCALE = 192 ** -0.5
 MAX_DIFF = 1e-5
 # (B, s_q, h_q, seqlen, causal, varlen): memory-bound, compute-bound, mixed lengths.

@@ -10,7 +10,7 @@ import deepseek_ops
 from deepseek_ops import reference
 from deepseek_ops.testing import assert_bitwise_equal, assert_written, calc_diff, max_rel_error, poison_
 
-PAGE = 64
+PAGE = deepseek_ops.MLA_PAGE_SIZE
 SEQLENS = (0, 1, 20, 64, 65, 140, 4096, 16384)
 SCALE = 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2  # DeepSeek-V3: 192^-0.5 * YaRN mscale^2
 OUT_DIFF = 1e-5
