@@ -5,13 +5,13 @@
 //
 // What a caller gets:
 // - Through the public functions (deepseek_ops.fp8_gemm, ...): every argument validated before any
-//   kernel runs (deepseek_ops/_checks.py, one checker per op), with errors that name the argument,
-//   the expected and the actual value.
-// - Calling torch.ops.deepseek_ops.* directly: memory safety only. An adapter checks (TORCH_CHECK)
-//   or establishes (a copy into the layout a kernel reads) what keeps every access inside the
-//   tensors it was given: devices, dtypes, the sizes and strides it indexes with, 16-byte alignment.
-//   It does not check values (a bad index is clamped or skipped by the kernels, never read past a
-//   buffer), nor give the public functions' messages.
+//   kernel runs (one checker per op, built on deepseek_ops/_checks.py), with errors that name the
+//   argument, the expected and the actual value.
+// - Calling torch.ops.deepseek_ops.* directly: memory safety only. The rule for every adapter: it
+//   checks (TORCH_CHECK) or establishes (a copy into the layout its kernel reads) whatever keeps each
+//   access inside the tensors it was given: devices, dtypes, the sizes and strides it indexes with,
+//   16-byte alignment. It does not check values (the kernels clamp or skip bad indices, never
+//   reading past a buffer) and does not repeat the public functions' messages.
 #include <Python.h>
 #include <torch/library.h>
 
