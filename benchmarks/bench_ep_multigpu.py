@@ -194,7 +194,6 @@ def _rank_main(rank: int, world: int, port: int, out_path: str):
 
 def run(quick: bool = False) -> List[Record]:
     del quick  # two settings either way
-
     world = min(torch.cuda.device_count(), MAX_RANKS)
     if world < 2:
         print(f"[bench_ep_multigpu] needs >= 2 GPUs (one process per GPU), found {world}: nothing recorded",
