@@ -28,9 +28,9 @@ SASS_REQUIREMENTS: Dict[str, List[str]] = {
     "sm90_dequant_fp8_block_kernel": [LDG_128, STG_128],
     # MLA decode, template <kFp8>: wgmma S and PV, TMA page loads (bf16) / bulk copies (fp8), mbarriers.
     "sm90_mla_decode_kernelILb0E": [r"HGMMA\.64x64x16\.F32\.BF16", r"HGMMA\.64x256x16\.F32\.BF16",
-                                         r"UTMALDG\.2D", r"SYNCS"],
+                                    r"UTMALDG\.2D", r"SYNCS"],
     "sm90_mla_decode_kernelILb1E": [r"HGMMA\.64x64x16\.F32\.BF16", r"HGMMA\.64x256x16\.F32\.BF16",
-                                         r"UBLKCP", r"SYNCS"],
+                                    r"UBLKCP", r"SYNCS"],
     # FP8 GEMMs: e4m3 wgmma, TMA tile loads, 16-byte output stores.
     "sm90_fp8_gemm_kernel": [r"QGMMA\.64x\d+x32\.F32\.E4M3\.E4M3", r"UTMALDG\.2D", STG_128],
     # EP count: the last block's ticket is a GPU-scope acq_rel atomic (L1 invalidated after it), handed

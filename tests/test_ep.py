@@ -481,8 +481,8 @@ def test_gpu_ipc_bad_input_raises_on_every_rank():
 # ---- CPU: the ipc backend's host logic over an emulation of its device kernels ------------------
 
 class _EmulatedIpcKernels:
-    """The ep_ipc_* ops' documented semantics (csrc/sm90_ep_ipc_exchange.h) on CPU buffers, one thread per rank;
-    a threading.Barrier stands in for the release/acquire counters. Exercises the backend's host
+    """The ep_ipc_* ops' documented semantics (csrc/sm90_ep_ipc_exchange.h) on CPU buffers, one thread
+    per rank; a threading.Barrier stands in for the release/acquire counters. Exercises the backend's host
     side (layout views, slots, handles, permute and combine on the received fields); the CUDA
     kernels themselves are tested by the gpu-marked multi-process tests."""
 
