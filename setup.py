@@ -1,4 +1,5 @@
-"""Builds deepseek_ops._C: every csrc/*.cu for sm_90a plus the host code in csrc/*.cpp.
+"""Builds deepseek_ops._C: every csrc/*.cu for sm_90a plus the host code in csrc/*.cpp (the schemas in
+registration.cpp, the CUDA adapters in torch_<family>.cpp, the GEMM tile configuration).
 
 Without a CUDA toolkit (or with a CPU-only torch) only registration.cpp is compiled:
 the op schemas exist and the reference kernels run on the CPU; CUDA calls then

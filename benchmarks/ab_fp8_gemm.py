@@ -13,6 +13,7 @@ import os
 
 import torch
 
+import deepseek_ops
 from benchmarks import nvml
 from benchmarks.bench_fp8_gemm import CALC_DIFF_BOUND, NK_SHAPES, make_inputs
 from benchmarks.peers import deepgemm_fp8_gemm_fn
@@ -32,8 +33,6 @@ def with_config(config: str, fn):
 
 
 def main():
-    import deepseek_ops
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", default="auto")
     parser.add_argument("--m", type=int, nargs="+", default=[4096])

@@ -5,22 +5,31 @@ scales travel with the rows), bf16 combine. Ours: deepseek_ops.ep.dispatch(exact
 no-sync, CUDA-graph-safe variant) and ep.combine. Peer `torch`: the same contiguous padded layout
 with plain PyTorch (sort, index_select, index_copy_; combine with index_select and index_add_).
 
-Bytes actually moved (BENCHMARKS.md): dispatch reads each token row (+ scales) once and writes it
+Bytes actually moved (benchmarks/README.md): dispatch reads each token row (+ scales) once and writes it
 once per (token, expert) pair, plus topk_idx / weights read and row_of, m_indices, weights written;
 combine reads one bf16 row per pair (+ row_of, weights) and writes one bf16 row per token.
 """
+import argparse
+import json
+import os
+import socket
+import tempfile
 from typing import Callable, Dict, List
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+import deepseek_ops
 from benchmarks.report import OURS, Record, throughput
-from benchmarks.timing import bench
-from deepseek_ops import reference
+from benchmarks.timing import bench, bench_ranks, pytest_benchmark
+from deepseek_ops import ep, reference
+from deepseek_ops.constants import GROUPED_GEMM_ALIGNMENT
 
 SHAPES = [dict(tokens=4096, hidden=7168, experts=256, topk=8)]
 QUICK_SHAPES = SHAPES
-ALIGNMENT = 128
+ALIGNMENT = GROUPED_GEMM_ALIGNMENT
 
 
 def make_routing(tokens: int, experts: int, topk: int, device: str = "cuda"):
@@ -117,9 +126,6 @@ def _time(kernel: str, shape: dict, impls: Dict[str, Callable], errors: Dict[str
 
 
 def run_shape(tokens: int, hidden: int, experts: int, topk: int, fp8: bool) -> List[Record]:
-    import deepseek_ops
-    from deepseek_ops import ep
-
     topk_idx, weights = make_routing(tokens, experts, topk)
     x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
     x_scales = None
@@ -162,23 +168,10 @@ def run(quick: bool = False) -> List[Record]:
     return records
 
 
-# pytest-benchmark entries (`pytest benchmarks/bench_ep.py --benchmark-only` on the H200); gpu-marked,
-# skipped without a Hopper GPU (benchmarks/conftest.py). The CUDA-event median goes into extra_info.
-
-def _pytest_bench(benchmark, fn):
-    benchmark.extra_info["median_ms_cuda_events"] = bench(fn)
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
-
+# pytest-benchmark entries (`pytest benchmarks/bench_ep.py --benchmark-only`).
 
 @pytest.mark.gpu
 def test_ep_dispatch(benchmark):
-    from deepseek_ops import ep
-
     s = SHAPES[0]
     topk_idx, weights = make_routing(s["tokens"], s["experts"], s["topk"])
     x = torch.randn(s["tokens"], s["hidden"], device="cuda").to(torch.bfloat16)
@@ -186,21 +179,19 @@ def test_ep_dispatch(benchmark):
     res = ep.dispatch(x, topk_idx, weights, num_experts=s["experts"], alignment=ALIGNMENT, exact=False)
     ref = reference.ep_permute(x, None, weights, topk_idx, s["experts"], ALIGNMENT, num_rows)
     assert _dispatch_error(res.recv_x, None, res.recv_topk_idx, ref) == 0.0, "differs from the reference; not timed"
-    _pytest_bench(benchmark, lambda: ep.dispatch(x, topk_idx, weights, num_experts=s["experts"], alignment=ALIGNMENT,
+    pytest_benchmark(benchmark, lambda: ep.dispatch(x, topk_idx, weights, num_experts=s["experts"], alignment=ALIGNMENT,
                                                  exact=False))
 
 
 @pytest.mark.gpu
 def test_ep_combine(benchmark):
-    from deepseek_ops import ep
-
     s = SHAPES[0]
     topk_idx, weights = make_routing(s["tokens"], s["experts"], s["topk"])
     x = torch.randn(s["tokens"], s["hidden"], device="cuda").to(torch.bfloat16)
     res = ep.dispatch(x, topk_idx, weights, num_experts=s["experts"], alignment=ALIGNMENT, exact=False)
     y = torch.randn(res.recv_x.shape, device="cuda").to(torch.bfloat16)
     assert rows_mismatch(ep.combine(y, res.handle, weights), reference.ep_combine(y, res.handle.row_of, weights)) == 0.0
-    _pytest_bench(benchmark, lambda: ep.combine(y, res.handle, weights))
+    pytest_benchmark(benchmark, lambda: ep.combine(y, res.handle, weights))
 
 
 # ---- Several processes sharing one GPU (ipc and torch backends): figures only --------------------
@@ -209,14 +200,6 @@ def test_ep_combine(benchmark):
 # time-slice one GPU, so these figures say nothing about NVLink; the multi-GPU run has its own issue.
 
 def _rank_bench(rank: int, world_size: int, port: int, tokens: int, backends, out_dir: str):
-    import json
-    import os
-
-    import torch.distributed as dist
-
-    from benchmarks.timing import bench_ranks
-    from deepseek_ops import ep
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     s = dict(SHAPES[0], tokens=tokens)
     topk_idx, weights = make_routing(s["tokens"], s["experts"], s["topk"])
@@ -245,12 +228,6 @@ def _rank_bench(rank: int, world_size: int, port: int, tokens: int, backends, ou
 def run_processes(world_size: int, tokens: int = 4096, backends=("ipc", "torch")) -> dict:
     """Spawns world_size processes on the one GPU; returns {variant: {op: max over ranks of median ms}}
     (variants: the backends, and "ipc-nosync" for ipc with exact=False)."""
-    import json
-    import socket
-    import tempfile
-
-    import torch.multiprocessing as mp
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -261,8 +238,6 @@ def run_processes(world_size: int, tokens: int = 4096, backends=("ipc", "torch")
 
 
 if __name__ == "__main__":
-    import argparse
-
     parser = argparse.ArgumentParser(description="ep dispatch/combine with several processes on one GPU")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")

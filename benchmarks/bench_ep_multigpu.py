@@ -29,9 +29,16 @@ import time
 from typing import Dict, List
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from benchmarks.bench_ep import rows_mismatch, make_routing
+from benchmarks.bench_model import layer_args
 from benchmarks.report import OURS, Record, throughput
+from benchmarks.timing import bench_ranks
+from deepseek_ops import ep, per_token_group_quant_fp8
+from deepseek_ops.testing import calc_diff
+from model.model import MoE, init_random_
 
 MAX_RANKS = 8
 SETTINGS = [dict(tokens=4096, hidden=7168, experts=256, topk=8), dict(tokens=128, hidden=7168, experts=256, topk=8)]
@@ -79,19 +86,12 @@ def _dispatch_mismatch(got, want) -> float:
 
 
 def _mean_over_ranks(value: float, group) -> float:
-    import torch.distributed as dist
-
     t = torch.tensor([value], dtype=torch.float64, device="cuda")
     dist.all_reduce(t, group=group)
     return float(t.item()) / dist.get_world_size(group)
 
 
 def exchange_records(s: dict, group) -> List[Record]:
-    import torch.distributed as dist
-
-    from benchmarks.timing import bench_ranks
-    from deepseek_ops import ep, per_token_group_quant_fp8
-
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     t, h, e, k = s["tokens"], s["hidden"], s["experts"], s["topk"]
     topk_idx, weights = make_routing(t, e, k)
@@ -147,13 +147,6 @@ def exchange_records(s: dict, group) -> List[Record]:
 
 def moe_records(tokens: int, group) -> List[Record]:
     """model.model.MoE (kernels backend, FP8 experts E/R per rank) with ep_backend ipc vs torch."""
-    import torch.distributed as dist
-
-    from benchmarks.bench_model import layer_args
-    from benchmarks.timing import bench_ranks
-    from deepseek_ops.testing import calc_diff
-    from model.model import MoE, init_random_
-
     args = layer_args()
     torch.manual_seed(1234)  # the same router on every rank (drawn first); experts differ by rank anyway
     with torch.device("cuda"):
@@ -182,8 +175,6 @@ def moe_records(tokens: int, group) -> List[Record]:
 
 
 def _rank_main(rank: int, world: int, port: int, out_path: str):
-    import torch.distributed as dist
-
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             device_id=torch.device("cuda", rank))
@@ -203,8 +194,6 @@ def _rank_main(rank: int, world: int, port: int, out_path: str):
 
 def run(quick: bool = False) -> List[Record]:
     del quick  # two settings either way
-    import torch.multiprocessing as mp
-
     world = min(torch.cuda.device_count(), MAX_RANKS)
     if world < 2:
         print(f"[bench_ep_multigpu] needs >= 2 GPUs (one process per GPU), found {world}: nothing recorded",

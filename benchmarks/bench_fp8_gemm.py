@@ -1,4 +1,4 @@
-"""fp8_gemm (dense, DeepSeek-V3 scaling) against cuBLAS, shapes of issue 3.
+"""fp8_gemm (dense, DeepSeek-V3 scaling) against cuBLAS, on DeepSeek-V3's projection shapes.
 
 Peers, same inputs, same process:
   cublas_block       torch._scaled_mm with 1x128 (a) / 128x128 (b) block scales (cuBLASLt); it
@@ -21,7 +21,8 @@ import torch
 
 from benchmarks.report import OURS, Record, throughput
 from benchmarks.peers import deepgemm_fp8_gemm_fn
-from benchmarks.timing import host_overhead_us, input_copies, time_rounds
+from benchmarks.timing import host_overhead_us, input_copies, pytest_benchmark, time_rounds
+import deepseek_ops
 from deepseek_ops import reference
 from deepseek_ops.testing import calc_diff
 
@@ -36,8 +37,6 @@ def gemm_bytes(m: int, n: int, k: int, out_bytes: int = 2) -> int:
 
 def make_inputs(m: int, n: int, k: int) -> dict:
     """Quantized random activations and weights, as the model produces them (M-major a scales)."""
-    import deepseek_ops
-
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
     a, a_scales = deepseek_ops.per_token_group_quant_fp8(x, 128, column_major_scales=True)
@@ -59,8 +58,6 @@ def cublas_tensorwise_fn(a, b) -> Callable[[], torch.Tensor]:
 
 
 def impls(inp: dict) -> Dict[str, Callable[[], torch.Tensor]]:
-    import deepseek_ops
-
     a, a_scales, b, b_scales = inp["a"], inp["a_scales"], inp["b"], inp["b_scales"]
     n, k = b.shape
     a_bf16 = reference._dequant_fp8_a(a, a_scales).to(torch.bfloat16)
@@ -123,21 +120,15 @@ def run(quick: bool = False) -> List[Record]:
     return records
 
 
-# pytest-benchmark entries (`pytest benchmarks/ --benchmark-only` on the H200).
+# pytest-benchmark entries (`pytest benchmarks/ --benchmark-only`).
 
 def _pytest_bench(benchmark, m: int, n: int, k: int):
     inp = make_inputs(m, n, k)
     fn = impls(inp)[OURS]
     ref = reference.fp8_gemm(inp["a"], inp["a_scales"], inp["b"], inp["b_scales"], torch.float64)
     assert calc_diff(fn(), ref) < CALC_DIFF_BOUND, "deepseek_ops differs from the reference; not timed"
-    ms = time_op(fn)
-    benchmark.extra_info.update({"median_ms": ms, "tflops": 2.0 * m * n * k / ms / 1e9})
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
+    ms = pytest_benchmark(benchmark, fn)
+    benchmark.extra_info["tflops"] = throughput(ms, flops=2.0 * m * n * k)[0]
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Grouped FP8 GEMMs for MoE experts (contiguous and masked layouts), shapes of issue 4.
+"""Grouped FP8 GEMMs for MoE experts (contiguous and masked layouts), on DeepSeek-V3's expert shapes.
 
 Peers, same inputs, same process:
   cublas_block        a Python loop of torch._scaled_mm (1x128 / 128x128 block scales), one call
@@ -21,7 +21,8 @@ import torch
 from benchmarks.bench_fp8_gemm import CALC_DIFF_BOUND, cublas_block_fn
 from benchmarks.report import OURS, Record, throughput
 from benchmarks.peers import deepgemm_contiguous_fn, deepgemm_masked_fn
-from benchmarks.timing import host_overhead_us, input_copies, time_rounds
+from benchmarks.timing import host_overhead_us, input_copies, pytest_benchmark, time_rounds
+import deepseek_ops
 from deepseek_ops import reference
 from deepseek_ops.testing import calc_diff
 
@@ -37,8 +38,6 @@ def grouped_bytes(num_groups: int, rows: int, n: int, k: int) -> int:
 
 
 def _weights(num_groups: int, n: int, k: int):
-    import deepseek_ops
-
     b, b_scales = [], []
     for _ in range(num_groups):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
@@ -49,8 +48,6 @@ def _weights(num_groups: int, n: int, k: int):
 
 
 def _activations(rows: int, k: int):
-    import deepseek_ops
-
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     return deepseek_ops.per_token_group_quant_fp8(x, 128, column_major_scales=True)
 
@@ -59,8 +56,6 @@ def _activations(rows: int, k: int):
 # dict to {impl: fn}: ours, a cuBLAS block-scaled call per group and our dense GEMM of the same rows.
 
 def contiguous_impls(t: dict, num_groups: int, rows: int) -> Dict[str, Callable[[], object]]:
-    import deepseek_ops
-
     sl = [slice(g * rows, (g + 1) * rows) for g in range(num_groups)]
     peers = [cublas_block_fn(t["a"][s], t["a_scales"][s], t["b"][g], t["b_scales"][g]) for g, s in enumerate(sl)]
     fns = {OURS: lambda: deepseek_ops.grouped_fp8_gemm_contiguous(t["a"], t["a_scales"], t["b"], t["b_scales"],
@@ -72,8 +67,6 @@ def contiguous_impls(t: dict, num_groups: int, rows: int) -> Dict[str, Callable[
 
 
 def masked_impls(t: dict, num_groups: int, rows: int) -> Dict[str, Callable[[], object]]:
-    import deepseek_ops
-
     k = t["a"].shape[-1]
     a, a_scales = t["a"].view(num_groups, rows, k), t["a_scales"].view(num_groups, rows, k // 128)
     peers = [cublas_block_fn(a[g], a_scales[g], t["b"][g], t["b_scales"][g]) for g in range(num_groups)]
@@ -125,9 +118,7 @@ def _measure(kernel: str, shape: dict, inputs: dict, make_impls: Callable[[dict]
 
 
 def measure_contiguous(num_groups: int, rows: int, n: int, k: int) -> List[Record]:
-    import deepseek_ops
-
-    assert rows % deepseek_ops.grouped_gemm_alignment() == 0
+    assert rows % deepseek_ops.GROUPED_GEMM_ALIGNMENT == 0
     a, a_scales = _activations(num_groups * rows, k)
     b, b_scales = _weights(num_groups, n, k)
     m_indices = torch.arange(num_groups, device="cuda", dtype=torch.int32).repeat_interleave(rows)
@@ -164,32 +155,20 @@ def run(quick: bool = False) -> List[Record]:
 
 @pytest.mark.gpu
 def test_grouped_fp8_gemm_contiguous(benchmark):
-    import deepseek_ops
-
     g, rows, n, k = CONTIGUOUS_SHAPES[0]
     a, a_scales = _activations(g * rows, k)
     b, b_scales = _weights(g, n, k)
     m_indices = torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(rows)
 
-    def call():
-        deepseek_ops.grouped_fp8_gemm_contiguous(a, a_scales, b, b_scales, m_indices)
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
+    pytest_benchmark(benchmark, lambda: deepseek_ops.grouped_fp8_gemm_contiguous(a, a_scales, b, b_scales, m_indices))
 
 
 @pytest.mark.gpu
 def test_grouped_fp8_gemm_masked(benchmark):
-    import deepseek_ops
-
     g, rows, n, k = MASKED_SHAPES[2]
     a2, s2 = _activations(g * rows, k)
     b, b_scales = _weights(g, n, k)
     masked_m = torch.full((g,), rows, device="cuda", dtype=torch.int32)
 
-    def call():
-        deepseek_ops.grouped_fp8_gemm_masked(a2.view(g, rows, k), s2.view(g, rows, k // 128), b, b_scales,
-                                             masked_m, rows)
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
+    pytest_benchmark(benchmark, lambda: deepseek_ops.grouped_fp8_gemm_masked(
+        a2.view(g, rows, k), s2.view(g, rows, k // 128), b, b_scales, masked_m, rows))

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from benchmarks.report import OURS, Record, throughput
-from benchmarks.timing import SHORT_OP_MS, bench, host_overhead_us, input_copies, time_op
+from benchmarks.timing import SHORT_OP_MS, host_overhead_us, input_copies, pytest_benchmark, time_op
+import deepseek_ops
 from deepseek_ops import reference
 
 TOKEN_GROUP_SHAPES = [(16384, 7168), (4096, 7168), (128, 7168)]  # (M, K): prefill, chunk, decode batch
@@ -54,8 +55,6 @@ def _compiled(fn: Callable) -> Callable:
 
 
 def token_group_impls(x: torch.Tensor) -> Dict[str, Callable[[], Tuple[torch.Tensor, torch.Tensor]]]:
-    import deepseek_ops
-
     compiled = _compiled(reference.per_token_group_quant_fp8)
     return {OURS: lambda: deepseek_ops.per_token_group_quant_fp8(x, GROUP),
             "torch": lambda: reference.per_token_group_quant_fp8(x, GROUP, False, False),
@@ -63,8 +62,6 @@ def token_group_impls(x: torch.Tensor) -> Dict[str, Callable[[], Tuple[torch.Ten
 
 
 def silu_mul_impls(h: torch.Tensor) -> Dict[str, Callable[[], Tuple[torch.Tensor, torch.Tensor]]]:
-    import deepseek_ops
-
     compiled = _compiled(reference.silu_mul_quant_fp8)
     return {OURS: lambda: deepseek_ops.silu_mul_quant_fp8(h),
             "torch": lambda: reference.silu_mul_quant_fp8(h, False, False),
@@ -72,8 +69,6 @@ def silu_mul_impls(h: torch.Tensor) -> Dict[str, Callable[[], Tuple[torch.Tensor
 
 
 def block_impls(w: torch.Tensor) -> Dict[str, Callable[[], Tuple[torch.Tensor, torch.Tensor]]]:
-    import deepseek_ops
-
     compiled = _compiled(reference.per_block_quant_fp8)
     return {OURS: lambda: deepseek_ops.per_block_quant_fp8(w, 128),
             "torch": lambda: reference.per_block_quant_fp8(w, 128, False),
@@ -122,28 +117,18 @@ def run(quick: bool = False, device: str = "cuda") -> List[Record]:
     return records
 
 
-# pytest-benchmark entries (`pytest benchmarks/ --benchmark-only` on the H200): wall time of a
-# synchronized call; the CUDA-event median and GB/s go into extra_info.
-# (the gpu marker skips them without a Hopper GPU: benchmarks/conftest.py)
+# pytest-benchmark entries (`pytest benchmarks/ --benchmark-only`); GB/s goes into extra_info.
 
 
 def _pytest_bench(benchmark, impl_fn, ref, bytes_moved: int):
     out = impl_fn()
     assert _mismatch(out, ref) == 0.0, "deepseek_ops differs from the reference; not timed"
-    ms = bench(impl_fn)
-    benchmark.extra_info.update({"median_ms_cuda_events": ms, "gbps": throughput(ms, bytes_moved=bytes_moved)[1]})
-
-    def call():
-        impl_fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
+    ms = pytest_benchmark(benchmark, impl_fn)
+    benchmark.extra_info["gbps"] = throughput(ms, bytes_moved=bytes_moved)[1]
 
 
 @pytest.mark.gpu
 def test_per_token_group_quant_fp8(benchmark):
-    import deepseek_ops
-
     m, k = TOKEN_GROUP_SHAPES[0]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     _pytest_bench(benchmark, lambda: deepseek_ops.per_token_group_quant_fp8(x, GROUP),
@@ -152,8 +137,6 @@ def test_per_token_group_quant_fp8(benchmark):
 
 @pytest.mark.gpu
 def test_per_block_quant_fp8(benchmark):
-    import deepseek_ops
-
     n, k = BLOCK_SHAPES[0]
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     _pytest_bench(benchmark, lambda: deepseek_ops.per_block_quant_fp8(w, 128),

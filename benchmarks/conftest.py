@@ -4,11 +4,7 @@ Tests marked `gpu` skip, with the reason, without a Hopper GPU and the CUDA buil
 """
 import pytest
 
-from deepseek_ops.testing import hopper_available, skip_reason
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a Hopper GPU and the CUDA build; skipped elsewhere")
+from deepseek_ops.pytest_gpu import pytest_collection_modifyitems, pytest_configure  # noqa: F401 - pytest hooks
 
 
 def pytest_collect_file(file_path, parent):
@@ -19,11 +15,3 @@ def pytest_collect_file(file_path, parent):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
-
-def pytest_collection_modifyitems(config, items):
-    if hopper_available():
-        return
-    skip = pytest.mark.skip(reason=f"GPU benchmark: {skip_reason()}")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)

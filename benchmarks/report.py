@@ -1,6 +1,6 @@
 """Benchmark records, the ceiling probe, and the report (tables, JSON, roofline PNG).
 
-The JSON schema and the kernel/peer names are fixed by /work/shared/BENCHMARKS.md ("Output").
+The JSON schema and the kernel/peer names are fixed by benchmarks/README.md ("Output").
 Our implementation's records use impl="deepseek_ops" (OURS); every other impl is a peer.
 """
 import dataclasses
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from benchmarks.timing import bench
 
 OURS = "deepseek_ops"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -52,8 +54,6 @@ def measure_ceilings() -> Dict[str, float]:
     copy_gbps: copy of a 2 GiB buffer into another, counting bytes read + written (4 GiB a copy).
     bf16_tflops: torch.matmul (cuBLAS) of random bf16 8192 x 8192 x 8192.
     """
-    from benchmarks.timing import bench
-
     n_bytes = 2 * 1024 ** 3
     src = torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
@@ -168,12 +168,6 @@ def format_tables(records: Sequence[Record], ceilings: Dict[str, float]) -> str:
                 lines.append("-+-".join("-" * w for w in widths))
         lines.append("")
     return "\n".join(lines)
-
-
-def print_tables(records: Sequence[Record], ceilings: Dict[str, float]) -> None:
-    print(f"ceilings: copy {ceilings.get('copy_gbps', float('nan')):.1f} GB/s, "
-          f"bf16 matmul {ceilings.get('bf16_tflops', float('nan')):.1f} TFLOP/s")
-    print(format_tables(records, ceilings))
 
 
 def plot_roofline(records: Sequence[Record], ceilings: Dict[str, float], path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The one timing helper every benchmark uses (protocol: /work/shared/BENCHMARKS.md, "Timing").
+"""The one timing helper every benchmark uses (the protocol: benchmarks/README.md).
 
 bench(fn)            median ms of single eager calls, CUDA events, L2 flushed before each run.
 bench_graph(*fns)    median ms per call of `calls` invocations captured in one CUDA graph:
@@ -6,6 +6,7 @@ bench_graph(*fns)    median ms per call of `calls` invocations captured in one C
                      several fns (the op on copies of its inputs) are called in turn.
 time_op(*fns)        bench(fns[0]), or for an op under SHORT_OP_MS bench_graph over every fn
                      (the op on input_copies(...) of its inputs: operands from DRAM).
+pytest_benchmark(b, fn) the pytest-benchmark entry of fn (time_op's median into its extra_info).
 host_overhead_us(fn) wall-clock us per call of back-to-back eager calls (see its docstring).
 bench_ranks(fn, g)   the slowest rank's median ms of a collective op, every run started together.
 warm_up()            >= 1 s of sustained GPU work; every function above runs it once per process.
@@ -19,6 +20,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # several times the 50-60 MB L2 of H100/H200
 SHORT_OP_MS = 0.05  # protocol: under ~50 us the kernel time comes from CUDA-graph replay
@@ -184,6 +186,21 @@ def time_op(*fns: Callable[[], object]) -> float:
     return bench_graph(*fns) if ms < SHORT_OP_MS else ms
 
 
+def pytest_benchmark(benchmark, fn: Callable[[], object]) -> float:
+    """A pytest-benchmark entry for fn: its protocol time (time_op) goes into
+    benchmark.extra_info["median_ms"] and is returned; pytest-benchmark's own figure is the wall
+    time of a synchronized call (30 rounds after 3 warm-up rounds)."""
+    ms = time_op(fn)
+    benchmark.extra_info["median_ms"] = ms
+
+    def call():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(call, rounds=30, warmup_rounds=3)
+    return ms
+
+
 def host_overhead_us(fn: Callable[[], object], *, calls: int = 200) -> float:
     """Wall-clock us per call of `calls` back-to-back eager calls, synchronized once at the end.
 
@@ -213,8 +230,6 @@ def bench_ranks(fn: Callable[[], object], group, *, runs: int = 50, warmup_calls
     sync. An op that syncs with the host inside is timed end to end, its host work included. Every
     rank makes the same number of calls (a collective called a different number of times hangs).
     """
-    import torch.distributed as dist
-
     _ensure_warm()
     for _ in range(warmup_calls):
         fn()

@@ -1,10 +1,10 @@
 """Sweeps every instantiated tile configuration of the FP8 GEMMs on the issue's shapes (H200).
 
 `python -m benchmarks.tune_fp8_gemm [--quick] [--m M ...]` prints, per shape, the time of each
-(BLOCK_M, BLOCK_N) forced through DSO_FP8_GEMM_CONFIG beside the heuristic's pick, so the host
-heuristic (csrc/sm90_fp8_gemm.cu, select_sm90_fp8_gemm_config) can be corrected from data. Short
+compiled dense (BLOCK_M, BLOCK_N, cluster) forced through DSO_FP8_GEMM_CONFIG beside the heuristic's
+pick, so the host heuristic (csrc/sm90_fp8_gemm_config.cpp) can be corrected from data. Short
 ops are timed as the bench times them (graph replay over rotated input copies, operands from DRAM);
-lines "SWEEP m n k block_m block_n us" are printed for fitting.
+lines "SWEEP m n k block_m block_n cluster us" are printed for fitting.
 Every configuration's output is checked against the float64 reference before it is timed.
 """
 import argparse
@@ -15,37 +15,34 @@ import torch
 
 from benchmarks.bench_fp8_gemm import M_VALUES, NK_SHAPES, CALC_DIFF_BOUND, make_inputs
 from benchmarks.timing import input_copies, time_op
+import deepseek_ops
 from deepseek_ops import reference
-from deepseek_ops.testing import calc_diff
-
-BLOCK_NS = (16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192)
+from deepseek_ops.testing import calc_diff, fp8_gemm_tile_configs
 
 
 def sweep(m: int, n: int, k: int):
-    import deepseek_ops
-
     inp = make_inputs(m, n, k)
     args = (inp["a"], inp["a_scales"], inp["b"], inp["b_scales"])
     fns = [lambda c=c: deepseek_ops.fp8_gemm(c["a"], c["a_scales"], c["b"], c["b_scales"]) for c in input_copies(inp)]
     ref = reference.fp8_gemm(*args, torch.float64)
     os.environ.pop("DSO_FP8_GEMM_CONFIG", None)
     results = {"heuristic": time_op(*fns)}
-    for block_m in (64, 128):
-        for block_n in BLOCK_NS:
-            if block_n > max(16, n):
-                continue
-            os.environ["DSO_FP8_GEMM_CONFIG"] = f"{block_m}x{block_n}"
-            try:
-                out = deepseek_ops.fp8_gemm(*args)
-            except RuntimeError as exc:
-                print(f"  {block_m}x{block_n}: {str(exc).splitlines()[0]}", file=sys.stderr)
-                continue
-            diff = calc_diff(out, ref)
-            if not diff < CALC_DIFF_BOUND:
-                print(f"  {block_m}x{block_n}: WRONG RESULT, calc_diff {diff:.3g}", file=sys.stderr)
-                continue
-            results[f"{block_m}x{block_n}"] = time_op(*fns)
-            print(f"SWEEP {m} {n} {k} {block_m} {block_n} {results[f'{block_m}x{block_n}'] * 1e3:.2f}", flush=True)
+    for block_m, block_n, cluster in fp8_gemm_tile_configs("dense"):
+        if block_n > max(16, n):
+            continue
+        name = f"{block_m}x{block_n}x0x{cluster}"
+        os.environ["DSO_FP8_GEMM_CONFIG"] = name
+        try:
+            out = deepseek_ops.fp8_gemm(*args)
+        except RuntimeError as exc:
+            print(f"  {name}: {str(exc).splitlines()[0]}", file=sys.stderr)
+            continue
+        diff = calc_diff(out, ref)
+        if not diff < CALC_DIFF_BOUND:
+            print(f"  {name}: WRONG RESULT, calc_diff {diff:.3g}", file=sys.stderr)
+            continue
+        results[name] = time_op(*fns)
+        print(f"SWEEP {m} {n} {k} {block_m} {block_n} {cluster} {results[name] * 1e3:.2f}", flush=True)
     os.environ.pop("DSO_FP8_GEMM_CONFIG", None)
     return results
 

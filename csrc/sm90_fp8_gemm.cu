@@ -59,11 +59,11 @@ struct Kernel {
   static_assert(!(BLOCK_M == 256 && kOutFp32), "fp32 output (and c) uses tiles of at most 128 rows");
   static_assert(kClusterSize == 1 || (kClusterSize == 2 && kType == GemmType::kNormal),
                 "clusters of two CTAs (sharing A) serve the dense layout");
-  using Mma = ptx::WgmmaE4M3<BLOCK_N>;
-  static constexpr int kNumMathWarpgroups = num_math_warpgroups(BLOCK_M);
-  static constexpr int kNumMathThreads = kNumMathWarpgroups * kWarpgroupThreads;
-  static constexpr int kNumThreads = kNumMathThreads + kWarpgroupThreads;
-  static constexpr int kWgRows = BLOCK_M / kNumMathWarpgroups;
+  using Mma = ptx::Wgmma<__nv_fp8_e4m3, BLOCK_N>;
+  static constexpr int kNumConsumerWarpgroups = num_consumer_warpgroups(BLOCK_M);
+  static constexpr int kNumConsumerThreads = kNumConsumerWarpgroups * kWarpgroupThreads;
+  static constexpr int kNumThreads = kNumConsumerThreads + kWarpgroupThreads;
+  static constexpr int kWgRows = BLOCK_M / kNumConsumerWarpgroups;
   static constexpr int kNumPasses = kWgRows / kWgmmaM;
   static constexpr int kNumAccum = Mma::kNumAccum;  // BLOCK_N / 2 floats per thread and pass
   // Two accumulators in flight (promote K block i while K block i + 1 runs) need
@@ -296,15 +296,15 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
   constexpr int kNumAccum = K::kNumAccum;
   constexpr int kNumPasses = K::kNumPasses;
   constexpr int kWgRows = K::kWgRows;
-  const int math_wg_idx = threadIdx.x / kWarpgroupThreads;
+  const int consumer_wg_idx = threadIdx.x / kWarpgroupThreads;
   const int thread_idx = threadIdx.x % kWarpgroupThreads;
   const int warp_idx = thread_idx / 32;
   const int lane_idx = threadIdx.x % 32;
-  const int sfa_row = math_wg_idx * kWgRows + warp_idx * 16 + lane_idx / 4;  // pass 0, lo row
-  uint8_t* smem_d = smem + layout.d_offset(math_wg_idx);
-  float* smem_sfb = reinterpret_cast<float*>(smem + layout.sfb_offset(math_wg_idx));
-  uint8_t* smem_row_ok = smem + layout.row_ok_offset(math_wg_idx);
-  const uint32_t barrier_id = 1 + math_wg_idx;
+  const int sfa_row = consumer_wg_idx * kWgRows + warp_idx * 16 + lane_idx / 4;  // pass 0, lo row
+  uint8_t* smem_d = smem + layout.d_offset(consumer_wg_idx);
+  float* smem_sfb = reinterpret_cast<float*>(smem + layout.sfb_offset(consumer_wg_idx));
+  uint8_t* smem_row_ok = smem + layout.row_ok_offset(consumer_wg_idx);
+  const uint32_t barrier_id = 1 + consumer_wg_idx;
 
   float acc0[kNumAccum];
   float acc1[kNumAccum];
@@ -329,19 +329,17 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
   // 4 wgmma into acc, one group.
   auto issue = [&](float (&acc)[kNumAccum], int pass) {
     const uint64_t desc_a = ptx::make_smem_desc_sw128(smem + layout.a_offset(issue_stage) +
-                                                      (math_wg_idx * kWgRows + pass * kWgmmaM) * BLOCK_K);
+                                                      (consumer_wg_idx * kWgRows + pass * kWgmmaM) * BLOCK_K);
     const uint64_t desc_b = ptx::make_smem_desc_sw128(smem + layout.b_offset(issue_stage));
-#pragma unroll
-    for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
-    ptx::wgmma_fence();
+    ptx::warpgroup::fence_accumulators(acc);
+    ptx::warpgroup::wgmma_fence();
 #pragma unroll
     for (int k = 0; k < BLOCK_K / 32; ++k) {
       // 32 e4m3 = 32 bytes further along the swizzled 128-byte rows: start address += 32 >> 4.
       K::Mma::mma(acc, desc_a + k * 2, desc_b + k * 2, k > 0);
     }
-    ptx::wgmma_commit_group();
-#pragma unroll
-    for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
+    ptx::warpgroup::wgmma_commit_group();
+    ptx::warpgroup::fence_accumulators(acc);
   };
   auto pass_scales = [&](int stage, int pass, int k_block_idx) {
     const float* smem_sfa = reinterpret_cast<const float*>(smem + layout.sfa_offset(stage));
@@ -367,8 +365,7 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
     if constexpr (K::kOverlapPromotion) {
       // K block k_block_idx (its group the oldest in flight, in acc) -> final_acc; frees its stage.
       auto promote_oldest = [&](float (&acc)[kNumAccum], int k_block_idx) {
-#pragma unroll
-        for (int i = 0; i < kNumAccum; ++i) ptx::wgmma_fence_operand(acc[i]);
+        ptx::warpgroup::fence_accumulators(acc);
         const PassScales s = pass_scales(release_stage, 0, k_block_idx);
         release(release_stage);
         if (++release_stage == layout.num_stages) release_stage = 0;
@@ -388,20 +385,20 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
       int k_block_idx = 0;
       for (; k_block_idx + 2 < p.num_k_blocks; k_block_idx += 2) {  // acc0 in flight at the top
         issue_next(acc1);
-        ptx::wgmma_wait_group<1>();
+        ptx::warpgroup::wgmma_wait_group<1>();
         promote_oldest(acc0, k_block_idx);
         issue_next(acc0);
-        ptx::wgmma_wait_group<1>();
+        ptx::warpgroup::wgmma_wait_group<1>();
         promote_oldest(acc1, k_block_idx + 1);
       }
       if (k_block_idx + 1 < p.num_k_blocks) {
         issue_next(acc1);
-        ptx::wgmma_wait_group<1>();
+        ptx::warpgroup::wgmma_wait_group<1>();
         promote_oldest(acc0, k_block_idx);
-        ptx::wgmma_wait_group<0>();
+        ptx::warpgroup::wgmma_wait_group<0>();
         promote_oldest(acc1, k_block_idx + 1);
       } else {
-        ptx::wgmma_wait_group<0>();
+        ptx::warpgroup::wgmma_wait_group<0>();
         promote_oldest(acc0, k_block_idx);
       }
     } else {
@@ -415,7 +412,7 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
 #pragma unroll
         for (int pass = 0; pass < kNumPasses; ++pass) {
           issue(acc0, pass);
-          ptx::wgmma_wait_group<0>();
+          ptx::warpgroup::wgmma_wait_group<0>();
           if (pass == kNumPasses - 1) release(issue_stage);
           promote<kNumFirstGroups>(final_acc[pass], acc0, s[pass]);
         }
@@ -449,8 +446,8 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
     }
 
     // Epilogue of this warpgroup's rows.
-    const int first_row = tile.row + math_wg_idx * kWgRows;
-    const int num_rows = min(kWgRows, tile.num_rows - math_wg_idx * kWgRows);
+    const int first_row = tile.row + consumer_wg_idx * kWgRows;
+    const int num_rows = min(kWgRows, tile.num_rows - consumer_wg_idx * kWgRows);
     bool row_ok = true;
     if constexpr (kType == GemmType::kGroupedContiguous) {
       if (thread_idx < kWgRows) {
@@ -509,9 +506,9 @@ __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClu
   const SmemLayout layout = K::layout(num_stages, p.num_k_blocks);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barrier_offset());
   uint64_t* empty = full + num_stages;
-  const bool is_producer = threadIdx.x >= K::kNumMathThreads;
+  const bool is_producer = threadIdx.x >= K::kNumConsumerThreads;
 
-  if (threadIdx.x == K::kNumMathThreads) {
+  if (threadIdx.x == K::kNumConsumerThreads) {
     // NOTE: the 128B-swizzle atoms (TMA writes, wgmma descriptors with base offset 0) assume a
     // 1024-byte aligned dynamic shared memory base.
     if ((static_cast<uint32_t>(__cvta_generic_to_shared(smem)) & 1023) != 0) __trap();
@@ -522,7 +519,7 @@ __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClu
     for (int s = 0; s < num_stages; ++s) {
       ptx::mbarrier_init(&full[s], 1);
       // Every consumer warp of the cluster's CTAs, once per CTA (see consume's release).
-      ptx::mbarrier_init(&empty[s], kClusterSize * K::kNumMathThreads / 32);
+      ptx::mbarrier_init(&empty[s], kClusterSize * K::kNumConsumerThreads / 32);
     }
     ptx::fence_mbarrier_init();
   }
@@ -532,14 +529,14 @@ __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClu
     __syncthreads();
   }
 
-  constexpr bool kReallocateRegisters = K::kNumMathWarpgroups == 2;
+  constexpr bool kReallocateRegisters = K::kNumConsumerWarpgroups == 2;
   if (is_producer) {
-    if constexpr (kReallocateRegisters) ptx::setmaxnreg_dec<kProducerRegs>();
-    if (threadIdx.x == K::kNumMathThreads) {
+    if constexpr (kReallocateRegisters) ptx::warpgroup::setmaxnreg_dec<kProducerRegs>();
+    if (threadIdx.x == K::kNumConsumerThreads) {
       produce<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(&tmap_a, &tmap_b, &tmap_sfa, p, smem, layout, full, empty);
     }
   } else {
-    if constexpr (kReallocateRegisters) ptx::setmaxnreg_inc<kConsumerRegs>();
+    if constexpr (kReallocateRegisters) ptx::warpgroup::setmaxnreg_inc<kConsumerRegs>();
     consume<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(&tmap_d, p, smem, layout, full, empty);
   }
 }
@@ -552,27 +549,6 @@ namespace dso {
 namespace {
 
 using gemm::GemmParams;
-
-// A 2-D [outer, inner] row-major tensor with rows `row_stride` elements apart, read or written in
-// boxes of [box_outer, box_inner]; out-of-bounds elements of a box read as zero and are not written.
-CUtensorMap make_tensor_map_2d(const void* base, CUtensorMapDataType dtype, int elem_bytes, uint64_t inner,
-                               uint64_t outer, uint64_t row_stride, uint32_t box_inner, uint32_t box_outer,
-                               CUtensorMapSwizzle swizzle, const char* what) {
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {inner, outer};
-  const cuuint64_t strides[1] = {row_stride * elem_bytes};
-  const cuuint32_t box[2] = {box_inner, box_outer};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult status = encode_tiled()(&map, dtype, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
-                                         CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (status != CUDA_SUCCESS) {
-    throw std::runtime_error(std::string("deepseek_ops: cuTensorMapEncodeTiled failed for ") + what + " (CUresult " +
-                             std::to_string(static_cast<int>(status)) + ", dims " + std::to_string(inner) + " x " +
-                             std::to_string(outer) + ", row stride " + std::to_string(row_stride) + ")");
-  }
-  return map;
-}
 
 CUtensorMapSwizzle swizzle_mode(int bytes) {
   return bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_32B;
@@ -688,18 +664,18 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
   const int64_t b_rows = p.type == GemmType::kNormal ? p.n : p.num_groups * p.n;
   const int64_t num_k_blocks = p.k / 128;
   // Clusters load A in halves (multicast to both CTAs of a pair, or both halves alone).
-  args.tmap_a = make_tensor_map_2d(p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, a_rows, p.lda, 128,
+  args.tmap_a = encode_tensor_map_2d(p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, a_rows, p.lda, 128,
                                    block_m / args.config.cluster_size, CU_TENSOR_MAP_SWIZZLE_128B, "a");
-  args.tmap_b = make_tensor_map_2d(p.b, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, b_rows, p.ldb, 128, block_n,
+  args.tmap_b = encode_tensor_map_2d(p.b, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, b_rows, p.ldb, 128, block_n,
                                    CU_TENSOR_MAP_SWIZZLE_128B, "b");
-  args.tmap_sfa = make_tensor_map_2d(p.a_scales, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, a_rows, num_k_blocks,
+  args.tmap_sfa = encode_tensor_map_2d(p.a_scales, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, a_rows, num_k_blocks,
                                      p.a_scales_ld, block_m, 1, CU_TENSOR_MAP_SWIZZLE_NONE, "a_scales");
   args.tmap_d = {};
   if (!p.d_fp32) {
     // Each consumer warpgroup stores its rows in boxes of one swizzle atom's columns.
     const int swizzle = gemm::d_swizzle_bytes(block_n);
-    args.tmap_d = make_tensor_map_2d(p.d, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.n, a_rows, p.ldd, swizzle / 2,
-                                     block_m / gemm::num_math_warpgroups(block_m), swizzle_mode(swizzle), "d");
+    args.tmap_d = encode_tensor_map_2d(p.d, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.n, a_rows, p.ldd, swizzle / 2,
+                                     block_m / gemm::num_consumer_warpgroups(block_m), swizzle_mode(swizzle), "d");
   }
   args.params = GemmParams{p.b_scales,
                            p.d,

@@ -18,8 +18,8 @@ struct Fp8GemmProblem {
   // e4m3, K-major; row stride `lda` in elements (bytes), a multiple of 16. Masked: [groups * m, k].
   const void* a = nullptr;
   int64_t lda = 0;
-  // fp32, M-major: the scale of (row, k_block) at a_scales[k_block * a_scales_ld + row], where
-  // a_scales_ld >= rows is a multiple of 4 (per_token_group_quant_fp8's column_major_scales layout).
+  // fp32, M-major (the layout deepseek_ops/gemm.py describes): (row, k_block) at
+  // a_scales[k_block * a_scales_ld + row].
   // Masked: rows are flattened like a's, row = group * m + row_in_group.
   const float* a_scales = nullptr;
   int64_t a_scales_ld = 0;

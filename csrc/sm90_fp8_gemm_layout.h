@@ -23,7 +23,7 @@ constexpr bool block_n_supported(int block_n) {
 }
 
 // BLOCK_M = 64: one consumer warpgroup; 128: two of 64 rows; 256: two of 128 rows (two wgmma passes).
-constexpr int num_math_warpgroups(int block_m) { return block_m == 64 ? 1 : 2; }
+constexpr int num_consumer_warpgroups(int block_m) { return block_m == 64 ? 1 : 2; }
 
 // bf16 output is staged for TMA stores in atoms of kSwizzle-byte rows (the widest swizzle that
 // divides a row of the tile): a warp's stmatrix rows then land on distinct banks.
@@ -41,7 +41,7 @@ struct SmemLayout {
   bool out_fp32;
   int num_stages, num_k_blocks;
 
-  DSO_HOST_DEVICE constexpr int num_warpgroups() const { return num_math_warpgroups(block_m); }
+  DSO_HOST_DEVICE constexpr int num_warpgroups() const { return num_consumer_warpgroups(block_m); }
   DSO_HOST_DEVICE constexpr int wg_rows() const { return block_m / num_warpgroups(); }
   DSO_HOST_DEVICE constexpr int a_bytes() const { return block_m * BLOCK_K; }  // e4m3: a byte an element
   DSO_HOST_DEVICE constexpr int b_bytes() const { return block_n * BLOCK_K; }

@@ -1,9 +1,6 @@
-// FP8 quantization in the DeepSeek-V3 recipe: 1 x group_size activation groups and 128 x 128
-// weight blocks, scale = max(amax, 1e-4) / 448 (optionally rounded up to a power of two, UE8M0),
-// values = x * (1 / scale) rounded to nearest even into e4m3. Bit-identical to
-// deepseek_ops/reference.py: the scale division and the reciprocal are IEEE round-to-nearest, the
-// multiply is one rounded fp32 product, and the e4m3 rounding is cvt.rn. (An IEEE division per
-// element costs ~20 instructions: enough to make the kernel issue-bound, so it multiplies.)
+// FP8 quantization in the DeepSeek-V3 recipe (csrc/fp8_recipe.cuh: scale, rounding, bit-identical to
+// deepseek_ops/reference.py): 1 x group_size activation groups and 128 x 128 weight blocks, scales
+// optionally rounded up to a power of two (UE8M0).
 // silu_mul_quant_fp8 is the token-group kernel reading an MLP's [gate | up] rows and quantizing
 // silu(gate) * up; that silu keeps PyTorch's IEEE division (bitwise the unfused activation), so
 // that variant is issue-bound.
@@ -12,14 +9,13 @@
 
 #include "common.h"
 #include "fp8.cuh"
+#include "fp8_recipe.cuh"
 #include "memory.cuh"
 #include "sm90_fp8_quant.h"
 
 namespace dso {
 namespace {
 
-constexpr float kFp8Max = 448.0f;
-constexpr float kScaleFloor = 1e-4f;
 constexpr int kThreads = 256;
 
 // 16 bytes of input as floats.
@@ -83,28 +79,14 @@ __device__ __forceinline__ float abs_max(const Vec16<T>& x) {
   return m;
 }
 
-// Scale of a group from its amax; UE8M0 rounds it up to the next power of two, exactly.
-template <bool kUE8M0>
-__device__ __forceinline__ float scale_from_amax(float amax) {
-  float scale = __fdiv_rn(fmaxf(amax, kScaleFloor), kFp8Max);
-  if constexpr (kUE8M0) {
-    uint32_t bits = __float_as_uint(scale);
-    if (bits & 0x7fffffu) bits = (bits & 0x7f800000u) + 0x800000u;
-    scale = __uint_as_float(bits);
-  }
-  return scale;
-}
-
 // 16 bytes of input quantized to 16 / sizeof(T) e4m3 bytes, stored at `dst`.
 template <typename T>
 __device__ __forceinline__ void quantize_store(const Vec16<T>& x, float scale, uint8_t* dst) {
   constexpr int kElems = Vec16<T>::kElems;
-  const float inv_scale = __frcp_rn(scale);
+  const float inv_scale = fp8_inverse_scale(scale);
   uint16_t pairs[kElems / 2];
 #pragma unroll
-  for (int i = 0; i < kElems / 2; ++i) {
-    pairs[i] = ptx::cvt_e4m3x2(__fmul_rn(x.v[2 * i], inv_scale), __fmul_rn(x.v[2 * i + 1], inv_scale));
-  }
+  for (int i = 0; i < kElems / 2; ++i) pairs[i] = fp8_quantize_x2(x.v[2 * i], x.v[2 * i + 1], inv_scale);
   if constexpr (kElems == 8) {
     ptx::st_cs_v2(dst, *reinterpret_cast<const int2*>(pairs));
   } else {
@@ -116,7 +98,7 @@ __device__ __forceinline__ void quantize_store(const Vec16<T>& x, float scale, u
 // each thread keeps kUnroll groups' loads in flight before it reduces any of them.
 // kSiluMul: x is [m, 2 k] (gate | up) and the quantized values are silu(gate) * up (silu_mul).
 template <typename T, int kGroup, bool kUE8M0, bool kSiluMul>
-__global__ void __launch_bounds__(kThreads) per_token_group_quant_fp8_kernel(
+__global__ void __launch_bounds__(kThreads) sm90_per_token_group_quant_fp8_kernel(
     const T* __restrict__ x, uint8_t* __restrict__ x_fp8, float* __restrict__ scales, int64_t num_groups_total,
     int64_t groups_per_row, int64_t scale_stride_m, int64_t scale_stride_g) {
   constexpr int kElems = Vec16<T>::kElems;
@@ -152,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) per_token_group_quant_fp8_kernel(
 #pragma unroll
     for (int mask = kLanes / 2; mask > 0; mask >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
     if (group_idx >= num_groups_total) continue;
-    const float scale = scale_from_amax<kUE8M0>(amax);
+    const float scale = fp8_scale_from_amax<kUE8M0>(amax);
     quantize_store(vals, scale, x_fp8 + group_idx * kGroup + lane_in_group * kElems);
     if (lane_in_group == 0) {
       const int64_t row = group_idx / groups_per_row, col = group_idx % groups_per_row;
@@ -164,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) per_token_group_quant_fp8_kernel(
 // One CTA per 128 x 128 block: every thread loads its share of the block before the reduction,
 // then quantizes from registers (the block is read from memory once).
 template <typename T, bool kUE8M0>
-__global__ void __launch_bounds__(kThreads) per_block_quant_fp8_kernel(const T* __restrict__ w,
+__global__ void __launch_bounds__(kThreads) sm90_per_block_quant_fp8_kernel(const T* __restrict__ w,
                                                                       uint8_t* __restrict__ w_fp8,
                                                                       float* __restrict__ scales, int64_t n,
                                                                       int64_t k) {
@@ -196,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) per_block_quant_fp8_kernel(const T* 
 #pragma unroll
   for (int i = 0; i < kThreads / 32; ++i) amax = fmaxf(amax, warp_amax[i]);
 
-  const float scale = scale_from_amax<kUE8M0>(amax);
+  const float scale = fp8_scale_from_amax<kUE8M0>(amax);
   if (threadIdx.x == 0) scales[block_row * gridDim.x + block_col] = scale;
 #pragma unroll
   for (int p = 0; p < kPasses; ++p) {
@@ -207,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) per_block_quant_fp8_kernel(const T* 
 
 // 16 e4m3 values per thread: value * scale in fp32, rounded once to the output type.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) dequant_fp8_block_kernel(const uint8_t* __restrict__ w_fp8,
+__global__ void __launch_bounds__(kThreads) sm90_dequant_fp8_block_kernel(const uint8_t* __restrict__ w_fp8,
                                                                     const float* __restrict__ scales,
                                                                     T* __restrict__ out, int64_t n, int64_t k,
                                                                     int64_t scale_cols) {
@@ -257,7 +239,7 @@ void launch_token_group(const void* x, void* x_fp8, float* scales, int64_t m, in
   const int64_t total = m * (k / kGroup);
   const int64_t grid = ceil_div(total, kGroupsPerCta);
   dispatch_bool(ue8m0, [&](auto ue) {
-    per_token_group_quant_fp8_kernel<T, kGroup, decltype(ue)::value, kSiluMul><<<grid, kThreads, 0, stream>>>(
+    sm90_per_token_group_quant_fp8_kernel<T, kGroup, decltype(ue)::value, kSiluMul><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<uint8_t*>(x_fp8), scales, total, k / kGroup, scale_stride_m,
         scale_stride_g);
   });
@@ -295,7 +277,7 @@ void launch_per_block_quant_fp8(const void* w, FloatKind w_kind, void* w_fp8, fl
   dispatch_float(w_kind, [&](auto tag) {
     using T = decltype(tag);
     dispatch_bool(ue8m0, [&](auto ue) {
-      per_block_quant_fp8_kernel<T, decltype(ue)::value><<<grid, kThreads, 0, stream>>>(
+      sm90_per_block_quant_fp8_kernel<T, decltype(ue)::value><<<grid, kThreads, 0, stream>>>(
           static_cast<const T*>(w), static_cast<uint8_t*>(w_fp8), scales, n, k);
     });
   });
@@ -308,7 +290,7 @@ void launch_dequant_fp8_block(const void* w_fp8, const float* scales, void* out,
   const int64_t grid = ceil_div<int64_t>(n * (k / 16), kThreads);
   dispatch_float(out_kind, [&](auto tag) {
     using T = decltype(tag);
-    dequant_fp8_block_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const uint8_t*>(w_fp8), scales,
+    sm90_dequant_fp8_block_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const uint8_t*>(w_fp8), scales,
                                                                 static_cast<T*>(out), n, k, scale_cols);
   });
   DSO_LAUNCH_CHECK();

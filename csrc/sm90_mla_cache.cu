@@ -1,23 +1,17 @@
-// Writes into the MLA latent cache: quantization of bf16 tokens into the packed FP8 format, and the
-// model's per-step append of new tokens at their positions (bf16 or FP8 cache).
-//
-// Packed FP8 token (656 bytes, no padding; a page is 64 tokens = 41984 bytes):
-//   [0, 512)    512 e4m3 values of c_KV, value = e4m3 * scale of its 128-group
-//   [512, 528)  4 fp32 scales, scale = max(amax of the group, 1e-4) / 448
-//   [528, 656)  64 bf16 RoPE values (k_pe), unquantized
-// One warp per token: lane l quantizes values 16 l .. 16 l + 15 (group l / 8); lanes 0..7 copy the RoPE.
+// Writes into the MLA latent cache (format in sm90_mla_cache.h): quantization of bf16 tokens into
+// the packed FP8 format, and the model's per-step append of new tokens at their positions (bf16 or
+// FP8 cache). One warp per token: lane l quantizes values 16 l .. 16 l + 15 (group l / 8); lanes
+// 0..7 copy the RoPE.
 #include <cuda_bf16.h>
 
 #include "common.h"
-#include "fp8.cuh"
-#include "sm90_bf16_mla_decode.h"
+#include "fp8_recipe.cuh"
+#include "sm90_mla_cache.h"
 
 namespace dso {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-constexpr float kFp8Max = 448.0f;
-constexpr float kScaleFloor = 1e-4f;
 
 // Quantizes this lane's 16 latent values (bf16, 16-byte aligned) into `dst_token` (and its group scale).
 __device__ __forceinline__ void quantize_latent_lane(const __nv_bfloat16* src16, uint8_t* dst_token, int lane) {
@@ -34,12 +28,13 @@ __device__ __forceinline__ void quantize_latent_lane(const __nv_bfloat16* src16,
   // A 128-group is 8 consecutive lanes.
 #pragma unroll
   for (int offset = 1; offset < 8; offset <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-  const float scale = __fdiv_rn(fmaxf(amax, kScaleFloor), kFp8Max);
+  const float scale = fp8_scale_from_amax(amax);
+  const float inv_scale = fp8_inverse_scale(scale);
   uint16_t pairs[8];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) pairs[i] = ptx::cvt_e4m3x2(__fdiv_rn(v[2 * i], scale), __fdiv_rn(v[2 * i + 1], scale));
+  for (int i = 0; i < 8; ++i) pairs[i] = fp8_quantize_x2(v[2 * i], v[2 * i + 1], inv_scale);
   *reinterpret_cast<int4*>(dst_token + 16 * lane) = *reinterpret_cast<const int4*>(pairs);
-  if (lane % 8 == 0) reinterpret_cast<float*>(dst_token + 512)[lane / 8] = scale;
+  if (lane % 8 == 0) reinterpret_cast<float*>(dst_token + kMlaFp8ScalesOffset)[lane / 8] = scale;
 }
 
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
@@ -51,7 +46,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   uint8_t* dst = packed + token * kMlaFp8TokenBytes;
   quantize_latent_lane(src + 16 * lane, dst, lane);
   if (lane < 8) {
-    *reinterpret_cast<int4*>(dst + 528 + 16 * lane) = reinterpret_cast<const int4*>(src + 512)[lane];
+    *reinterpret_cast<int4*>(dst + kMlaFp8RopeOffset + 16 * lane) =
+        reinterpret_cast<const int4*>(src + kMlaHeadDimV)[lane];
   }
 }
 
@@ -74,7 +70,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if (fp8_cache) {
     uint8_t* dst = kv_cache + slot * kMlaFp8TokenBytes;
     quantize_latent_lane(src_latent + 16 * lane, dst, lane);
-    if (lane < 8) *reinterpret_cast<int4*>(dst + 528 + 16 * lane) = reinterpret_cast<const int4*>(src_rope)[lane];
+    if (lane < 8) {
+      *reinterpret_cast<int4*>(dst + kMlaFp8RopeOffset + 16 * lane) = reinterpret_cast<const int4*>(src_rope)[lane];
+    }
   } else {
     // 1152 bytes = 72 chunks: 64 of latent, 8 of RoPE.
     int4* dst = reinterpret_cast<int4*>(kv_cache + slot * kMlaHeadDimQK * 2);

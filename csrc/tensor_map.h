@@ -1,5 +1,9 @@
-// Host side of TMA: the driver's cuTensorMapEncodeTiled, shared by the launchers that build tensor maps.
+// Host side of TMA: the tensor-map builder every launcher uses (the driver's cuTensorMapEncodeTiled).
 #pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
 #include <cuda.h>
 
 #include "common.h"
@@ -26,6 +30,28 @@ inline EncodeTiledFn encode_tiled() {
     return reinterpret_cast<EncodeTiledFn>(ptr);
   }();
   return fn;
+}
+
+// A 2-D [outer, inner] row-major tensor with rows `row_stride` elements apart, read in boxes of
+// [box_outer, box_inner]; out-of-bounds elements of a box read as zero. `what` names the tensor in
+// the error.
+inline CUtensorMap encode_tensor_map_2d(const void* base, CUtensorMapDataType dtype, int elem_bytes, uint64_t inner,
+                                        uint64_t outer, uint64_t row_stride, uint32_t box_inner, uint32_t box_outer,
+                                        CUtensorMapSwizzle swizzle, const char* what) {
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {inner, outer};
+  const cuuint64_t strides[1] = {row_stride * elem_bytes};
+  const cuuint32_t box[2] = {box_inner, box_outer};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult status = encode_tiled()(&map, dtype, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
+                                         CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (status != CUDA_SUCCESS) {
+    throw std::runtime_error(std::string("deepseek_ops: cuTensorMapEncodeTiled failed for ") + what + " (CUresult " +
+                             std::to_string(static_cast<int>(status)) + ", dims " + std::to_string(inner) + " x " +
+                             std::to_string(outer) + ", row stride " + std::to_string(row_stride) + ")");
+  }
+  return map;
 }
 
 }  // namespace dso

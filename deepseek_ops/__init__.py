@@ -5,13 +5,17 @@ Every op is a torch op under torch.ops.deepseek_ops with a CUDA kernel (sm_90a),
 here validate their arguments and dispatch to those ops.
 """
 from deepseek_ops._extension import build_summary, cuda_kernels_built
-from deepseek_ops.gemm import (fp8_gemm, fp8_linear, grouped_fp8_gemm_contiguous, grouped_fp8_gemm_masked,
-                               grouped_gemm_alignment)
+from deepseek_ops.constants import FP8_MAX, FP8_SCALE_FLOOR, GROUPED_GEMM_ALIGNMENT, MLA_PAGE_SIZE
+from deepseek_ops.gemm import fp8_gemm, fp8_linear, grouped_fp8_gemm_contiguous, grouped_fp8_gemm_masked
 from deepseek_ops.mla import get_mla_metadata, mla_cache_append, mla_decode, quantize_mla_kv
 from deepseek_ops.quant import dequant_fp8_block, per_block_quant_fp8, per_token_group_quant_fp8, silu_mul_quant_fp8
 from deepseek_ops import ep
 
 __all__ = [
+    "FP8_MAX",
+    "FP8_SCALE_FLOOR",
+    "GROUPED_GEMM_ALIGNMENT",
+    "MLA_PAGE_SIZE",
     "build_summary",
     "cuda_kernels_built",
     "dequant_fp8_block",
@@ -21,7 +25,6 @@ __all__ = [
     "get_mla_metadata",
     "grouped_fp8_gemm_contiguous",
     "grouped_fp8_gemm_masked",
-    "grouped_gemm_alignment",
     "mla_cache_append",
     "mla_decode",
     "per_block_quant_fp8",

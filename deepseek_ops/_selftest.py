@@ -26,7 +26,10 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from deepseek_ops import testing
+import deepseek_ops
+from deepseek_ops import ep, reference, testing
+from deepseek_ops.constants import FP8_MAX, FP8_SCALE_FLOOR
+from deepseek_ops.reference import column_major_scales, expand_block_scales
 
 CheckFn = Callable[[torch.device], Tuple[float, bool]]
 CHECKS: Dict[str, CheckFn] = {}
@@ -118,9 +121,9 @@ def _quant_error_ulps(x: torch.Tensor, q: torch.Tensor, scales_full: torch.Tenso
 
 
 def _expected_scales(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
-    """max(amax, 1e-4) / 448 in float64, rounded once to fp32 (= IEEE fp32 division); ue8m0:
-    the smallest power of two >= that scale."""
-    scale = (amax.double().clamp(min=1e-4) / 448.0).float()
+    """max(amax, FP8_SCALE_FLOOR) / FP8_MAX in float64, rounded once to fp32 (= IEEE fp32 division);
+    ue8m0: the smallest power of two >= that scale."""
+    scale = (amax.double().clamp(min=FP8_SCALE_FLOOR) / FP8_MAX).float()
     if ue8m0:
         scale = torch.exp2(torch.ceil(torch.log2(scale.double()))).float()
     return scale
@@ -155,8 +158,6 @@ _TOKEN_GROUP_CASES = [  # (M, K, group_size, dtype, ue8m0, column_major)
 
 @register_check("per_token_group_quant_fp8")
 def _check_per_token_group_quant(device: torch.device) -> Tuple[float, bool]:
-    import deepseek_ops
-
     worst, passed = 0.0, True
     for m, k, group, dtype, ue8m0, column_major in _TOKEN_GROUP_CASES:
         x = _random_input((m, k), dtype, device)
@@ -189,9 +190,6 @@ _SILU_MUL_CASES = [  # (M, K, dtype, ue8m0, column_major): h is [M, 2K]
 def _check_silu_mul_quant(device: torch.device) -> Tuple[float, bool]:
     """CPU: bitwise the token-group quantization of (silu(gate) * up) in h's dtype. GPU: bitwise the
     reference run on the GPU tensors (PyTorch's CUDA silu; its CPU silu may round differently)."""
-    import deepseek_ops
-    from deepseek_ops import reference
-
     worst, passed = 0.0, True
     for m, k, dtype, ue8m0, column_major in _SILU_MUL_CASES:
         h = (_random_input((m, 2 * k), torch.float32, device) / 16).to(dtype)  # finite silu(gate) * up in fp16
@@ -218,9 +216,6 @@ _BLOCK_CASES = [  # (N, K, dtype, ue8m0)
 
 @register_check("per_block_quant_fp8")
 def _check_per_block_quant(device: torch.device) -> Tuple[float, bool]:
-    import deepseek_ops
-    from deepseek_ops.reference import expand_block_scales
-
     worst, passed = 0.0, True
     for n, k, dtype, ue8m0 in _BLOCK_CASES:
         w = torch.randn(n, k, dtype=torch.float32).to(dtype=dtype, device=device)
@@ -245,8 +240,6 @@ def _check_per_block_quant(device: torch.device) -> Tuple[float, bool]:
 
 @register_check("dequant_fp8_block")
 def _check_dequant(device: torch.device) -> Tuple[float, bool]:
-    import deepseek_ops
-
     worst, passed = 0.0, True
     for n, k, out_dtype in [(200, 384, torch.bfloat16), (129, 256, torch.float32), (7, 128, torch.float16)]:
         w = torch.randn(n, k).to(device)
@@ -279,8 +272,6 @@ def _ep_routing(num_tokens: int, num_experts: int, topk: int):
 
 @register_check("ep_dispatch_layout")
 def _check_ep_layout(device: torch.device) -> Tuple[float, bool]:
-    from deepseek_ops import ep
-
     worst = 0.0
     for num_tokens, num_experts, num_ranks, topk in [(37, 16, 4, 4), (300, 256, 8, 8), (1, 4, 1, 2)]:
         topk_idx, _ = _ep_routing(num_tokens, num_experts, topk)
@@ -303,8 +294,6 @@ def _check_ep_layout(device: torch.device) -> Tuple[float, bool]:
 
 @register_check("ep_permute")
 def _check_ep_permute(device: torch.device) -> Tuple[float, bool]:
-    from deepseek_ops import reference
-
     ops = torch.ops.deepseek_ops
     worst = 0.0
     for num_tokens, hidden, num_experts, topk, alignment in [(45, 256, 8, 3, 16), (257, 512, 64, 8, 128)]:
@@ -383,9 +372,6 @@ def _gemm_operands(m, n, k, groups=None):
 
 @register_check("fp8_gemm")
 def _check_fp8_gemm(device: torch.device) -> Tuple[float, bool]:
-    import deepseek_ops
-    from deepseek_ops.reference import column_major_scales
-
     worst = 0.0
     for m, n, k, out_dtype in [(65, 2112, 512, torch.bfloat16), (7, 112, 256, torch.float32),
                                (130, 144, 384, torch.bfloat16)]:
@@ -407,8 +393,6 @@ def _check_fp8_gemm(device: torch.device) -> Tuple[float, bool]:
 
 @register_check("grouped_fp8_gemm_contiguous")
 def _check_grouped_fp8_gemm_contiguous(device: torch.device) -> Tuple[float, bool]:
-    import deepseek_ops
-
     sizes, n, k = [3, 0, 130, 1], 272, 256
     offsets = [0]
     for s in sizes:
@@ -434,8 +418,6 @@ def _check_grouped_fp8_gemm_contiguous(device: torch.device) -> Tuple[float, boo
 
 @register_check("grouped_fp8_gemm_masked")
 def _check_grouped_fp8_gemm_masked(device: torch.device) -> Tuple[float, bool]:
-    import deepseek_ops
-
     groups, m_max, n, k = 3, 70, 160, 384
     a = (torch.randn(groups, m_max, k) * 3).to(torch.float8_e4m3fn)
     _, a_scales, b, b_scales = _gemm_operands(groups * m_max, n, k, groups=groups)

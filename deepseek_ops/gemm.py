@@ -4,29 +4,29 @@ Scaling: `a` (activations) has one fp32 scale per row per 128 K elements, `b` (w
 128 x 128 block; the product is d = (a * a_scales) @ (b * b_scales)^T, accumulated in fp32 with
 the scales applied every 128 K (csrc/sm90_fp8_gemm.cu).
 
-Scale layout of `a_scales`: any strides are accepted, but the kernels read them M-major (the
-layout per_token_group_quant_fp8(..., column_major_scales=True) returns: strides (1, align(M, 4)));
-every other layout costs one extra transposing copy per call. That layout is the fastest.
+Scale layout of `a_scales` (the M-major layout): element (row, k_block) of the [M, K/128] scales
+sits at k_block * ld + row, with ld >= M a multiple of 4, i.e. strides (1, ld): each K block's
+scales are one M-contiguous, 16-byte aligned run, which the kernels read with TMA.
+per_token_group_quant_fp8(..., column_major_scales=True) returns exactly this (ld = align(M, 4));
+deepseek_ops.reference.column_major_scales builds it. Any other layout is accepted and costs one
+extra transposing copy per call (grouped masked GEMM: the [G, M_max, K/128] scales flattened to
+G * M_max rows).
 """
 from typing import Optional
 
 import torch
 
 from deepseek_ops import reference
-from deepseek_ops._checks import (FLOAT_DTYPES, FP8, check_choice, check_cuda_arch, check_dim, check_multiple,
-                                  check_same_device, check_shape, check_tensor)
+from deepseek_ops._checks import (FLOAT_DTYPES, FP8, can_read_values, check_aligned16, check_choice,
+                                  check_contiguous, check_cuda_arch, check_dim, check_multiple, check_same_device,
+                                  check_shape, check_tensor, check_values_in_range)
 from deepseek_ops._registry import register_op
+from deepseek_ops.constants import GROUPED_GEMM_ALIGNMENT
+from deepseek_ops.quant import per_token_group_quant_fp8
 
 _ops = torch.ops.deepseek_ops
 
-# Rows of each group of a contiguous grouped GEMM start at a multiple of this (the kernel's BLOCK_M).
-_GROUP_ALIGNMENT = 128
 _OUT_DTYPES = (torch.bfloat16, torch.float32)
-
-
-def grouped_gemm_alignment() -> int:
-    """Row alignment of every group in grouped_fp8_gemm_contiguous's `a` (pad each group to it)."""
-    return _GROUP_ALIGNMENT
 
 
 def _check_k_major(name: str, t: torch.Tensor):
@@ -38,77 +38,39 @@ def _check_k_major(name: str, t: torch.Tensor):
     if t.shape[-2] > 1 and (t.stride(-2) % 16 != 0 or t.stride(-2) < k):
         raise ValueError(f"argument '{name}': expected a row stride that is a multiple of 16 elements and >= K, "
                          f"got strides {tuple(t.stride())}")
-    # NOTE: dynamo cannot trace storage_offset(); under torch.compile the start is not checked.
-    if not torch.compiler.is_compiling() and t.storage_offset() % 16 != 0:
-        raise ValueError(f"argument '{name}': expected a 16-byte aligned start, got storage offset "
-                         f"{t.storage_offset()} (slice rows/columns at multiples of 16)")
+    check_aligned16(name, t, "slice rows/columns at multiples of 16")
 
 
-def _check_operands(a, a_scales, b, b_scales, *, a_ndim: int, grouped_b: bool):
-    """Shared checks of the FP8 operands; returns (N, K). a: [(G,) M, K]; b: [(G,) N, K]."""
+def _check_operands(a, a_scales, b, b_scales, *, a_ndim: int, grouped_b: bool, b_names=("b", "b_scales")):
+    """The FP8 operands of every GEMM; returns (N, K). a: [(G,) M, K]; b: [(G,) N, K].
+
+    b_names: the caller's names of b and b_scales (fp8_linear's weight and weight_scale).
+    """
+    b_name, b_scales_name = b_names
     check_tensor("a", a, dtype=FP8, ndim=a_ndim)
-    check_tensor("b", b, dtype=FP8, ndim=3 if grouped_b else 2)
+    check_tensor(b_name, b, dtype=FP8, ndim=3 if grouped_b else 2)
     check_tensor("a_scales", a_scales, dtype=torch.float32, ndim=a.dim())
-    check_tensor("b_scales", b_scales, dtype=torch.float32, ndim=b.dim())
-    check_same_device(a=a, a_scales=a_scales, b=b, b_scales=b_scales)
+    check_tensor(b_scales_name, b_scales, dtype=torch.float32, ndim=b.dim())
+    check_same_device(**{"a": a, "a_scales": a_scales, b_name: b, b_scales_name: b_scales})
     n, k = b.shape[-2], a.shape[-1]
     if k <= 0:
         raise ValueError(f"argument 'a': K (a.shape[-1]) must be a positive multiple of 128, got {k}")
-    check_multiple("a", a.shape[-1], 128, "K (a.shape[-1])")
-    check_dim("b", b, -1, a.shape[-1], "K, as a.shape[-1]")
-    check_multiple("b", n, 16, "N (b.shape[-2])")
+    check_multiple("a", k, 128, "K (a.shape[-1])")
+    check_dim(b_name, b, -1, k, "K, as a.shape[-1]")
+    check_multiple(b_name, n, 16, f"N ({b_name}.shape[-2])")
     check_shape("a_scales", a_scales, (*a.shape[:-1], k // 128))
-    check_shape("b_scales", b_scales, (*b.shape[:-2], -(-n // 128), k // 128))
+    check_shape(b_scales_name, b_scales, (*b.shape[:-2], -(-n // 128), k // 128))
     _check_k_major("a", a)
-    _check_k_major("b", b)
+    _check_k_major(b_name, b)
     return n, k
 
 
-def _k_major_ok(t: torch.Tensor) -> bool:
-    rows, k = t.shape[-2], t.shape[-1]
-    row_stride, col_stride = t.stride()[-2:]
-    return ((col_stride == 1 or k <= 1) and (rows <= 1 or (row_stride % 16 == 0 and row_stride >= k))
-            and (torch.compiler.is_compiling() or t.storage_offset() % 16 == 0))
-
-
-def _dense_operands_ok(a, a_scales, b, b_scales) -> bool:
-    """The common case of fp8_gemm's checks in a few cheap comparisons (host overhead matters for
-    small M); when it says no, the detailed checks run and raise with a precise message."""
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and isinstance(a_scales, torch.Tensor)
-            and isinstance(b_scales, torch.Tensor)):
-        return False
-    if a.dtype != FP8 or b.dtype != FP8 or a_scales.dtype != torch.float32 or b_scales.dtype != torch.float32:
-        return False
-    if a.dim() != 2 or b.dim() != 2:
-        return False
-    m, k = a.shape
-    n, k_b = b.shape
-    if k != k_b or k <= 0 or k % 128 or n % 16:
-        return False
-    if a_scales.shape != (m, k // 128) or b_scales.shape != ((n + 127) // 128, k // 128):
-        return False
-    device = a.device
-    if b.device != device or a_scales.device != device or b_scales.device != device:
-        return False
-    return _k_major_ok(a) and _k_major_ok(b)
-
-
-_HOPPER_DEVICES = set()
-
-
-def _check_arch_once(t: torch.Tensor, op: str):
-    """check_cuda_arch, remembered per device (the answer cannot change within a process); the
-    eager call before any torch.compile trace has made the check."""
-    if t.is_cuda and not torch.compiler.is_compiling() and t.device not in _HOPPER_DEVICES:
-        check_cuda_arch(t, op)
-        _HOPPER_DEVICES.add(t.device)
-
-
-def _check_out(out, shape, dtype, device):
-    check_tensor("out", out, dtype=dtype, device=device)
-    check_shape("out", out, shape)
-    if not out.is_contiguous():
-        raise ValueError(f"argument 'out': expected a contiguous tensor, got strides {tuple(out.stride())}")
+def _check_out(name: str, out: torch.Tensor, shape, dtype, device):
+    """A buffer the kernel writes (or, for c, reads) in place: contiguous, 16-byte aligned."""
+    check_tensor(name, out, dtype=dtype, device=device)
+    check_shape(name, out, shape)
+    check_contiguous(name, out)
+    check_aligned16(name, out)
 
 
 def fp8_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
@@ -117,31 +79,25 @@ def fp8_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales:
     """d = (a * a_scales) @ (b * b_scales)^T (+ c).
 
     a: [M, K] float8_e4m3fn, K-major, K a multiple of 128, any M >= 0.
-    a_scales: fp32 [M, K/128] (fastest in the M-major layout of per_token_group_quant_fp8 with
-        column_major_scales=True; any other layout is copied into it first).
+    a_scales: fp32 [M, K/128] (fastest in the M-major layout of the module docstring; any other
+        layout is copied into it first).
     b: [N, K] float8_e4m3fn, K-major, N a multiple of 16. b_scales: fp32 [ceil(N/128), K/128].
     out_dtype: bfloat16 or float32. c: optional fp32 [M, N] added to the product (float32 output
         only; it may be `out` itself, to accumulate in place). out: optional [M, N] contiguous buffer.
     Returns d [M, N] (`out` when given).
     """
-    if _dense_operands_ok(a, a_scales, b, b_scales):
-        m, n = a.shape[0], b.shape[0]
-    else:
-        n, _ = _check_operands(a, a_scales, b, b_scales, a_ndim=2, grouped_b=False)
-        m = a.shape[0]
-    if out_dtype != torch.bfloat16 and out_dtype != torch.float32:
-        check_choice("out_dtype", out_dtype, _OUT_DTYPES)
+    n, _ = _check_operands(a, a_scales, b, b_scales, a_ndim=2, grouped_b=False)
+    m = a.shape[0]
+    check_choice("out_dtype", out_dtype, _OUT_DTYPES)
     if c is not None:
         if out_dtype != torch.float32:
             raise ValueError(f"argument 'c': accumulating into c needs out_dtype=torch.float32, got {out_dtype}")
-        check_tensor("c", c, dtype=torch.float32, device=a.device)
-        check_shape("c", c, (m, n))
-        if not c.is_contiguous():
-            raise ValueError(f"argument 'c': expected a contiguous tensor, got strides {tuple(c.stride())}")
-    _check_arch_once(a, "fp8_gemm")
+        _check_out("c", c, (m, n), torch.float32, a.device)
+    if out is not None:
+        _check_out("out", out, (m, n), out_dtype, a.device)
+    check_cuda_arch(a, "fp8_gemm")
     if out is None:
         return _ops.fp8_gemm(a, a_scales, b, b_scales, out_dtype, c)
-    _check_out(out, (m, n), out_dtype, a.device)
     _ops.fp8_gemm_out(a, a_scales, b, b_scales, c, out)
     return out
 
@@ -150,22 +106,25 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ (weight * weight_scale)^T (+ bias), x quantized to FP8 per 1 x 128 token group first.
 
-    x: [..., K] bf16/fp16/fp32. weight: [N, K] float8_e4m3fn with weight_scale fp32
-    [ceil(N/128), K/128] (a DeepSeek-V3 checkpoint's weight and weight_scale_inv). bias: optional [N].
-    Returns [..., N] in x's dtype (computed in fp32 for fp32 x, bf16 otherwise).
+    x: [..., K] bf16/fp16/fp32, K a multiple of 128. weight: [N, K] float8_e4m3fn with weight_scale
+    fp32 [ceil(N/128), K/128] (a DeepSeek-V3 checkpoint's weight and weight_scale_inv). bias:
+    optional [N] bf16/fp16/fp32. Returns [..., N] in x's dtype (computed in fp32 for fp32 x, bf16
+    otherwise).
     """
     check_tensor("x", x, dtype=FLOAT_DTYPES)
     check_tensor("weight", weight, dtype=FP8, ndim=2, device=x.device)
     check_dim("x", x, -1, weight.shape[1], "K, as weight.shape[1]")
+    check_multiple("x", x.shape[-1], 128, "K (x.shape[-1])")
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, device=x.device)
+        check_tensor("bias", bias, dtype=FLOAT_DTYPES, ndim=1, device=x.device)
         check_dim("bias", bias, 0, weight.shape[0], "N, as weight.shape[0]")
-    from deepseek_ops.quant import per_token_group_quant_fp8
-
     k = x.shape[-1]
     x_fp8, x_scales = per_token_group_quant_fp8(x.reshape(-1, k), 128, column_major_scales=True)
+    _check_operands(x_fp8, x_scales, weight, weight_scale, a_ndim=2, grouped_b=False,
+                    b_names=("weight", "weight_scale"))
     out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
-    y = fp8_gemm(x_fp8, x_scales, weight, weight_scale, out_dtype=out_dtype)
+    check_cuda_arch(x, "fp8_linear")
+    y = _ops.fp8_gemm(x_fp8, x_scales, weight, weight_scale, out_dtype, None)
     if bias is not None:
         y = y + bias.to(out_dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
@@ -185,7 +144,7 @@ def grouped_fp8_gemm_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torc
                                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MoE experts in one launch, rows of each expert contiguous: d[r] = a[r] @ b[g(r)]^T (scaled).
 
-    a: [sum_M, K] float8_e4m3fn, each group's rows starting at a multiple of grouped_gemm_alignment()
+    a: [sum_M, K] float8_e4m3fn, each group's rows starting at a multiple of GROUPED_GEMM_ALIGNMENT
         (pad groups to it); a_scales fp32 [sum_M, K/128] (M-major fastest, as for fp8_gemm).
     b: [G, N, K] float8_e4m3fn; b_scales fp32 [G, ceil(N/128), K/128].
     Exactly one of
@@ -202,7 +161,7 @@ def grouped_fp8_gemm_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torc
     n, k = _check_operands(a, a_scales, b, b_scales, a_ndim=2, grouped_b=True)
     _check_grouped_b(b)
     num_groups, sum_m = b.shape[0], a.shape[0]
-    check_multiple("a", sum_m, _GROUP_ALIGNMENT, "sum_M (a.shape[0], groups padded to grouped_gemm_alignment())")
+    check_multiple("a", sum_m, GROUPED_GEMM_ALIGNMENT, "sum_M (a.shape[0], groups padded to GROUPED_GEMM_ALIGNMENT)")
     if (m_indices is None) == (group_offsets is None):
         raise ValueError("arguments 'm_indices' and 'group_offsets': expected exactly one of them, got "
                          f"{'both' if m_indices is not None else 'neither'}")
@@ -210,50 +169,42 @@ def grouped_fp8_gemm_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torc
         m_indices = _m_indices_from_offsets(group_offsets, num_groups, sum_m, a.device)
     check_tensor("m_indices", m_indices, dtype=torch.int32, ndim=1, device=a.device)
     check_shape("m_indices", m_indices, (sum_m,))
-    if _values_on_host(m_indices):
+    if can_read_values(m_indices):
         _check_m_indices_values(m_indices, num_groups)
-    _check_arch_once(a, "grouped_fp8_gemm_contiguous")
+    if out is not None:
+        _check_out("out", out, (sum_m, n), torch.bfloat16, a.device)
+    check_cuda_arch(a, "grouped_fp8_gemm_contiguous")
     if out is None:
         return _ops.grouped_fp8_gemm_contiguous(a, a_scales, b, b_scales, m_indices)
-    _check_out(out, (sum_m, n), torch.bfloat16, a.device)
     _ops.grouped_fp8_gemm_contiguous_out(a, a_scales, b, b_scales, m_indices, out)
     return out
 
 
-def _values_on_host(t: torch.Tensor) -> bool:
-    """Values can be checked without a device sync (and outside a torch.compile trace)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def _check_m_indices_values(m_indices: torch.Tensor, num_groups: int):
-    if m_indices.numel() == 0:
-        return
-    lo, hi = int(m_indices.min()), int(m_indices.max())
-    if lo < -1 or hi >= num_groups:
-        raise ValueError(f"argument 'm_indices': expected values in [-1, {num_groups}) (G = b.shape[0]), "
-                         f"got values in [{lo}, {hi}]")
-    blocks = m_indices.reshape(-1, _GROUP_ALIGNMENT)
+    check_values_in_range("m_indices", m_indices, -1, num_groups, "G = b.shape[0]")
+    blocks = m_indices.reshape(-1, GROUPED_GEMM_ALIGNMENT)
     first = blocks[:, :1]
     # Within a 128-row block: one group, optionally followed by padding (-1).
     bad = ((blocks != first) & (blocks != -1)).any(dim=1)
     if bad.any():
         block = int(bad.nonzero()[0])
-        raise ValueError(f"argument 'm_indices': rows {block * _GROUP_ALIGNMENT}..{(block + 1) * _GROUP_ALIGNMENT - 1}"
-                         f" mix groups; each group must start at a multiple of {_GROUP_ALIGNMENT} rows")
+        raise ValueError(f"argument 'm_indices': rows {block * GROUPED_GEMM_ALIGNMENT}.."
+                         f"{(block + 1) * GROUPED_GEMM_ALIGNMENT - 1} mix groups; each group must start at a "
+                         f"multiple of {GROUPED_GEMM_ALIGNMENT} rows")
 
 
 def _m_indices_from_offsets(group_offsets, num_groups: int, sum_m: int, device) -> torch.Tensor:
     check_tensor("group_offsets", group_offsets, dtype=(torch.int32, torch.int64), ndim=1)
     check_shape("group_offsets", group_offsets, (num_groups + 1,))
-    if _values_on_host(group_offsets):
+    if can_read_values(group_offsets):
         offsets = group_offsets.tolist()
         if offsets[0] != 0 or offsets[-1] > sum_m or any(x > y for x, y in zip(offsets, offsets[1:])):
             raise ValueError(f"argument 'group_offsets': expected non-decreasing offsets from 0 to at most "
                              f"{sum_m} (a.shape[0]), got {offsets}")
-        misaligned = [x for x in offsets[:-1] if x % _GROUP_ALIGNMENT]
+        misaligned = [x for x in offsets[:-1] if x % GROUPED_GEMM_ALIGNMENT]
         if misaligned:
             raise ValueError(f"argument 'group_offsets': every group must start at a multiple of "
-                             f"{_GROUP_ALIGNMENT}, got offsets {misaligned}")
+                             f"{GROUPED_GEMM_ALIGNMENT}, got offsets {misaligned}")
     offsets = group_offsets.to(device=device, dtype=torch.int64)
     rows = torch.arange(sum_m, device=device)
     # Row r belongs to the last group whose start is <= r; rows past the last offset get G (skipped).
@@ -282,17 +233,14 @@ def grouped_fp8_gemm_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Te
     check_shape("masked_m", masked_m, (num_groups,))
     if not isinstance(expected_m, int) or expected_m < 0:
         raise ValueError(f"argument 'expected_m': expected a non-negative int, got {expected_m!r}")
-    if not a.is_contiguous():
-        raise ValueError(f"argument 'a': expected a contiguous [G, M_max, K] tensor, got strides {tuple(a.stride())}")
-    if _values_on_host(masked_m) and masked_m.numel():
-        lo, hi = int(masked_m.min()), int(masked_m.max())
-        if lo < 0 or hi > m_max:
-            raise ValueError(f"argument 'masked_m': expected values in [0, {m_max}] (M_max = a.shape[1]), "
-                             f"got values in [{lo}, {hi}]")
-    _check_arch_once(a, "grouped_fp8_gemm_masked")
+    check_contiguous("a", a, "[G, M_max, K] groups back to back")
+    if can_read_values(masked_m):
+        check_values_in_range("masked_m", masked_m, 0, m_max, "M_max = a.shape[1]", high_inclusive=True)
+    if out is not None:
+        _check_out("out", out, (num_groups, m_max, n), torch.bfloat16, a.device)
+    check_cuda_arch(a, "grouped_fp8_gemm_masked")
     if out is None:
         return _ops.grouped_fp8_gemm_masked(a, a_scales, b, b_scales, masked_m, expected_m)
-    _check_out(out, (num_groups, m_max, n), torch.bfloat16, a.device)
     _ops.grouped_fp8_gemm_masked_out(a, a_scales, b, b_scales, masked_m, expected_m, out)
     return out
 

@@ -20,15 +20,13 @@ from typing import Optional, Tuple
 import torch
 
 from deepseek_ops import reference
-from deepseek_ops._checks import check_cuda_arch, check_dim, check_same_device, check_shape, check_tensor
+from deepseek_ops._checks import (aligned16, can_read_values, check_aligned16, check_contiguous, check_cuda_arch,
+                                  check_dim, check_same_device, check_shape, check_tensor)
 from deepseek_ops._registry import register_op
+from deepseek_ops.constants import MLA_FP8_TOKEN_BYTES, MLA_HEAD_DIM_QK, MLA_HEAD_DIM_V, MLA_PAGE_SIZE
 
 _ops = torch.ops.deepseek_ops
 
-PAGE_SIZE = reference.MLA_PAGE_SIZE
-HEAD_DIM_QK = reference.MLA_HEAD_DIM_QK
-HEAD_DIM_V = reference.MLA_HEAD_DIM_V
-FP8_TOKEN_BYTES = reference.MLA_FP8_TOKEN_BYTES
 _BLOCK_ROWS = 64  # packed query rows (s_q * h_q) per CTA
 _CPU_NUM_SMS = 132  # the schedule of a CPU call is the one an H100/H200 would get
 
@@ -64,14 +62,13 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, s_q: int, h_q: int) -> MlaMeta
 
 def _check_cache(kv_cache: torch.Tensor):
     check_tensor("kv_cache", kv_cache, dtype=(torch.bfloat16, torch.uint8), ndim=4)
-    check_dim("kv_cache", kv_cache, 1, PAGE_SIZE, "page size")
+    check_dim("kv_cache", kv_cache, 1, MLA_PAGE_SIZE, "page size")
     check_dim("kv_cache", kv_cache, 2, 1, "one latent KV head")
-    width = HEAD_DIM_QK if kv_cache.dtype == torch.bfloat16 else FP8_TOKEN_BYTES
-    what = "head dim 576 (512 latent + 64 RoPE)" if width == HEAD_DIM_QK else "packed FP8 token bytes"
+    width = MLA_HEAD_DIM_QK if kv_cache.dtype == torch.bfloat16 else MLA_FP8_TOKEN_BYTES
+    what = "head dim 576 (512 latent + 64 RoPE)" if width == MLA_HEAD_DIM_QK else "packed FP8 token bytes"
     check_dim("kv_cache", kv_cache, 3, width, what)
-    if not kv_cache.is_contiguous():
-        raise ValueError("argument 'kv_cache': expected a contiguous cache (it is read page by page "
-                         f"in place), got strides {kv_cache.stride()}")
+    check_contiguous("kv_cache", kv_cache, "it is read page by page in place")
+    check_aligned16("kv_cache", kv_cache)
 
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
@@ -90,7 +87,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     no visible key gets out = 0 and lse = +inf.
     """
     check_tensor("q", q, dtype=torch.bfloat16, ndim=4)
-    check_dim("q", q, 3, HEAD_DIM_QK, "head dim 576 (512 latent + 64 RoPE)")
+    check_dim("q", q, 3, MLA_HEAD_DIM_QK, "head dim 576 (512 latent + 64 RoPE)")
     batch, s_q, h_q, _ = q.shape
     if s_q < 1 or h_q < 1:
         raise ValueError(f"argument 'q': expected s_q >= 1 and h_q >= 1, got shape {tuple(q.shape)}")
@@ -106,24 +103,24 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         if cache_seqlens.device.type != "cpu":
             raise ValueError(f"argument 'cache_seqlens': expected device {q.device} or the host, "
                              f"got {cache_seqlens.device}")
-    # Values on the host are checked (not under torch.compile: data-dependent); on the GPU they are
-    # never read here (no sync): the module docstring's contract and the kernel's clamping apply.
-    if cache_seqlens.device.type == "cpu" and batch > 0 and not torch.compiler.is_compiling():
+    # Values on the host are checked; on the GPU they are never read here (no sync): the module
+    # docstring's contract and the kernel's clamping apply.
+    if batch > 0 and can_read_values(cache_seqlens):
         longest = int(cache_seqlens.max())
-        if longest > PAGE_SIZE * block_table.shape[1]:
+        if longest > MLA_PAGE_SIZE * block_table.shape[1]:
             raise ValueError(f"argument 'block_table': {block_table.shape[1]} columns hold "
-                             f"{PAGE_SIZE * block_table.shape[1]} tokens, but cache_seqlens has a request "
-                             f"of {longest} tokens (needs {-(-longest // PAGE_SIZE)} columns)")
+                             f"{MLA_PAGE_SIZE * block_table.shape[1]} tokens, but cache_seqlens has a request "
+                             f"of {longest} tokens (needs {-(-longest // MLA_PAGE_SIZE)} columns)")
         if int(cache_seqlens.min()) < 0:
             raise ValueError(f"argument 'cache_seqlens': expected lengths >= 0, got {int(cache_seqlens.min())}")
     cache_seqlens = cache_seqlens.to(q.device, non_blocking=True)
     if out is None:
-        out = q.new_empty(batch, s_q, h_q, HEAD_DIM_V)
+        out = q.new_empty(batch, s_q, h_q, MLA_HEAD_DIM_V)
     else:
         check_tensor("out", out, dtype=torch.bfloat16, ndim=4, device=q.device)
-        check_shape("out", out, (batch, s_q, h_q, HEAD_DIM_V))
-        if not out.is_contiguous():
-            raise ValueError(f"argument 'out': expected a contiguous buffer, got strides {out.stride()}")
+        check_shape("out", out, (batch, s_q, h_q, MLA_HEAD_DIM_V))
+        check_contiguous("out", out)
+        check_aligned16("out", out)
     if metadata is None:
         metadata = get_mla_metadata(cache_seqlens, s_q, h_q)
     tile_sched, split_offsets = metadata
@@ -137,7 +134,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
                          f"expected {expected_parts} for s_q={s_q}, h_q={h_q}); call get_mla_metadata("
                          f"cache_seqlens, s_q={s_q}, h_q={h_q})")
     check_cuda_arch(q, "mla_decode")
-    lse = _ops.mla_decode(q.contiguous(), kv_cache, block_table.contiguous(), cache_seqlens.contiguous(),
+    lse = _ops.mla_decode(aligned16(q), kv_cache, block_table.contiguous(), cache_seqlens.contiguous(),
                           float(softmax_scale), bool(causal), tile_sched.contiguous(), split_offsets.contiguous(),
                           out)
     return out, lse
@@ -149,17 +146,11 @@ def quantize_mla_kv(kv: torch.Tensor) -> torch.Tensor:
     A whole bf16 cache [num_blocks, 64, 1, 576] becomes the FP8 cache [num_blocks, 64, 1, 656].
     """
     check_tensor("kv", kv, dtype=torch.bfloat16)
-    if kv.dim() < 1 or kv.shape[-1] != HEAD_DIM_QK:
+    if kv.dim() < 1 or kv.shape[-1] != MLA_HEAD_DIM_QK:
         raise ValueError(f"argument 'kv': expected a last dim of 576 (512 latent + 64 RoPE), got shape "
                          f"{tuple(kv.shape)}")
     check_cuda_arch(kv, "quantize_mla_kv")
-    return _ops.quantize_mla_kv(_aligned_contiguous(kv))
-
-
-def _aligned_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous and 16-byte aligned (the kernels move 16-byte vectors)."""
-    t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
+    return _ops.quantize_mla_kv(aligned16(kv))
 
 
 def mla_cache_append(kv_cache: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor,
@@ -173,17 +164,17 @@ def mla_cache_append(kv_cache: torch.Tensor, block_table: torch.Tensor, position
     """
     _check_cache(kv_cache)
     check_tensor("c_kv", c_kv, dtype=torch.bfloat16, ndim=3, device=kv_cache.device)
-    check_dim("c_kv", c_kv, 2, HEAD_DIM_V, "latent dim")
+    check_dim("c_kv", c_kv, 2, MLA_HEAD_DIM_V, "latent dim")
     batch, tokens, _ = c_kv.shape
     check_tensor("k_pe", k_pe, dtype=torch.bfloat16, ndim=3, device=kv_cache.device)
-    check_shape("k_pe", k_pe, (batch, tokens, HEAD_DIM_QK - HEAD_DIM_V))
+    check_shape("k_pe", k_pe, (batch, tokens, MLA_HEAD_DIM_QK - MLA_HEAD_DIM_V))
     check_tensor("positions", positions, dtype=torch.int32, ndim=2, device=kv_cache.device)
     check_shape("positions", positions, (batch, tokens))
     check_tensor("block_table", block_table, dtype=torch.int32, ndim=2, device=kv_cache.device)
     check_dim("block_table", block_table, 0, batch, "batch size of c_kv")
     check_cuda_arch(kv_cache, "mla_cache_append")
-    _ops.mla_cache_append(kv_cache, block_table.contiguous(), positions.contiguous(), _aligned_contiguous(c_kv),
-                          _aligned_contiguous(k_pe))
+    _ops.mla_cache_append(kv_cache, block_table.contiguous(), positions.contiguous(), aligned16(c_kv),
+                          aligned16(k_pe))
 
 
 def _get_mla_metadata_fake(cache_seqlens, num_sm_parts):
@@ -197,7 +188,7 @@ def _mla_decode_fake(q, kv_cache, block_table, cache_seqlens, softmax_scale, cau
 
 
 def _quantize_mla_kv_fake(kv):
-    return kv.new_empty((*kv.shape[:-1], FP8_TOKEN_BYTES), dtype=torch.uint8)
+    return kv.new_empty((*kv.shape[:-1], MLA_FP8_TOKEN_BYTES), dtype=torch.uint8)
 
 
 def _mla_cache_append_fake(kv_cache, block_table, positions, c_kv, k_pe):

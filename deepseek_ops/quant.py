@@ -4,7 +4,8 @@ from typing import Optional, Tuple
 import torch
 
 from deepseek_ops import reference
-from deepseek_ops._checks import FLOAT_DTYPES, FP8, check_choice, check_cuda_arch, check_multiple, check_tensor
+from deepseek_ops._checks import (FLOAT_DTYPES, FP8, aligned16, check_choice, check_cuda_arch, check_multiple,
+                                  check_tensor)
 from deepseek_ops._registry import register_op
 
 _ops = torch.ops.deepseek_ops
@@ -16,16 +17,17 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, scale_fmt:
 
     x: [M, K] bf16/fp16/fp32 (K a multiple of group_size; a non-contiguous x is copied first).
     Returns x_fp8 [M, K] float8_e4m3fn and scales fp32 [M, K / group_size], where
-    scale = max(amax, 1e-4) / 448 (scale_fmt="ue8m0": rounded up to a power of two) and
-    x ~= x_fp8 * scale. With column_major_scales the scales are stored M-contiguous, M padded to
-    a multiple of 4 (strides (1, align(M, 4))): the layout fp8_gemm reads fastest.
+    scale = max(amax, FP8_SCALE_FLOOR) / FP8_MAX (the recipe in deepseek_ops.constants;
+    scale_fmt="ue8m0": rounded up to a power of two) and x ~= x_fp8 * scale. With
+    column_major_scales the scales are stored in the M-major layout fp8_gemm reads fastest
+    (strides (1, align(M, 4)); deepseek_ops.gemm's docstring).
     """
     check_tensor("x", x, dtype=FLOAT_DTYPES, ndim=2)
     check_choice("group_size", group_size, (32, 64, 128))
     check_choice("scale_fmt", scale_fmt, (None, "ue8m0"))
     check_multiple("x", x.shape[1], group_size, "K (x.shape[1])")
     check_cuda_arch(x, "per_token_group_quant_fp8")
-    return _ops.per_token_group_quant_fp8(x.contiguous(), group_size, scale_fmt == "ue8m0", column_major_scales)
+    return _ops.per_token_group_quant_fp8(aligned16(x), group_size, scale_fmt == "ue8m0", column_major_scales)
 
 
 def silu_mul_quant_fp8(h: torch.Tensor, scale_fmt: Optional[str] = None,
@@ -41,7 +43,7 @@ def silu_mul_quant_fp8(h: torch.Tensor, scale_fmt: Optional[str] = None,
     check_choice("scale_fmt", scale_fmt, (None, "ue8m0"))
     check_multiple("h", h.shape[1], 256, "2K (h.shape[1]: gate and up, K a multiple of 128)")
     check_cuda_arch(h, "silu_mul_quant_fp8")
-    return _ops.silu_mul_quant_fp8(h.contiguous(), scale_fmt == "ue8m0", column_major_scales)
+    return _ops.silu_mul_quant_fp8(aligned16(h), scale_fmt == "ue8m0", column_major_scales)
 
 
 def per_block_quant_fp8(w: torch.Tensor, block_size: int = 128,
@@ -57,7 +59,7 @@ def per_block_quant_fp8(w: torch.Tensor, block_size: int = 128,
     check_choice("scale_fmt", scale_fmt, (None, "ue8m0"))
     check_multiple("w", w.shape[1], block_size, "K (w.shape[1])")
     check_cuda_arch(w, "per_block_quant_fp8")
-    return _ops.per_block_quant_fp8(w.contiguous(), block_size, scale_fmt == "ue8m0")
+    return _ops.per_block_quant_fp8(aligned16(w), block_size, scale_fmt == "ue8m0")
 
 
 def dequant_fp8_block(w: torch.Tensor, scales: torch.Tensor, block_size: int = 128,
@@ -74,7 +76,7 @@ def dequant_fp8_block(w: torch.Tensor, scales: torch.Tensor, block_size: int = 1
         raise ValueError(f"argument 'scales': expected shape {expected} for w of shape {tuple(w.shape)}, "
                          f"got {tuple(scales.shape)}")
     check_cuda_arch(w, "dequant_fp8_block")
-    return _ops.dequant_fp8_block(w.contiguous(), scales.contiguous(), block_size, out_dtype)
+    return _ops.dequant_fp8_block(aligned16(w), scales.contiguous(), block_size, out_dtype)
 
 
 def _per_token_group_quant_fake(x, group_size, ue8m0, column_major):

@@ -5,9 +5,10 @@ the documented tolerance for GEMMs and attention (computed here in float64).
 """
 import torch
 
+from deepseek_ops.constants import (FP8_MAX, FP8_SCALE_FLOOR, MLA_FP8_TOKEN_BYTES, MLA_HEAD_DIM_QK, MLA_HEAD_DIM_V,
+                                    MLA_PAGE_SIZE)
+
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-SCALE_FLOOR = 1e-4
 
 
 def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
@@ -20,7 +21,7 @@ def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
 def _scale_from_amax(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
     # Tensor / tensor: an IEEE division on every device (CUDA torch turns "/ scalar" into a
     # multiply by the reciprocal, which can differ in the last bit).
-    scale = torch.clamp(amax, min=SCALE_FLOOR) / torch.full_like(amax, FP8_MAX)
+    scale = torch.clamp(amax, min=FP8_SCALE_FLOOR) / torch.full_like(amax, FP8_MAX)
     return round_scale_ue8m0(scale) if ue8m0 else scale
 
 
@@ -30,7 +31,7 @@ def _quantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def column_major_scales(scales: torch.Tensor) -> torch.Tensor:
-    """[M, G] scales stored as [G, align(M, 4)] (M contiguous), the layout the GEMMs' TMA reads."""
+    """[M, G] scales stored as [G, align(M, 4)]: the M-major layout the GEMMs read (deepseek_ops/gemm.py)."""
     m, g = scales.shape
     storage = scales.new_zeros(g, (m + 3) // 4 * 4)
     out = storage.narrow(1, 0, m).t()
@@ -78,21 +79,18 @@ def dequant_fp8_block(w: torch.Tensor, scales: torch.Tensor, block_size: int, ou
 # MLA decode on a paged latent cache
 # ---------------------------------------------------------------------------------------------
 
-MLA_PAGE_SIZE = 64
-MLA_HEAD_DIM_QK = 576  # 512 latent (c_KV) + 64 RoPE (k_pe)
-MLA_HEAD_DIM_V = 512
-MLA_FP8_TOKEN_BYTES = 656  # 512 e4m3 + 4 fp32 scales + 64 bf16 RoPE
 MLA_SPLIT_OVERHEAD_TILES = 5
 MLA_MAX_SEQLEN = 1 << 24
 
 
 def quantize_mla_kv(kv: torch.Tensor) -> torch.Tensor:
-    """bf16 [..., 576] -> packed FP8 tokens uint8 [..., 656] (layout in csrc/sm90_mla_cache.cu)."""
+    """bf16 [..., 576] -> packed FP8 tokens uint8 [..., 656] (layout in csrc/sm90_mla_cache.h): the
+    latent in 1 x 128 groups with the activations' recipe."""
     lead = kv.shape[:-1]
     flat = kv.reshape(-1, MLA_HEAD_DIM_QK)
     groups = flat[:, :MLA_HEAD_DIM_V].float().reshape(-1, 4, 128)
-    scales = torch.clamp(groups.abs().amax(dim=-1), min=SCALE_FLOOR) / FP8_MAX  # [T, 4]
-    values = (groups / scales.unsqueeze(-1)).to(FP8).reshape(-1, MLA_HEAD_DIM_V)
+    scales = _scale_from_amax(groups.abs().amax(dim=-1), ue8m0=False)  # [T, 4]
+    values = _quantize(groups, scales.unsqueeze(-1)).reshape(-1, MLA_HEAD_DIM_V)
     packed = torch.cat([values.view(torch.uint8), scales.contiguous().view(torch.uint8),
                         flat[:, MLA_HEAD_DIM_V:].contiguous().view(torch.uint8)], dim=1)
     return packed.reshape(*lead, MLA_FP8_TOKEN_BYTES)

@@ -3,6 +3,8 @@ import functools
 
 import torch
 
+from deepseek_ops._extension import build_summary, cuda_kernels_built
+
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """1 - 2*sum(x*y) / sum(x*x + y*y), in float64: 0 for equal tensors, scale-free (DeepGEMM's metric)."""
@@ -75,15 +77,11 @@ def opcheck_fp8_safe(op, args, mutated=()):
 @functools.lru_cache(maxsize=None)
 def hopper_available() -> bool:
     """A Hopper (sm_90) GPU is visible and the extension has its CUDA kernels."""
-    from deepseek_ops import cuda_kernels_built
-
     return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
             and cuda_kernels_built())
 
 
 def skip_reason() -> str:
-    from deepseek_ops import build_summary, cuda_kernels_built
-
     if not torch.cuda.is_available():
         return "no CUDA GPU on this machine"
     if not cuda_kernels_built():

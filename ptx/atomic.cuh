@@ -1,5 +1,5 @@
-// Atomics, reductions and relaxed accesses: ticket counters within a GPU, flags shared with peer
-// GPUs and processes.
+// Atomics and reductions: ticket counters within a GPU, arrival counters shared with peer GPUs and
+// processes (their plain scoped loads and stores: scoped_memory.cuh).
 #pragma once
 #include <cstdint>
 
@@ -18,18 +18,6 @@ __device__ __forceinline__ int atom_add_acq_rel_gpu(int* ptr, int v) {
   int old;
   asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(ptr), "r"(v) : "memory");
   return old;
-}
-
-// PTX ISA 9.7.9.8 (ld): system-scope relaxed load (an error flag another kernel may set).
-__device__ __forceinline__ int ld_relaxed_sys(const int* ptr) {
-  int v;
-  asm volatile("ld.relaxed.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
-  return v;
-}
-
-// PTX ISA 9.7.9.10 (st): system-scope relaxed store.
-__device__ __forceinline__ void st_relaxed_sys(int* ptr, int v) {
-  asm volatile("st.relaxed.sys.global.s32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
 }
 
 }  // namespace dso::ptx

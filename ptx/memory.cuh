@@ -1,4 +1,4 @@
-// Global-memory loads and stores with cache hints.
+// Global-memory vector loads and stores with cache hints (scoped, ordered ones: scoped_memory.cuh).
 #pragma once
 #include <cstdint>
 
@@ -13,15 +13,6 @@ __device__ __forceinline__ int4 ld_nc_na_v4(const void* ptr) {
   return v;
 }
 
-// PTX ISA 9.7.9.8 (ld): 16-byte read-only load through the non-coherent path, cached in L1.
-__device__ __forceinline__ int4 ld_nc_v4(const void* ptr) {
-  int4 v;
-  asm volatile("ld.global.nc.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
-  return v;
-}
-
 // PTX ISA 9.7.9.10 (st): 16-byte streaming store (.cs: evict-first, the data is not read again soon).
 __device__ __forceinline__ void st_cs_v4(void* ptr, int4 v) {
   asm volatile("st.global.cs.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
@@ -31,11 +22,6 @@ __device__ __forceinline__ void st_cs_v4(void* ptr, int4 v) {
 // PTX ISA 9.7.9.10 (st): 8-byte streaming store.
 __device__ __forceinline__ void st_cs_v2(void* ptr, int2 v) {
   asm volatile("st.global.cs.v2.s32 [%0], {%1, %2};" ::"l"(ptr), "r"(v.x), "r"(v.y) : "memory");
-}
-
-// PTX ISA 9.7.9.10 (st): 4-byte store that skips L1.
-__device__ __forceinline__ void st_na_f32(float* ptr, float v) {
-  asm volatile("st.global.L1::no_allocate.f32 [%0], %1;" ::"l"(ptr), "f"(v) : "memory");
 }
 
 }  // namespace dso::ptx

@@ -1,8 +1,9 @@
-// Warpgroup-wide register reallocation (producer/consumer specialization).
+// Warpgroup-wide register reallocation (producer/consumer specialization). Every thread of the
+// warpgroup must execute these (.sync.aligned), hence namespace warpgroup.
 #pragma once
 #include <cstdint>
 
-namespace dso::ptx {
+namespace dso::ptx::warpgroup {
 
 // PTX ISA 9.7.17.1 (setmaxnreg): raises this warpgroup's per-thread register limit to kRegs.
 template <int kRegs>
@@ -18,4 +19,4 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs));
 }
 
-}  // namespace dso::ptx
+}  // namespace dso::ptx::warpgroup

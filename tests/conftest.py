@@ -1,20 +1,7 @@
 import pytest
 import torch
 
-from deepseek_ops.testing import hopper_available, skip_reason
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a Hopper GPU and the CUDA build; skipped elsewhere")
-
-
-def pytest_collection_modifyitems(config, items):
-    if hopper_available():
-        return
-    skip = pytest.mark.skip(reason=f"GPU test: {skip_reason()}")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+from deepseek_ops.pytest_gpu import pytest_collection_modifyitems, pytest_configure  # noqa: F401 - pytest hooks
 
 
 @pytest.fixture(autouse=True)

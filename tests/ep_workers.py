@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deepseek_ops import reference
+from deepseek_ops import ep, per_token_group_quant_fp8, reference
 from deepseek_ops.testing import assert_bitwise_equal, calc_diff
 
 
@@ -100,8 +100,6 @@ def expected_rows(seed: int, rank: int, world_size: int, case: dict):
 
 def check_exchange(rank: int, world_size: int, seed: int, case: dict):
     """dispatch -> per-expert f -> combine against the dense reference; exact routing; fp8 variant."""
-    from deepseek_ops import ep
-
     device = case.get("device", "cpu")
     x, topk_idx, weights = make_inputs(seed, rank, case, device)
     buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"],
@@ -134,7 +132,6 @@ def check_exchange(rank: int, world_size: int, seed: int, case: dict):
         assert calc_diff(out.cpu(), dense) < 1e-6
 
     # FP8: the 1x128 scales travel with their rows (column 0 of the scales carries the tag).
-    from deepseek_ops import per_token_group_quant_fp8
 
     x_fp8, scales = per_token_group_quant_fp8(x.float().cpu(), 128)
     scales[:, 0] = rank * 1000 + torch.arange(x.shape[0], dtype=torch.float32) + 1
@@ -154,8 +151,6 @@ def check_exchange(rank: int, world_size: int, seed: int, case: dict):
 
 def check_bad_input(rank: int, world_size: int, seed: int, case: dict):
     """One rank's bad call raises ValueError on every rank (no rank is left waiting)."""
-    from deepseek_ops import ep
-
     x, topk_idx, weights = make_inputs(seed, rank, case, case.get("device", "cpu"))
     buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"],
                        backend=case.get("backend", "torch"), max_topk=case["topk"])
@@ -165,8 +160,6 @@ def check_bad_input(rank: int, world_size: int, seed: int, case: dict):
     _expect_value_error(lambda: buffer.dispatch(x, bad_idx, weights), "topk_idx", rank)
     # dtype mismatch between ranks: rank 0 sends FP8, the others bf16.
     if rank == 0:
-        from deepseek_ops import per_token_group_quant_fp8
-
         arg = per_token_group_quant_fp8(x.float(), 128)
     else:
         arg = x
@@ -190,8 +183,6 @@ def _expect_value_error(fn, match: str, rank: int):
 
 def check_timeout(rank: int, world_size: int, seed: int, case: dict):
     """The last rank never calls dispatch: the others raise TimeoutError naming the step, in time."""
-    from deepseek_ops import ep
-
     x, topk_idx, weights = make_inputs(seed, rank, case, case.get("device", "cpu"))
     buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"],
                        backend=case.get("backend", "torch"), timeout_s=2.0, max_topk=case["topk"])
@@ -211,8 +202,6 @@ def check_timeout(rank: int, world_size: int, seed: int, case: dict):
 
 def check_repeat(rank: int, world_size: int, seed: int, case: dict):
     """case["rounds"] rounds of dispatch -> f -> combine give the same bits every time (no races)."""
-    from deepseek_ops import ep
-
     x, topk_idx, weights = make_inputs(seed, rank, case, "cuda")
     buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"],
                        backend=case.get("backend", "ipc"), max_topk=case["topk"])
@@ -236,8 +225,6 @@ def check_repeat(rank: int, world_size: int, seed: int, case: dict):
 def check_ipc_device_timeout(rank: int, world_size: int, seed: int, case: dict):
     """Past the host checks, a peer that never launches its kernels: the device wait gives up after
     timeout_s and the host raises TimeoutError naming the step (no hang, no kernel left spinning)."""
-    from deepseek_ops import ep
-
     x, topk_idx, weights = make_inputs(seed, rank, case, "cuda")
     buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"], backend="ipc",
                        timeout_s=2.0, max_topk=case["topk"])
@@ -264,8 +251,6 @@ def check_ipc_device_timeout(rank: int, world_size: int, seed: int, case: dict):
 def check_graph_replays(rank: int, world_size: int, seed: int, case: dict):
     """exact=False (no host sync) dispatch -> per-expert f -> combine, captured in a CUDA graph and
     replayed over case["rounds"] new inputs (same token count, copied into the captured tensors)."""
-    from deepseek_ops import ep
-
     x, topk_idx, weights = make_inputs(seed, rank, case, "cuda")
     buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"], backend="ipc",
                        max_topk=case["topk"])

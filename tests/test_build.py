@@ -23,14 +23,14 @@ LDG_128 = r"LDG\.E[.\w]*\.128"  # 16-byte global load (LDG.E.128, LDG.E.NA.128.C
 STG_128 = r"STG\.E[.\w]*\.128"
 
 SASS_REQUIREMENTS: Dict[str, List[str]] = {
-    "per_token_group_quant_fp8_kernel": [LDG_128],
-    "per_block_quant_fp8_kernel": [LDG_128],
-    "dequant_fp8_block_kernel": [LDG_128, STG_128],
+    "sm90_per_token_group_quant_fp8_kernel": [LDG_128],
+    "sm90_per_block_quant_fp8_kernel": [LDG_128],
+    "sm90_dequant_fp8_block_kernel": [LDG_128, STG_128],
     # MLA decode, template <kFp8>: wgmma S and PV, TMA page loads (bf16) / bulk copies (fp8), mbarriers.
-    "sm90_bf16_mla_decode_kernelILb0E": [r"HGMMA\.64x64x16\.F32\.BF16", r"HGMMA\.64x256x16\.F32\.BF16",
-                                         r"UTMALDG\.2D", r"SYNCS"],
-    "sm90_bf16_mla_decode_kernelILb1E": [r"HGMMA\.64x64x16\.F32\.BF16", r"HGMMA\.64x256x16\.F32\.BF16",
-                                         r"UBLKCP", r"SYNCS"],
+    "sm90_mla_decode_kernelILb0E": [r"HGMMA\.64x64x16\.F32\.BF16", r"HGMMA\.64x256x16\.F32\.BF16",
+                                    r"UTMALDG\.2D", r"SYNCS"],
+    "sm90_mla_decode_kernelILb1E": [r"HGMMA\.64x64x16\.F32\.BF16", r"HGMMA\.64x256x16\.F32\.BF16",
+                                    r"UBLKCP", r"SYNCS"],
     # FP8 GEMMs (mangled sm90_fp8_gemm_kernel<BLOCK_M, BLOCK_N, GemmType, fp32 output>): e4m3 wgmma and
     # TMA tile loads; bf16 output through stmatrix and TMA stores (the grouped layouts also keep 16-byte
     # stores for tiles with rows they must not write); fp32 output through 16-byte stores.

@@ -6,12 +6,17 @@ kernels bit for bit against the references, inside a CUDA graph, 1000 rounds; th
 ipc backends with several processes, one GPU per rank where there are enough (NVLink, NCCL), else
 sharing GPUs (gloo control plane: NCCL refuses two ranks on one GPU).
 """
+import datetime
+import threading
+
 import pytest
 import torch
 
 import deepseek_ops
 from deepseek_ops import ep, reference
-from deepseek_ops.ep._common import default_alignment
+from deepseek_ops.constants import GROUPED_GEMM_ALIGNMENT
+from deepseek_ops.ep import _ipc
+from deepseek_ops.ep._ipc import IpcLayout
 from deepseek_ops.testing import assert_bitwise_equal, calc_diff
 
 import ep_workers
@@ -223,8 +228,6 @@ def test_torch_compile_fullgraph_cpu():
 
 
 def test_ipc_layout_fields_disjoint_and_aligned():
-    from deepseek_ops.ep._ipc import IpcLayout
-
     layout = IpcLayout(world_size=8, max_tokens=4096, hidden=7168, max_topk=8)
     starts = layout.as_list()
     assert starts == sorted(starts) and all(o % 256 == 0 for o in starts)
@@ -357,7 +360,7 @@ def test_gpu_cuda_graph_no_sync():
         graph.replay()
         torch.cuda.synchronize()
         want_res = reference.ep_permute(static_x.cpu(), None, static_w.cpu(), static_idx.cpu(), num_experts,
-                                        default_alignment(), static_m.shape[0])
+                                        GROUPED_GEMM_ALIGNMENT, static_m.shape[0])
         assert_bitwise_equal(static_m.cpu(), want_res[3], "m_indices (graph)")
         dense = reference.moe_dense(static_x.cpu(), static_idx.cpu(), static_w.cpu(), lambda e, r: r)
         assert_bitwise_equal(static_out.cpu(), dense, "combine (graph)")
@@ -478,14 +481,12 @@ def test_gpu_ipc_bad_input_raises_on_every_rank():
 # ---- CPU: the ipc backend's host logic over an emulation of its device kernels ------------------
 
 class _EmulatedIpcKernels:
-    """The ep_ipc_* ops' documented semantics (csrc/ep_ipc.h) on CPU buffers, one thread per rank;
-    a threading.Barrier stands in for the release/acquire counters. Exercises the backend's host
+    """The ep_ipc_* ops' documented semantics (csrc/sm90_ep_ipc_exchange.h) on CPU buffers, one thread
+    per rank; a threading.Barrier stands in for the release/acquire counters. Exercises the backend's host
     side (layout views, slots, handles, permute and combine on the received fields); the CUDA
     kernels themselves are tested by the gpu-marked multi-process tests."""
 
     def __init__(self, buffers, layout):
-        import threading
-
         self.buffers, self.layout = buffers, layout
         self.sync = threading.Barrier(len(buffers))
 
@@ -543,11 +544,6 @@ class _EmulatedIpcKernels:
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_ipc_backend_host_logic_emulated(monkeypatch, exact):
-    import datetime
-    import threading
-
-    from deepseek_ops.ep import _ipc
-
     case = dict(world_size=3, tokens=[40, 0, 23], hidden=256, experts=12, topk=3, route="random")
     w, max_tokens, seed = 3, 40, int(torch.randint(1 << 20, ()))
     layout = _ipc.IpcLayout(w, max_tokens, case["hidden"], case["topk"])

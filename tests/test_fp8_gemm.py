@@ -369,3 +369,33 @@ def test_rejects_bad_linear_inputs():
         deepseek_ops.fp8_linear(torch.randn(4, 128), w_fp8, w_scales)
     with pytest.raises(ValueError, match="argument 'bias': expected size 32"):
         deepseek_ops.fp8_linear(torch.randn(4, 256), w_fp8, w_scales, torch.zeros(16))
+
+
+def test_rejects_misaligned_out_and_c():
+    a, a_scales, b, b_scales = _ok()
+    flat = torch.empty(8 * 32 + 1, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="argument 'out': expected a 16-byte aligned start, got storage offset 1 "
+                                         "of 2-byte elements"):
+        deepseek_ops.fp8_gemm(a, a_scales, b, b_scales, out=flat[1:].view(8, 32))
+    flat32 = torch.zeros(8 * 32 + 1)
+    with pytest.raises(ValueError, match="argument 'c': expected a 16-byte aligned start"):
+        deepseek_ops.fp8_gemm(a, a_scales, b, b_scales, out_dtype=torch.float32, c=flat32[1:].view(8, 32))
+
+
+def test_linear_errors_name_its_arguments():
+    w_fp8, w_scales = deepseek_ops.per_block_quant_fp8(torch.randn(32, 256), 128)
+    x = torch.randn(4, 256)
+    with pytest.raises(ValueError, match=r"argument 'weight_scale': expected shape \(1, 2\)"):
+        deepseek_ops.fp8_linear(x, w_fp8, w_scales[:, :1])
+    with pytest.raises(ValueError, match="argument 'weight_scale': expected dtype torch.float32"):
+        deepseek_ops.fp8_linear(x, w_fp8, w_scales.half())
+    with pytest.raises(ValueError, match="argument 'weight': N \\(weight.shape\\[-2\\]\\) must be a multiple of 16"):
+        deepseek_ops.fp8_linear(x, w_fp8[:24], w_scales)
+    with pytest.raises(ValueError, match="argument 'weight': expected dtype torch.float8_e4m3fn"):
+        deepseek_ops.fp8_linear(x, w_fp8.float(), w_scales)
+
+
+def test_linear_rejects_integer_bias():
+    w_fp8, w_scales = deepseek_ops.per_block_quant_fp8(torch.randn(32, 256), 128)
+    with pytest.raises(ValueError, match="argument 'bias': expected dtype .*got torch.int64"):
+        deepseek_ops.fp8_linear(torch.randn(4, 256), w_fp8, w_scales, torch.zeros(32, dtype=torch.int64))

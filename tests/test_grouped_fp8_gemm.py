@@ -11,7 +11,7 @@ FP8 = torch.float8_e4m3fn
 CALC_DIFF_BOUND = 1e-5
 CONTIGUOUS_CONFIGS = fp8_gemm_tile_configs("contiguous")
 MASKED_CONFIGS = fp8_gemm_tile_configs("masked")
-ALIGN = 128
+ALIGN = deepseek_ops.GROUPED_GEMM_ALIGNMENT
 
 
 def random_b(g, n, k, device):
@@ -22,7 +22,6 @@ def random_b(g, n, k, device):
 
 def make_contiguous(sizes, n, k, device="cuda"):
     """Groups of `sizes` rows, each padded to the alignment; padding rows are -1 in m_indices."""
-    assert deepseek_ops.grouped_gemm_alignment() == ALIGN
     padded = [-(-s // ALIGN) * ALIGN for s in sizes]
     offsets = [0]
     for p in padded:

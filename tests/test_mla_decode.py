@@ -10,7 +10,7 @@ import deepseek_ops
 from deepseek_ops import reference
 from deepseek_ops.testing import assert_bitwise_equal, assert_written, calc_diff, max_rel_error, poison_
 
-PAGE = 64
+PAGE = deepseek_ops.MLA_PAGE_SIZE
 SEQLENS = (0, 1, 20, 64, 65, 140, 4096, 16384)
 SCALE = 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2  # DeepSeek-V3: 192^-0.5 * YaRN mscale^2
 OUT_DIFF = 1e-5
@@ -154,6 +154,18 @@ def test_quantize_mla_kv_format():
     back = reference.dequantize_mla_kv(packed).reshape(-1, 576).float()
     err = (back[:, :512] - src[:, :512].float()).abs().reshape(-1, 4, 128)
     assert (err <= amax[..., None] * 2 ** -4 + 1e-30).all()  # e4m3 keeps 3 mantissa bits
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_cache_quantizer_is_the_activation_quantizer(device):
+    """One FP8 recipe: a packed token's latent is, byte for byte, the 1 x 128 activation
+    quantization of that latent (same scales, same rounding)."""
+    kv = (torch.randn(5, 64, 1, 576) * torch.logspace(-6, 3, 576)).to(torch.bfloat16).to(device)
+    kv[0, 0, 0, :128] = 0  # a group at the scale floor
+    flat = deepseek_ops.quantize_mla_kv(kv).reshape(-1, 656)
+    x_fp8, x_scales = deepseek_ops.per_token_group_quant_fp8(kv.reshape(-1, 576)[:, :512], 128)
+    assert_bitwise_equal(flat[:, :512], x_fp8.view(torch.uint8), "e4m3 values")
+    assert_bitwise_equal(flat[:, 512:528].contiguous().view(torch.float32), x_scales, "scales")
 
 
 @pytest.mark.parametrize("fp8", [False, True])

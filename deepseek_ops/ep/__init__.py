@@ -24,10 +24,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from deepseek_ops._checks import check_tensor
+from deepseek_ops._checks import aligned16, check_tensor
+from deepseek_ops.constants import GROUPED_GEMM_ALIGNMENT
 from deepseek_ops.ep import _local, _ops
-from deepseek_ops.ep._common import (DispatchResult, LocalHandle, XInput, check_combine_args, check_dispatch_args,
-                                     default_alignment)
+from deepseek_ops.ep._common import DispatchResult, LocalHandle, XInput, check_combine_args, check_dispatch_args
+from deepseek_ops.ep._dist import DistBackend
+from deepseek_ops.ep._ipc import IpcBackend
 
 __all__ = ["Buffer", "DispatchResult", "combine", "dispatch", "get_dispatch_layout"]
 
@@ -72,7 +74,7 @@ def dispatch(x: XInput, topk_idx: torch.Tensor, topk_weights: Optional[torch.Ten
     experts are not reported there: they are skipped like -1 (never a write past the buffer).
     """
     _check_experts(num_experts, 1)
-    alignment = default_alignment() if alignment is None else alignment
+    alignment = GROUPED_GEMM_ALIGNMENT if alignment is None else alignment
     if alignment <= 0:
         raise ValueError(f"argument 'alignment': expected a positive row count, got {alignment}")
     x_data, x_scales = check_dispatch_args(x, topk_idx, topk_weights, num_experts, check_range=exact)
@@ -89,7 +91,7 @@ def combine(y: torch.Tensor, handle: LocalHandle, topk_weights: torch.Tensor) ->
         raise ValueError(f"argument 'handle': expected the handle of deepseek_ops.ep.dispatch, got "
                          f"{type(handle).__name__}")
     check_combine_args(y, topk_weights, handle.num_rows, handle.row_of.shape)
-    return _local.combine(y.contiguous(), handle, topk_weights.contiguous())
+    return _local.combine(aligned16(y), handle, topk_weights.contiguous())
 
 
 class Buffer:
@@ -128,7 +130,7 @@ class Buffer:
         self.rank = 0 if group is None else torch.distributed.get_rank(group)
         self.max_tokens_per_rank, self.hidden, self.num_experts = max_tokens_per_rank, hidden, num_experts
         self.num_local_experts = num_experts // world_size
-        self.alignment = default_alignment() if alignment is None else alignment
+        self.alignment = GROUPED_GEMM_ALIGNMENT if alignment is None else alignment
         self.timeout_s = timeout_s
         if backend == "auto":
             backend = "local" if world_size == 1 else "torch"
@@ -137,16 +139,12 @@ class Buffer:
         self.backend = backend
         self._impl = None
         if backend == "torch":
-            from deepseek_ops.ep._dist import DistBackend
-
             self._impl = DistBackend(group, num_experts, hidden, max_tokens_per_rank, self.alignment, timeout_s)
         elif backend == "ipc":
             if group is None:
                 raise ValueError("argument 'group': backend 'ipc' needs a torch.distributed group")
             if hidden % 16 != 0:
                 raise ValueError(f"argument 'hidden': backend 'ipc' needs a multiple of 16, got {hidden}")
-            from deepseek_ops.ep._ipc import IpcBackend
-
             self._impl = IpcBackend(group, num_experts, hidden, max_tokens_per_rank, self.alignment, timeout_s,
                                     max_topk)
         self.closed = False

@@ -4,10 +4,9 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from deepseek_ops._checks import FP8, check_dim, check_tensor, check_values_in_range
+from deepseek_ops._checks import FP8, aligned16, can_read_values, check_dim, check_tensor, check_values_in_range
 
 MAX_TOPK = 32  # the kernels keep a token's destinations in shared memory
-DEFAULT_ALIGNMENT = 128
 
 XInput = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -41,24 +40,9 @@ class LocalHandle:
     num_rows: int
 
 
-def default_alignment() -> int:
-    """The grouped GEMM's row alignment (deepseek_ops.grouped_gemm_alignment), 128 until it exists."""
-    import deepseek_ops
-
-    fn = getattr(deepseek_ops, "grouped_gemm_alignment", None)
-    return int(fn()) if fn is not None else DEFAULT_ALIGNMENT
-
-
 def worst_case_rows(num_tokens: int, topk: int, num_local_experts: int, alignment: int) -> int:
     """Rows the contiguous layout can need: every pair plus (alignment - 1) padding per expert."""
     return num_tokens * topk + num_local_experts * (alignment - 1)
-
-
-def _can_read_data(t: torch.Tensor) -> bool:
-    """Data-dependent checks sync the device: skipped inside graph capture and torch.compile tracing."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def split_x(x: XInput) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -100,10 +84,9 @@ def check_dispatch_args(x: XInput, topk_idx: torch.Tensor, topk_weights: Optiona
         check_tensor("topk_weights", topk_weights, dtype=torch.float32, ndim=2, device=topk_idx.device)
         check_dim("topk_weights", topk_weights, 0, num_tokens, "tokens, as topk_idx")
         check_dim("topk_weights", topk_weights, 1, topk, "topk, as topk_idx")
-    if check_range and _can_read_data(topk_idx):
+    if check_range and can_read_values(topk_idx, sync_ok=True):
         check_values_in_range("topk_idx", topk_idx, -1, num_experts, "an expert index or -1")
-    x_data = aligned(x_data)
-    return x_data, (x_scales.contiguous() if x_scales is not None else None)
+    return aligned16(x_data), (x_scales.contiguous() if x_scales is not None else None)
 
 
 def check_combine_args(y: torch.Tensor, topk_weights: torch.Tensor, num_rows: int, row_of_shape, hidden=None):
@@ -117,11 +100,3 @@ def check_combine_args(y: torch.Tensor, topk_weights: torch.Tensor, num_rows: in
     if tuple(topk_weights.shape) != tuple(row_of_shape):
         raise ValueError(f"argument 'topk_weights': expected shape {tuple(row_of_shape)} (the dispatched "
                          f"topk_idx), got {tuple(topk_weights.shape)}")
-
-
-def aligned(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous with a 16-byte aligned start (the kernels move rows in 16-byte vectors)."""
-    t = t.contiguous()
-    if torch.compiler.is_compiling():  # traced graphs allocate their own (aligned) tensors
-        return t
-    return t if t.data_ptr() % 16 == 0 else t.clone()

@@ -4,8 +4,9 @@ Every rank allocates one symmetric buffer (the same layout everywhere), exchange
 cudaIpcGetMemHandle through the torch.distributed group (gloo is enough: the control plane carries
 only handles, argument checks and nothing else), and opens its peers' buffers. Dispatch: a device
 barrier, then each rank writes its rows straight into the receive fields of its destination ranks
-(csrc/ep_ipc.cu) and raises their arrival counters with system-scope release adds; receivers acquire
-the counters and permute the received rows into the grouped GEMM's layout (the one-GPU kernel).
+(csrc/sm90_ep_ipc_exchange.cu) and raises their arrival counters with system-scope release adds;
+receivers acquire the counters and permute the received rows into the grouped GEMM's layout (the
+one-GPU kernel).
 Combine: each expert output row is written into its home rank's combine field at (token, k), and
 the home rank sums them in k order (the one-GPU combine kernel): bitwise the other tiers' result.
 
@@ -24,6 +25,7 @@ from typing import Dict, List
 
 import torch
 
+from deepseek_ops._checks import aligned16
 from deepseek_ops.ep import _ops
 from deepseek_ops.ep._common import DispatchResult, check_combine_args, check_dispatch_args, worst_case_rows
 from deepseek_ops.ep._dist import DistBackend
@@ -39,7 +41,7 @@ class IpcLayout:
 
     FIELDS = ("barrier", "arrive", "combine_arrive", "counts", "rounds", "x", "scales", "idx", "weights", "src",
               "combine")
-    NUM_ROUNDS = 3  # kEpIpcNumRounds (csrc/ep_ipc.h): barrier, dispatch and combine rounds
+    NUM_ROUNDS = 3  # kEpIpcNumRounds (csrc/sm90_ep_ipc_exchange.h): barrier, dispatch and combine rounds
 
     def __init__(self, world_size: int, max_tokens: int, hidden: int, max_topk: int):
         rows = world_size * max_tokens
@@ -143,7 +145,7 @@ class IpcBackend(DistBackend):
         self._check_usable()
         if isinstance(handle, IpcHandle) and not handle.synced:
             check_combine_args(y, topk_weights, handle.num_rows, handle.pair_pos.shape, hidden=self.hidden)
-            return self._combine(y.contiguous(), handle, topk_weights.contiguous())
+            return self._combine(aligned16(y), handle, topk_weights.contiguous())
         return super().combine(y, handle, topk_weights)
 
     def check(self):

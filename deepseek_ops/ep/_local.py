@@ -1,5 +1,5 @@
 """One GPU (world size 1): dispatch is a permutation into the grouped GEMM's contiguous layout,
-combine the weighted un-permutation. Fused kernels (csrc/ep_local.cu); the graph-safe variant
+combine the weighted un-permutation. Fused kernels (csrc/sm90_ep_permute.cu); the graph-safe variant
 never syncs with the host."""
 from typing import Optional
 

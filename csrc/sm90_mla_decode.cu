@@ -3,7 +3,7 @@
 //   1. sm90_mla_metadata: the split-KV schedule. Work = 64-token tiles plus a fixed overhead per
 //      split; it is cut into num_parts equal contiguous pieces over (request, tile) order, so long
 //      requests are split across SMs and short ones are packed together. One thread, no host sync.
-//   2. sm90_bf16_mla_decode: CTA (head block of 64 packed query rows, part). For each request of its
+//   2. sm90_mla_decode: CTA (head block of 64 packed query rows, part). For each request of its
 //      piece: S = Q K^T (bf16, fp32 accumulators), online softmax in the log2 domain, O += P V with
 //      warpgroup MMAs (S m64n64k16, PV m64n256k16 with V the K tile read MN-major).
 //      A request done by one CTA writes out/lse directly; otherwise each split writes its normalized
@@ -50,7 +50,7 @@
 #include "fp8.cuh"
 #include "griddep.cuh"
 #include "mbarrier.cuh"
-#include "sm90_bf16_mla_decode.h"
+#include "sm90_mla_decode.h"
 #include "tensor_map.h"
 #include "tma.cuh"
 #include "warpgroup.cuh"
@@ -86,6 +86,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kRescaleThreshold = 8.0f;
 
 constexpr int kSwizzleBlockBytes = BLOCK_N * 128;    // one 64-column block of a 64-row tile
+using ScoreMma = ptx::Wgmma<__nv_bfloat16, BLOCK_N>;        // S = Q K^T, all 64 tokens of a tile
+using PvMma = ptx::Wgmma<__nv_bfloat16, kMlaHeadDimV / 2>;  // O += P V, one warpgroup's 256 columns
+static_assert(ScoreMma::kNumAccum == 32 && PvMma::kNumAccum == 128, "S is 8 x 4 and O 32 x 4 registers a thread");
 static_assert(kRowChunks % 8 == 0, "rows split into whole 128-byte swizzle blocks");
 static_assert(BLOCK_M == BLOCK_N, "Q and K tiles share one layout");
 static_assert(kMlaFp8TokenBytes % 16 == 0, "a bulk copy of whole FP8 tokens is a multiple of 16 bytes");
@@ -290,9 +293,8 @@ __device__ __forceinline__ void producer(const MlaDecodeArgs& args, const CUtens
   constexpr int kStages = kFp8 ? 1 : 2;
   // A page read by one CTA only (one head block) is read once: its lines are the first L2 evicts, so
   // the stream replaces itself instead of what else L2 holds, and no dirty line has to be written
-  // back to make room. After the benchmark's L2 flush (a 256 MiB write) that took h16 / h64 at
-  // seqlen 4096 from 0.179 / 0.185 ms to 0.166 / 0.169 ms on the H200. With several head blocks
-  // the other CTAs of the part read the same page at about the same time: no hint.
+  // back to make room (the A/B is in benchmarks/RESULTS.md). With several head blocks the other
+  // CTAs of the part read the same page at about the same time: no hint.
   const bool read_once = gridDim.x == 1;
   const uint64_t evict_first = ptx::l2_policy_evict_first();
   uint32_t fill = 0;
@@ -333,9 +335,8 @@ __device__ __forceinline__ void dequant_e4m3x16(const uint4 raw, float scale, ui
 // dequantizes); the RoPE part is copied. Tokens at or past num_valid (never loaded) become 0.
 // NOTE: 8 consumer warps are too few to hide shared-memory latency one chunk at a time, so each thread
 // loads all its chunks before converting any (the compiler may not move a load above a store to the K
-// tile: both are shared memory). On the H200 (h16, seqlen 4096) that took the FP8 decode from 0.269 ms
-// to 0.200 ms (batches of 4 chunks: 0.229 ms). Moving e4m3 bits into bf16 instead of the cvt
-// instructions was slower (0.249 ms against 0.229 ms, both with batches of 4): more instructions.
+// tile: both are shared memory). Batches of fewer chunks, and moving e4m3 bits into bf16 instead of
+// the cvt instructions (more instructions), measured slower (benchmarks/RESULTS.md).
 __device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint8_t* smem_k, int num_valid) {
   constexpr int kValueChunks = kMlaHeadDimV / 16;                      // 32 chunks of 16 e4m3 a token
   constexpr int kRopeChunks = (kMlaHeadDimQK - kMlaHeadDimV) * 2 / 16;  // 8 chunks of bf16 RoPE a token
@@ -351,12 +352,12 @@ __device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint
     const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes;
     const bool valid = token < num_valid;
     raw[v] = valid ? *reinterpret_cast<const uint4*>(src + chunk * 16) : make_uint4(0, 0, 0, 0);
-    scale[v] = valid ? reinterpret_cast<const float*>(src + kMlaHeadDimV)[chunk / 8] : 0.0f;
+    scale[v] = valid ? reinterpret_cast<const float*>(src + kMlaFp8ScalesOffset)[chunk / 8] : 0.0f;
   }
 #pragma unroll
   for (int r = 0; r < kRopesPerThread; ++r) {
     const int i = threadIdx.x + r * kNumConsumers, token = i / kRopeChunks, chunk = i % kRopeChunks;
-    const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes + kMlaHeadDimV + 16 + chunk * 16;
+    const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes + kMlaFp8RopeOffset + chunk * 16;
     rope[r] = token < num_valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
   }
 #pragma unroll
@@ -376,14 +377,16 @@ __device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint
   }
 }
 
-// Per-thread state of one warp's share of a request: O columns 256 * half .. +255 of rows
-// g and g + 8 of its row group, the row base (log2 domain: the scale of O, of the row sums and of
-// P; identical in both warpgroups) and the row sum of the tiles this warpgroup scored.
+// Per-thread state of one warp's share of a request: O columns 256 * half .. +255 of rows lane_row
+// and lane_row + 8 of its row group, the row base (log2 domain: the scale of O, of the row sums and
+// of P; identical in both warpgroups) and the row sum of the tiles this warpgroup scored.
 struct Consumer {
-  int row_group, half, g, t;
+  int row_group, half;
+  int lane_row;  // lane / 4: this lane holds accumulator rows lane_row and lane_row + 8 of the 16
+  int lane_col;  // lane % 4: and columns 2 lane_col, 2 lane_col + 1 of every 8-column tile
   float o[32][4];           // 32 n8 tiles of the 16 x 256 O slice
   float row_base[2], row_sum[2];
-  int key_limit[2];         // keys < key_limit are visible to row g (+ 8)
+  int key_limit[2];         // keys < key_limit are visible to row lane_row (+ 8)
 };
 
 __device__ __forceinline__ void consumer_reset(Consumer& c, const MlaDecodeArgs& args, const Request& r, int row_base) {
@@ -394,37 +397,27 @@ __device__ __forceinline__ void consumer_reset(Consumer& c, const MlaDecodeArgs&
     c.row_base[h] = -INFINITY;
     c.row_sum[h] = 0.0f;
     // Bottom-right causal alignment: query i of s_q sees keys < seqlen - s_q + 1 + i.
-    const int row = row_base + 16 * c.row_group + c.g + 8 * h;
+    const int row = row_base + 16 * c.row_group + c.lane_row + 8 * h;
     const int q_idx = row / args.h_q;
     const int limit = args.causal ? r.seqlen - args.s_q + 1 + q_idx : r.seqlen;
     c.key_limit[h] = limit < r.seqlen ? limit : r.seqlen;
   }
 }
 
-// Orders the accumulators after a wgmma wait (the compiler does not see wgmma write them).
-template <int kN>
-__device__ __forceinline__ void fence_accumulators(float (&d)[kN]) {
-#pragma unroll
-  for (int i = 0; i < kN; ++i) ptx::wgmma_fence_operand(d[i]);
-}
-
-// Descriptor start address advanced by `bytes` (the address field counts 16-byte units).
-__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
-
 // The scoring warpgroup: S[64 rows, 64 tokens] = Q K^T over 36 k-steps (Q and K K-major).
 __device__ __forceinline__ void scores_wgmma(const uint8_t* smem_q, const uint8_t* smem_k, float (&s)[8][4]) {
   float(&d)[32] = reinterpret_cast<float(&)[32]>(s);
   const uint64_t desc_q = ptx::make_smem_desc_sw128(smem_q);
   const uint64_t desc_k = ptx::make_smem_desc_sw128(smem_k);
-  ptx::wgmma_fence();
+  ptx::warpgroup::wgmma_fence();
 #pragma unroll
   for (int k_idx = 0; k_idx < kMlaHeadDimQK / 16; ++k_idx) {
     const uint32_t offset = (k_idx / 4) * kSwizzleBlockBytes + (k_idx % 4) * 32;
-    ptx::wgmma_m64n64k16_bf16_f32(d, desc_advance(desc_q, offset), desc_advance(desc_k, offset), k_idx > 0);
+    ScoreMma::mma(d, ptx::smem_desc_advance(desc_q, offset), ptx::smem_desc_advance(desc_k, offset), k_idx > 0);
   }
-  ptx::wgmma_commit_group();
-  ptx::wgmma_wait_group<0>();
-  fence_accumulators(d);
+  ptx::warpgroup::wgmma_commit_group();
+  ptx::warpgroup::wgmma_wait_group<0>();
+  ptx::warpgroup::fence_accumulators(d);
 }
 
 // The scoring warpgroup's part of a tile: S in the log2 domain and masked, the rows' bases (to
@@ -439,7 +432,7 @@ __device__ __forceinline__ void score_tile(const Consumer& c, const uint8_t* sme
   for (int j = 0; j < 8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int token = tile * BLOCK_N + 8 * j + 2 * c.t + (e & 1);
+      const int token = tile * BLOCK_N + 8 * j + 2 * c.lane_col + (e & 1);
       s[j][e] = token < c.key_limit[e >> 1] ? s[j][e] * scale_log2 : -INFINITY;
     }
   }
@@ -449,7 +442,7 @@ __device__ __forceinline__ void score_tile(const Consumer& c, const uint8_t* sme
   uint8_t* smem_p = smem_k + 8 * kSwizzleBlockBytes;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int row = 16 * c.row_group + c.g + 8 * h;
+    const int row = 16 * c.row_group + c.lane_row + 8 * h;
     float m = -INFINITY;
 #pragma unroll
     for (int j = 0; j < 8; ++j) m = fmaxf(m, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
@@ -458,7 +451,7 @@ __device__ __forceinline__ void score_tile(const Consumer& c, const uint8_t* sme
     // The base only rises, and only past the threshold (-inf + threshold is -inf: the first visible
     // key sets it). The 4 lanes of a row agree: same m, same row_base.
     const float base = m > c.row_base[h] + kRescaleThreshold ? m : c.row_base[h];
-    if (c.t == 0) smem_base[row] = base;
+    if (c.lane_col == 0) smem_base[row] = base;
     const float exp_base = base == -INFINITY ? 0.0f : base;  // no visible key yet: every p is exp2(-inf) = 0
     float sum = 0.0f;
 #pragma unroll
@@ -466,7 +459,7 @@ __device__ __forceinline__ void score_tile(const Consumer& c, const uint8_t* sme
       const float p0 = exp2f(s[j][2 * h] - exp_base), p1 = exp2f(s[j][2 * h + 1] - exp_base);
       // NOTE: the row sum takes the fp32 values: summing the bf16-rounded ones costs lse ~1e-4 accuracy.
       sum += p0 + p1;
-      *reinterpret_cast<__nv_bfloat162*>(smem_p + swizzled(row, j) + 4 * c.t) = __floats2bfloat162_rn(p0, p1);
+      *reinterpret_cast<__nv_bfloat162*>(smem_p + swizzled(row, j) + 4 * c.lane_col) = __floats2bfloat162_rn(p0, p1);
     }
     tile_sum[h] = sum;
   }
@@ -479,7 +472,7 @@ __device__ __forceinline__ void rebase(Consumer& c, const float* smem_base, cons
   bool moved = false;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const float base = smem_base[16 * c.row_group + c.g + 8 * h];
+    const float base = smem_base[16 * c.row_group + c.lane_row + 8 * h];
     // base >= row_base; both -inf (no visible key yet) is unmoved, so exp2 never sees -inf - -inf.
     const bool row_moved = base != c.row_base[h];
     factor[h] = row_moved ? exp2f(c.row_base[h] - base) : 1.0f;
@@ -504,15 +497,15 @@ __device__ __forceinline__ void pv_wgmma(Consumer& c, const uint8_t* smem_k) {
   const uint64_t desc_p = ptx::make_smem_desc_sw128(smem_k + 8 * kSwizzleBlockBytes);
   const uint64_t desc_v = ptx::make_smem_desc_sw128_mn(smem_k + 4 * c.half * kSwizzleBlockBytes, kSwizzleBlockBytes,
                                                        8 * 128);
-  ptx::wgmma_fence();
+  ptx::warpgroup::wgmma_fence();
 #pragma unroll
   for (int k_idx = 0; k_idx < BLOCK_N / 16; ++k_idx) {
-    ptx::wgmma_m64n256k16_bf16_f32_mn_b(d, desc_advance(desc_p, 32 * k_idx), desc_advance(desc_v, 16 * 128 * k_idx),
-                                        1);
+    PvMma::mma<ptx::Major::kMN>(d, ptx::smem_desc_advance(desc_p, 32 * k_idx),
+                                ptx::smem_desc_advance(desc_v, 16 * 128 * k_idx), true);
   }
-  ptx::wgmma_commit_group();
-  ptx::wgmma_wait_group<0>();
-  fence_accumulators(d);
+  ptx::warpgroup::wgmma_commit_group();
+  ptx::warpgroup::wgmma_wait_group<0>();
+  ptx::warpgroup::fence_accumulators(d);
 }
 
 // One tile: the scorer computes S, the bases and P, one barrier publishes them, then both warpgroups
@@ -541,20 +534,20 @@ __device__ __forceinline__ void write_results(Consumer& c, const MlaDecodeArgs& 
     float sum = c.row_sum[h];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    if (c.t == 0) smem_sum[c.half * BLOCK_M + 16 * c.row_group + c.g + 8 * h] = sum;
+    if (c.lane_col == 0) smem_sum[c.half * BLOCK_M + 16 * c.row_group + c.lane_row + 8 * h] = sum;
   }
   consumer_sync();
   const int rows = args.s_q * args.h_q;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int local_row = 16 * c.row_group + c.g + 8 * h;
+    const int local_row = 16 * c.row_group + c.lane_row + 8 * h;
     const int row = row_base + local_row;
     if (row >= rows) continue;
     const float sum = smem_sum[local_row] + smem_sum[BLOCK_M + local_row];
     const bool has_keys = sum != 0.0f;  // a NaN sum (a NaN in the cache) stays NaN, as in the reference
     const float inv = has_keys ? 1.0f / sum : 0.0f;
     const float lse_log2 = c.row_base[h] + log2f(sum);
-    const int col = 256 * c.half + 2 * c.t;
+    const int col = 256 * c.half + 2 * c.lane_col;
     if (r.num_splits == 1) {
       __nv_bfloat16* gmem_out = static_cast<__nv_bfloat16*>(args.out) + (static_cast<int64_t>(r.idx) * rows + row) * kMlaHeadDimV + col;
 #pragma unroll
@@ -562,7 +555,7 @@ __device__ __forceinline__ void write_results(Consumer& c, const MlaDecodeArgs& 
         *reinterpret_cast<__nv_bfloat162*>(gmem_out + 8 * j) =
             __floats2bfloat162_rn(c.o[j][2 * h] * inv, c.o[j][2 * h + 1] * inv);
       }
-      if (c.half == 0 && c.t == 0) {
+      if (c.half == 0 && c.lane_col == 0) {
         const int q_idx = row / args.h_q, head_idx = row % args.h_q;
         args.lse[(static_cast<int64_t>(r.idx) * args.h_q + head_idx) * args.s_q + q_idx] =
             has_keys ? lse_log2 * kLn2 : INFINITY;
@@ -573,7 +566,7 @@ __device__ __forceinline__ void write_results(Consumer& c, const MlaDecodeArgs& 
       for (int j = 0; j < 32; ++j) {
         *reinterpret_cast<float2*>(gmem_o + 8 * j) = make_float2(c.o[j][2 * h] * inv, c.o[j][2 * h + 1] * inv);
       }
-      if (c.half == 0 && c.t == 0) {
+      if (c.half == 0 && c.lane_col == 0) {
         args.lse_accum[static_cast<int64_t>(r.split_global) * rows + row] = has_keys ? lse_log2 * kLn2 : -INFINITY;
       }
     }
@@ -601,8 +594,8 @@ __device__ __forceinline__ void consumer(const MlaDecodeArgs& args, const int* s
   Consumer c;
   c.row_group = threadIdx.x / 32 % 4;
   c.half = threadIdx.x / 128;
-  c.g = threadIdx.x % 32 / 4;
-  c.t = threadIdx.x % 4;
+  c.lane_row = threadIdx.x % 32 / 4;
+  c.lane_col = threadIdx.x % 4;
 
   uint32_t fill = 0;  // the producer's fill index of the next tile
   for (int req = sched[0]; req <= sched[2]; ++req) {
@@ -638,7 +631,7 @@ __device__ __forceinline__ void consumer(const MlaDecodeArgs& args, const int* s
 
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1)
-    sm90_bf16_mla_decode_kernel(const __grid_constant__ MlaDecodeArgs args, const __grid_constant__ CUtensorMap tmap_kv) {
+    sm90_mla_decode_kernel(const __grid_constant__ MlaDecodeArgs args, const __grid_constant__ CUtensorMap tmap_kv) {
   // NOTE: 1024-byte alignment: the base offset of every 128-byte-swizzled wgmma operand is 0, and the
   // SWIZZLE_128B pattern TMA writes (address bits 4-6 XOR 7-9) is the one `swizzled` computes.
   extern __shared__ __align__(1024) uint8_t smem[];
@@ -659,12 +652,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();  // the only CTA-wide barrier: the roles never wait for each other's threads after it
 
   if (threadIdx.x >= kNumConsumers) {
-    ptx::setmaxnreg_dec<kProducerRegs>();
+    ptx::warpgroup::setmaxnreg_dec<kProducerRegs>();
     if (threadIdx.x / 32 != kNumConsumers / 32) return;  // warps 9-11 only lend their registers
     if (!kFp8 && threadIdx.x == kNumConsumers) ptx::tma_prefetch_descriptor(&tmap_kv);
     producer<kFp8>(args, &tmap_kv, sched, smem, full, empty);
   } else {
-    ptx::setmaxnreg_inc<kConsumerRegs>();
+    ptx::warpgroup::setmaxnreg_inc<kConsumerRegs>();
     consumer<kFp8>(args, sched, smem, full, empty);
   }
 }
@@ -744,27 +737,15 @@ namespace {
 // The bf16 cache as a 2-D tensor [num_blocks * 64 tokens, 576], read in SWIZZLE_128B boxes of
 // 64 tokens x 64 columns: box b of a page is 64-column block b of the swizzled K tile.
 CUtensorMap make_kv_tensor_map(const MlaDecodeArgs& args) {
-  CUtensorMap map{};
-  if (args.num_blocks == 0) return map;  // never read: every token counts as past seqlen
-  const cuuint64_t dims[2] = {kMlaHeadDimQK, static_cast<cuuint64_t>(args.num_blocks) * BLOCK_N};
-  const cuuint64_t strides[1] = {kRowBytes};
-  const cuuint32_t box[2] = {64, BLOCK_N};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult status = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(args.kv_cache),
-                                         dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                         CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (status != CUDA_SUCCESS) {
-    throw std::runtime_error("deepseek_ops: cuTensorMapEncodeTiled failed for the MLA kv_cache (CUresult " +
-                             std::to_string(static_cast<int>(status)) + ", " + std::to_string(args.num_blocks) +
-                             " pages)");
-  }
-  return map;
+  if (args.num_blocks == 0) return CUtensorMap{};  // never read: every token counts as past seqlen
+  return encode_tensor_map_2d(args.kv_cache, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, kMlaHeadDimQK,
+                              static_cast<uint64_t>(args.num_blocks) * BLOCK_N, kMlaHeadDimQK, 64, BLOCK_N,
+                              CU_TENSOR_MAP_SWIZZLE_128B, "the MLA kv_cache");
 }
 
 template <bool kFp8>
 void launch_decode_kernel(const MlaDecodeArgs& args, dim3 grid, cudaStream_t stream) {
-  auto kernel = sm90_bf16_mla_decode_kernel<kFp8>;
+  auto kernel = sm90_mla_decode_kernel<kFp8>;
   static std::once_flag attribute_set[kMaxDevices];  // one per kernel instantiation
   once_per_device(attribute_set, [kernel] {
     DSO_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));

@@ -5,11 +5,12 @@
 // rank counts its rounds on the device (layout.rounds), so a CUDA graph of the kernels stays valid.
 #include <cstring>
 
-#include "special_registers.cuh"
-#include "common.h"
-#include "ep_ipc.h"
-#include "fence.cuh"
 #include "atomic.cuh"
+#include "common.h"
+#include "fence.cuh"
+#include "scoped_memory.cuh"
+#include "sm90_ep_ipc_exchange.h"
+#include "special_registers.cuh"
 
 namespace dso {
 namespace {

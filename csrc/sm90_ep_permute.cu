@@ -27,7 +27,7 @@
 
 #include "atomic.cuh"
 #include "common.h"
-#include "ep_local.h"
+#include "sm90_ep_permute.h"
 #include "griddep.cuh"
 #include "launch_pdl.h"
 #include "memory.cuh"
@@ -53,7 +53,7 @@ constexpr int kScanUnroll = 32;               // block counts in flight per thre
 constexpr int kNumTicketSlots = 1 << 16;
 // 16-byte chunks of the row a rows thread holds in registers: 8 for rows up to kShortRowBytes (an
 // FP8 row of hidden 7168: 64-thread blocks, so more tokens' rows are resident and loaded while count
-// runs; measured on the H200: FP8 dispatch 88.6 -> 86.8 us), else 4 (bf16: 8 was 0.5% slower).
+// runs), else 4 (for bf16 rows 8 measured slower; benchmarks/RESULTS.md).
 constexpr int kShortRowChunks = 8;
 constexpr int kLongRowChunks = 4;
 constexpr int64_t kShortRowBytes = 8192;

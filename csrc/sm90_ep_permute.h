@@ -1,5 +1,6 @@
-// Launchers of the one-GPU expert-parallel kernels (csrc/ep_local.cu): layout counting, the dispatch
-// permutation into the grouped GEMM's per-expert contiguous layout, and the weighted combine.
+// Launchers of the one-GPU expert-parallel kernels (csrc/sm90_ep_permute.cu): layout counting, the
+// dispatch permutation into the grouped GEMM's per-expert contiguous layout, and the weighted combine
+// (the un-permutation).
 #pragma once
 #include <cstdint>
 

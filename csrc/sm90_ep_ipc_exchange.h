@@ -1,6 +1,6 @@
-// Launchers of the intranode expert-parallel kernels (csrc/ep_ipc.cu): every rank pushes rows into
-// its peers' symmetric buffers (opened with cudaIpcOpenMemHandle) and raises their arrival counters
-// with system-scope release adds; receivers acquire. Every wait is bounded: past timeout_ns the
+// Launchers of the intranode expert-parallel kernels (csrc/sm90_ep_ipc_exchange.cu): every rank
+// pushes rows into its peers' symmetric buffers (opened with cudaIpcOpenMemHandle) and raises their
+// arrival counters with system-scope release adds; receivers acquire. Every wait is bounded: past timeout_ns the
 // kernel stores its step code into `error` and returns (the host raises), never hangs.
 #pragma once
 #include <cstdint>

@@ -1,0 +1,127 @@
+// CUDA adapters of the FP8 GEMM ops (schemas in registration.cpp; kernels in sm90_fp8_gemm.cu).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "sm90_fp8_gemm.h"
+#include "torch_utils.h"
+
+namespace {
+
+// a_scales [rows, k/128] (masked: [groups, rows, k/128]) in the M-major layout the GEMM kernels read
+// (deepseek_ops/gemm.py describes it), and its ld. Any other layout is first copied into it (one
+// small extra kernel).
+std::pair<at::Tensor, int64_t> gemm_m_major_scales(const at::Tensor& scales) {
+  const bool grouped = scales.dim() == 3;
+  const int64_t rows = grouped ? scales.size(0) * scales.size(1) : scales.size(0);
+  const int64_t num_k_blocks = scales.size(-1);
+  const int64_t ld = scales.stride(-1);
+  const bool rows_contiguous = scales.stride(-2) == 1 && (!grouped || scales.stride(0) == scales.size(1));
+  const bool aligned = reinterpret_cast<uintptr_t>(scales.data_ptr()) % 16 == 0;
+  if (rows_contiguous && aligned && (num_k_blocks == 1 || (ld >= rows && ld % 4 == 0))) {
+    return {scales, num_k_blocks == 1 ? dso::align_up<int64_t>(rows, 4) : ld};
+  }
+  const int64_t padded = dso::align_up<int64_t>(rows, 4);
+  auto m_major = at::empty({num_k_blocks, padded}, scales.options()).narrow(1, 0, rows).t();  // [rows, kb]
+  m_major.copy_(scales.reshape({rows, num_k_blocks}));
+  return {m_major, padded};
+}
+
+// Fills the operand fields of a GEMM problem; rows = a's rows (groups flattened).
+dso::Fp8GemmProblem gemm_problem(dso::GemmType type, const at::Tensor& a, const at::Tensor& a_scales_m_major,
+                                 int64_t a_scales_ld, const at::Tensor& b, const at::Tensor& b_scales,
+                                 const at::Tensor& out) {
+  dso::Fp8GemmProblem p;
+  p.type = type;
+  p.k = a.size(-1);
+  p.n = b.size(-2);
+  p.num_groups = b.dim() == 3 ? b.size(0) : 1;
+  // A row stride is meaningless for a single row; the kernel's tensor map still needs a valid one.
+  p.a = a.data_ptr();
+  p.lda = a.size(-2) == 1 ? p.k : a.stride(-2);
+  p.a_scales = a_scales_m_major.data_ptr<float>();
+  p.a_scales_ld = a_scales_ld;
+  p.b = b.data_ptr();
+  p.ldb = b.stride(-2);
+  p.b_scales = b_scales.data_ptr<float>();
+  p.d = out.data_ptr();
+  p.ldd = out.stride(-2);
+  p.d_fp32 = out.scalar_type() == at::kFloat;
+  return p;
+}
+
+void fp8_gemm_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                       const at::Tensor& b_scales, const std::optional<at::Tensor>& c, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (a.size(0) == 0 || b.size(0) == 0) return;
+  const auto [sfa, sfa_ld] = gemm_m_major_scales(a_scales);
+  const auto sfb = b_scales.contiguous();
+  dso::Fp8GemmProblem p = gemm_problem(dso::GemmType::kNormal, a, sfa, sfa_ld, b, sfb, out);
+  p.m = a.size(0);
+  if (c.has_value()) {
+    p.c = c->data_ptr<float>();
+    p.ldc = c->stride(0);
+  }
+  dso::launch_sm90_fp8_gemm(p, dso::current_stream());
+}
+
+at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                         const at::Tensor& b_scales, at::ScalarType out_dtype, const std::optional<at::Tensor>& c) {
+  auto out = at::empty({a.size(0), b.size(0)}, a.options().dtype(out_dtype));
+  fp8_gemm_out_cuda(a, a_scales, b, b_scales, c, out);
+  return out;
+}
+
+void grouped_fp8_gemm_contiguous_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                                          const at::Tensor& b_scales, const at::Tensor& m_indices, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (a.size(0) == 0 || b.size(0) == 0 || b.size(1) == 0) return;
+  const auto [sfa, sfa_ld] = gemm_m_major_scales(a_scales);
+  const auto sfb = b_scales.contiguous();
+  dso::Fp8GemmProblem p = gemm_problem(dso::GemmType::kGroupedContiguous, a, sfa, sfa_ld, b, sfb, out);
+  p.m = a.size(0);
+  p.m_indices = m_indices.data_ptr<int32_t>();
+  dso::launch_sm90_fp8_gemm(p, dso::current_stream());
+}
+
+at::Tensor grouped_fp8_gemm_contiguous_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                                            const at::Tensor& b_scales, const at::Tensor& m_indices) {
+  auto out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
+  grouped_fp8_gemm_contiguous_out_cuda(a, a_scales, b, b_scales, m_indices, out);
+  return out;
+}
+
+void grouped_fp8_gemm_masked_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                                      const at::Tensor& b_scales, const at::Tensor& masked_m, int64_t expected_m,
+                                      at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (a.size(0) == 0 || a.size(1) == 0 || b.size(1) == 0) return;
+  const auto [sfa, sfa_ld] = gemm_m_major_scales(a_scales);
+  const auto sfb = b_scales.contiguous();
+  // Groups are flattened into rows, so each group's rows must directly follow the previous group's.
+  const auto a_flat = a.contiguous();
+  dso::Fp8GemmProblem p = gemm_problem(dso::GemmType::kGroupedMasked, a_flat, sfa, sfa_ld, b, sfb, out);
+  p.m = a.size(1);
+  p.masked_m = masked_m.data_ptr<int32_t>();
+  p.expected_m = expected_m;
+  dso::launch_sm90_fp8_gemm(p, dso::current_stream());
+}
+
+at::Tensor grouped_fp8_gemm_masked_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                                        const at::Tensor& b_scales, const at::Tensor& masked_m, int64_t expected_m) {
+  auto out = at::empty({a.size(0), a.size(1), b.size(1)}, a.options().dtype(at::kBFloat16));
+  grouped_fp8_gemm_masked_out_cuda(a, a_scales, b, b_scales, masked_m, expected_m, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deepseek_ops, CUDA, m) {
+  m.impl("fp8_gemm", &fp8_gemm_cuda);
+  m.impl("fp8_gemm_out", &fp8_gemm_out_cuda);
+  m.impl("grouped_fp8_gemm_contiguous", &grouped_fp8_gemm_contiguous_cuda);
+  m.impl("grouped_fp8_gemm_contiguous_out", &grouped_fp8_gemm_contiguous_out_cuda);
+  m.impl("grouped_fp8_gemm_masked", &grouped_fp8_gemm_masked_cuda);
+  m.impl("grouped_fp8_gemm_masked_out", &grouped_fp8_gemm_masked_out_cuda);
+}

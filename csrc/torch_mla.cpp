@@ -1,0 +1,89 @@
+// CUDA adapters of the MLA ops (schemas in registration.cpp; kernels in sm90_mla_decode.cu and
+// sm90_mla_cache.cu).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "sm90_mla_cache.h"
+#include "sm90_mla_decode.h"
+#include "torch_utils.h"
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache_seqlens, int64_t num_sm_parts) {
+  const c10::cuda::CUDAGuard guard(cache_seqlens.device());
+  const int64_t batch = cache_seqlens.size(0);
+  auto opts = cache_seqlens.options().dtype(at::kInt);
+  auto tile_sched = at::empty({num_sm_parts, dso::kMlaSchedCols}, opts);
+  auto split_offsets = at::empty({batch + 1}, opts);
+  dso::launch_mla_metadata(cache_seqlens.data_ptr<int>(), static_cast<int>(batch), static_cast<int>(num_sm_parts),
+                           tile_sched.data_ptr<int>(), split_offsets.data_ptr<int>(), dso::current_stream());
+  return {tile_sched, split_offsets};
+}
+
+at::Tensor mla_decode_cuda(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,
+                           const at::Tensor& cache_seqlens, double softmax_scale, bool causal,
+                           const at::Tensor& tile_sched, const at::Tensor& split_offsets, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2), num_parts = tile_sched.size(0);
+  auto lse = at::empty({batch, h_q, s_q}, q.options().dtype(at::kFloat));
+  if (batch == 0) return lse;
+  // Split workspaces: a part shares at most one request with the next, so batch + num_parts splits at most.
+  auto o_accum = at::empty({batch + num_parts, s_q * h_q, dso::kMlaHeadDimV}, q.options().dtype(at::kFloat));
+  auto lse_accum = at::empty({batch + num_parts, s_q * h_q}, q.options().dtype(at::kFloat));
+  dso::MlaDecodeArgs args{};
+  args.q = q.data_ptr();
+  args.kv_cache = kv_cache.data_ptr();
+  args.block_table = block_table.data_ptr<int>();
+  args.cache_seqlens = cache_seqlens.data_ptr<int>();
+  args.tile_sched = tile_sched.data_ptr<int>();
+  args.split_offsets = split_offsets.data_ptr<int>();
+  args.out = out.data_ptr();
+  args.lse = lse.data_ptr<float>();
+  args.o_accum = o_accum.data_ptr<float>();
+  args.lse_accum = lse_accum.data_ptr<float>();
+  args.batch = static_cast<int>(batch);
+  args.s_q = static_cast<int>(s_q);
+  args.h_q = static_cast<int>(h_q);
+  args.num_blocks = static_cast<int>(kv_cache.size(0));
+  args.max_blocks = static_cast<int>(block_table.size(1));
+  args.block_table_stride = static_cast<int>(block_table.stride(0));
+  args.num_parts = static_cast<int>(num_parts);
+  args.softmax_scale = static_cast<float>(softmax_scale);
+  args.causal = causal;
+  args.fp8_cache = kv_cache.scalar_type() == at::kByte;
+  dso::launch_mla_decode(args, dso::current_stream());
+  return lse;
+}
+
+at::Tensor quantize_mla_kv_cuda(const at::Tensor& kv) {
+  const c10::cuda::CUDAGuard guard(kv.device());
+  auto sizes = kv.sizes().vec();
+  sizes.back() = dso::kMlaFp8TokenBytes;
+  auto packed = at::empty(sizes, kv.options().dtype(at::kByte));
+  const int64_t num_tokens = kv.numel() / dso::kMlaHeadDimQK;
+  if (num_tokens > 0) dso::launch_mla_quantize_kv(kv.data_ptr(), packed.data_ptr(), num_tokens, dso::current_stream());
+  return packed;
+}
+
+void mla_cache_append_cuda(at::Tensor& kv_cache, const at::Tensor& block_table, const at::Tensor& positions,
+                           const at::Tensor& c_kv, const at::Tensor& k_pe) {
+  const c10::cuda::CUDAGuard guard(kv_cache.device());
+  const int64_t batch = c_kv.size(0), tokens_per_req = c_kv.size(1);
+  if (batch * tokens_per_req == 0) return;
+  dso::launch_mla_cache_append(kv_cache.data_ptr(), kv_cache.scalar_type() == at::kByte,
+                               static_cast<int>(kv_cache.size(0)), block_table.data_ptr<int>(),
+                               static_cast<int>(block_table.size(1)), static_cast<int>(block_table.stride(0)),
+                               positions.data_ptr<int>(), c_kv.data_ptr(), k_pe.data_ptr(), static_cast<int>(batch),
+                               static_cast<int>(tokens_per_req), dso::current_stream());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deepseek_ops, CUDA, m) {
+  m.impl("get_mla_metadata", &get_mla_metadata_cuda);
+  m.impl("mla_decode", &mla_decode_cuda);
+  m.impl("quantize_mla_kv", &quantize_mla_kv_cuda);
+  m.impl("mla_cache_append", &mla_cache_append_cuda);
+}

@@ -1,0 +1,101 @@
+// CUDA adapters of the FP8 quantization ops (schemas in registration.cpp; kernels in sm90_fp8_quant.cu).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "sm90_fp8_quant.h"
+#include "torch_utils.h"
+
+namespace {
+
+dso::FloatKind float_kind(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return dso::FloatKind::kBF16;
+    case at::kHalf: return dso::FloatKind::kFP16;
+    case at::kFloat: return dso::FloatKind::kFP32;
+    default: TORCH_CHECK(false, "deepseek_ops: unsupported dtype ", t.scalar_type());
+  }
+}
+
+// The quantization kernels read 16-byte vectors from row-major rows: a strided view, or a
+// contiguous one whose storage offset is not 16-byte aligned, is copied first (the public functions
+// pass deepseek_ops._checks.aligned16 tensors; this keeps direct torch.ops callers memory-safe).
+at::Tensor dense_aligned16(const at::Tensor& t) {
+  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (t.is_contiguous() && aligned) return t;
+  return t.is_contiguous() ? t.clone() : t.contiguous();
+}
+
+// fp32 [m, num_groups] scales, row-major or in the GEMMs' M-major layout (deepseek_ops/gemm.py).
+at::Tensor empty_group_scales(const at::Tensor& like, int64_t m, int64_t num_groups, bool column_major) {
+  if (!column_major) return at::empty({m, num_groups}, like.options().dtype(at::kFloat));
+  const int64_t m_pad = dso::align_up<int64_t>(m, 4);
+  return at::empty({num_groups, m_pad}, like.options().dtype(at::kFloat)).narrow(1, 0, m).t();
+}
+
+std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8_cuda(const at::Tensor& x_arg, int64_t group_size,
+                                                                  bool ue8m0, bool column_major_scales) {
+  const c10::cuda::CUDAGuard guard(x_arg.device());
+  const at::Tensor x = dense_aligned16(x_arg);
+  const int64_t m = x.size(0), k = x.size(1), num_groups = k / group_size;
+  auto x_fp8 = at::empty({m, k}, x.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor scales = empty_group_scales(x, m, num_groups, column_major_scales);
+  if (m > 0) {
+    dso::launch_per_token_group_quant_fp8(x.data_ptr(), float_kind(x), x_fp8.data_ptr(), scales.data_ptr<float>(),
+                                          m, k, group_size, ue8m0, scales.stride(0), scales.stride(1),
+                                          dso::current_stream());
+  }
+  return {x_fp8, scales};
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_mul_quant_fp8_cuda(const at::Tensor& h_arg, bool ue8m0,
+                                                           bool column_major_scales) {
+  const c10::cuda::CUDAGuard guard(h_arg.device());
+  const at::Tensor h = dense_aligned16(h_arg);
+  const int64_t m = h.size(0), k = h.size(1) / 2;
+  auto act_fp8 = at::empty({m, k}, h.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor scales = empty_group_scales(h, m, k / 128, column_major_scales);
+  if (m > 0) {
+    dso::launch_silu_mul_quant_fp8(h.data_ptr(), float_kind(h), act_fp8.data_ptr(), scales.data_ptr<float>(), m, k,
+                                   ue8m0, scales.stride(0), scales.stride(1), dso::current_stream());
+  }
+  return {act_fp8, scales};
+}
+
+std::tuple<at::Tensor, at::Tensor> per_block_quant_fp8_cuda(const at::Tensor& w_arg, int64_t block_size,
+                                                            bool ue8m0) {
+  const c10::cuda::CUDAGuard guard(w_arg.device());
+  const at::Tensor w = dense_aligned16(w_arg);
+  const int64_t n = w.size(0), k = w.size(1);
+  auto w_fp8 = at::empty({n, k}, w.options().dtype(at::kFloat8_e4m3fn));
+  auto scales = at::empty({dso::ceil_div<int64_t>(n, block_size), dso::ceil_div<int64_t>(k, block_size)},
+                          w.options().dtype(at::kFloat));
+  if (n > 0 && k > 0) {
+    dso::launch_per_block_quant_fp8(w.data_ptr(), float_kind(w), w_fp8.data_ptr(), scales.data_ptr<float>(), n, k,
+                                    block_size, ue8m0, dso::current_stream());
+  }
+  return {w_fp8, scales};
+}
+
+at::Tensor dequant_fp8_block_cuda(const at::Tensor& w_arg, const at::Tensor& scales_arg, int64_t block_size,
+                                  at::ScalarType out_dtype) {
+  const c10::cuda::CUDAGuard guard(w_arg.device());
+  const at::Tensor w = dense_aligned16(w_arg), scales = scales_arg.contiguous();
+  const int64_t n = w.size(0), k = w.size(1);
+  auto out = at::empty({n, k}, w.options().dtype(out_dtype));
+  if (n > 0 && k > 0) {
+    dso::launch_dequant_fp8_block(w.data_ptr(), scales.data_ptr<float>(), out.data_ptr(), float_kind(out), n, k,
+                                  block_size, scales.size(1), dso::current_stream());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deepseek_ops, CUDA, m) {
+  m.impl("per_token_group_quant_fp8", &per_token_group_quant_fp8_cuda);
+  m.impl("silu_mul_quant_fp8", &silu_mul_quant_fp8_cuda);
+  m.impl("per_block_quant_fp8", &per_block_quant_fp8_cuda);
+  m.impl("dequant_fp8_block", &dequant_fp8_block_cuda);
+}

@@ -1,0 +1,19 @@
+"""Numbers the kernels, the references and the model share. The C++ side mirrors each one once:
+csrc/sm90_mla_cache.h (MLA cache geometry), csrc/fp8_recipe.cuh (FP8 recipe), and the grouped
+GEMM's BLOCK_M (csrc/sm90_fp8_gemm.cu) is the group alignment.
+"""
+
+# The FP8 recipe (DeepSeek-V3): a group's scale is max(amax, FP8_SCALE_FLOOR) / FP8_MAX, an IEEE fp32
+# division; values are quantized as value * (1 / scale), the reciprocal and the product each rounded
+# to nearest in fp32, then rounded to nearest even (saturating) into e4m3.
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_SCALE_FLOOR = 1e-4  # an all-zero group still gets a positive scale
+
+# Rows of each group of grouped_fp8_gemm_contiguous's `a` start at a multiple of this (pad each group to it).
+GROUPED_GEMM_ALIGNMENT = 128
+
+# The paged MLA latent cache.
+MLA_PAGE_SIZE = 64  # tokens per page
+MLA_HEAD_DIM_QK = 576  # 512 latent (c_KV) + 64 RoPE (k_pe)
+MLA_HEAD_DIM_V = 512  # V = the first 512 latent entries of K
+MLA_FP8_TOKEN_BYTES = 656  # packed FP8 token: 512 e4m3 + 4 fp32 scales + 64 bf16 RoPE
