@@ -51,8 +51,9 @@ constexpr int kWarpgroupThreads = 128;
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
 
-template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32, int kClusterSize>
+template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32, int CLUSTER_SIZE>
 struct Kernel {
+  static constexpr int kClusterSize = CLUSTER_SIZE;
   static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 256, "BLOCK_M is 64, 128 or 256");
   static_assert(block_n_supported(BLOCK_N), "BLOCK_N: a multiple of 16 whose tiles touch <= 2 scale blocks");
   static_assert(!(BLOCK_M == 256 && BLOCK_N > 128), "256-row tiles hold 2 x BLOCK_N / 2 results: BLOCK_N <= 128");
@@ -286,50 +287,97 @@ __device__ __forceinline__ void store_rows(const GemmParams& p, const uint8_t* s
   }
 }
 
+// Epilogue of one consumer warpgroup's rows of a tile: final_acc -> staged shared memory -> global.
+template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32, int kClusterSize, int kNumPasses, int kNumAccum>
+__device__ __forceinline__ void store_tile(const CUtensorMap* tmap_d, const GemmParams& p, const SmemLayout& layout,
+                                           const Tile& tile, const float (&final_acc)[kNumPasses][kNumAccum],
+                                           uint8_t* smem_d, uint8_t* smem_row_ok, int consumer_wg_idx,
+                                           int thread_idx) {
+  using K = Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>;
+  constexpr int kWgRows = K::kWgRows;
+  const int warp_idx = thread_idx / 32, lane_idx = thread_idx % 32;
+  const uint32_t barrier_id = 1 + consumer_wg_idx;
+  const int first_col = tile.n_block_idx * BLOCK_N;
+  const int first_row = tile.row + consumer_wg_idx * kWgRows;
+  const int num_rows = min(kWgRows, tile.num_rows - consumer_wg_idx * kWgRows);
+  bool row_ok = true;
+  if constexpr (kType == GemmType::kGroupedContiguous) {
+    if (thread_idx < kWgRows) {
+      row_ok = thread_idx < num_rows && __ldg(p.m_indices + first_row + thread_idx) == tile.group_idx;
+      smem_row_ok[thread_idx] = row_ok;
+    }
+  }
+  // The previous tile's TMA stores have read smem_d (its issuing thread waits, the barrier tells all).
+  if (thread_idx == 0) ptx::tma_store_wait_read<0>();
+  const bool all_rows_ok = ptx::named_barrier_sync_and(barrier_id, kWarpgroupThreads, row_ok);
+  // TMA stores write whole boxes, clipped only at the tensor's edges: they serve the dense layout,
+  // and grouped tiles whose rows all hold output. Others keep the rows the contract leaves untouched.
+  const bool tma_store = !kOutFp32 && num_rows > 0 &&
+                         (kType == GemmType::kNormal || (num_rows == kWgRows && all_rows_ok));
+  if constexpr (kOutFp32) {
+    write_fragment_fp32<BLOCK_N>(final_acc[0], smem_d, layout.d_fp32_row_bytes(), warp_idx, lane_idx);
+  } else {
+#pragma unroll
+    for (int pass = 0; pass < kNumPasses; ++pass) {
+      write_fragment_bf16<BLOCK_N, kWgRows>(final_acc[pass], smem_d, pass, warp_idx, lane_idx);
+    }
+    ptx::fence_proxy_async_shared();  // stmatrix writes -> TMA (async proxy) reads
+  }
+  ptx::named_barrier_sync(barrier_id, kWarpgroupThreads);
+  if (tma_store) {
+    if (thread_idx == 0) {
+#pragma unroll
+      for (int atom = 0; atom < BLOCK_N / K::kAtomCols; ++atom) {
+        if (first_col + atom * K::kAtomCols < p.n) {
+          ptx::tma_store_2d(tmap_d, smem_d + atom * kWgRows * K::kSwizzleD, first_col + atom * K::kAtomCols,
+                            first_row);
+        }
+      }
+      ptx::tma_store_commit();
+    }
+  } else if (num_rows > 0) {
+    store_rows<BLOCK_N, kWgRows, kOutFp32, kType == GemmType::kGroupedContiguous>(
+        p, smem_d, smem_row_ok, first_row, num_rows, first_col, thread_idx);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Consumers: the pipeline.
 
-template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32, int kClusterSize>
-__device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmParams& p, uint8_t* smem,
-                                        const SmemLayout& layout, uint64_t* full, uint64_t* empty) {
-  using K = Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>;
-  constexpr int kNumAccum = K::kNumAccum;
-  constexpr int kNumPasses = K::kNumPasses;
-  constexpr int kWgRows = K::kWgRows;
-  const int consumer_wg_idx = threadIdx.x / kWarpgroupThreads;
-  const int thread_idx = threadIdx.x % kWarpgroupThreads;
-  const int warp_idx = thread_idx / 32;
-  const int lane_idx = threadIdx.x % 32;
-  const int sfa_row = consumer_wg_idx * kWgRows + warp_idx * 16 + lane_idx / 4;  // pass 0, lo row
-  uint8_t* smem_d = smem + layout.d_offset(consumer_wg_idx);
-  float* smem_sfb = reinterpret_cast<float*>(smem + layout.sfb_offset(consumer_wg_idx));
-  uint8_t* smem_row_ok = smem + layout.row_ok_offset(consumer_wg_idx);
-  const uint32_t barrier_id = 1 + consumer_wg_idx;
-
-  float acc0[kNumAccum];
-  float acc1[kNumAccum];
-  float final_acc[kNumPasses][kNumAccum];
+// The stage ring as one consumer warpgroup sees it: waits for a stage's data, issues its wgmma, reads
+// its scales and hands it back to the producer(s).
+template <typename K>
+struct ConsumerRing {
+  static constexpr int kNumAccum = K::kNumAccum;
+  const SmemLayout& layout;
+  uint8_t* smem;
+  uint64_t* full;
+  uint64_t* empty;
+  int a_row;        // the warpgroup's first row in a stage's A tile
+  int sfa_row;      // pass 0's lo fragment row in a stage's A scales (hi: + 8; pass p: + 64 p)
+  int lane_idx;
+  uint32_t rank;    // clusters: this CTA's rank
+  int num_k_blocks;
+  const float* sfb = nullptr;  // the current tile's B scales [2 column blocks][num_k_blocks]
+  bool peer_half = false;      // clusters: the current tile's stages hold half of A from the peer
   // Two positions in the ring: the stage the next K block is issued from, and the next one to release.
   int issue_stage = 0, release_stage = 0;
   uint32_t issue_phase = 0;
-  int sfb_buffer = 0;
-  const float* sfb = smem_sfb;
-  TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize> scheduler(p);
-  Tile tile{};
-  const uint32_t rank = kClusterSize == 2 ? ptx::read_cluster_ctarank() : 0;
 
-  auto wait_full = [&]() { ptx::mbarrier_wait(&full[issue_stage], issue_phase); };
-  auto next_issue_stage = [&]() {
+  __device__ __forceinline__ void wait_full() const { ptx::mbarrier_wait(&full[issue_stage], issue_phase); }
+
+  __device__ __forceinline__ void next_issue_stage() {
     if (++issue_stage == layout.num_stages) {
       issue_stage = 0;
       issue_phase ^= 1;
     }
-  };
-  // Issues one pass (rows [64 pass, 64 pass + 64) of the warpgroup) of the K block in issue_stage:
-  // 4 wgmma into acc, one group.
-  auto issue = [&](float (&acc)[kNumAccum], int pass) {
-    const uint64_t desc_a = ptx::make_smem_desc_sw128(smem + layout.a_offset(issue_stage) +
-                                                      (consumer_wg_idx * kWgRows + pass * kWgmmaM) * BLOCK_K);
+  }
+
+  // One pass (rows [64 pass, 64 pass + 64) of the warpgroup) of the K block in issue_stage: 4 wgmma
+  // into acc, one group.
+  __device__ __forceinline__ void issue(float (&acc)[kNumAccum], int pass) const {
+    const uint64_t desc_a =
+        ptx::make_smem_desc_sw128(smem + layout.a_offset(issue_stage) + (a_row + pass * kWgmmaM) * BLOCK_K);
     const uint64_t desc_b = ptx::make_smem_desc_sw128(smem + layout.b_offset(issue_stage));
     ptx::warpgroup::fence_accumulators(acc);
     ptx::warpgroup::wgmma_fence();
@@ -340,87 +388,125 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
     }
     ptx::warpgroup::wgmma_commit_group();
     ptx::warpgroup::fence_accumulators(acc);
-  };
-  auto pass_scales = [&](int stage, int pass, int k_block_idx) {
+  }
+
+  __device__ __forceinline__ PassScales scales(int stage, int pass, int k_block_idx) const {
     const float* smem_sfa = reinterpret_cast<const float*>(smem + layout.sfa_offset(stage));
     const float sa_lo = smem_sfa[sfa_row + pass * kWgmmaM], sa_hi = smem_sfa[sfa_row + pass * kWgmmaM + 8];
-    const float sb_first = sfb[k_block_idx], sb_second = sfb[p.num_k_blocks + k_block_idx];
+    const float sb_first = sfb[k_block_idx], sb_second = sfb[num_k_blocks + k_block_idx];
     return PassScales{sa_lo * sb_first, sa_hi * sb_first, sa_lo * sb_second, sa_hi * sb_second};
-  };
+  }
+
   // This warp's reads of the stage (scales, wgmma operands) are complete: the producer may refill it.
   // Clusters: each warp arrives twice, on both CTAs' barriers when the peer's producer writes half of
-  // the stage (multicast tiles), else twice on its own.
-  auto release = [&](int stage) {
+  // the stage, else twice on its own.
+  __device__ __forceinline__ void release(int stage) const {
     __syncwarp();
-    if constexpr (kClusterSize == 1) {
+    if constexpr (K::kClusterSize == 1) {
       if (lane_idx == 0) ptx::mbarrier_arrive(&empty[stage]);
     } else {
-      if (lane_idx < 2) ptx::mbarrier_arrive_cluster(&empty[stage], tile.multicast ? lane_idx : rank);
+      if (lane_idx < 2) ptx::mbarrier_arrive_cluster(&empty[stage], peer_half ? lane_idx : rank);
     }
-  };
+  }
 
-  // The K loop of one tile -> final_acc. kNumFirstGroups: see with_first_groups.
-  auto mainloop = [&](auto first_groups) {
-    constexpr int kNumFirstGroups = decltype(first_groups)::value;
-    if constexpr (K::kOverlapPromotion) {
-      // K block k_block_idx (its group the oldest in flight, in acc) -> final_acc; frees its stage.
-      auto promote_oldest = [&](float (&acc)[kNumAccum], int k_block_idx) {
-        ptx::warpgroup::fence_accumulators(acc);
-        const PassScales s = pass_scales(release_stage, 0, k_block_idx);
-        release(release_stage);
-        if (++release_stage == layout.num_stages) release_stage = 0;
-        promote<kNumFirstGroups>(final_acc[0], acc, s);
-      };
-      auto issue_next = [&](float (&acc)[kNumAccum]) {
-        wait_full();
-        issue(acc, 0);
-        next_issue_stage();
-      };
-      // Software pipeline over two accumulators: K block i + 1 runs on the tensor cores while the
-      // CUDA cores promote K block i, so the wgmma queue never drains between K blocks.
-      // NOTE: the loop is unrolled by two so that each accumulator is a fixed register array; a
-      // loop whose body branches on which accumulator is in flight makes ptxas serialize every
-      // wgmma (warning C7514; tests/test_build.py checks the SASS for it).
+  __device__ __forceinline__ void release_oldest() {
+    release(release_stage);
+    if (++release_stage == layout.num_stages) release_stage = 0;
+  }
+};
+
+// The K loop of one tile -> final_acc (zeroed by the caller). kNumFirstGroups: see with_first_groups.
+template <int kNumFirstGroups, typename K>
+__device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)[K::kNumPasses][K::kNumAccum],
+                                       float (&acc0)[K::kNumAccum], float (&acc1)[K::kNumAccum]) {
+  constexpr int kNumAccum = K::kNumAccum;
+  constexpr int kNumPasses = K::kNumPasses;
+  const int num_k_blocks = ring.num_k_blocks;
+  if constexpr (K::kOverlapPromotion) {
+    auto issue_next = [&](float (&acc)[kNumAccum]) {
+      ring.wait_full();
+      ring.issue(acc, 0);
+      ring.next_issue_stage();
+    };
+    // K block k_block_idx (its group the oldest in flight, in acc) -> final_acc; frees its stage.
+    auto promote_oldest = [&](float (&acc)[kNumAccum], int k_block_idx) {
+      ptx::warpgroup::fence_accumulators(acc);
+      const PassScales s = ring.scales(ring.release_stage, 0, k_block_idx);
+      ring.release_oldest();
+      promote<kNumFirstGroups>(final_acc[0], acc, s);
+    };
+    // Software pipeline over two accumulators: K block i + 1 runs on the tensor cores while the
+    // CUDA cores promote K block i, so the wgmma queue never drains between K blocks.
+    // NOTE: the loop is unrolled by two so that each accumulator is a fixed register array; a
+    // loop whose body branches on which accumulator is in flight makes ptxas serialize every
+    // wgmma (warning C7514; tests/test_build.py checks the SASS for it).
+    issue_next(acc0);
+    int k_block_idx = 0;
+    for (; k_block_idx + 2 < num_k_blocks; k_block_idx += 2) {  // acc0 in flight at the top
+      issue_next(acc1);
+      ptx::warpgroup::wgmma_wait_group<1>();
+      promote_oldest(acc0, k_block_idx);
       issue_next(acc0);
-      int k_block_idx = 0;
-      for (; k_block_idx + 2 < p.num_k_blocks; k_block_idx += 2) {  // acc0 in flight at the top
-        issue_next(acc1);
-        ptx::warpgroup::wgmma_wait_group<1>();
-        promote_oldest(acc0, k_block_idx);
-        issue_next(acc0);
-        ptx::warpgroup::wgmma_wait_group<1>();
-        promote_oldest(acc1, k_block_idx + 1);
-      }
-      if (k_block_idx + 1 < p.num_k_blocks) {
-        issue_next(acc1);
-        ptx::warpgroup::wgmma_wait_group<1>();
-        promote_oldest(acc0, k_block_idx);
-        ptx::warpgroup::wgmma_wait_group<0>();
-        promote_oldest(acc1, k_block_idx + 1);
-      } else {
-        ptx::warpgroup::wgmma_wait_group<0>();
-        promote_oldest(acc0, k_block_idx);
-      }
-    } else {
-      // One accumulator: each pass is issued, waited for and promoted in turn; the tensor cores stay
-      // busy with the other warpgroup's passes meanwhile.
-      for (int k_block_idx = 0; k_block_idx < p.num_k_blocks; ++k_block_idx) {
-        wait_full();
-        PassScales s[kNumPasses];
-#pragma unroll
-        for (int pass = 0; pass < kNumPasses; ++pass) s[pass] = pass_scales(issue_stage, pass, k_block_idx);
-#pragma unroll
-        for (int pass = 0; pass < kNumPasses; ++pass) {
-          issue(acc0, pass);
-          ptx::warpgroup::wgmma_wait_group<0>();
-          if (pass == kNumPasses - 1) release(issue_stage);
-          promote<kNumFirstGroups>(final_acc[pass], acc0, s[pass]);
-        }
-        next_issue_stage();
-      }
+      ptx::warpgroup::wgmma_wait_group<1>();
+      promote_oldest(acc1, k_block_idx + 1);
     }
-  };
+    if (k_block_idx + 1 < num_k_blocks) {
+      issue_next(acc1);
+      ptx::warpgroup::wgmma_wait_group<1>();
+      promote_oldest(acc0, k_block_idx);
+      ptx::warpgroup::wgmma_wait_group<0>();
+      promote_oldest(acc1, k_block_idx + 1);
+    } else {
+      ptx::warpgroup::wgmma_wait_group<0>();
+      promote_oldest(acc0, k_block_idx);
+    }
+  } else {
+    // One accumulator: each pass is issued, waited for and promoted in turn; the tensor cores stay
+    // busy with the other warpgroup's passes meanwhile.
+    for (int k_block_idx = 0; k_block_idx < num_k_blocks; ++k_block_idx) {
+      ring.wait_full();
+      PassScales s[kNumPasses];
+#pragma unroll
+      for (int pass = 0; pass < kNumPasses; ++pass) s[pass] = ring.scales(ring.issue_stage, pass, k_block_idx);
+#pragma unroll
+      for (int pass = 0; pass < kNumPasses; ++pass) {
+        ring.issue(acc0, pass);
+        ptx::warpgroup::wgmma_wait_group<0>();
+        if (pass == kNumPasses - 1) ring.release_oldest();
+        promote<kNumFirstGroups>(final_acc[pass], acc0, s[pass]);
+      }
+      ring.next_issue_stage();
+    }
+  }
+}
 
+template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32, int kClusterSize>
+__device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmParams& p, uint8_t* smem,
+                                        const SmemLayout& layout, uint64_t* full, uint64_t* empty) {
+  using K = Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>;
+  const int consumer_wg_idx = threadIdx.x / kWarpgroupThreads;
+  const int thread_idx = threadIdx.x % kWarpgroupThreads;
+  const int lane_idx = threadIdx.x % 32;
+  uint8_t* smem_d = smem + layout.d_offset(consumer_wg_idx);
+  float* smem_sfb = reinterpret_cast<float*>(smem + layout.sfb_offset(consumer_wg_idx));
+  uint8_t* smem_row_ok = smem + layout.row_ok_offset(consumer_wg_idx);
+  const uint32_t barrier_id = 1 + consumer_wg_idx;
+  ConsumerRing<K> ring{layout,
+                       smem,
+                       full,
+                       empty,
+                       consumer_wg_idx * K::kWgRows,
+                       consumer_wg_idx * K::kWgRows + (thread_idx / 32) * 16 + lane_idx / 4,
+                       lane_idx,
+                       kClusterSize == 2 ? ptx::read_cluster_ctarank() : 0,
+                       p.num_k_blocks};
+
+  float acc0[K::kNumAccum];
+  float acc1[K::kNumAccum];
+  float final_acc[K::kNumPasses][K::kNumAccum];
+  int sfb_buffer = 0;
+  TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize> scheduler(p);
+  Tile tile;
   bool has_tile = scheduler.next(tile);
   if (has_tile) load_b_scales_async<BLOCK_N>(p, tile, smem_sfb, thread_idx);
   while (has_tile) {
@@ -428,14 +514,17 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
     // row flags are done.
     ptx::cp_async_wait<0>();
     ptx::named_barrier_sync(barrier_id, kWarpgroupThreads);
-    sfb = smem_sfb + sfb_buffer * layout.sfb_floats_per_buffer();
+    ring.sfb = smem_sfb + sfb_buffer * layout.sfb_floats_per_buffer();
+    ring.peer_half = tile.multicast;
 #pragma unroll
-    for (int pass = 0; pass < kNumPasses; ++pass) {
+    for (int pass = 0; pass < K::kNumPasses; ++pass) {
 #pragma unroll
-      for (int i = 0; i < kNumAccum; ++i) final_acc[pass][i] = 0.0f;
+      for (int i = 0; i < K::kNumAccum; ++i) final_acc[pass][i] = 0.0f;
     }
     const int first_col = tile.n_block_idx * BLOCK_N;
-    with_first_groups<BLOCK_N>(min(BLOCK_N, 128 - first_col % 128) / 8, mainloop);
+    with_first_groups<BLOCK_N>(min(BLOCK_N, 128 - first_col % 128) / 8, [&](auto first_groups) {
+      k_loop<decltype(first_groups)::value>(ring, final_acc, acc0, acc1);
+    });
 
     // Fetch the next tile's B scales into the other buffer while this tile is stored.
     Tile next_tile;
@@ -445,48 +534,8 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
                                    thread_idx);
     }
 
-    // Epilogue of this warpgroup's rows.
-    const int first_row = tile.row + consumer_wg_idx * kWgRows;
-    const int num_rows = min(kWgRows, tile.num_rows - consumer_wg_idx * kWgRows);
-    bool row_ok = true;
-    if constexpr (kType == GemmType::kGroupedContiguous) {
-      if (thread_idx < kWgRows) {
-        row_ok = thread_idx < num_rows && __ldg(p.m_indices + first_row + thread_idx) == tile.group_idx;
-        smem_row_ok[thread_idx] = row_ok;
-      }
-    }
-    // The previous tile's TMA stores have read smem_d (its issuing thread waits, the barrier tells all).
-    if (thread_idx == 0) ptx::tma_store_wait_read<0>();
-    const bool all_rows_ok = ptx::named_barrier_sync_and(barrier_id, kWarpgroupThreads, row_ok);
-    // TMA stores write whole boxes, clipped only at the tensor's edges: they serve the dense layout,
-    // and grouped tiles whose rows all hold output. Others keep the rows the contract leaves untouched.
-    const bool tma_store = !kOutFp32 && num_rows > 0 &&
-                           (kType == GemmType::kNormal || (num_rows == kWgRows && all_rows_ok));
-    if constexpr (kOutFp32) {
-      write_fragment_fp32<BLOCK_N>(final_acc[0], smem_d, layout.d_fp32_row_bytes(), warp_idx, lane_idx);
-    } else {
-#pragma unroll
-      for (int pass = 0; pass < kNumPasses; ++pass) {
-        write_fragment_bf16<BLOCK_N, kWgRows>(final_acc[pass], smem_d, pass, warp_idx, lane_idx);
-      }
-      ptx::fence_proxy_async_shared();  // stmatrix writes -> TMA (async proxy) reads
-    }
-    ptx::named_barrier_sync(barrier_id, kWarpgroupThreads);
-    if (tma_store) {
-      if (thread_idx == 0) {
-#pragma unroll
-        for (int atom = 0; atom < BLOCK_N / K::kAtomCols; ++atom) {
-          if (first_col + atom * K::kAtomCols < p.n) {
-            ptx::tma_store_2d(tmap_d, smem_d + atom * kWgRows * K::kSwizzleD, first_col + atom * K::kAtomCols,
-                              first_row);
-          }
-        }
-        ptx::tma_store_commit();
-      }
-    } else if (num_rows > 0) {
-      store_rows<BLOCK_N, kWgRows, kOutFp32, kType == GemmType::kGroupedContiguous>(
-          p, smem_d, smem_row_ok, first_row, num_rows, first_col, thread_idx);
-    }
+    store_tile<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(tmap_d, p, layout, tile, final_acc, smem_d,
+                                                                   smem_row_ok, consumer_wg_idx, thread_idx);
 
     tile = next_tile;
     has_tile = has_next;
