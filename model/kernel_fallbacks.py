@@ -7,12 +7,12 @@ its reference math, on the same device, and says so once, when the model is buil
 """
 from typing import Optional
 
-from deepseek_ops.mla import HEAD_DIM_QK, HEAD_DIM_V
+from deepseek_ops.reference import MLA_HEAD_DIM_QK, MLA_HEAD_DIM_V
 from model.config import ModelArgs
 
 GEMM_BLOCK_K = 128  # fp8_gemm: K (in_features) in whole 1 x 128 activation / 128 x 128 weight scale blocks
-GEMM_N_MULTIPLE = 16  # fp8_gemm: N (out_features) in whole 16-column TMA rows of the weight
-MLA_ROPE_DIM = HEAD_DIM_QK - HEAD_DIM_V  # mla_decode's cache row: 512 latent + 64 RoPE
+GEMM_N_MULTIPLE = 16  # fp8_gemm: N (out_features) a multiple of 16, as deepseek_ops.gemm checks
+MLA_ROPE_DIM = MLA_HEAD_DIM_QK - MLA_HEAD_DIM_V  # mla_decode's cache row: 512 latent + 64 RoPE
 
 
 def fp8_linear_fallback(in_features: int, out_features: int) -> Optional[str]:
@@ -39,7 +39,7 @@ def grouped_experts_fallback(args: ModelArgs) -> Optional[str]:
 
 def mla_decode_fallback(args: ModelArgs) -> Optional[str]:
     """mla_cache_append and mla_decode: one cache row is the 512-wide latent and the 64 RoPE dims."""
-    if (args.kv_lora_rank, args.qk_rope_head_dim) == (HEAD_DIM_V, MLA_ROPE_DIM):
+    if (args.kv_lora_rank, args.qk_rope_head_dim) == (MLA_HEAD_DIM_V, MLA_ROPE_DIM):
         return None
     return (f"kv_lora_rank + qk_rope_head_dim = {args.kv_lora_rank} + {args.qk_rope_head_dim}, the kernel "
-            f"needs {HEAD_DIM_V} + {MLA_ROPE_DIM}")
+            f"needs {MLA_HEAD_DIM_V} + {MLA_ROPE_DIM}")

@@ -6,7 +6,8 @@ backend="reference": plain PyTorch (CPU ok). FP8 weights are dequantized with de
 backend="kernels": our ops. FP8 linears run deepseek_ops.fp8_linear, FP8 experts run the grouped FP8
     GEMMs on a contiguous expert layout, decode attention runs deepseek_ops.mla_decode on the paged
     latent cache, prefill attention runs PyTorch's scaled_dot_product_attention (flash) on per-head
-    k/v. Float (bf16) weights keep the reference math (there is no FP8 kernel to run).
+    k/v. Float (bf16) weights keep the reference math (there is no FP8 kernel to run), and so do
+    ops whose shapes the kernels don't take (model/kernel_fallbacks.py; construction warns).
 
 Module and parameter names are the Hugging Face ones, so `state_dict()` keys are the checkpoint keys
 (model.layers.{i}.self_attn.q_a_proj.weight, ...; the MTP module is layer num_hidden_layers).
