@@ -292,7 +292,7 @@ class MLA(nn.Module):
     def _write_cache(self, ctx: AttnContext, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         if self.mla_kernels:
             deepseek_ops.mla_cache_append(self.kv_cache, ctx.block_table, ctx.positions.to(torch.int32),
-                                    c_kv.to(self.kv_cache.dtype), k_pe.to(self.kv_cache.dtype))
+                                          c_kv.to(self.kv_cache.dtype), k_pe.to(self.kv_cache.dtype))
         else:
             write_latent_cache(self.kv_cache, ctx.block_table, ctx.positions, c_kv, k_pe)
 
@@ -581,11 +581,10 @@ class Transformer(nn.Module):
             if isinstance(module, Linear):
                 module.fp8_activations = fp8_activations and module.kernel_fallback is None
         self.uses_mla_decode = backend == "kernels" and mla_decode_fallback(args) is None
-        fallbacks = self.kernel_fallbacks()
+        fallbacks = "; ".join(f"{op}: {why}" for op, why in self.kernel_fallbacks().items())
         if fallbacks:
             warnings.warn("backend 'kernels': these ops run the reference implementation, their shapes are "
-                          "outside the kernels' contract: " + "; ".join(f"{op}: {why}" for op, why in fallbacks.items()),
-                          stacklevel=2)
+                          f"outside the kernels' contract: {fallbacks}", stacklevel=2)
 
     def kernel_fallbacks(self) -> Dict[str, str]:
         """Kernels backend: op (modules as layers.*.name) -> why it runs on the reference math ({} for

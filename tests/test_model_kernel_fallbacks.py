@@ -15,10 +15,9 @@ from model.kernel_fallbacks import fp8_linear_fallback, grouped_experts_fallback
 from model.model import Transformer, random_model
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-FP8 = torch.float8_e4m3fn
-# Every op of the kernels backend off its kernel: q_lora_rank 192 and kv_lora_rank 320 (K not a multiple
-# of 128), a 320 + 32 latent (not mla_decode's 512 + 64), experts of width 96; the dense MLP, o_proj and
-# kv_a_proj_with_mqa (N = 352) still fit fp8_linear.
+# Each kind of op of the kernels backend falls back somewhere: q_lora_rank 192 and kv_lora_rank 320 (K not
+# a multiple of 128), a 320 + 32 latent (not mla_decode's 512 + 64), experts of width 96; the dense MLP,
+# o_proj and kv_a_proj_with_mqa (N = 352) still fit fp8_linear.
 ODD = dict(q_lora_rank=192, kv_lora_rank=320, qk_rope_head_dim=32, moe_intermediate_size=96)
 
 
@@ -145,6 +144,7 @@ def test_odd_config_on_kernels_gives_the_reference_logits(device, fp8):
         outs = []
         for model in (ref_fp8, ker):
             model.setup_cache(num_blocks, torch.bfloat16)
-            outs.append((prefill(model, prompts, block_table)[0], decode_one_token(model, new, lengths, block_table)[0]))
+            logits = prefill(model, prompts, block_table)[0]
+            outs.append((logits, decode_one_token(model, new, lengths, block_table)[0]))
     assert calc_diff(outs[0][0], outs[1][0]) < 1e-3, "prefill"
     assert calc_diff(outs[0][1], outs[1][1]) < 1e-3, "decode"
