@@ -56,7 +56,14 @@ setup(
     description="Hopper PTX/CUDA kernels for DeepSeek-V3 building blocks, as PyTorch ops",
     packages=find_packages(include=["deepseek_ops", "deepseek_ops.*", "model", "benchmarks"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    # torch: the README pins the version CI tests (2.14.1); the extension compiles against whichever
+    # torch is installed, so this is the oldest the code could run with, not a tested range.
+    install_requires=["torch>=2.4", "safetensors"],
+    extras_require={
+        # tests and benchmarks; transformers: the model's parity tests (DeepseekV3ForCausalLM, its eager
+        # experts in float64), pinned to the version those tests pass with.
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers==5.25.0", "matplotlib"],
+    },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -5,7 +5,10 @@
     model/model.py       the architecture, top to bottom: MLA (q-LoRA or plain q, kv-LoRA, decoupled
                          RoPE with YaRN), dense SwiGLU and DeepSeekMoE layers, the MTP module;
                          backend "reference" (plain PyTorch, CPU ok) or "kernels" (our ops)
-    model/checkpoint.py  HF-format load (streamed, meta-device build, named errors) and save
+    model/kernel_fallbacks.py  which ops of the kernels backend a config's shapes allow (others run
+                         the reference math)
+    model/checkpoint.py  HF-format load (streamed, meta-device build, named errors; the folders
+                         transformers writes, without MTP weights, too) and save
     model/generate.py    batched generation on the paged latent cache, greedy / top-p, MTP
                          self-speculative decoding; `python -m model.generate --help`
 

@@ -1,10 +1,13 @@
 """Hugging Face-format DeepSeek-V3 checkpoints: load (streamed tensor by tensor) and save.
 
-A checkpoint folder holds config.json, *.safetensors shards and (when sharded)
-model.safetensors.index.json. Names are the HF ones (model.layers.{i}.self_attn.q_a_proj.weight);
+A checkpoint folder holds config.json and the weights, as transformers reads them: the shards that
+model.safetensors.index.json names, or without an index the one file model.safetensors (other
+files in the folder are not read). Names are the HF ones (model.layers.{i}.self_attn.q_a_proj.weight);
 FP8 linears carry `<name>.weight_scale_inv` (fp32, one scale per 128 x 128 block, W ~= W_e4m3 * s);
 the MTP module is layer num_hidden_layers, with copies of embed_tokens and the head
 (model.layers.{n}.embed_tokens.weight, .shared_head.head.weight) that must equal the main ones.
+transformers' DeepseekV3ForCausalLM has no MTP module: its save_pretrained keeps
+num_nextn_predict_layers in config.json but writes no MTP weights; such a folder loads without MTP.
 
 Loading builds the model on the meta device, then moves each checkpoint tensor, once, into its
 place: a checkpoint is never in memory twice, and any error (missing, unexpected, wrongly shaped
@@ -13,6 +16,7 @@ or typed tensor) raises before a model is returned.
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
@@ -25,6 +29,7 @@ from model.config import FP8_BLOCK, ModelArgs, from_hf_config, to_hf_config
 from model.model import Linear, RemoteExpert, Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 SCALE_SUFFIX = ".weight_scale_inv"
 FP8 = torch.float8_e4m3fn
 
@@ -34,19 +39,21 @@ class CheckpointError(ValueError):
 
 
 def _shard_files(path: Path) -> Dict[str, Path]:
-    """checkpoint key -> the shard file holding it (from the index, or by opening every shard)."""
+    """checkpoint key -> the file holding it: the index's weight_map, else every key of model.safetensors."""
     index = path / INDEX_FILE
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return {key: path / name for key, name in weight_map.items()}
-    shards = sorted(path.glob("*.safetensors"))
-    if not shards:
-        raise CheckpointError(f"checkpoint {path}: no *.safetensors files")
-    files = {}
-    for shard in shards:
-        with safe_open(shard, framework="pt") as f:
-            files.update({key: shard for key in f.keys()})
-    return files
+        files = {key: path / name for key, name in weight_map.items()}
+        absent = sorted({file.name for file in files.values() if not file.exists()})
+        if absent:
+            raise CheckpointError(f"checkpoint {path}: {INDEX_FILE} names shard(s) that are not there: "
+                                  f"{', '.join(absent)}")
+        return files
+    single = path / SINGLE_FILE
+    if not single.exists():
+        raise CheckpointError(f"checkpoint {path}: neither {INDEX_FILE} nor {SINGLE_FILE}")
+    with safe_open(single, framework="pt") as f:
+        return {key: single for key in f.keys()}
 
 
 def read_config(path: Union[str, Path]) -> ModelArgs:
@@ -90,20 +97,42 @@ def _place(module: nn.Module, attr: str, key: str, tensor: torch.Tensor, device)
     setattr(module, attr, nn.Parameter(placed, requires_grad=False))
 
 
+def _select_mtp(path: Path, args: ModelArgs, files: Dict[str, Path], mtp: Optional[bool]):
+    """(args, files) with or without the MTP layer: mtp=None loads it when the config has one and the
+    checkpoint holds its weights (warning when only the config has it), mtp=False never, mtp=True
+    always (its weights must be there)."""
+    mtp_prefix = f"model.layers.{args.num_hidden_layers}."
+    if mtp is None and args.num_nextn_predict_layers and not any(key.startswith(mtp_prefix) for key in files):
+        warnings.warn(f"checkpoint {path}: config.json has num_nextn_predict_layers = "
+                      f"{args.num_nextn_predict_layers} but the checkpoint holds no MTP weights ({mtp_prefix}*; "
+                      "transformers saves none): loading without MTP, so speculative decoding is unavailable",
+                      stacklevel=3)
+        mtp = False
+    if mtp is True and not args.num_nextn_predict_layers:
+        raise CheckpointError(f"checkpoint {path}: mtp=True, but its config has num_nextn_predict_layers = 0")
+    if mtp is False:
+        args = dataclasses.replace(args, num_nextn_predict_layers=0)
+        files = {key: file for key, file in files.items() if not key.startswith(mtp_prefix)}
+    return args, files
+
+
 def load_checkpoint(path: Union[str, Path], backend: str = "reference", attn_impl: str = "absorbed",
                     device="cpu", dtype: Optional[str] = None, args: Optional[ModelArgs] = None,
-                    ep_group=None) -> Transformer:
+                    ep_group=None, mtp: Optional[bool] = None) -> Transformer:
     """Loads a HF-format DeepSeek-V3 folder into a Transformer on `device`.
 
     args: the config to build (default: from config.json; a different one makes the mismatching
     tensors fail by name). dtype: overrides the float dtype of the weights ("float32" on CPU).
     ep_group: expert parallelism; each rank reads only its own routed experts.
+    mtp: the MTP module (speculative decoding). None: loaded when the checkpoint holds its weights
+    (a config that promises MTP without weights, as transformers saves, loads without it and warns);
+    False: not loaded (its weights are skipped); True: required.
     """
     path = Path(path)
     args = args or read_config(path)
     if dtype is not None:
         args = dataclasses.replace(args, dtype=dtype)
-    files = _shard_files(path)
+    args, files = _select_mtp(path, args, _shard_files(path), mtp)
     with torch.device("meta"):
         model = Transformer(args, backend, attn_impl, ep_group=ep_group)
     remote = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, RemoteExpert))

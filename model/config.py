@@ -10,10 +10,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from deepseek_ops.reference import MLA_PAGE_SIZE as PAGE_SIZE  # tokens per page of the paged latent cache
+
 # float64 serves parity tests against other implementations (no rounding differences to flip a routing tie).
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 FP8_BLOCK = 128  # DeepSeek-V3 FP8 checkpoints scale weights per 128 x 128 block
-PAGE_SIZE = 64  # tokens per page of the paged latent cache (the mla_decode block size)
 
 
 @dataclasses.dataclass
@@ -140,7 +141,7 @@ _HF_IGNORED = {
     "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "use_cache",
     "initializer_range", "attention_dropout", "pretraining_tp", "tie_word_embeddings", "num_key_value_heads",
     "moe_layer_freq", "ep_size", "aux_loss_alpha", "seq_aux", "output_router_logits", "pad_token_id",
-    "rope_interleave", "dtype", "router_aux_loss_coef", "head_dim", "num_mtp_layers",
+    "dtype", "router_aux_loss_coef", "head_dim", "num_mtp_layers",
 }
 # Fields whose only supported value is fixed by the architecture: value -> why.
 _HF_FIXED = {
@@ -148,6 +149,7 @@ _HF_FIXED = {
     "scoring_func": ("sigmoid", "only the sigmoid gate of DeepSeek-V3"),
     "topk_method": ("noaux_tc", "only the auxiliary-loss-free noaux_tc routing of DeepSeek-V3"),
     "attention_bias": (False, "MLA projections have no bias"),
+    "rope_interleave": (True, "RoPE on interleaved pairs, the layout of DeepSeek-V3's weights"),
 }
 _ROPE_FIELDS = {"factor": "rope_factor", "original_max_position_embeddings": "original_max_position_embeddings",
                 "beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale",
@@ -172,6 +174,8 @@ def from_hf_config(config: Dict[str, Any]) -> ModelArgs:
             kwargs["fp8"] = _fp8_from_hf(value)
         elif key == "q_lora_rank":
             kwargs["q_lora_rank"] = 0 if value is None else int(value)
+        elif key == "qk_head_dim":
+            _check_qk_head_dim(config, value)
         elif key == "eos_token_id" and isinstance(value, list):
             kwargs["eos_token_id"] = value[0] if value else None
         elif key in own:
@@ -185,6 +189,17 @@ def from_hf_config(config: Dict[str, Any]) -> ModelArgs:
     kwargs.setdefault("dtype", dtype if dtype in DTYPES else "bfloat16")
     kwargs.setdefault("fp8", False)
     return ModelArgs(**kwargs)
+
+
+def _check_qk_head_dim(config: Dict[str, Any], value: Any) -> None:
+    """Newer configs state the q/k head dim; ours is derived, so the stated one must agree."""
+    nope, rope = config.get("qk_nope_head_dim"), config.get("qk_rope_head_dim")
+    if nope is None or rope is None:
+        raise ValueError(f"config field 'qk_head_dim' = {value!r} needs 'qk_nope_head_dim' and 'qk_rope_head_dim' "
+                         "beside it (the head dim is their sum)")
+    if value != nope + rope:
+        raise ValueError(f"config field 'qk_head_dim' = {value!r} is inconsistent: expected qk_nope_head_dim + "
+                         f"qk_rope_head_dim = {nope} + {rope} = {nope + rope}")
 
 
 def _rope_from_hf(key: str, rope: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -9,8 +9,11 @@ With --mtp, greedy decoding is self-speculative: the MTP module drafts token i+2
 verifies [token i+1, draft] in one s_q = 2 step and keeps the draft only if it is what greedy
 decoding would have produced, so the output is exactly plain greedy's.
 
+Without --checkpoint the model is RANDOM (untrained weights of --preset): its output is noise, useful
+only to try the machinery. A real model: --checkpoint, an HF-format DeepSeek-V3 folder.
+
 Examples:
-    python -m model.generate --prompt "Hello" --prompt "Hopper" --max-new-tokens 32
+    python -m model.generate --prompt "Hello" --prompt "Hopper" --max-new-tokens 32   # random tiny model
     python -m model.generate --checkpoint /path/to/DeepSeek-V3 --device cuda --backend kernels --mtp
     torchrun --nproc-per-node 2 -m model.generate --dtype bfloat16 --device cpu   # experts over 2 ranks (gloo)
 """
@@ -23,9 +26,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
-from model.config import PAGE_SIZE
-from model.model import Transformer
+from model.checkpoint import load_checkpoint
+from model.config import DTYPES, PAGE_SIZE, PRESETS, preset
+from model.model import Transformer, random_model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +129,18 @@ class Progress:
             print(file=sys.stderr)
 
 
+def check_request(model: Transformer, prompts: List[List[int]], max_new_tokens: int, temperature: float,
+                  use_mtp: bool) -> None:
+    """generate's arguments, checked before any work: ValueError naming what is wrong."""
+    capacity = model.args.max_position_embeddings - (1 if use_mtp else 0)  # MTP verifies one token ahead
+    _check_prompts(prompts, max_new_tokens, capacity, model.args.vocab_size)
+    if use_mtp and model.mtp is None:
+        raise ValueError("use_mtp=True needs the MTP module, and this model has none (num_nextn_predict_layers = 0: "
+                         "its config has none, its checkpoint holds no MTP weights, or it was loaded with mtp=False)")
+    if use_mtp and temperature > 0:
+        raise ValueError("use_mtp=True is exact greedy self-speculation: it needs temperature=0")
+
+
 def _check_prompts(prompts: List[List[int]], max_new_tokens: int, capacity: int, vocab: int) -> None:
     if not prompts:
         raise ValueError("argument 'prompts': expected at least one prompt")
@@ -145,13 +162,7 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
              seed: Optional[int] = None, shuffle_pages: bool = True) -> Tuple[List[List[int]], Dict[str, float]]:
     """Generates max_new_tokens after each prompt. Returns the new tokens per prompt and stats
     (tokens_per_s; with use_mtp, acceptance_rate = accepted drafts / verify steps)."""
-    args = model.args
-    capacity = args.max_position_embeddings - (1 if use_mtp else 0)  # MTP verifies one token ahead
-    _check_prompts(prompts, max_new_tokens, capacity, args.vocab_size)
-    if use_mtp and model.mtp is None:
-        raise ValueError("use_mtp=True needs a model with num_nextn_predict_layers = 1")
-    if use_mtp and temperature > 0:
-        raise ValueError("use_mtp=True is exact greedy self-speculation: it needs temperature=0")
+    check_request(model, prompts, max_new_tokens, temperature, use_mtp)
     device = model.model.embed_tokens.weight.device
     generator = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
     batch, lengths = len(prompts), torch.tensor([len(p) for p in prompts], device=device)
@@ -224,49 +235,72 @@ def _speculative_loop(model, tokens, lengths, hidden, first, block_table, max_ne
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="HF-format folder; default: random tiny model")
-    parser.add_argument("--preset", default="tiny", help="config preset for the random model")
-    parser.add_argument("--prompt", action="append", help="repeat for a batch")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--mtp", action="store_true", help="MTP self-speculative greedy decoding")
-    parser.add_argument("--backend", default="reference", choices=("reference", "kernels"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="override the weight dtype (e.g. float32)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the decode step")
-    parser.add_argument("--seed", type=int, default=0)
-    opts = parser.parse_args(argv)
+DEFAULT_PROMPTS = ["The quick brown fox", "DeepSeek-V3 on Hopper"]
 
-    from model.checkpoint import load_checkpoint
-    from model.config import preset
-    from model.model import random_model
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path,
+                        help="HF-format DeepSeek-V3 folder (config.json + safetensors); default: none, the model "
+                             "is RANDOM, built from --preset")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                        help="config of the random model, ignored with --checkpoint (default: %(default)s)")
+    parser.add_argument("--prompt", action="append",
+                        help=f"repeat for a batch (default: {' and '.join(map(repr, DEFAULT_PROMPTS))})")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="(default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: %(default)s)")
+    mtp = parser.add_mutually_exclusive_group()
+    mtp.add_argument("--mtp", action="store_true", help="MTP self-speculative greedy decoding")
+    mtp.add_argument("--no-mtp", action="store_true", help="build and load no MTP module (its weights are skipped)")
+    parser.add_argument("--backend", default="reference", choices=("reference", "kernels"),
+                        help="(default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="(default here: %(default)s)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="weight dtype (default: the checkpoint's, or the preset's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the decode step")
+    parser.add_argument("--seed", type=int, default=0, help="random weights and sampling (default: %(default)s)")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = _parser()
+    opts = parser.parse_args(argv)
 
     torch.manual_seed(opts.seed)
     ep_group, rank, device = None, 0, opts.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: experts sharded over the ranks
-        import torch.distributed as dist
-
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         ep_group, rank = dist.group.WORLD, dist.get_rank()
         if device.startswith("cuda"):
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             torch.cuda.set_device(device)
-    if opts.checkpoint:
-        model = load_checkpoint(opts.checkpoint, opts.backend, device=device, dtype=opts.dtype, ep_group=ep_group)
-    else:
-        overrides = {"dtype": opts.dtype} if opts.dtype else {}
-        model = random_model(preset(opts.preset, **overrides), opts.backend, device=device, seed=opts.seed,
-                             ep_group=ep_group)
-    tok = load_tokenizer(opts.checkpoint, model.args.bos_token_id, model.args.eos_token_id)
-    texts = opts.prompt or ["The quick brown fox", "DeepSeek-V3 on Hopper"]
+    try:
+        if opts.checkpoint:
+            model = load_checkpoint(opts.checkpoint, opts.backend, device=device, dtype=opts.dtype,
+                                    ep_group=ep_group, mtp=False if opts.no_mtp else None)
+        else:
+            overrides = {"dtype": opts.dtype} if opts.dtype else {}
+            if opts.no_mtp:
+                overrides["num_nextn_predict_layers"] = 0
+            model = random_model(preset(opts.preset, **overrides), opts.backend, device=device, seed=opts.seed,
+                                 ep_group=ep_group)
+        tok = load_tokenizer(opts.checkpoint, model.args.bos_token_id, model.args.eos_token_id)
+        texts = opts.prompt or DEFAULT_PROMPTS
+        prompts = [tok.encode(t) for t in texts]
+        check_request(model, prompts, opts.max_new_tokens, opts.temperature, opts.mtp)
+    except ValueError as e:  # a bad checkpoint, config or request (CheckpointError is one): no traceback
+        parser.error(str(e))
+    if rank == 0 and not opts.checkpoint:
+        print(f"no --checkpoint: a RANDOM model (preset {opts.preset!r}, seed {opts.seed}), its output is noise",
+              file=sys.stderr)
     # Every rank runs every prompt (same steps on all ranks, as the MoE exchanges need); rank 0 prints.
-    outputs, stats = generate(model, [tok.encode(t) for t in texts], opts.max_new_tokens, opts.temperature,
-                              opts.top_p, opts.mtp, opts.compile, progress=rank == 0, seed=opts.seed)
+    outputs, stats = generate(model, prompts, opts.max_new_tokens, opts.temperature, opts.top_p, opts.mtp,
+                              opts.compile, progress=rank == 0, seed=opts.seed)
     if ep_group is not None:
-        torch.distributed.destroy_process_group()
+        dist.destroy_process_group()
     if rank != 0:
         return
     for text, new in zip(texts, outputs):

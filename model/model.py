@@ -6,7 +6,8 @@ backend="reference": plain PyTorch (CPU ok). FP8 weights are dequantized with de
 backend="kernels": our ops. FP8 linears run deepseek_ops.fp8_linear, FP8 experts run the grouped FP8
     GEMMs on a contiguous expert layout, decode attention runs deepseek_ops.mla_decode on the paged
     latent cache, prefill attention runs PyTorch's scaled_dot_product_attention (flash) on per-head
-    k/v. Float (bf16) weights keep the reference math (there is no FP8 kernel to run).
+    k/v. Float (bf16) weights keep the reference math (there is no FP8 kernel to run), and so do
+    ops whose shapes the kernels don't take (model/kernel_fallbacks.py; construction warns).
 
 Module and parameter names are the Hugging Face ones, so `state_dict()` keys are the checkpoint keys
 (model.layers.{i}.self_attn.q_a_proj.weight, ...; the MTP module is layer num_hidden_layers).
@@ -21,25 +22,24 @@ Shape legend: B batch, S new tokens, T keys (cache slots), H heads, D hidden, R 
 dn/dr/dv nope/rope/value head dims, E routed experts, K experts per token, N tokens (B * S).
 """
 import math
+import re
+import warnings
 import zlib
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import deepseek_ops
 from deepseek_ops import reference as ops_ref
-from model.config import FP8_BLOCK, PAGE_SIZE, ModelArgs, yarn_mscale
+from model.config import FP8_BLOCK, PAGE_SIZE, ModelArgs, preset, yarn_mscale
+from model.kernel_fallbacks import fp8_linear_fallback, grouped_experts_fallback, mla_decode_fallback
 
 BACKENDS = ("reference", "kernels")
 ATTN_IMPLS = ("absorbed", "naive")
 FP8 = torch.float8_e4m3fn
-
-
-def _ops():
-    import deepseek_ops
-
-    return deepseek_ops
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,11 +47,13 @@ def _ops():
 # ----------------------------------------------------------------------------------------------
 class Linear(nn.Module):
     """y = x W^T, no bias. W is a float weight, or e4m3 with `weight_scale_inv` (fp32, one scale per
-    128 x 128 block, W ~= W_e4m3 * scale): the DeepSeek-V3 FP8 checkpoint convention."""
+    128 x 128 block, W ~= W_e4m3 * scale): the DeepSeek-V3 FP8 checkpoint convention. The kernels
+    backend runs an FP8 weight on fp8_linear where its shape allows (kernel_fallback None)."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, fp8: bool, backend: str):
         super().__init__()
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.kernel_fallback = fp8_linear_fallback(in_features, out_features)  # why fp8_linear can't, or None
         self.fp8_activations = False  # reference backend: quantize x per 1 x 128 group as the kernels do
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8 if fp8 else dtype),
                                    requires_grad=False)
@@ -68,8 +70,8 @@ class Linear(nn.Module):
         return ops_ref.dequant_fp8_block(self.weight, self.weight_scale_inv, FP8_BLOCK, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_fp8 and self.backend == "kernels":
-            return _ops().fp8_linear(x, self.weight, self.weight_scale_inv).to(x.dtype)
+        if self.is_fp8 and self.backend == "kernels" and self.kernel_fallback is None:
+            return deepseek_ops.fp8_linear(x, self.weight, self.weight_scale_inv).to(x.dtype)
         if self.is_fp8 and self.fp8_activations:
             return F.linear(fp8_roundtrip_activations(x), self.dense_weight(torch.float32)).to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype))
@@ -157,12 +159,14 @@ class AttnContext:
     [B, max_blocks] int32 the new latents are written to the paged cache; `decode` makes attention
     read its keys from the cache (else from the new tokens themselves: a prefill from position 0).
     `contiguous` promises positions[b] = start[b] + arange(S): a prefill's mask is then the plain lower
-    triangle, known without reading positions back from the device."""
+    triangle, known without reading positions back from the device. A decode step's cache_seqlens
+    [B] int32 (keys per request, up to the last new token) is computed once for all layers."""
 
     def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  block_table: Optional[torch.Tensor] = None, decode: bool = False, contiguous: bool = False):
         self.positions, self.cos, self.sin = positions, cos, sin
         self.block_table, self.decode, self.contiguous = block_table, decode, contiguous
+        self.cache_seqlens = (positions[:, -1] + 1).to(torch.int32) if decode else None  # [B]
         self.mla_metadata = None  # kernels backend: mla_decode's split-KV schedule, shared by all layers
 
 
@@ -230,6 +234,7 @@ class MLA(nn.Module):
         self.num_heads, self.kv_lora_rank = h, args.kv_lora_rank
         self.dn, self.dr, self.dv = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
         self.softmax_scale = args.softmax_scale
+        self.mla_kernels = backend == "kernels" and mla_decode_fallback(args) is None  # cache append + decode
         if args.q_lora_rank:
             self.q_a_proj = Linear(d, args.q_lora_rank, dt, fp8, backend)
             self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, dt)
@@ -268,9 +273,9 @@ class MLA(nn.Module):
         if ctx.block_table is not None:
             self._write_cache(ctx, c_kv, k_pe)
         w_uk, w_uv = self.kv_b_weights(x.dtype)
-        if ctx.decode and self.backend == "kernels":
+        if ctx.decode and self.mla_kernels:
             o = self._mla_decode(q_nope, q_pe, w_uk, w_uv, ctx)
-        elif self.backend == "kernels":  # prefill: keys are the new tokens, q_pos == k_pos
+        elif self.backend == "kernels" and not ctx.decode:  # prefill: keys are the new tokens, q_pos == k_pos
             mask = None if ctx.contiguous else causal_mask(ctx.positions, ctx.positions)
             o = sdpa_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, self.softmax_scale)
         else:
@@ -285,18 +290,17 @@ class MLA(nn.Module):
         return self.o_proj(o.reshape(b, s, self.num_heads * self.dv))  # [B, S, H * dv] -> [B, S, D]
 
     def _write_cache(self, ctx: AttnContext, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-        if self.backend == "kernels":
-            _ops().mla_cache_append(self.kv_cache, ctx.block_table, ctx.positions.to(torch.int32),
-                                    c_kv.to(self.kv_cache.dtype), k_pe.to(self.kv_cache.dtype))
+        if self.mla_kernels:
+            deepseek_ops.mla_cache_append(self.kv_cache, ctx.block_table, ctx.positions.to(torch.int32),
+                                          c_kv.to(self.kv_cache.dtype), k_pe.to(self.kv_cache.dtype))
         else:
             write_latent_cache(self.kv_cache, ctx.block_table, ctx.positions, c_kv, k_pe)
 
     def _mla_decode(self, q_nope, q_pe, w_uk, w_uv, ctx: AttnContext) -> torch.Tensor:
         q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # [B, S, H, R]
         q = torch.cat([q_lat, q_pe], dim=-1).to(torch.bfloat16)  # [B, S, H, R + dr]
-        cache_seqlens = (ctx.positions[:, -1] + 1).to(torch.int32)  # [B]: keys up to the last new token
-        o_lat, _ = _ops().mla_decode(q, self.kv_cache, ctx.block_table, cache_seqlens, self.softmax_scale,
-                                     causal=True, metadata=ctx.mla_metadata)  # [B, S, H, R]
+        o_lat, _ = deepseek_ops.mla_decode(q, self.kv_cache, ctx.block_table, ctx.cache_seqlens, self.softmax_scale,
+                                           causal=True, metadata=ctx.mla_metadata)  # [B, S, H, R]
         return torch.einsum("bshr,hdr->bshd", o_lat.to(w_uv.dtype), w_uv)  # [B, S, H, dv]
 
 
@@ -360,8 +364,6 @@ class RemoteExpert(nn.Module):
 def _ep_rank_and_size(group) -> Tuple[int, int]:
     if group is None:
         return 0, 1
-    import torch.distributed as dist
-
     return dist.get_rank(group), dist.get_world_size(group)
 
 
@@ -429,7 +431,7 @@ class MoE(nn.Module):
 
     def experts_grouped_fp8(self, x, weights, indices):
         """Experts as two grouped FP8 GEMMs over the expert-contiguous rows of ep.dispatch."""
-        ep = _ops().ep
+        ep = deepseek_ops.ep
         recv = ep.dispatch(self._quantize(x), indices, weights, num_experts=len(self.experts))
         y = self._expert_gemms(*recv.recv_x, recv.recv_topk_idx)  # rows grouped by expert
         return ep.combine(y, recv.handle, weights).to(x.dtype)  # [N, D]: sum_k w[n, k] * y[row(n, k)]
@@ -437,7 +439,7 @@ class MoE(nn.Module):
     def experts_parallel(self, x, weights, indices):
         """Expert parallel: dispatch the (token, expert) pairs to the experts' ranks, run the local
         experts on the rows received (grouped FP8 GEMMs, or the loop), combine back home."""
-        ep = _ops().ep
+        ep = deepseek_ops.ep
         backend = self.ep_backend or ("ipc" if self.backend == "kernels" and x.is_cuda else "torch")
         buffer = self.ep_buffer
         if buffer is None or buffer.backend != backend or buffer.max_tokens_per_rank < x.shape[0]:
@@ -461,11 +463,11 @@ class MoE(nn.Module):
     @staticmethod
     def _quantize(x: torch.Tensor):
         """x [N, D] -> (e4m3 [N, D], fp32 scales [N, D/128]): quantized at home, before dispatch."""
-        return _ops().per_token_group_quant_fp8(x.to(torch.bfloat16), FP8_BLOCK)
+        return deepseek_ops.per_token_group_quant_fp8(x.to(torch.bfloat16), FP8_BLOCK)
 
     def _expert_gemms(self, rows_fp8, rows_scale, m_indices):
         """Rows grouped by expert (m_indices -1 on padding) -> y [M, D] bf16: w2 (silu(gate) * up)."""
-        grouped = _ops().grouped_fp8_gemm_contiguous
+        grouped = deepseek_ops.grouped_fp8_gemm_contiguous
         h = grouped(rows_fp8, rows_scale, self.w13, self.w13_scale, m_indices)  # [M, 2I]
         return grouped(*self._activation(h), self.w2, self.w2_scale, m_indices)  # [M, D]
 
@@ -473,15 +475,15 @@ class MoE(nn.Module):
     def _activation(h: torch.Tensor):
         """h [M, 2I] (gate | up) -> silu(gate) * up [M, I] in bf16, quantized per 1 x 128 for the w2
         GEMM: one fused pass (the activation never reaches memory)."""
-        return _ops().silu_mul_quant_fp8(h, column_major_scales=True)
+        return deepseek_ops.silu_mul_quant_fp8(h, column_major_scales=True)
 
     def prepare_kernels(self) -> None:
-        """Stacks FP8 expert weights for the grouped GEMMs (float experts keep the reference loop)."""
+        """Stacks FP8 expert weights for the grouped GEMMs (float experts, and shapes the grouped GEMMs
+        don't take, keep the loop over experts)."""
         experts = [self.experts[j] for j in self.local_experts]
         if not all(e.gate_proj.is_fp8 and e.up_proj.is_fp8 and e.down_proj.is_fp8 for e in experts):
             return
-        inter = self.args.moe_intermediate_size
-        if inter % FP8_BLOCK:  # gate and up blocks must not straddle when stacked as one [2I, D] weight
+        if grouped_experts_fallback(self.args):
             return
         self.w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
         self.w13_scale = torch.stack([torch.cat([e.gate_proj.weight_scale_inv, e.up_proj.weight_scale_inv])
@@ -555,7 +557,12 @@ class Transformer(nn.Module):
     fp8_activations (reference backend): FP8 linears see their input rounded to e4m3 per 1 x 128
     group, as the FP8 kernels compute (DeepSeek's gemm_impl="fp8"); off, they compute with the exact
     input and dequantized weights (gemm_impl="bf16"). The kernels backend is compared against the
-    former: the activation rounding alone moves each layer's output by calc_diff ~1e-3.
+    former: the activation rounding alone moves each layer's output by calc_diff ~1e-3. Linears whose
+    shape fp8_linear does not take keep the exact input, as the kernels backend computes them.
+
+    The kernels backend runs every op whose shapes the kernels take on them, and the others on the
+    reference math on the same device (any DeepSeek-V3-family config runs; V3's own runs fully on
+    the kernels); kernel_fallbacks() lists those, and construction warns once with that list.
     """
 
     def __init__(self, args: ModelArgs, backend: str = "reference", attn_impl: str = "absorbed",
@@ -572,7 +579,29 @@ class Transformer(nn.Module):
         self.rope_scale = rope_attention_factor(args)
         for module in self.modules():
             if isinstance(module, Linear):
-                module.fp8_activations = fp8_activations
+                module.fp8_activations = fp8_activations and module.kernel_fallback is None
+        self.uses_mla_decode = backend == "kernels" and mla_decode_fallback(args) is None
+        fallbacks = "; ".join(f"{op}: {why}" for op, why in self.kernel_fallbacks().items())
+        if fallbacks:
+            warnings.warn("backend 'kernels': these ops run the reference implementation, their shapes are "
+                          f"outside the kernels' contract: {fallbacks}", stacklevel=2)
+
+    def kernel_fallbacks(self) -> Dict[str, str]:
+        """Kernels backend: op (modules as layers.*.name) -> why it runs on the reference math ({} for
+        the reference backend, and for configs the kernels fully cover)."""
+        if self.backend != "kernels":
+            return {}
+        out = {}
+        if not self.uses_mla_decode:
+            out["mla_cache_append / mla_decode"] = mla_decode_fallback(self.args)
+        moe_why = grouped_experts_fallback(self.args)
+        for name, module in self.named_modules():
+            where = re.sub(r"\.\d+\.", ".*.", name)
+            if isinstance(module, Linear) and module.is_fp8 and module.kernel_fallback:
+                out[f"fp8_linear {where}"] = module.kernel_fallback
+            elif isinstance(module, MoE) and self.args.fp8 and moe_why:
+                out[f"grouped FP8 experts {where}"] = moe_why
+        return out
 
     @property
     def main_layers(self):
@@ -588,9 +617,8 @@ class Transformer(nn.Module):
         angles = positions[..., None].float() * self.rope_freqs  # [B, S, dr/2]
         ctx = AttnContext(positions, angles.cos() * self.rope_scale, angles.sin() * self.rope_scale,
                           block_table, decode, contiguous=True)
-        if decode and self.backend == "kernels":
-            cache_seqlens = (positions[:, -1] + 1).to(torch.int32)  # [B]
-            ctx.mla_metadata = _ops().get_mla_metadata(cache_seqlens, seq, self.args.num_attention_heads)
+        if decode and self.uses_mla_decode:
+            ctx.mla_metadata = deepseek_ops.get_mla_metadata(ctx.cache_seqlens, seq, self.args.num_attention_heads)
         return ctx
 
     def forward(self, tokens: torch.Tensor, start_pos: Optional[torch.Tensor] = None,
@@ -693,8 +721,6 @@ def init_random_(model: nn.Module, seed: Optional[int] = None) -> nn.Module:
 def random_model(args: Optional[ModelArgs] = None, backend: str = "reference", attn_impl: str = "absorbed",
                  device="cpu", seed: Optional[int] = None, ep_group=None) -> Transformer:
     """A randomly initialized model for any config (the tiny preset by default)."""
-    from model.config import preset
-
     with torch.device(device):
         model = Transformer(args or preset("tiny"), backend, attn_impl, ep_group=ep_group)
     return init_random_(model, seed)

@@ -1,5 +1,6 @@
 """HF-format checkpoints: exact round trip (float and FP8, sharded), clear errors, config mapping."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import ModelArgs, from_hf_config, preset, to_hf_config
+from model.generate import generate
 from model.model import random_model
 
 
@@ -73,6 +75,10 @@ def test_checkpoint_for_a_different_config(saved):
     with pytest.raises(CheckpointError, match=r"q_a_proj\.weight.*expected shape"):
         load_checkpoint(saved, args=preset("tiny", q_lora_rank=256))
     with pytest.raises(CheckpointError, match=r"missing .*model\.layers\.4"):
+        load_checkpoint(saved, args=preset("tiny", num_hidden_layers=4), mtp=True)
+    # Without mtp=True, no layer 4 reads as "no MTP weights"; the MTP layer 3 then cannot be main layer 3.
+    with pytest.warns(UserWarning, match="no MTP weights"), pytest.raises(
+            CheckpointError, match=r"unexpected .*model\.layers\.3\.eh_proj"):
         load_checkpoint(saved, args=preset("tiny", num_hidden_layers=4))
 
 
@@ -112,3 +118,89 @@ def test_hf_config_unknown_field_warns_and_bad_values_name_the_field():
         from_hf_config({**hf, "n_group": 3})
     with pytest.raises(ValueError, match="num_nextn_predict_layers"):
         ModelArgs(num_nextn_predict_layers=2)
+
+
+def _rewrite(path, keep):
+    """Keeps only the tensors whose key passes keep(key), in every shard and in the index."""
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    for name in set(index["weight_map"].values()):
+        save_file({k: t for k, t in load_file(path / name).items() if keep(k)}, path / name)
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if keep(k)}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens)[0]
+
+
+def test_config_with_mtp_but_no_mtp_weights_loads_without_it(tmp_path):
+    """What transformers' save_pretrained writes: num_nextn_predict_layers 1, no layer-3 (MTP) tensors."""
+    model = random_model(preset("tiny"))
+    save_checkpoint(model, tmp_path)
+    _rewrite(tmp_path, lambda key: not key.startswith("model.layers.3."))
+    with pytest.warns(UserWarning) as caught:
+        loaded = load_checkpoint(tmp_path)
+    assert [str(w.message) for w in caught if "MTP" in str(w.message)] == [str(caught[0].message)]
+    assert "no MTP weights" in str(caught[0].message) and "speculative decoding" in str(caught[0].message)
+    assert loaded.mtp is None and loaded.args.num_nextn_predict_layers == 0
+    tokens = torch.randint(0, model.args.vocab_size, (2, 9))
+    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+    with pytest.raises(ValueError, match="use_mtp=True needs the MTP module"):
+        generate(loaded, [[1, 2, 3]], 4, use_mtp=True)
+    assert len(generate(loaded, [[1, 2, 3]], 4)[0][0]) == 4
+    with pytest.raises(CheckpointError, match=r"missing .*model\.layers\.3\."):
+        load_checkpoint(tmp_path, mtp=True)
+
+
+def test_mtp_false_skips_the_mtp_weights(saved, recwarn):
+    full = load_checkpoint(saved)
+    lean = load_checkpoint(saved, mtp=False)
+    assert not [w for w in recwarn if "MTP" in str(w.message)]
+    assert full.mtp is not None and lean.mtp is None
+    assert not any(key.startswith("model.layers.3.") for key in lean.state_dict())
+    tokens = torch.randint(0, full.args.vocab_size, (2, 9))
+    assert torch.equal(_logits(full, tokens), _logits(lean, tokens))
+
+
+def test_mtp_true_needs_a_config_with_mtp(tmp_path):
+    save_checkpoint(random_model(preset("tiny", num_nextn_predict_layers=0)), tmp_path)
+    assert load_checkpoint(tmp_path).mtp is None
+    with pytest.raises(CheckpointError, match="mtp=True.*num_nextn_predict_layers = 0"):
+        load_checkpoint(tmp_path, mtp=True)
+
+
+def test_only_the_checkpoint_files_are_read(saved):
+    """As transformers reads: the index's shards, else model.safetensors; other files are not weights."""
+    save_file({"activations": torch.zeros(3)}, saved / "activations.safetensors")
+    expected = load_checkpoint(saved).state_dict()
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for name in set(index["weight_map"].values()):
+        tensors.update(load_file(saved / name))
+        (saved / name).unlink()
+    (saved / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointError, match="neither model.safetensors.index.json nor model.safetensors"):
+        load_checkpoint(saved)
+    save_file(tensors, saved / "model.safetensors")
+    loaded = load_checkpoint(saved).state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_index_naming_an_absent_shard(saved):
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    (saved / next(iter(index["weight_map"].values()))).unlink()
+    with pytest.raises(CheckpointError, match="names shard.*not there: model-00001-of-00001.safetensors"):
+        load_checkpoint(saved)
+
+
+def test_hf_config_qk_head_dim_and_rope_interleave():
+    hf = to_hf_config(preset("tiny"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a known field: no "unknown field" warning
+        assert from_hf_config({**hf, "qk_head_dim": 192}) == preset("tiny")  # 128 + 64
+    with pytest.raises(ValueError, match=r"'qk_head_dim' = 200 is inconsistent.*128 \+ 64 = 192"):
+        from_hf_config({**hf, "qk_head_dim": 200})
+    with pytest.raises(ValueError, match="'rope_interleave'"):
+        from_hf_config({**hf, "rope_interleave": False})

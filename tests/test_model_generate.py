@@ -1,9 +1,12 @@
 """Generation on the paged cache (CPU, tiny): greedy == argmax of the full forward, MTP
 self-speculation == plain greedy (rejections and acceptances both exercised), sampling, bad input."""
+import json
+
 import pytest
 import torch
 
 import model.generate as gen
+from model.checkpoint import save_checkpoint
 from model.config import preset
 from model.generate import ByteTokenizer, generate
 from model.model import random_model
@@ -102,3 +105,51 @@ def test_cli_runs(capsys):
     gen.main(["--prompt", "hi", "--max-new-tokens", "4", "--mtp"])
     out = capsys.readouterr().out
     assert "'hi' ->" in out and "acceptance_rate" in out and "tokens_per_s" in out
+
+
+def test_cli_without_checkpoint_says_the_model_is_random(capsys):
+    gen.main(["--prompt", "hi", "--max-new-tokens", "2"])
+    assert "RANDOM model (preset 'tiny', seed 0)" in capsys.readouterr().err
+
+
+def test_cli_help_lists_presets_defaults_and_randomness(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gen.main(["--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "{deepseek-v3,tiny}" in out and "(default: tiny)" in out and "(default: 32)" in out
+    assert "the model is RANDOM" in out and "--no-mtp" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+    (["--mtp", "--no-mtp"], "not allowed with argument"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice"),
+    (["--no-mtp", "--mtp"], "not allowed with argument"),
+    (["--no-mtp", "--prompt", "hi", "--max-new-tokens", "99999"], "exceed the cache capacity"),
+])
+def test_cli_usage_errors_are_not_tracebacks(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        gen.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m model.generate") and message in err
+
+
+def test_cli_checkpoint_errors_are_usage_errors(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        gen.main(["--checkpoint", str(tmp_path)])
+    assert exit_info.value.code == 2 and "no config.json" in capsys.readouterr().err
+
+
+def test_cli_no_mtp_refuses_speculation_on_a_checkpoint_without_mtp(capsys, tmp_path):
+    save_checkpoint(random_model(preset("tiny")), tmp_path)
+    gen.main(["--checkpoint", str(tmp_path), "--no-mtp", "--prompt", "hi", "--max-new-tokens", "2"])
+    assert "'hi' ->" in capsys.readouterr().out
+    # As transformers saves: config.json says num_nextn_predict_layers 1, the weights hold no MTP layer.
+    save_checkpoint(random_model(preset("tiny", num_nextn_predict_layers=0)), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    with pytest.raises(SystemExit), pytest.warns(UserWarning, match="no MTP weights"):
+        gen.main(["--checkpoint", str(tmp_path), "--mtp", "--prompt", "hi", "--max-new-tokens", "2"])
+    assert "use_mtp=True needs the MTP module" in capsys.readouterr().err
