@@ -12,6 +12,10 @@ FP8_SCALE_FLOOR = 1e-4  # an all-zero group still gets a positive scale
 # Rows of each group of grouped_fp8_gemm_contiguous's `a` start at a multiple of this (pad each group to it).
 GROUPED_GEMM_ALIGNMENT = 128
 
+# FP8 GEMM shapes: K in whole 1 x 128 / 128 x 128 scale blocks; N a multiple of the narrowest tile.
+FP8_GEMM_K_MULTIPLE = 128
+FP8_GEMM_N_MULTIPLE = 16
+
 # The paged MLA latent cache.
 MLA_PAGE_SIZE = 64  # tokens per page
 MLA_HEAD_DIM_QK = 576  # 512 latent (c_KV) + 64 RoPE (k_pe)

@@ -21,7 +21,7 @@ from deepseek_ops._checks import (FLOAT_DTYPES, FP8, can_read_values, check_alig
                                   check_contiguous, check_cuda_arch, check_dim, check_multiple, check_same_device,
                                   check_shape, check_tensor, check_values_in_range)
 from deepseek_ops._registry import register_op
-from deepseek_ops.constants import GROUPED_GEMM_ALIGNMENT
+from deepseek_ops.constants import FP8_GEMM_K_MULTIPLE, FP8_GEMM_N_MULTIPLE, GROUPED_GEMM_ALIGNMENT
 from deepseek_ops.quant import per_token_group_quant_fp8
 
 _ops = torch.ops.deepseek_ops
@@ -54,10 +54,11 @@ def _check_operands(a, a_scales, b, b_scales, *, a_ndim: int, grouped_b: bool, b
     check_same_device(**{"a": a, "a_scales": a_scales, b_name: b, b_scales_name: b_scales})
     n, k = b.shape[-2], a.shape[-1]
     if k <= 0:
-        raise ValueError(f"argument 'a': K (a.shape[-1]) must be a positive multiple of 128, got {k}")
-    check_multiple("a", k, 128, "K (a.shape[-1])")
+        raise ValueError(f"argument 'a': K (a.shape[-1]) must be a positive multiple of {FP8_GEMM_K_MULTIPLE}, "
+                         f"got {k}")
+    check_multiple("a", k, FP8_GEMM_K_MULTIPLE, "K (a.shape[-1])")
     check_dim(b_name, b, -1, k, "K, as a.shape[-1]")
-    check_multiple(b_name, n, 16, f"N ({b_name}.shape[-2])")
+    check_multiple(b_name, n, FP8_GEMM_N_MULTIPLE, f"N ({b_name}.shape[-2])")
     check_shape("a_scales", a_scales, (*a.shape[:-1], k // 128))
     check_shape(b_scales_name, b_scales, (*b.shape[:-2], -(-n // 128), k // 128))
     _check_k_major("a", a)

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from deepseek_ops.reference import MLA_PAGE_SIZE as PAGE_SIZE  # tokens per page of the paged latent cache
+from deepseek_ops.constants import MLA_PAGE_SIZE as PAGE_SIZE  # tokens per page of the paged latent cache
 
 # float64 serves parity tests against other implementations (no rounding differences to flip a routing tie).
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "float64": torch.float64}

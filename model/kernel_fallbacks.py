@@ -7,21 +7,19 @@ its reference math, on the same device, and says so once, when the model is buil
 """
 from typing import Optional
 
-from deepseek_ops.reference import MLA_HEAD_DIM_QK, MLA_HEAD_DIM_V
+from deepseek_ops.constants import FP8_GEMM_K_MULTIPLE, FP8_GEMM_N_MULTIPLE, MLA_HEAD_DIM_QK, MLA_HEAD_DIM_V
 from model.config import ModelArgs
 
-GEMM_BLOCK_K = 128  # fp8_gemm: K (in_features) in whole 1 x 128 activation / 128 x 128 weight scale blocks
-GEMM_N_MULTIPLE = 16  # fp8_gemm: N (out_features) a multiple of 16, as deepseek_ops.gemm checks
 MLA_ROPE_DIM = MLA_HEAD_DIM_QK - MLA_HEAD_DIM_V  # mla_decode's cache row: 512 latent + 64 RoPE
 
 
 def fp8_linear_fallback(in_features: int, out_features: int) -> Optional[str]:
     """fp8_linear (per 1 x 128 activation quantization, then fp8_gemm) on an [out, in] FP8 weight."""
     why = []
-    if in_features % GEMM_BLOCK_K:
-        why.append(f"K = {in_features} is not a multiple of {GEMM_BLOCK_K}")
-    if out_features % GEMM_N_MULTIPLE:
-        why.append(f"N = {out_features} is not a multiple of {GEMM_N_MULTIPLE}")
+    if in_features % FP8_GEMM_K_MULTIPLE:
+        why.append(f"K = {in_features} is not a multiple of {FP8_GEMM_K_MULTIPLE}")
+    if out_features % FP8_GEMM_N_MULTIPLE:
+        why.append(f"N = {out_features} is not a multiple of {FP8_GEMM_N_MULTIPLE}")
     return ", ".join(why) or None
 
 
@@ -30,10 +28,10 @@ def grouped_experts_fallback(args: ModelArgs) -> Optional[str]:
     the first GEMM's K is hidden_size, the second's is moe_intermediate_size, and gate and up are
     stacked as one [2I, D] weight, so their 128-row scale blocks must not straddle."""
     why = []
-    if args.hidden_size % GEMM_BLOCK_K:
-        why.append(f"hidden_size = {args.hidden_size} is not a multiple of {GEMM_BLOCK_K}")
-    if args.moe_intermediate_size % GEMM_BLOCK_K:
-        why.append(f"moe_intermediate_size = {args.moe_intermediate_size} is not a multiple of {GEMM_BLOCK_K}")
+    if args.hidden_size % FP8_GEMM_K_MULTIPLE:
+        why.append(f"hidden_size = {args.hidden_size} is not a multiple of {FP8_GEMM_K_MULTIPLE}")
+    if args.moe_intermediate_size % FP8_GEMM_K_MULTIPLE:
+        why.append(f"moe_intermediate_size = {args.moe_intermediate_size} is not a multiple of {FP8_GEMM_K_MULTIPLE}")
     return ", ".join(why) or None
 
 
