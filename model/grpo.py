@@ -106,10 +106,11 @@ def run_grpo(policy: Transformer, reference: Transformer, sampler: Transformer, 
     rng, exclude = random.Random(cfg.seed), frozenset(held_out)
     history: List[Dict[str, float]] = []
     totals = {"reward_failures": 0, "skipped_steps": 0}
-    bar = _progress_bar(cfg.steps, progress)
+    bar = ProgressBar(cfg.steps, progress)
     for step in range(1, cfg.steps + 1):
         problems = task.sample(cfg.prompts_per_step, rng, exclude)
-        batch = rollout(sampler, task, problems, cfg.group_size, cfg.temperature, cfg.seed * 1_000_003 + step, reward_fn)
+        seed = cfg.seed * 1_000_003 + step  # each step's samples reproducible on their own
+        batch = rollout(sampler, task, problems, cfg.group_size, cfg.temperature, seed, reward_fn)
         advantages = group_advantages(batch.rewards.view(-1, cfg.group_size)).flatten()  # [N]
         with torch.no_grad():
             ref_logp = token_logprobs(reference, batch.tokens, cfg.temperature)
@@ -130,7 +131,7 @@ def run_grpo(policy: Transformer, reference: Transformer, sampler: Transformer, 
     return history
 
 
-class _progress_bar:
+class ProgressBar:
     """tqdm over the steps with the step's numbers, or nothing."""
 
     def __init__(self, total: int, enabled: bool):
