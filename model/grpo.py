@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+from tqdm import tqdm
 
 from model.arithmetic_task import ArithmeticTask, Problem
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -137,8 +138,6 @@ class ProgressBar:
     def __init__(self, total: int, enabled: bool):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, desc="grpo", file=sys.stderr)
 
     def update(self, record: Dict[str, float]) -> None:
@@ -255,6 +254,8 @@ def main(argv=None) -> None:
         def log(record: Dict) -> None:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+            tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                       file=sys.stderr)
 
         history = run_grpo(policy, reference, sampler, task, held_out, cfg, log)
     save_checkpoint(policy, out / "policy")

@@ -69,5 +69,6 @@ def supervised_warmup(policy: Transformer, sampler: Transformer, task: Arithmeti
             log(f"warm-up step {step:5d}  loss {history[-1]['loss']:.4f}  held-out greedy accuracy {accuracy:.3f}")
             losses = []
             if accuracy >= cfg.target_accuracy:
-                break
+                return accuracy, history
+    log(f"warm-up: max_steps {cfg.max_steps} reached below the target accuracy {cfg.target_accuracy}")
     return accuracy, history
