@@ -15,12 +15,16 @@ held-out accuracy every --eval-every steps), grpo_curves.png, summary.json, poli
 checkpoint). Layout: model/arithmetic_task.py (task, reward), model/grpo_rollout.py (sampling,
 log-probs, weight sync), model/grpo_loss.py (the objective), model/grpo_warmup.py (starting policy).
 
-CPU (reference backend, the tiny preset; a few minutes):
-    python -m model.grpo --out /tmp/grpo-cpu --max-digits 2 --steps 30
+CPU (reference backend, the tiny preset): the whole pipeline runs, but 2 cores learn arithmetic
+slowly (1-2 digit additions need hundreds of warm-up steps), hence an easy task and a low target:
+    python -m model.grpo --out /tmp/grpo-cpu --ops + --min-digits 1 --max-digits 2 \\
+        --warmup-target 0.05 --steps 20 --eval-size 200
 The H200 experiment (policy trains in fp32 on the reference backend; rollouts and evaluation run the
 kernels backend with FP8 linears, refreshed from the policy after every step):
     python -m model.grpo --preset grpo-h200 --device cuda --rollout-backend kernels --rollout-fp8 \\
         --out runs/grpo-h200 --steps 300 --prompts-per-step 64 --group-size 8 --eval-size 1000
+and its rollout throughput against transformers' generate (record grpo_rollout):
+    python -m benchmarks --only grpo_rollout
 """
 import argparse
 import dataclasses
