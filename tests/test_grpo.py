@@ -251,20 +251,29 @@ def test_fp8_sampler_follows_the_policy():
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
-def test_grpo_steps_change_the_weights(task):
+def even_first_token_prob(model, task):
+    """Mean probability of an even first response token over 16 prompts (all 2-digit: one length)."""
+    prompts = torch.tensor([task.encode_prompt(p) for p in task.sample(16, random.Random(1))])
+    with torch.no_grad():
+        probs = torch.softmax(model(prompts)[0][:, -1], dim=-1)  # [16, V]
+    return probs[:, 0::2].sum(-1).mean().item()
+
+
+def test_grpo_steps_learn_the_reward(task):
     policy, reference = random_model(small_args(), seed=5), random_model(small_args(), seed=5)
     sampler = build_sampler(policy, "reference", fp8=False, dtype="float32")
     before, reference_before = weights_of(policy), weights_of(reference)
+    even_before = even_first_token_prob(policy, task)
 
     raised = []
 
-    def reward(problem, response):  # learnable by a random model; raises on some samples
+    def reward(problem, response):  # learnable by a random model at once; raises on some samples
         if response[0] % 7 == 0:
             raised.append(response)
             raise ValueError("reward bug")
         return float(response[0] % 2 == 0)
 
-    cfg = GRPOConfig(steps=3, prompts_per_step=3, group_size=4, inner_steps=2, lr=1e-3, eval_every=2)
+    cfg = GRPOConfig(steps=3, prompts_per_step=4, group_size=8, inner_steps=2, lr=3e-3, eval_every=2)
     logged = []
     history = run_grpo(policy, reference, sampler, task, task.held_out(4, 0), cfg, logged.append, False, reward)
     assert logged == history and [r["step"] for r in history] == [1, 2, 3]
@@ -279,6 +288,8 @@ def test_grpo_steps_change_the_weights(task):
     for k, v in weights_of(sampler).items():
         torch.testing.assert_close(v, after[k])
     assert history[-1]["kl"] > 0  # the policy has moved away from the reference
+    even_after = even_first_token_prob(policy, task)
+    assert even_after > even_before + 0.05, (even_before, even_after)  # the advantage's sign is right
 
 
 def test_nan_loss_step_is_skipped(task):
@@ -307,9 +318,9 @@ def test_config_errors(kwargs, match):
 def test_supervised_warmup_lowers_the_loss(task):
     policy = random_model(small_args(), seed=7)
     sampler = build_sampler(policy, "reference", fp8=False, dtype="float32")
-    cfg = WarmupConfig(lr=3e-3, batch_size=16, max_steps=40, eval_every=20, target_accuracy=2.0)
+    cfg = WarmupConfig(lr=3e-3, batch_size=16, max_steps=24, eval_every=12, target_accuracy=2.0)
     accuracy, history = supervised_warmup(policy, sampler, task, task.held_out(8, 0), cfg, log=lambda s: None)
-    assert [h["step"] for h in history] == [20, 40] and 0.0 <= accuracy <= 1.0
+    assert [h["step"] for h in history] == [12, 24] and 0.0 <= accuracy <= 1.0
     assert history[1]["loss"] < history[0]["loss"]
 
 
