@@ -69,6 +69,11 @@ class GRPOConfig:
                 raise ValueError(f"GRPOConfig.{name} = {getattr(self, name)}: expected >= 1")
         if self.group_size < 2:
             raise ValueError(f"GRPOConfig.group_size = {self.group_size}: expected >= 2 (a group-relative advantage)")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"GRPOConfig.clip_eps = {self.clip_eps}: expected in (0, 1)")
+        if self.beta < 0 or self.temperature <= 0:
+            raise ValueError(f"GRPOConfig: expected beta >= 0 and temperature > 0, got beta={self.beta}, "
+                             f"temperature={self.temperature}")
 
 
 def update_policy(policy: Transformer, optimizer: torch.optim.Optimizer, params, batch: Rollout,

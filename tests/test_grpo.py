@@ -309,7 +309,9 @@ def test_nan_loss_step_is_skipped(task):
 
 
 @pytest.mark.parametrize("kwargs,match", [({"aggregation": "seq-sum"}, "aggregation"),
-                                          ({"group_size": 1}, "group_size"), ({"inner_steps": 0}, "inner_steps")])
+                                          ({"group_size": 1}, "group_size"), ({"inner_steps": 0}, "inner_steps"),
+                                          ({"clip_eps": 0.0}, "clip_eps"), ({"beta": -0.1}, "beta"),
+                                          ({"temperature": 0.0}, "temperature")])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GRPOConfig(**kwargs)
