@@ -136,10 +136,11 @@ def rollout(sampler: Transformer, task: ArithmeticTask, problems: List[Problem],
     responses = [cut_at_eos(s, task.eos_id) for s in sampled]
     rewards, failures = safe_rewards(reward_fn or task.reward, problems_n, responses)
     correct = [task.parse_answer(r) == p.answer for p, r in zip(problems_n, responses)]
-    tokens, mask = pack_sequences(prompts, responses, sampler.model.embed_tokens.weight.device)
+    device = sampler.model.embed_tokens.weight.device  # every tensor of the batch lives with the models
+    tokens, mask = pack_sequences(prompts, responses, device)
     generated = len(sampled) * task.max_response_tokens
-    return Rollout(list(problems), group_size, responses, tokens, mask, torch.tensor(rewards),
-                   torch.tensor(correct), failures, generated, generated / max(seconds, 1e-9))
+    return Rollout(list(problems), group_size, responses, tokens, mask, torch.tensor(rewards, device=device),
+                   torch.tensor(correct, device=device), failures, generated, generated / max(seconds, 1e-9))
 
 
 @torch.no_grad()
