@@ -127,6 +127,15 @@ PRESETS: Dict[str, ModelArgs] = {
         routed_scaling_factor=2.5, rope_theta=10000.0, rope_factor=40.0, original_max_position_embeddings=4096,
         beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, max_position_embeddings=163840,
         num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1, dtype="bfloat16", fp8=True),
+    # The GRPO policy on the H200 (model/grpo.py), ~50M parameters: every width the kernels cover in
+    # full (hidden and expert widths multiples of 128, the MLA latent 512 + 64), byte tokens + bos/eos
+    # in a 384-entry vocabulary, plain RoPE over short arithmetic sequences.
+    "grpo-h200": ModelArgs(
+        vocab_size=384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256, num_hidden_layers=6,
+        first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=256, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+        n_group=4, topk_group=2, rope_factor=1.0, max_position_embeddings=256, num_nextn_predict_layers=0,
+        bos_token_id=256, eos_token_id=257, dtype="bfloat16", fp8=True),
 }
 
 
