@@ -1,7 +1,7 @@
-"""DeepGEMM and FlashMLA as peers in the benchmarks, when they are importable.
+"""DeepGEMM as a peer in the benchmarks, when it is importable.
 
-They have no wheel for the H200; ../shared/peers/README.md lays them out and builds them there (their
-code never enters this repository). Each factory returns a zero-argument callable that launches the
+It has no wheel for the H200; ../shared/peers/README.md lays it out and builds it there (its code never
+enters this repository). Each factory returns a zero-argument callable that launches the
 peer on our inputs and returns its output (checked against our float64 reference before timing), or
 None, after one printed line, when the peer is not importable.
 """
@@ -61,14 +61,3 @@ def deepgemm_masked_fn(a3, a_scales3, b, b_scales, masked_m, expected_m) -> Opti
         return d
 
     return call
-
-
-def flashmla_decode_fn(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal
-                       ) -> Optional[Callable[[], torch.Tensor]]:
-    """flash_mla.flash_mla_with_kvcache on our bf16 cache (its layout is ours); metadata made once."""
-    fm = _import("flash_mla")
-    if fm is None:
-        return None
-    meta = fm.get_mla_metadata()[0]
-    return lambda: fm.flash_mla_with_kvcache(q, kv_cache, block_table, cache_seqlens, 512, meta,
-                                             softmax_scale=softmax_scale, causal=causal)[0]
