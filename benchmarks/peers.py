@@ -20,44 +20,33 @@ def _import(name: str):
         return None
 
 
-def deepgemm_fp8_gemm_fn(a, a_scales, b, b_scales) -> Optional[Callable[[], torch.Tensor]]:
-    """deep_gemm.fp8_gemm_nt on our inputs (M-major a scales: its TMA-aligned layout, made once)."""
+def _deepgemm(a_scales, out_shape, device, launch) -> Optional[Callable[[], torch.Tensor]]:
+    """A DeepGEMM call writing a preallocated bf16 output; its TMA-aligned a-scale layout is made once
+    (a no-op on our M-major scales)."""
     dg = _import("deep_gemm")
     if dg is None:
         return None
     sfa = dg.get_mn_major_tma_aligned_tensor(a_scales)
-    d = torch.empty(a.shape[0], b.shape[0], device=a.device, dtype=torch.bfloat16)
+    d = torch.empty(*out_shape, device=device, dtype=torch.bfloat16)
 
     def call():
-        dg.fp8_gemm_nt((a, sfa), (b, b_scales), d)
+        launch(dg, sfa, d)
         return d
 
     return call
+
+
+def deepgemm_fp8_gemm_fn(a, a_scales, b, b_scales) -> Optional[Callable[[], torch.Tensor]]:
+    return _deepgemm(a_scales, (a.shape[0], b.shape[0]), a.device,
+                     lambda dg, sfa, d: dg.fp8_gemm_nt((a, sfa), (b, b_scales), d))
 
 
 def deepgemm_contiguous_fn(a, a_scales, b, b_scales, m_indices) -> Optional[Callable[[], torch.Tensor]]:
-    dg = _import("deep_gemm")
-    if dg is None:
-        return None
-    sfa = dg.get_mn_major_tma_aligned_tensor(a_scales)
-    d = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=torch.bfloat16)
-
-    def call():
-        dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, b_scales), d, m_indices)
-        return d
-
-    return call
+    return _deepgemm(a_scales, (a.shape[0], b.shape[1]), a.device,
+                     lambda dg, sfa, d: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, b_scales), d, m_indices))
 
 
 def deepgemm_masked_fn(a3, a_scales3, b, b_scales, masked_m, expected_m) -> Optional[Callable[[], torch.Tensor]]:
-    dg = _import("deep_gemm")
-    if dg is None:
-        return None
-    sfa = dg.get_mn_major_tma_aligned_tensor(a_scales3)
-    d = torch.empty(a3.shape[0], a3.shape[1], b.shape[1], device=a3.device, dtype=torch.bfloat16)
-
-    def call():
-        dg.m_grouped_fp8_gemm_nt_masked((a3, sfa), (b, b_scales), d, masked_m, expected_m)
-        return d
-
-    return call
+    return _deepgemm(a_scales3, (a3.shape[0], a3.shape[1], b.shape[1]), a3.device,
+                     lambda dg, sfa, d: dg.m_grouped_fp8_gemm_nt_masked((a3, sfa), (b, b_scales), d, masked_m,
+                                                                        expected_m))
