@@ -7,7 +7,7 @@ import torch
 
 import model.generate as gen
 from model.checkpoint import save_checkpoint
-from model.config import preset
+from model.config import PRESETS, preset
 from model.generate import ByteTokenizer, generate
 from model.model import random_model
 
@@ -117,7 +117,7 @@ def test_cli_help_lists_presets_defaults_and_randomness(capsys):
         gen.main(["--help"])
     assert exit_info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "{deepseek-v3,tiny}" in out and "(default: tiny)" in out and "(default: 32)" in out
+    assert "{" + ",".join(sorted(PRESETS)) + "}" in out and "(default: tiny)" in out and "(default: 32)" in out
     assert "the model is RANDOM" in out and "--no-mtp" in out
 
 
