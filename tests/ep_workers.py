@@ -11,12 +11,17 @@ import socket
 import time
 from typing import Callable
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deepseek_ops import ep, per_token_group_quant_fp8, reference
 from deepseek_ops.testing import assert_bitwise_equal, calc_diff
+
+
+# The per-test limit of every test that spawns ranks (pytest.ini's default is for one process).
+MULTI_PROCESS_TIMEOUT = pytest.mark.timeout(600)
 
 
 def free_port() -> int:
@@ -42,7 +47,17 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, pg_
 def run_ranks(fn: Callable, world_size: int, *args, pg_backend: str = "gloo"):
     """Runs fn(rank, world_size, *args) in world_size spawned processes; re-raises a rank's failure.
     pg_backend: the process group's ("nccl" needs a GPU per rank)."""
-    mp.spawn(_entry, args=(world_size, free_port(), fn, args, pg_backend), nprocs=world_size, join=True)
+    context = mp.start_processes(_entry, args=(world_size, free_port(), fn, args, pg_backend), nprocs=world_size,
+                                 join=False, start_method="spawn")
+    try:
+        while not context.join():
+            pass
+    finally:
+        # A failed rank or the test's timeout: the other ranks must not outlive the test.
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
 # -- inputs --------------------------------------------------------------------------------------

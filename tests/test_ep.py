@@ -139,6 +139,7 @@ def test_fp8_dispatch_carries_scales_cpu():
 @pytest.mark.parametrize("world_size,tokens,experts,route", [(2, [37, 21], 8, "random"), (3, [40, 0, 17], 12, "random"),
                                                            (4, [33, 0, 50, 8], 16, "random"),
                                                            (2, [30, 25], 8, "rank0")])
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_dist_exchange_gloo(world_size, tokens, experts, route):
     """combine(f(dispatch(x))) == dense, exact routing by (rank, token) tags, empty ranks, a rank
     that receives nothing ("rank0": every expert on rank 0), FP8 with scales."""
@@ -146,11 +147,13 @@ def test_dist_exchange_gloo(world_size, tokens, experts, route):
     ep_workers.run_ranks(ep_workers.check_exchange, world_size, int(torch.randint(1 << 20, ())), case)
 
 
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_dist_bad_input_raises_on_every_rank():
     case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2)
     ep_workers.run_ranks(ep_workers.check_bad_input, 2, int(torch.randint(1 << 20, ())), case)
 
 
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_dist_absent_rank_times_out():
     case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2)
     ep_workers.run_ranks(ep_workers.check_timeout, 2, int(torch.randint(1 << 20, ())), case)
@@ -367,6 +370,7 @@ def test_gpu_cuda_graph_no_sync():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gpu_1000_rounds_identical(fp8):
     topk_idx, weights = random_routing(1024, 64, 8, device="cuda")
@@ -393,6 +397,7 @@ def test_opcheck_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", [2, 4])
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_dist_exchange_gloo_cuda_tensors(world_size):
     """The torch.distributed backend with CUDA tensors on gloo (control and data plane through the
     host; the processes share GPUs where there are fewer than ranks): the GPU permute/combine
@@ -405,7 +410,8 @@ def test_gpu_dist_exchange_gloo_cuda_tensors(world_size):
 # ---- GPU: the intranode IPC tier (one GPU per rank where there are enough, else sharing GPUs) -------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("world_size", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_exchange(world_size):
     """Exact routing by (rank, token) tags, bf16 and FP8 (scales travel with the rows), combine
     bitwise the dense reference; a rank with no tokens."""
@@ -422,7 +428,8 @@ def _need_gpus(world_size: int):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "ipc"])
-@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("world_size", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_nccl_group_exchange(world_size, backend):
     """One process per GPU on an NCCL group: the torch backend's rows travel by NCCL all_to_all
     (the reference), the ipc backend's by our kernels over NVLink with NCCL as its control plane.
@@ -436,6 +443,7 @@ def test_gpu_nccl_group_exchange(world_size, backend):
 
 
 @pytest.mark.gpu
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_rank_receives_nothing():
     case = dict(world_size=2, tokens=[40, 33], hidden=256, experts=8, topk=3, route="rank0", alignment=128,
                 device="cuda", backend="ipc")
@@ -443,7 +451,9 @@ def test_gpu_ipc_rank_receives_nothing():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_1000_rounds_identical(world_size):
     case = dict(world_size=world_size, tokens=[128, 64, 100, 7][:world_size], hidden=1024, experts=8 * world_size,
                 topk=8, rounds=1000)
@@ -452,6 +462,7 @@ def test_gpu_ipc_1000_rounds_identical(world_size):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", [2, 4])
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_cuda_graph_replays(world_size):
     """exact=False dispatch -> experts -> combine captured in one CUDA graph per rank, replayed over
     new inputs written into the captured tensors: every replay equals the dense reference."""
@@ -461,18 +472,23 @@ def test_gpu_ipc_cuda_graph_replays(world_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_absent_rank_times_out_on_host():
     case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2, backend="ipc", device="cuda")
     ep_workers.run_ranks(ep_workers.check_timeout, 2, int(torch.randint(1 << 20, ())), case)
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_absent_rank_times_out_on_device():
     case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2)
     ep_workers.run_ranks(ep_workers.check_ipc_device_timeout, 2, int(torch.randint(1 << 20, ())), case)
 
 
 @pytest.mark.gpu
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_bad_input_raises_on_every_rank():
     case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2, backend="ipc", device="cuda")
     ep_workers.run_ranks(ep_workers.check_bad_input, 2, int(torch.randint(1 << 20, ())), case)
