@@ -279,16 +279,17 @@ def ep_permute(x: torch.Tensor, x_scales, topk_weights, topk_idx: torch.Tensor, 
 
 
 def ep_combine(y: torch.Tensor, row_of: torch.Tensor, topk_weights: torch.Tensor):
-    """out[t] = sum over k with row_of[t, k] >= 0 of topk_weights[t, k] * y[row_of[t, k]], accumulated
-    in fp32 in k order (each product and each sum rounded to fp32), cast to y's dtype."""
+    """out[t] = sum over k with 0 <= row_of[t, k] < rows of y of topk_weights[t, k] * y[row_of[t, k]],
+    accumulated in fp32 in k order (each product and each sum rounded to fp32), cast to y's dtype.
+    Rows out of range are skipped like -1, as the CUDA kernel does."""
     t, topk = row_of.shape
     acc = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
     if y.shape[0] == 0:  # no rows: no pair has an expert
         return acc.to(y.dtype)
     for k in range(topk):
         rows = row_of[:, k].long()
-        has = rows >= 0
-        gathered = y[rows.clamp(min=0)].float()
+        has = (rows >= 0) & (rows < y.shape[0])
+        gathered = y[torch.where(has, rows, 0)].float()
         product = topk_weights[:, k].float().unsqueeze(1) * gathered
         acc = torch.where(has.unsqueeze(1), acc + product, acc)
     return acc.to(y.dtype)

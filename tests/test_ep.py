@@ -160,7 +160,8 @@ def test_dist_absent_rank_times_out():
 
 
 @pytest.mark.parametrize("backend,differ,message", [
-    ("torch", ("hidden", 512), ["argument 'hidden' must be the same on every rank", "rank 0 has 256", "rank 1 has 512"]),
+    ("torch", ("hidden", 512),
+     ["argument 'hidden' must be the same on every rank", "rank 0 has 256", "rank 1 has 512"]),
     ("ipc", ("max_tokens_per_rank", 32), ["argument 'max_tokens_per_rank'", "rank 0 has 16", "rank 1 has 32"]),
     ("ipc", ("max_topk", 2), ["argument 'max_topk'", "rank 0 has 4", "rank 1 has 2"]),
     ("ipc", ("num_experts", 16), ["argument 'num_experts'", "rank 0 has 8", "rank 1 has 16"]),
@@ -573,7 +574,8 @@ def test_gpu_ipc_bad_input_raises_on_every_rank():
 @pytest.mark.gpu
 @ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_layout_agreement():
-    case = dict(backend="ipc", differ=("hidden", 512), message=["argument 'hidden'", "rank 0 has 256", "rank 1 has 512"])
+    case = dict(backend="ipc", differ=("hidden", 512),
+                message=["argument 'hidden'", "rank 0 has 256", "rank 1 has 512"])
     ep_workers.run_ranks(ep_workers.check_layout_agreement, 2, int(torch.randint(1 << 20, ())), case)
 
 
