@@ -199,6 +199,11 @@ def _get_mla_metadata_fake(cache_seqlens, num_sm_parts):
 
 
 def _mla_decode_fake(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, tile_sched, split_offsets, out):
+    torch._check(q.dim() == 4 and q.shape[3] == MLA_HEAD_DIM_QK,
+                 lambda: f"mla_decode: q [B, s_q, h_q, {MLA_HEAD_DIM_QK}], got {q.shape}")
+    torch._check(block_table.dim() == 2 and block_table.shape[0] == q.shape[0] and cache_seqlens.shape == (q.shape[0],),
+                 lambda: f"mla_decode: block_table [B, max_blocks] and cache_seqlens [B] for q {q.shape}, got "
+                         f"{block_table.shape}, {cache_seqlens.shape}")
     batch, s_q, h_q, _ = q.shape
     return q.new_empty((batch, h_q, s_q), dtype=torch.float32)
 
