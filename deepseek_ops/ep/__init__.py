@@ -122,7 +122,11 @@ class Buffer:
     (torch.distributed all_to_all), or "auto" (local for one rank, else torch). max_topk: the
     largest topk of any call (sizes the ipc buffers).
     timeout_s: a peer that dies or never arrives makes the others raise TimeoutError naming the
-    stuck step after this long (gloo; NCCL uses the process group's own timeout).
+    stuck step after this long (gloo; NCCL uses the process group's own timeout). A killed peer:
+    over gloo the survivors' next collective raises at once (the connection closes) or after
+    timeout_s; over CUDA IPC the device waits give up after timeout_s and the error names the step
+    and the rank waited for; with NCCL, what a dead peer does is up to NCCL's own error handling
+    (its watchdog may abort the survivors).
     Backend "torch" syncs with the host once per dispatch (receive sizes; exact=False only changes
     the padding of recv_x there). Backend "ipc" with exact=True syncs once per dispatch and once per
     combine (its timeout flag), after a host agreement on the arguments; with exact=False it neither
