@@ -26,7 +26,7 @@ from deepseek_ops.testing import assert_bitwise_equal, calc_diff
 
 
 # The per-test limit of every test that spawns ranks (pytest.ini's default is for one process).
-MULTI_PROCESS_TIMEOUT = pytest.mark.timeout(600)
+MULTI_PROCESS_TIMEOUT = pytest.mark.timeout(900)
 
 
 def free_port() -> int:
