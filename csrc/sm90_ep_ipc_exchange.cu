@@ -37,14 +37,15 @@ __device__ __forceinline__ int round_target(int round, int blocks_per_round) {
   return static_cast<int>(static_cast<unsigned>(round) * static_cast<unsigned>(blocks_per_round));
 }
 
-// Spins until *flag >= target; false (and the step code in *error) after timeout_ns or when another
-// wait already failed. NOTE: flags are compared as differences so that a wrapped int still orders.
-__device__ bool wait_at_least(const int* flag, int target, int64_t timeout_ns, int* error, int step) {
+// Spins until *flag >= target (raised by rank `peer`); false (and ep_ipc_error_code(step, peer) in
+// *error) after timeout_ns or when another wait already failed. NOTE: flags are compared as
+// differences so that a wrapped int still orders.
+__device__ bool wait_at_least(const int* flag, int target, int64_t timeout_ns, int* error, int step, int peer) {
   const uint64_t start = ptx::read_globaltimer();
   while (ptx::ld_acquire_sys(flag) - target < 0) {
     if (ptx::ld_relaxed_sys(error) != 0) return false;
     if (static_cast<int64_t>(ptx::read_globaltimer() - start) > timeout_ns) {
-      atomicCAS(error, 0, step);
+      atomicCAS(error, 0, ep_ipc_error_code(step, peer));
       return false;
     }
   }
@@ -64,7 +65,7 @@ __global__ void __launch_bounds__(32) sm90_ep_ipc_barrier_kernel(const int64_t* 
   const int target = ++*round_counter(peer_ptrs, layout, rank, kRoundBarrier);
   for (int p = 0; p < world_size; ++p) ptx::red_add_release_sys(counter(peer_ptrs, p, layout.barrier, rank), 1);
   for (int s = 0; s < world_size; ++s)
-    if (!wait_at_least(counter(peer_ptrs, rank, layout.barrier, s), target, timeout_ns, error, step)) return;
+    if (!wait_at_least(counter(peer_ptrs, rank, layout.barrier, s), target, timeout_ns, error, step, s)) return;
 }
 
 __global__ void __launch_bounds__(kThreads) sm90_ep_ipc_dispatch_send_kernel(
@@ -118,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) sm90_ep_ipc_dispatch_wait_kernel(con
     const int target = round_target(*round_counter(peer_ptrs, layout, rank, kRoundDispatch), kEpIpcSendBlocks);
     const bool arrived = ptx::ld_relaxed_sys(error) == 0 &&
                          wait_at_least(counter(peer_ptrs, rank, layout.arrive, src_rank), target, timeout_ns, error,
-                                       kStepDispatchReceive);
+                                       kStepDispatchReceive, src_rank);
     smem_count = arrived ? ptx::ld_acquire_sys(counter(peer_ptrs, rank, layout.counts, src_rank)) : -1;
     recv_counts[src_rank] = arrived ? smem_count : 0;
   }
@@ -161,7 +162,7 @@ __global__ void __launch_bounds__(32) sm90_ep_ipc_combine_wait_kernel(const int6
   const int target = round_target(*round_counter(peer_ptrs, layout, rank, kRoundCombine), kEpIpcCombineBlocks);
   for (int s = 0; s < world_size; ++s)
     if (!wait_at_least(counter(peer_ptrs, rank, layout.combine_arrive, s), target, timeout_ns, error,
-                       kStepCombineReceive))
+                       kStepCombineReceive, s))
       return;
 }
 

@@ -29,9 +29,12 @@ constexpr int kEpIpcNumRounds = 3;
 constexpr int kEpIpcSendBlocks = 132;
 constexpr int kEpIpcCombineBlocks = 132;
 
-// Step codes written into `error` by a wait that timed out.
+// A wait that timed out writes ep_ipc_error_code(step, the rank it waited for) into `error`; the host
+// decodes it (deepseek_ops/ep/_ipc.py) to name both.
 enum EpIpcStep : int { kStepDispatchBarrier = 1, kStepDispatchReceive = 2, kStepCombineBarrier = 3,
                        kStepCombineReceive = 4 };
+constexpr int kEpIpcNumStepCodes = 16;
+__host__ __device__ constexpr int ep_ipc_error_code(int step, int peer) { return step + kEpIpcNumStepCodes * peer; }
 
 // The symmetric buffer: a dedicated zeroed cudaMalloc (an IPC handle names a whole allocation).
 void* ep_ipc_malloc(int64_t num_bytes);

@@ -387,6 +387,7 @@ __global__ void __launch_bounds__(kCombineThreads) sm90_bf16_ep_combine_kernel(c
                                                                                 const int* __restrict__ row_of,
                                                                                 const float* __restrict__ topk_weights,
                                                                                 int topk, int64_t hidden,
+                                                                                int64_t num_rows,
                                                                                 uint8_t* __restrict__ out) {
   __shared__ int smem_rows[kMaxTopk];
   __shared__ float smem_weights[kMaxTopk];
@@ -402,7 +403,7 @@ __global__ void __launch_bounds__(kCombineThreads) sm90_bf16_ep_combine_kernel(c
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int k = 0; k < topk; ++k) {
       const int row = smem_rows[k];
-      if (row < 0) continue;
+      if (row < 0 || row >= num_rows) continue;  // a bad row is skipped like -1: never a read past y
       const int4 v = ptx::ld_nc_na_v4(y + static_cast<int64_t>(row) * row_bytes + chunk * 16);
       const float w = smem_weights[k];
       accumulate_bf16x2(acc + 0, static_cast<uint32_t>(v.x), w);
@@ -495,14 +496,14 @@ void launch_ep_permute(const void* x, int64_t row_bytes, const float* x_scales, 
   }
 }
 
-void launch_ep_combine(const void* y, const int* row_of, const float* topk_weights, int64_t num_tokens, int topk,
-                       int64_t hidden, void* out, cudaStream_t stream) {
+void launch_ep_combine(const void* y, int64_t num_rows, const int* row_of, const float* topk_weights,
+                       int64_t num_tokens, int topk, int64_t hidden, void* out, cudaStream_t stream) {
   if (topk > kMaxTopk) throw std::runtime_error("deepseek_ops: ep_combine supports topk <= 32");
   if (hidden % 8 != 0 || reinterpret_cast<uintptr_t>(y) % 16 != 0)
     throw std::runtime_error("deepseek_ops: ep_combine needs a 16-byte aligned y and hidden % 8 == 0");
   if (num_tokens == 0 || hidden == 0) return;
   sm90_bf16_ep_combine_kernel<<<num_tokens, kCombineThreads, 0, stream>>>(
-      static_cast<const uint8_t*>(y), row_of, topk_weights, topk, hidden, static_cast<uint8_t*>(out));
+      static_cast<const uint8_t*>(y), row_of, topk_weights, topk, hidden, num_rows, static_cast<uint8_t*>(out));
   DSO_LAUNCH_CHECK();
 }
 

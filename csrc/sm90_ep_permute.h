@@ -32,9 +32,10 @@ void launch_ep_permute(const void* x, int64_t row_bytes, const float* x_scales, 
                        float* recv_weights, int* m_indices, int* row_of, int* num_tokens_per_expert, int* workspace,
                        cudaStream_t stream);
 
-// out[t] = sum over k with row_of[t, k] >= 0 of topk_weights[t, k] * y[row_of[t, k]], fp32 accumulation
-// in k order (no FMA contraction: bitwise equal to the reference). y, out bf16; hidden % 8 == 0.
-void launch_ep_combine(const void* y, const int* row_of, const float* topk_weights, int64_t num_tokens, int topk,
-                       int64_t hidden, void* out, cudaStream_t stream);
+// out[t] = sum over k with 0 <= row_of[t, k] < num_rows of topk_weights[t, k] * y[row_of[t, k]], fp32
+// accumulation in k order (no FMA contraction: bitwise equal to the reference). y bf16 [num_rows,
+// hidden], out bf16; hidden % 8 == 0.
+void launch_ep_combine(const void* y, int64_t num_rows, const int* row_of, const float* topk_weights,
+                       int64_t num_tokens, int topk, int64_t hidden, void* out, cudaStream_t stream);
 
 }  // namespace dso

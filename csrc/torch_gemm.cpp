@@ -3,11 +3,65 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "common.h"
 #include "sm90_fp8_gemm.h"
 #include "torch_utils.h"
 
 namespace {
+
+constexpr auto kFp8 = at::kFloat8_e4m3fn;
+
+// TMA reads rows of K contiguous bytes: stride 1 along K, row strides a multiple of 16 bytes and >= K,
+// a 16-byte aligned start.
+void check_k_major(const char* op, const char* name, const at::Tensor& t) {
+  const int64_t k = t.size(-1), rows = t.numel() / std::max<int64_t>(k, 1);
+  TORCH_CHECK(k <= 1 || t.stride(-1) == 1, op, ": ", name, " must be K-major, got strides ", t.strides());
+  TORCH_CHECK(rows <= 1 || (t.stride(-2) % 16 == 0 && t.stride(-2) >= k), op, ": ", name,
+              " needs a row stride that is a multiple of 16 and >= K, got strides ", t.strides());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+              " must start at a 16-byte aligned address");
+}
+
+// The FP8 operands of every GEMM: a [(G,) M, K], b [(G,) N, K], their fp32 scales, all on a's device.
+// Returns (N, K).
+std::pair<int64_t, int64_t> check_gemm_operands(const char* op, const at::Tensor& a, const at::Tensor& a_scales,
+                                                const at::Tensor& b, const at::Tensor& b_scales, bool grouped_a,
+                                                bool grouped_b) {
+  const at::Device dev = a.device();
+  TORCH_CHECK(dev.is_cuda(), op, ": a must be a CUDA tensor, got ", dev);
+  if (grouped_a) {
+    dso::check_operand(op, "a", a, dev, kFp8, {-1, -1, -1});
+  } else {
+    dso::check_operand(op, "a", a, dev, kFp8, {-1, -1});
+  }
+  const int64_t k = a.size(-1);
+  const int64_t groups = grouped_a ? a.size(0) : (grouped_b ? b.size(0) : 1);
+  if (grouped_b) {
+    dso::check_operand(op, "b", b, dev, kFp8, {grouped_a ? groups : -1, -1, k});
+  } else {
+    dso::check_operand(op, "b", b, dev, kFp8, {-1, k});
+  }
+  const int64_t n = b.size(-2);
+  TORCH_CHECK(k > 0 && k % 128 == 0, op, ": K must be a positive multiple of 128, got ", k);
+  TORCH_CHECK(n % 16 == 0, op, ": N must be a multiple of 16, got ", n);
+  if (grouped_a) {
+    dso::check_operand(op, "a_scales", a_scales, dev, at::kFloat, {groups, a.size(1), k / 128});
+  } else {
+    dso::check_operand(op, "a_scales", a_scales, dev, at::kFloat, {a.size(0), k / 128});
+  }
+  if (grouped_b) {
+    dso::check_operand(op, "b_scales", b_scales, dev, at::kFloat, {b.size(0), (n + 127) / 128, k / 128});
+    // Groups are addressed as rows of one [G * N, K] matrix.
+    TORCH_CHECK(b.size(0) <= 1 || b.stride(0) == n * b.stride(1), op, ": b's groups must be stored back to back");
+  } else {
+    dso::check_operand(op, "b_scales", b_scales, dev, at::kFloat, {(n + 127) / 128, k / 128});
+  }
+  if (!grouped_a) check_k_major(op, "a", a);  // a grouped a is copied into a dense one first
+  check_k_major(op, "b", b);
+  return {n, k};
+}
 
 // a_scales [rows, k/128] (masked: [groups, rows, k/128]) in the M-major layout the GEMM kernels read
 // (deepseek_ops/gemm.py describes it), and its ld. Any other layout is first copied into it (one
@@ -53,6 +107,16 @@ dso::Fp8GemmProblem gemm_problem(dso::GemmType type, const at::Tensor& a, const 
 
 void fp8_gemm_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                        const at::Tensor& b_scales, const std::optional<at::Tensor>& c, at::Tensor& out) {
+  constexpr const char* op = "fp8_gemm";
+  const auto [n, k] = check_gemm_operands(op, a, a_scales, b, b_scales, false, false);
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat, op,
+              ": out must be bfloat16 or float32, got ", out.scalar_type());
+  dso::check_operand(op, "out", out, a.device(), out.scalar_type(), {a.size(0), n});
+  dso::check_dense16(op, "out", out);
+  if (c.has_value()) {
+    dso::check_operand(op, "c", *c, a.device(), at::kFloat, {a.size(0), n});
+    dso::check_dense16(op, "c", *c);
+  }
   const c10::cuda::CUDAGuard guard(a.device());
   if (a.size(0) == 0 || b.size(0) == 0) return;
   const auto [sfa, sfa_ld] = gemm_m_major_scales(a_scales);
@@ -68,6 +132,7 @@ void fp8_gemm_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at
 
 at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                          const at::Tensor& b_scales, at::ScalarType out_dtype, const std::optional<at::Tensor>& c) {
+  check_gemm_operands("fp8_gemm", a, a_scales, b, b_scales, false, false);  // before sizing out by them
   auto out = at::empty({a.size(0), b.size(0)}, a.options().dtype(out_dtype));
   fp8_gemm_out_cuda(a, a_scales, b, b_scales, c, out);
   return out;
@@ -75,6 +140,15 @@ at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, const 
 
 void grouped_fp8_gemm_contiguous_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                                           const at::Tensor& b_scales, const at::Tensor& m_indices, at::Tensor& out) {
+  constexpr const char* op = "grouped_fp8_gemm_contiguous";
+  const auto [n, k] = check_gemm_operands(op, a, a_scales, b, b_scales, false, true);
+  const int64_t m = a.size(0);
+  // The kernel reads m_indices and writes out per 128-row block.
+  TORCH_CHECK(m % 128 == 0, op, ": a's rows must be a multiple of 128, got ", m);
+  dso::check_operand(op, "m_indices", m_indices, a.device(), at::kInt, {m});
+  TORCH_CHECK(m_indices.is_contiguous(), op, ": m_indices must be contiguous");
+  dso::check_operand(op, "out", out, a.device(), at::kBFloat16, {m, n});
+  dso::check_dense16(op, "out", out);
   const c10::cuda::CUDAGuard guard(a.device());
   if (a.size(0) == 0 || b.size(0) == 0 || b.size(1) == 0) return;
   const auto [sfa, sfa_ld] = gemm_m_major_scales(a_scales);
@@ -87,6 +161,7 @@ void grouped_fp8_gemm_contiguous_out_cuda(const at::Tensor& a, const at::Tensor&
 
 at::Tensor grouped_fp8_gemm_contiguous_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                                             const at::Tensor& b_scales, const at::Tensor& m_indices) {
+  check_gemm_operands("grouped_fp8_gemm_contiguous", a, a_scales, b, b_scales, false, true);
   auto out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
   grouped_fp8_gemm_contiguous_out_cuda(a, a_scales, b, b_scales, m_indices, out);
   return out;
@@ -95,12 +170,19 @@ at::Tensor grouped_fp8_gemm_contiguous_cuda(const at::Tensor& a, const at::Tenso
 void grouped_fp8_gemm_masked_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                                       const at::Tensor& b_scales, const at::Tensor& masked_m, int64_t expected_m,
                                       at::Tensor& out) {
+  constexpr const char* op = "grouped_fp8_gemm_masked";
+  const auto [n, k] = check_gemm_operands(op, a, a_scales, b, b_scales, true, true);
+  dso::check_operand(op, "masked_m", masked_m, a.device(), at::kInt, {a.size(0)});
+  TORCH_CHECK(masked_m.is_contiguous(), op, ": masked_m must be contiguous");
+  dso::check_operand(op, "out", out, a.device(), at::kBFloat16, {a.size(0), a.size(1), n});
+  dso::check_dense16(op, "out", out);
   const c10::cuda::CUDAGuard guard(a.device());
   if (a.size(0) == 0 || a.size(1) == 0 || b.size(1) == 0) return;
   const auto [sfa, sfa_ld] = gemm_m_major_scales(a_scales);
   const auto sfb = b_scales.contiguous();
   // Groups are flattened into rows, so each group's rows must directly follow the previous group's.
   const auto a_flat = a.contiguous();
+  check_k_major(op, "a", a_flat);
   dso::Fp8GemmProblem p = gemm_problem(dso::GemmType::kGroupedMasked, a_flat, sfa, sfa_ld, b, sfb, out);
   p.m = a.size(1);
   p.masked_m = masked_m.data_ptr<int32_t>();
@@ -110,6 +192,7 @@ void grouped_fp8_gemm_masked_out_cuda(const at::Tensor& a, const at::Tensor& a_s
 
 at::Tensor grouped_fp8_gemm_masked_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                                         const at::Tensor& b_scales, const at::Tensor& masked_m, int64_t expected_m) {
+  check_gemm_operands("grouped_fp8_gemm_masked", a, a_scales, b, b_scales, true, true);
   auto out = at::empty({a.size(0), a.size(1), b.size(1)}, a.options().dtype(at::kBFloat16));
   grouped_fp8_gemm_masked_out_cuda(a, a_scales, b, b_scales, masked_m, expected_m, out);
   return out;

@@ -59,8 +59,9 @@ def cmd_check(args) -> int:
         print(f"CUDA kernels not checked: {why_not_cuda}. Checking the CPU references.")
     rows = _selftest.run_checks(devices, args.ops)
     missing = [op for op in registered_ops() if op not in _selftest.CHECKS]
-    _print_table(("op", "device", "error", "pass"),
-                 [(op, dev, f"{err:.3g}", "PASS" if ok else f"FAIL {note}".rstrip()) for op, dev, err, ok, note in rows])
+    _print_table(("op", "device", "error", "metric [unit], bound", "pass"),
+                 [(op, dev, f"{err:.3g}", metric, "PASS" if ok else f"FAIL {note}".rstrip())
+                  for op, dev, err, ok, note, metric in rows])
     failed = [r for r in rows if not r[3]]
     if missing and not args.ops:
         print(f"\nops without a self-test: {', '.join(missing)}")

@@ -249,6 +249,8 @@ def grouped_fp8_gemm_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Te
 # ---- fake kernels (shapes only) ----------------------------------------------------------------
 
 def _fp8_gemm_fake(a, a_scales, b, b_scales, out_dtype, c=None):
+    torch._check(a.dim() == 2 and b.dim() == 2, lambda: f"fp8_gemm: a, b must be 2-D, got {a.shape}, {b.shape}")
+    torch._check(a.shape[1] == b.shape[1], lambda: f"fp8_gemm: K of a {a.shape} and b {b.shape} differ")
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
@@ -257,10 +259,20 @@ def _out_fake(*args):
 
 
 def _grouped_contiguous_fake(a, a_scales, b, b_scales, m_indices):
+    torch._check(a.dim() == 2 and b.dim() == 3, lambda: f"grouped_fp8_gemm_contiguous: a [M, K], b [G, N, K], got "
+                                                        f"{a.shape}, {b.shape}")
+    torch._check(a.shape[1] == b.shape[2],
+                 lambda: f"grouped_fp8_gemm_contiguous: K of a {a.shape} and b {b.shape} differ")
+    torch._check(m_indices.shape == (a.shape[0],),
+                 lambda: "grouped_fp8_gemm_contiguous: m_indices needs one entry per row of a")
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16)
 
 
 def _grouped_masked_fake(a, a_scales, b, b_scales, masked_m, expected_m):
+    torch._check(a.dim() == 3 and b.dim() == 3, lambda: f"grouped_fp8_gemm_masked: a [G, M, K], b [G, N, K], got "
+                                                        f"{a.shape}, {b.shape}")
+    torch._check(a.shape[0] == b.shape[0] and a.shape[2] == b.shape[2],
+                 lambda: f"grouped_fp8_gemm_masked: G and K of a {a.shape} and b {b.shape} differ")
     return a.new_empty((a.shape[0], a.shape[1], b.shape[1]), dtype=torch.bfloat16)
 
 

@@ -9,11 +9,15 @@ token and V its first 512 entries. The cache is paged, 64 tokens a page:
   values, 4 fp32 scales (one per 128 values, scale = max(amax, 1e-4) / 448), 64 bf16 RoPE values.
   Write it with quantize_mla_kv or mla_cache_append; the kernel multiplies bf16(e4m3 * scale).
 
-Contract when cache_seqlens is on the GPU (it is not read on the host, so nothing can be checked
-before launch): block_table[b, :ceil(cache_seqlens[b] / 64)] must name request b's pages. The
-kernel never reads past a request's block-table row (longer seqlens are clamped to 64 * its
-columns) and clamps page indices into [0, num_blocks), so a bad entry gives wrong values, never an
-out-of-bounds read. Tokens at or past cache_seqlens are never read, whatever their pages hold.
+Values: block_table[b, :ceil(cache_seqlens[b] / 64)] must name request b's pages. Where the
+values can be read without a device sync (CPU tensors), mla_decode checks them and raises a
+ValueError naming block_table or cache_seqlens. Where they live on the GPU nothing is checked
+before launch; the kernel never reads past a request's block-table row (lengths are clamped into
+[0, 64 * its columns]) and clamps page indices into [0, num_blocks), so a bad entry gives wrong
+values, never an out-of-bounds access. The reference (the CPU kernel behind
+torch.ops.deepseek_ops.mla_decode) applies the same clamps, so a direct call on CPU gives the
+GPU's result for the same garbage. Tokens at or past cache_seqlens are never read, whatever their
+pages hold.
 """
 from typing import Optional, Tuple
 
@@ -71,6 +75,16 @@ def _check_cache(kv_cache: torch.Tensor):
     check_aligned16("kv_cache", kv_cache)
 
 
+def _check_pages(block_table: torch.Tensor, cache_seqlens: torch.Tensor, num_blocks: int):
+    """The pages each request reads (its first ceil(seqlen / 64) columns) are in the cache."""
+    used = torch.arange(block_table.shape[1]) < (cache_seqlens.cpu()[:, None] + MLA_PAGE_SIZE - 1) // MLA_PAGE_SIZE
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))
+    if bool(bad.any()):
+        b, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"argument 'block_table': expected page indices in [0, {num_blocks}) (the cache's pages), "
+                         f"got {int(block_table[b, col])} at [{b}, {col}], a page request {b} reads")
+
+
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                softmax_scale: float, causal: bool = False, metadata: Optional[MlaMetadata] = None,
                out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +127,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
                              f"of {longest} tokens (needs {-(-longest // MLA_PAGE_SIZE)} columns)")
         if int(cache_seqlens.min()) < 0:
             raise ValueError(f"argument 'cache_seqlens': expected lengths >= 0, got {int(cache_seqlens.min())}")
+        if can_read_values(block_table):
+            _check_pages(block_table, cache_seqlens, kv_cache.shape[0])
     cache_seqlens = cache_seqlens.to(q.device, non_blocking=True)
     if out is None:
         out = q.new_empty(batch, s_q, h_q, MLA_HEAD_DIM_V)
@@ -183,6 +199,11 @@ def _get_mla_metadata_fake(cache_seqlens, num_sm_parts):
 
 
 def _mla_decode_fake(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, tile_sched, split_offsets, out):
+    torch._check(q.dim() == 4 and q.shape[3] == MLA_HEAD_DIM_QK,
+                 lambda: f"mla_decode: q [B, s_q, h_q, {MLA_HEAD_DIM_QK}], got {q.shape}")
+    torch._check(block_table.dim() == 2 and block_table.shape[0] == q.shape[0] and cache_seqlens.shape == (q.shape[0],),
+                 lambda: f"mla_decode: block_table [B, max_blocks] and cache_seqlens [B] for q {q.shape}, got "
+                         f"{block_table.shape}, {cache_seqlens.shape}")
     batch, s_q, h_q, _ = q.shape
     return q.new_empty((batch, h_q, s_q), dtype=torch.float32)
 

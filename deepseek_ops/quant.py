@@ -80,6 +80,8 @@ def dequant_fp8_block(w: torch.Tensor, scales: torch.Tensor, block_size: int = 1
 
 
 def _per_token_group_quant_fake(x, group_size, ue8m0, column_major):
+    torch._check(x.dim() == 2 and group_size > 0 and x.shape[1] % group_size == 0,
+                 lambda: f"per_token_group_quant_fp8: x [M, K] with K a multiple of {group_size}, got {x.shape}")
     m, k = x.shape
     x_fp8 = x.new_empty((m, k), dtype=FP8)
     if column_major:
@@ -89,17 +91,23 @@ def _per_token_group_quant_fake(x, group_size, ue8m0, column_major):
 
 
 def _silu_mul_quant_fake(h, ue8m0, column_major):
+    torch._check(h.dim() == 2 and h.shape[1] % 256 == 0,
+                 lambda: f"silu_mul_quant_fp8: h [M, 2K] with 2K a multiple of 256, got {h.shape}")
     m, k2 = h.shape
     return _per_token_group_quant_fake(h.new_empty((m, k2 // 2)), 128, ue8m0, column_major)
 
 
 def _per_block_quant_fake(w, block_size, ue8m0):
+    torch._check(w.dim() == 2 and block_size > 0, lambda: f"per_block_quant_fp8: w [N, K], got {w.shape}")
     n, k = w.shape
     return (w.new_empty((n, k), dtype=FP8),
             w.new_empty(((n + block_size - 1) // block_size, (k + block_size - 1) // block_size), dtype=torch.float32))
 
 
 def _dequant_fake(w, scales, block_size, out_dtype):
+    torch._check(w.dim() == 2 and block_size > 0, lambda: f"dequant_fp8_block: w [N, K], got {w.shape}")
+    torch._check(scales.shape == ((w.shape[0] + block_size - 1) // block_size, w.shape[1] // block_size),
+                 lambda: f"dequant_fp8_block: scales {scales.shape} do not match w {w.shape}")
     return w.new_empty(w.shape, dtype=out_dtype)
 
 

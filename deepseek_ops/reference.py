@@ -156,10 +156,17 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int):
 
 
 def gather_mla_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, req: int, seqlen: int) -> torch.Tensor:
-    """The first `seqlen` tokens of request `req`, [seqlen, 576] (bf16, or dequantized FP8)."""
-    pages = block_table[req, :-(-seqlen // MLA_PAGE_SIZE)].long()
+    """The first `seqlen` tokens of request `req`, [seqlen, 576] (bf16, or dequantized FP8). Page
+    indices out of [0, num_blocks) are clamped into it, as the CUDA kernel does."""
+    pages = block_table[req, :-(-seqlen // MLA_PAGE_SIZE)].long().clamp(0, kv_cache.shape[0] - 1)
     tokens = kv_cache[pages].reshape(-1, kv_cache.shape[-1])[:seqlen]
     return dequantize_mla_kv(tokens) if kv_cache.dtype == torch.uint8 else tokens
+
+
+def mla_visible_seqlen(cache_seqlen: int, num_blocks: int, max_blocks: int) -> int:
+    """The tokens of a request that attention reads: cache_seqlen clamped into [0, 64 * max_blocks]
+    (a request never reads past its block-table row), 0 for an empty cache (the CUDA kernel's rule)."""
+    return min(max(cache_seqlen, 0), MLA_PAGE_SIZE * max_blocks) if num_blocks > 0 else 0
 
 
 def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale: float, causal: bool,
@@ -167,12 +174,14 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale: float, ca
     """Materialized attention per request in float64; writes out (bf16) and returns lse (natural log).
 
     Query i of s_q sees keys < seqlen - s_q + 1 + i when causal (bottom-right aligned); a row
-    with no visible key gives out = 0 and lse = +inf.
+    with no visible key gives out = 0 and lse = +inf. Values the public function rejects on the
+    host are treated as the CUDA kernel treats them (mla_visible_seqlen, gather_mla_cache), so a
+    direct call gives the GPU's result for the same garbage.
     """
     batch, s_q, h_q, _ = q.shape
     lse = torch.empty(batch, h_q, s_q, dtype=torch.float32, device=q.device)
     for b in range(batch):
-        seqlen = int(cache_seqlens[b])
+        seqlen = mla_visible_seqlen(int(cache_seqlens[b]), kv_cache.shape[0], block_table.shape[1])
         kv = gather_mla_cache(kv_cache, block_table, b, seqlen).double()  # [N, 576]
         scores = torch.einsum("shd,nd->shn", q[b].double(), kv) * softmax_scale  # [s_q, h_q, N]
         key = torch.arange(seqlen, device=q.device)
@@ -270,16 +279,17 @@ def ep_permute(x: torch.Tensor, x_scales, topk_weights, topk_idx: torch.Tensor, 
 
 
 def ep_combine(y: torch.Tensor, row_of: torch.Tensor, topk_weights: torch.Tensor):
-    """out[t] = sum over k with row_of[t, k] >= 0 of topk_weights[t, k] * y[row_of[t, k]], accumulated
-    in fp32 in k order (each product and each sum rounded to fp32), cast to y's dtype."""
+    """out[t] = sum over k with 0 <= row_of[t, k] < rows of y of topk_weights[t, k] * y[row_of[t, k]],
+    accumulated in fp32 in k order (each product and each sum rounded to fp32), cast to y's dtype.
+    Rows out of range are skipped like -1, as the CUDA kernel does."""
     t, topk = row_of.shape
     acc = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
     if y.shape[0] == 0:  # no rows: no pair has an expert
         return acc.to(y.dtype)
     for k in range(topk):
         rows = row_of[:, k].long()
-        has = rows >= 0
-        gathered = y[rows.clamp(min=0)].float()
+        has = (rows >= 0) & (rows < y.shape[0])
+        gathered = y[torch.where(has, rows, 0)].float()
         product = topk_weights[:, k].float().unsqueeze(1) * gathered
         acc = torch.where(has.unsqueeze(1), acc + product, acc)
     return acc.to(y.dtype)

@@ -43,6 +43,12 @@ def _shard_files(path: Path) -> Dict[str, Path]:
     index = path / INDEX_FILE
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
+        # Shard names come from a file we did not write: each must name a file inside the folder.
+        root = path.resolve()
+        outside = sorted({name for name in weight_map.values() if not (root / name).resolve().is_relative_to(root)})
+        if outside:
+            raise CheckpointError(f"checkpoint {path}: {INDEX_FILE} names shard(s) outside the checkpoint folder: "
+                                  f"{', '.join(outside)}")
         files = {key: path / name for key, name in weight_map.items()}
         absent = sorted({file.name for file in files.values() if not file.exists()})
         if absent:
@@ -90,7 +96,10 @@ def _place(module: nn.Module, attr: str, key: str, tensor: torch.Tensor, device)
     if tuple(tensor.shape) != tuple(expected.shape):
         raise CheckpointError(f"tensor {key!r}: expected shape {tuple(expected.shape)}, "
                               f"checkpoint has {tuple(tensor.shape)}")
-    if (expected.dtype == FP8) != (tensor.dtype == FP8):
+    # FP8 only into FP8; any other float dtype converts into the model's (e.g. bf16 weights into a float32 model);
+    # integer or bool tensors never load as weights.
+    same_kind = tensor.dtype == FP8 if expected.dtype == FP8 else tensor.dtype != FP8 and tensor.is_floating_point()
+    if not same_kind:
         raise CheckpointError(f"tensor {key!r}: expected dtype {expected.dtype}, checkpoint has {tensor.dtype}")
     # A fresh, aligned copy: the shard is memory-mapped, and CPU GEMMs pick kernels by alignment.
     placed = torch.empty(tensor.shape, dtype=expected.dtype, device=device).copy_(tensor)

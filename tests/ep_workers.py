@@ -7,16 +7,26 @@ Each rank draws its own inputs from (seed, rank) and can redraw any other rank's
 checks its received rows exactly against what the senders hold, and its combined output against
 the single-process dense reference.
 """
+import datetime
+import os
+import pickle
+import signal
 import socket
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deepseek_ops import ep, per_token_group_quant_fp8, reference
 from deepseek_ops.testing import assert_bitwise_equal, calc_diff
+
+
+# The per-test limit of every test that spawns ranks (pytest.ini's default is for one process).
+MULTI_PROCESS_TIMEOUT = pytest.mark.timeout(900)
 
 
 def free_port() -> int:
@@ -39,10 +49,33 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, pg_
             pass
 
 
-def run_ranks(fn: Callable, world_size: int, *args, pg_backend: str = "gloo"):
+def run_ranks(fn: Callable, world_size: int, *args, pg_backend: str = "gloo", killed_ranks: Sequence[int] = ()):
     """Runs fn(rank, world_size, *args) in world_size spawned processes; re-raises a rank's failure.
-    pg_backend: the process group's ("nccl" needs a GPU per rank)."""
-    mp.spawn(_entry, args=(world_size, free_port(), fn, args, pg_backend), nprocs=world_size, join=True)
+    pg_backend: the process group's ("nccl" needs a GPU per rank). killed_ranks: ranks that SIGKILL
+    themselves on purpose; every other rank must finish its checks."""
+    context = mp.start_processes(_entry, args=(world_size, free_port(), fn, args, pg_backend), nprocs=world_size,
+                                 join=False, start_method="spawn")
+    try:
+        if not killed_ranks:
+            while not context.join():
+                pass
+            return
+        # context.join() would terminate the survivors at the first death: wait for each instead.
+        for process in context.processes:
+            process.join()
+        for rank, process in enumerate(context.processes):
+            if rank in killed_ranks:
+                assert process.exitcode == -signal.SIGKILL, f"rank {rank}: exit code {process.exitcode}, not SIGKILL"
+            elif process.exitcode != 0:
+                error_file = Path(context.error_files[rank])
+                detail = pickle.loads(error_file.read_bytes()) if error_file.exists() else ""
+                raise AssertionError(f"rank {rank} failed (exit code {process.exitcode}):\n{detail}")
+    finally:
+        # A failed rank or the test's timeout: the other ranks must not outlive the test.
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -170,6 +203,119 @@ def check_bad_input(rank: int, world_size: int, seed: int, case: dict):
     out = buffer.combine(y, res.handle, weights)
     assert_bitwise_equal(out, reference.moe_dense(x, topk_idx, weights, expert_fn), "combine after errors")
     _expect_value_error(lambda: buffer.combine(y[:, :-8] if rank == 0 else y, res.handle, weights), "'y'", rank)
+
+
+def check_layout_agreement(rank: int, world_size: int, seed: int, case: dict):
+    """case["differ"] = (argument, value on the last rank): every rank's Buffer() raises one ValueError
+    naming the argument and each rank's value, before any memory is shared."""
+    args = dict(max_tokens_per_rank=16, hidden=256, num_experts=4 * world_size, max_topk=4, alignment=8)
+    name, value = case["differ"]
+    if rank == world_size - 1:
+        args[name] = value
+    try:
+        ep.Buffer(dist.group.WORLD, backend=case["backend"], timeout_s=30.0, **args)
+    except ValueError as exc:
+        for expected in case["message"]:
+            assert expected in str(exc), f"rank {rank}: message {exc} does not mention {expected!r}"
+        return
+    raise AssertionError(f"rank {rank}: Buffer() accepted {name}={args[name]!r}")
+
+
+def check_too_many_tokens(rank: int, world_size: int, seed: int, case: dict):
+    """The last rank passes max_tokens_per_rank + 1 tokens: with exact=True every rank raises ValueError
+    naming max_tokens_per_rank, and the Buffer keeps working."""
+    x, topk_idx, weights = make_inputs(seed, rank, case, case.get("device", "cpu"))
+    max_tokens = max(case["tokens"])
+    buffer = ep.Buffer(dist.group.WORLD, max_tokens, case["hidden"], case["experts"],
+                       backend=case.get("backend", "torch"), max_topk=case["topk"])
+    big_x, big_idx, big_w = x, topk_idx, weights
+    if rank == world_size - 1:
+        big_x = x.new_zeros(max_tokens + 1, x.shape[1])
+        big_idx = topk_idx.new_full((max_tokens + 1, topk_idx.shape[1]), -1)
+        big_w = weights.new_zeros(max_tokens + 1, weights.shape[1])
+    for exact in case["exact"]:
+        _expect_value_error(lambda: buffer.dispatch(big_x, big_idx, big_w, exact=exact), "max_tokens_per_rank", rank)
+    res = buffer.dispatch(x, topk_idx, weights)
+    y = apply_experts(res.recv_x, res.recv_topk_idx, rank * (case["experts"] // world_size))
+    out = buffer.combine(y, res.handle, weights)
+    assert_bitwise_equal(out.cpu(), reference.moe_dense(x.cpu(), topk_idx.cpu(), weights.cpu(), expert_fn),
+                         "combine after the error")
+    buffer.close()
+
+
+def check_killed_peer(rank: int, world_size: int, seed: int, case: dict):
+    """The last rank is SIGKILLed: on the host before dispatch (case["when"] == "host"), or on the GPU
+    mid-exchange ("device": after the dispatch barrier, before it sends; ipc backend, exact=False).
+    The survivors raise TimeoutError naming the step (and, on the device, the dead rank) within the
+    timeout, and their output buffers are untouched outside what dispatch returns."""
+    device = case.get("device", "cpu")
+    x, topk_idx, weights = make_inputs(seed, rank, case, device)
+    buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"],
+                       backend=case["backend"], timeout_s=3.0, max_topk=case["topk"])
+    victim = world_size - 1
+    if rank == victim:
+        if case["when"] == "device":
+            buffer._impl._barrier(1)  # the peers get past the barrier, then wait for rows that never come
+            torch.cuda.synchronize()
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        if case["when"] == "device":
+            buffer.dispatch(x, topk_idx, weights, exact=False)
+            buffer.check()
+        else:
+            buffer.dispatch(x, topk_idx, weights)
+    except TimeoutError as exc:
+        elapsed = time.monotonic() - start
+        assert "dispatch" in str(exc), str(exc)
+        if case["when"] == "device":
+            assert f"waiting for rank {victim}" in str(exc), str(exc)
+        assert elapsed < 3.0 + 10.0, f"rank {rank}: the timeout took {elapsed:.1f} s for timeout_s=3"
+    else:
+        raise AssertionError(f"rank {rank}: dispatch returned although rank {victim} was killed")
+
+
+def check_close_and_recreate(rank: int, world_size: int, seed: int, case: dict):
+    """case["rounds"] times: a Buffer, one exchange, close() (collective): nothing is leaked and every
+    round's result is right (a peer's freed buffer would fail the next round or crash)."""
+    from deepseek_ops.ep import _ipc
+    for round_idx in range(case["rounds"]):
+        x, topk_idx, weights = make_inputs(seed + round_idx, rank, case, case.get("device", "cpu"))
+        buffer = ep.Buffer(dist.group.WORLD, max(case["tokens"]), case["hidden"], case["experts"],
+                           backend=case["backend"], max_topk=case["topk"])
+        res = buffer.dispatch(x, topk_idx, weights)
+        out = buffer.combine(apply_experts(res.recv_x, res.recv_topk_idx, rank * (case["experts"] // world_size)),
+                             res.handle, weights)
+        assert_bitwise_equal(out.cpu(), reference.moe_dense(x.cpu(), topk_idx.cpu(), weights.cpu(), expert_fn),
+                             f"rank {rank} round {round_idx}")
+        buffer.close()
+    assert not _ipc._LEAKED, f"rank {rank}: {len(_ipc._LEAKED)} buffer(s) leaked by a coordinated close"
+
+
+def check_close_protocol(rank: int, world_size: int, seed: int, case: dict):
+    """IpcBackend.close() over the real group, on CPU tensors standing in for the buffer and the peers'
+    mappings. case["peer_closes"]: whether the last rank closes too (else it sleeps past the timeout)."""
+    import warnings
+
+    from deepseek_ops.ep import _ipc
+    backend = object.__new__(_ipc.IpcBackend)
+    own, mapped = torch.zeros(16), {p: torch.zeros(16) for p in range(world_size) if p != rank}
+    backend.__dict__.update(group=dist.group.WORLD, rank=rank, timeout=datetime.timedelta(seconds=2), buffer=own,
+                            peers=dict(mapped), peer_ptrs=torch.zeros(world_size), broken=False,
+                            _device_idle=lambda: None)
+    if rank == world_size - 1 and not case["peer_closes"]:
+        time.sleep(6.0)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend.close()
+    assert backend.buffer is None and not backend.peers, "close() must drop the buffer and the peers' mappings"
+    leaked = any(t is own for t in _ipc._LEAKED)
+    if case["peer_closes"]:
+        assert not leaked and not caught, f"rank {rank}: leaked {leaked}, warnings {[str(w.message) for w in caught]}"
+    else:
+        assert leaked, f"rank {rank}: the buffer was released although a peer never confirmed its unmap"
+        assert any("close: peers done" in str(w.message) and "leaking" in str(w.message) for w in caught), caught
 
 
 def _expect_value_error(fn, match: str, rank: int):

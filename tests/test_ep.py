@@ -139,6 +139,7 @@ def test_fp8_dispatch_carries_scales_cpu():
 @pytest.mark.parametrize("world_size,tokens,experts,route", [(2, [37, 21], 8, "random"), (3, [40, 0, 17], 12, "random"),
                                                            (4, [33, 0, 50, 8], 16, "random"),
                                                            (2, [30, 25], 8, "rank0")])
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_dist_exchange_gloo(world_size, tokens, experts, route):
     """combine(f(dispatch(x))) == dense, exact routing by (rank, token) tags, empty ranks, a rank
     that receives nothing ("rank0": every expert on rank 0), FP8 with scales."""
@@ -146,14 +147,93 @@ def test_dist_exchange_gloo(world_size, tokens, experts, route):
     ep_workers.run_ranks(ep_workers.check_exchange, world_size, int(torch.randint(1 << 20, ())), case)
 
 
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_dist_bad_input_raises_on_every_rank():
     case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2)
     ep_workers.run_ranks(ep_workers.check_bad_input, 2, int(torch.randint(1 << 20, ())), case)
 
 
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_dist_absent_rank_times_out():
     case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2)
     ep_workers.run_ranks(ep_workers.check_timeout, 2, int(torch.randint(1 << 20, ())), case)
+
+
+@pytest.mark.parametrize("backend,differ,message", [
+    ("torch", ("hidden", 512),
+     ["argument 'hidden' must be the same on every rank", "rank 0 has 256", "rank 1 has 512"]),
+    ("ipc", ("max_tokens_per_rank", 32), ["argument 'max_tokens_per_rank'", "rank 0 has 16", "rank 1 has 32"]),
+    ("ipc", ("max_topk", 2), ["argument 'max_topk'", "rank 0 has 4", "rank 1 has 2"]),
+    ("ipc", ("num_experts", 16), ["argument 'num_experts'", "rank 0 has 8", "rank 1 has 16"]),
+    ("torch", ("alignment", 128), ["argument 'alignment'", "rank 0 has 8", "rank 1 has 128"]),
+    ("ipc", ("alignment", 0), ["bad arguments on 1 rank(s): rank 1: argument 'alignment': expected a positive integer, "
+                               "got 0"]),
+])
+@ep_workers.MULTI_PROCESS_TIMEOUT
+def test_buffer_arguments_agree_on_every_rank(backend, differ, message):
+    """Ranks that build their Buffer differently (ipc: before any buffer is allocated or shared, so this
+    runs without a GPU) or with an invalid argument on one rank: the same ValueError on every rank."""
+    case = dict(backend=backend, differ=differ, message=message)
+    ep_workers.run_ranks(ep_workers.check_layout_agreement, 2, int(torch.randint(1 << 20, ())), case)
+
+
+def test_buffer_rejects_nonsense_arguments():
+    for kwargs, match in [(dict(alignment=0), "'alignment'.*positive integer, got 0"),
+                          (dict(alignment=-128), "'alignment'.*got -128"),
+                          (dict(alignment=1.5), "'alignment'.*got 1.5"),
+                          (dict(max_tokens_per_rank=0), "'max_tokens_per_rank'.*got 0"),
+                          (dict(max_tokens_per_rank=True), "'max_tokens_per_rank'.*got True"),
+                          (dict(hidden=-16), "'hidden'.*got -16"),
+                          (dict(num_experts=0), "'num_experts'.*got 0"),
+                          (dict(max_topk=0), "'max_topk'.*got 0"),
+                          (dict(max_topk=33), "'max_topk'.*at most 32"),
+                          (dict(timeout_s=0), "'timeout_s'"),
+                          (dict(timeout_s=float("nan")), "'timeout_s'"),
+                          (dict(timeout_s=float("inf")), "'timeout_s'")]:
+        with pytest.raises(ValueError, match=match):
+            ep.Buffer(None, **{"max_tokens_per_rank": 4, "hidden": 64, "num_experts": 8, **kwargs})
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@ep_workers.MULTI_PROCESS_TIMEOUT
+def test_dist_too_many_tokens_raises_on_every_rank(exact):
+    """Backend torch: one rank over max_tokens_per_rank fails on every rank, exact or not."""
+    case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2, exact=[exact])
+    ep_workers.run_ranks(ep_workers.check_too_many_tokens, 2, int(torch.randint(1 << 20, ())), case)
+
+
+class _NoKernels:
+    def __getattr__(self, name):
+        raise AssertionError(f"{name} ran although the arguments were bad")
+
+
+def test_ipc_too_many_tokens_without_exact_raises_before_any_kernel(monkeypatch):
+    """Backend ipc, exact=False (no host agreement): the over-full rank raises before any of its kernels
+    runs, so nothing is written into a peer (its peers time out on the device: test_gpu_ipc_too_many_tokens)."""
+    monkeypatch.setattr(_ipc, "_ipc", _NoKernels())
+    backend = object.__new__(_ipc.IpcBackend)
+    backend.__dict__.update(rank=0, world_size=2, num_experts=8, hidden=256, max_tokens=4, max_topk=2, broken=False,
+                            buffer=torch.zeros(1))
+    topk_idx, weights = random_routing(5, 8, 2)
+    with pytest.raises(ValueError, match="at most 4 tokens.*max_tokens_per_rank.*got 5"):
+        backend.dispatch(torch.zeros(5, 256, dtype=torch.bfloat16), topk_idx, weights, exact=False)
+
+
+@ep_workers.MULTI_PROCESS_TIMEOUT
+def test_dist_killed_peer_times_out():
+    """A rank SIGKILLed before dispatch (gloo): the survivor raises TimeoutError naming the step, in time."""
+    case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2, backend="torch", when="host")
+    ep_workers.run_ranks(ep_workers.check_killed_peer, 2, int(torch.randint(1 << 20, ())), case, killed_ranks=[1])
+
+
+@pytest.mark.parametrize("peer_closes", [True, False])
+@ep_workers.MULTI_PROCESS_TIMEOUT
+def test_ipc_close_frees_only_after_every_peer(peer_closes):
+    """IpcBackend.close()'s host protocol (barrier, unmap, barrier, free) on CPU stand-in buffers: with
+    every rank closing, nothing is leaked; with a peer that never closes, the barrier times out and the
+    buffer is leaked (kept alive), never freed under the peer."""
+    ep_workers.run_ranks(ep_workers.check_close_protocol, 2, int(torch.randint(1 << 20, ())),
+                         dict(peer_closes=peer_closes))
 
 
 def test_bad_input_messages():
@@ -367,6 +447,7 @@ def test_gpu_cuda_graph_no_sync():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gpu_1000_rounds_identical(fp8):
     topk_idx, weights = random_routing(1024, 64, 8, device="cuda")
@@ -393,6 +474,7 @@ def test_opcheck_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", [2, 4])
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_dist_exchange_gloo_cuda_tensors(world_size):
     """The torch.distributed backend with CUDA tensors on gloo (control and data plane through the
     host; the processes share GPUs where there are fewer than ranks): the GPU permute/combine
@@ -405,7 +487,8 @@ def test_gpu_dist_exchange_gloo_cuda_tensors(world_size):
 # ---- GPU: the intranode IPC tier (one GPU per rank where there are enough, else sharing GPUs) -------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("world_size", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_exchange(world_size):
     """Exact routing by (rank, token) tags, bf16 and FP8 (scales travel with the rows), combine
     bitwise the dense reference; a rank with no tokens."""
@@ -422,7 +505,8 @@ def _need_gpus(world_size: int):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "ipc"])
-@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("world_size", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_nccl_group_exchange(world_size, backend):
     """One process per GPU on an NCCL group: the torch backend's rows travel by NCCL all_to_all
     (the reference), the ipc backend's by our kernels over NVLink with NCCL as its control plane.
@@ -436,6 +520,7 @@ def test_gpu_nccl_group_exchange(world_size, backend):
 
 
 @pytest.mark.gpu
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_rank_receives_nothing():
     case = dict(world_size=2, tokens=[40, 33], hidden=256, experts=8, topk=3, route="rank0", alignment=128,
                 device="cuda", backend="ipc")
@@ -443,7 +528,9 @@ def test_gpu_ipc_rank_receives_nothing():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_1000_rounds_identical(world_size):
     case = dict(world_size=world_size, tokens=[128, 64, 100, 7][:world_size], hidden=1024, experts=8 * world_size,
                 topk=8, rounds=1000)
@@ -452,6 +539,7 @@ def test_gpu_ipc_1000_rounds_identical(world_size):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", [2, 4])
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_cuda_graph_replays(world_size):
     """exact=False dispatch -> experts -> combine captured in one CUDA graph per rank, replayed over
     new inputs written into the captured tensors: every replay equals the dense reference."""
@@ -461,21 +549,63 @@ def test_gpu_ipc_cuda_graph_replays(world_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_absent_rank_times_out_on_host():
     case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2, backend="ipc", device="cuda")
     ep_workers.run_ranks(ep_workers.check_timeout, 2, int(torch.randint(1 << 20, ())), case)
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_absent_rank_times_out_on_device():
     case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2)
     ep_workers.run_ranks(ep_workers.check_ipc_device_timeout, 2, int(torch.randint(1 << 20, ())), case)
 
 
 @pytest.mark.gpu
+@ep_workers.MULTI_PROCESS_TIMEOUT
 def test_gpu_ipc_bad_input_raises_on_every_rank():
     case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2, backend="ipc", device="cuda")
     ep_workers.run_ranks(ep_workers.check_bad_input, 2, int(torch.randint(1 << 20, ())), case)
+
+
+@pytest.mark.gpu
+@ep_workers.MULTI_PROCESS_TIMEOUT
+def test_gpu_ipc_layout_agreement():
+    case = dict(backend="ipc", differ=("hidden", 512),
+                message=["argument 'hidden'", "rank 0 has 256", "rank 1 has 512"])
+    ep_workers.run_ranks(ep_workers.check_layout_agreement, 2, int(torch.randint(1 << 20, ())), case)
+
+
+@pytest.mark.gpu
+@ep_workers.MULTI_PROCESS_TIMEOUT
+def test_gpu_ipc_too_many_tokens_raises_on_every_rank():
+    case = dict(world_size=2, tokens=[12, 9], hidden=256, experts=8, topk=2, backend="ipc", device="cuda",
+                exact=[True])
+    ep_workers.run_ranks(ep_workers.check_too_many_tokens, 2, int(torch.randint(1 << 20, ())), case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("when", ["host", "device"])
+@ep_workers.MULTI_PROCESS_TIMEOUT
+def test_gpu_ipc_killed_peer_times_out(when):
+    """A rank SIGKILLed before dispatch, or mid-exchange on the GPU (after the barrier, before its rows):
+    the survivors raise TimeoutError naming the step (and on the device the dead rank) within the timeout.
+    Run under compute-sanitizer memcheck to show no survivor writes past its buffers."""
+    case = dict(world_size=3, tokens=[12, 9, 20], hidden=256, experts=12, topk=2, backend="ipc", device="cuda",
+                when=when)
+    ep_workers.run_ranks(ep_workers.check_killed_peer, 3, int(torch.randint(1 << 20, ())), case, killed_ranks=[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", [2, 4])
+@ep_workers.MULTI_PROCESS_TIMEOUT
+def test_gpu_ipc_close_and_recreate_loop(world_size):
+    case = dict(world_size=world_size, tokens=[40, 3, 17, 64][:world_size], hidden=512, experts=4 * world_size,
+                topk=4, backend="ipc", device="cuda", rounds=20)
+    ep_workers.run_ranks(ep_workers.check_close_and_recreate, world_size, int(torch.randint(1 << 20, ())), case)
 
 
 # ---- CPU: the ipc backend's host logic over an emulation of its device kernels ------------------

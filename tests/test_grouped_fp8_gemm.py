@@ -108,12 +108,16 @@ def test_contiguous_every_config(gemm_config, block_m, block_n, cluster):
 
 
 @pytest.mark.gpu
-def test_contiguous_matches_dense_per_group():
-    # One group spanning everything is the dense GEMM: identical bits with the same tile config.
+@pytest.mark.parametrize("block_m,block_n,cluster",
+                         [c for c in CONTIGUOUS_CONFIGS if c in fp8_gemm_tile_configs("dense")])
+def test_contiguous_matches_dense_per_group(gemm_config, block_m, block_n, cluster):
+    # One group spanning everything is the dense GEMM: identical bits when both run the same tile
+    # config (left to their heuristics they may pick different tiles, hence the forced config).
+    gemm_config(block_m, block_n, cluster=cluster)
     a, a_scales, b, b_scales, m_indices, _ = make_contiguous([512], 1024, 1024)
     grouped = deepseek_ops.grouped_fp8_gemm_contiguous(a, a_scales, b, b_scales, m_indices)
     dense = deepseek_ops.fp8_gemm(a, a_scales, b[0], b_scales[0])
-    assert calc_diff(grouped, dense) < 1e-6
+    assert_bitwise_equal(grouped, dense, f"grouped vs dense, config {block_m}x{block_n} cluster {cluster}")
 
 
 @pytest.mark.gpu

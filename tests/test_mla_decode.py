@@ -184,6 +184,23 @@ def test_reference_cache_append(fp8):
     assert int((kv.view(torch.uint8) != 0).reshape(-1, kv.shape[-1] * kv.element_size()).any(-1).sum()) == 3
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_treats_garbage_as_the_kernel_does(causal):
+    """The CPU kernel (what a direct torch.ops call runs) on values the public function rejects: pages
+    clamp into [0, num_blocks), lengths into [0, 64 * columns], as on the GPU (test_gpu_garbage_values)."""
+    num_blocks = 5
+    kv = torch.randn(num_blocks, PAGE, 1, 576).to(torch.bfloat16)
+    q = torch.randn(4, 2, 16, 576).to(torch.bfloat16)
+    table = torch.tensor([[-1, 2, 7], [4, 2**30, -2**31], [1, 0, 3], [2, 3, -7]], dtype=torch.int32)
+    seqlens = torch.tensor([150, 130, -5, 10**6], dtype=torch.int32)
+    out, lse = reference_decode(q, kv, table, seqlens, causal)
+    want_out, want_lse = reference_decode(q, kv, table.clamp(0, num_blocks - 1),
+                                          torch.tensor([150, 130, 0, 3 * PAGE], dtype=torch.int32), causal)
+    assert_bitwise_equal(out, want_out, "out")
+    assert_bitwise_equal(lse, want_lse, "lse")
+    assert torch.isinf(lse[2]).all() and (out[2] == 0).all(), "a negative length reads nothing"
+
+
 def _good_args(device="cpu"):
     q, kv, block_table, cache_seqlens = make_cache([70, 3], 2, 16, device)
     return dict(q=q, kv_cache=kv, block_table=block_table, cache_seqlens=cache_seqlens, softmax_scale=SCALE)
@@ -203,6 +220,9 @@ def _good_args(device="cpu"):
     (lambda a: a.update(cache_seqlens=a["cache_seqlens"][:1]), r"'cache_seqlens'.*shape"),
     (lambda a: a.update(cache_seqlens=a["cache_seqlens"].long()), r"'cache_seqlens'.*dtype"),
     (lambda a: a.update(cache_seqlens=torch.tensor([70, -1], dtype=torch.int32)), r"'cache_seqlens'.*>= 0"),
+    (lambda a: a["block_table"].__setitem__((1, 0), -1),
+     r"'block_table'.*page indices in \[0, \d+\).*got -1 at \[1, 0\]"),
+    (lambda a: a["block_table"].__setitem__((0, 1), a["kv_cache"].shape[0]), r"'block_table'.*got \d+ at \[0, 1\]"),
     (lambda a: a.update(softmax_scale=None), r"'softmax_scale'"),
     (lambda a: a.update(softmax_scale=-1.0), r"'softmax_scale'"),
     (lambda a: a.update(out=torch.empty(2, 2, 16, 576, dtype=torch.bfloat16)), r"'out'.*shape"),

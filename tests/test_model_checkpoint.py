@@ -1,5 +1,6 @@
 """HF-format checkpoints: exact round trip (float and FP8, sharded), clear errors, config mapping."""
 import json
+import re
 import warnings
 
 import pytest
@@ -192,6 +193,34 @@ def test_index_naming_an_absent_shard(saved):
     index = json.loads((saved / "model.safetensors.index.json").read_text())
     (saved / next(iter(index["weight_map"].values()))).unlink()
     with pytest.raises(CheckpointError, match="names shard.*not there: model-00001-of-00001.safetensors"):
+        load_checkpoint(saved)
+
+
+def test_integer_tensor_does_not_load_as_a_float_weight(saved):
+    _edit_shard(saved, lambda t: t.update({"model.layers.1.self_attn.o_proj.weight":
+                                           torch.randint(-5, 5, (256, 512), dtype=torch.int32)}))
+    with pytest.raises(CheckpointError, match=r"o_proj\.weight.*expected dtype torch\.float32.*torch\.int32"):
+        load_checkpoint(saved)
+
+
+def test_bfloat16_weights_convert_into_a_float32_model(saved):
+    key = "model.layers.1.self_attn.o_proj.weight"
+    _edit_shard(saved, lambda t: t.update({key: t[key].to(torch.bfloat16)}))
+    weight = load_checkpoint(saved).state_dict()[key]
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, load_file(saved / json.loads((saved / "model.safetensors.index.json").read_text())
+                                         ["weight_map"][key])[key].float())
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors"])
+def test_index_shards_stay_inside_the_folder(saved, shard):
+    outside = saved.parent / "outside.safetensors"
+    save_file({"model.norm.weight": torch.ones(256)}, outside)  # a real file: only the path may fail
+    index_path = saved / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.norm.weight"] = shard
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"outside the checkpoint folder: {re.escape(shard)}"):
         load_checkpoint(saved)
 
 

@@ -11,7 +11,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import preset
 from model.model import RemoteExpert, random_model
 
-from ep_workers import run_ranks
+from ep_workers import MULTI_PROCESS_TIMEOUT, run_ranks
 
 WORLD = 2
 ARGS = dict(dtype="bfloat16")  # ep dispatch carries bf16 rows
@@ -39,6 +39,7 @@ def _worker(rank, world_size, ckpt, seed):
         raise AssertionError("saving an expert-parallel shard must be refused")
 
 
+@MULTI_PROCESS_TIMEOUT
 def test_expert_parallel_matches_one_process(tmp_path):
     seed = int(torch.randint(0, 2**30, ()))
     save_checkpoint(random_model(preset("tiny", **ARGS), seed=seed), tmp_path)
@@ -64,6 +65,7 @@ def _kernels_worker(rank, world_size, seed, ep_backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("ep_backend", ["ipc", "torch"])
+@MULTI_PROCESS_TIMEOUT
 def test_gpu_expert_parallel_kernels_match_one_process(ep_backend):
     seed = int(torch.randint(0, 2**30, ()))
     run_ranks(_kernels_worker, WORLD, seed, ep_backend)

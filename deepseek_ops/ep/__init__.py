@@ -20,6 +20,7 @@ accumulated in fp32 in k order, in bf16: the same bits on every tier.
     y = grouped_gemm(recv_x, m_indices, ...)            # [rows, H] bf16, rows in recv_x's order
     out = buffer.combine(y, handle, topk_weights)        # [T, H] bf16
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -27,7 +28,8 @@ import torch
 from deepseek_ops._checks import aligned16, check_tensor
 from deepseek_ops.constants import GROUPED_GEMM_ALIGNMENT
 from deepseek_ops.ep import _local, _ops
-from deepseek_ops.ep._common import DispatchResult, LocalHandle, XInput, check_combine_args, check_dispatch_args
+from deepseek_ops.ep._common import (MAX_TOPK, DispatchResult, LocalHandle, XInput, check_combine_args,
+                                     check_dispatch_args)
 from deepseek_ops.ep._dist import DistBackend
 from deepseek_ops.ep._ipc import IpcBackend
 
@@ -47,6 +49,22 @@ def _check_experts(num_experts: int, num_ranks: int):
     if num_ranks <= 0 or num_experts % num_ranks != 0:
         raise ValueError(f"argument 'num_experts': must be a multiple of the number of ranks {num_ranks} (experts "
                          f"are split evenly, contiguous per rank), got {num_experts}")
+
+
+def _buffer_args_error(layout: dict, world_size: int, backend: str) -> Optional[str]:
+    """The first bad Buffer argument's message, or None."""
+    for name, value in layout.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            return f"argument '{name}': expected a positive integer, got {value!r}"
+    if layout["max_topk"] > MAX_TOPK:
+        return f"argument 'max_topk': at most {MAX_TOPK} experts per token, got {layout['max_topk']}"
+    if backend == "ipc" and layout["hidden"] % 16 != 0:
+        return f"argument 'hidden': backend 'ipc' needs a multiple of 16, got {layout['hidden']}"
+    try:
+        _check_experts(layout["num_experts"], world_size)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int,
@@ -104,14 +122,29 @@ class Buffer:
     (torch.distributed all_to_all), or "auto" (local for one rank, else torch). max_topk: the
     largest topk of any call (sizes the ipc buffers).
     timeout_s: a peer that dies or never arrives makes the others raise TimeoutError naming the
-    stuck step after this long (gloo; NCCL uses the process group's own timeout).
+    stuck step after this long (gloo; NCCL uses the process group's own timeout). A killed peer:
+    over gloo the survivors' next collective raises at once (the connection closes) or after
+    timeout_s; over CUDA IPC the device waits give up after timeout_s and the error names the step
+    and the rank waited for; with NCCL, what a dead peer does is up to NCCL's own error handling
+    (its watchdog may abort the survivors).
     Backend "torch" syncs with the host once per dispatch (receive sizes; exact=False only changes
     the padding of recv_x there). Backend "ipc" with exact=True syncs once per dispatch and once per
     combine (its timeout flag), after a host agreement on the arguments; with exact=False it neither
     syncs nor talks to the group (recv_x sized for the worst case: set max_tokens_per_rank to the
     decode batch), so dispatch and combine can be captured in a CUDA graph; a timed-out peer then
     surfaces at check(). One GPU: exact=False is the no-sync, graph-safe variant.
-    close() (or garbage collection) releases the buffer.
+    Every rank must build its Buffer with the same max_tokens_per_rank, hidden, num_experts, max_topk
+    and alignment: construction exchanges them over the group (before any memory is shared) and
+    raises the same ValueError on every rank, naming the argument and each rank's value, if they
+    differ or one rank's are invalid.
+    Too many tokens (more than max_tokens_per_rank) on one rank: with exact=True (both backends) and
+    with backend "torch", a ValueError on every rank (the host agreement carries it). Backend "ipc"
+    with exact=False: a ValueError on that rank only, before any of its kernels run (nothing is
+    written anywhere); its peers' device waits time out, surfacing as TimeoutError at check() or at
+    their next exact call, and the Buffer must then be re-created.
+    close() releases the buffer; with backend "ipc" it is collective (every rank calls it). Garbage
+    collection without close() leaks an ipc buffer until the process exits rather than free memory
+    a peer may still map.
     """
 
     def __init__(self, group=None, max_tokens_per_rank: int = 4096, hidden: int = 7168, num_experts: int = 256, *,
@@ -120,33 +153,36 @@ class Buffer:
         if backend not in BACKENDS:
             raise ValueError(f"argument 'backend': expected one of {BACKENDS}, got {backend!r}")
         world_size = 1 if group is None else torch.distributed.get_world_size(group)
-        _check_experts(num_experts, world_size)
-        for name, value in (("max_tokens_per_rank", max_tokens_per_rank), ("hidden", hidden), ("max_topk", max_topk)):
-            if value <= 0:
-                raise ValueError(f"argument '{name}': expected a positive size, got {value}")
-        if timeout_s <= 0:
-            raise ValueError(f"argument 'timeout_s': expected a positive number of seconds, got {timeout_s}")
-        self.group, self.world_size = group, world_size
-        self.rank = 0 if group is None else torch.distributed.get_rank(group)
-        self.max_tokens_per_rank, self.hidden, self.num_experts = max_tokens_per_rank, hidden, num_experts
-        self.num_local_experts = num_experts // world_size
-        self.alignment = GROUPED_GEMM_ALIGNMENT if alignment is None else alignment
-        self.timeout_s = timeout_s
+        alignment = GROUPED_GEMM_ALIGNMENT if alignment is None else alignment
+        if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not 0 < timeout_s < math.inf:
+            raise ValueError(f"argument 'timeout_s': expected a positive, finite number of seconds, got {timeout_s!r}")
         if backend == "auto":
             backend = "local" if world_size == 1 else "torch"
         if backend == "local" and world_size != 1:
             raise ValueError(f"argument 'backend': 'local' needs a group of one rank, got {world_size} ranks")
+        if backend == "ipc" and group is None:
+            raise ValueError("argument 'group': backend 'ipc' needs a torch.distributed group")
+        layout = dict(max_tokens_per_rank=max_tokens_per_rank, hidden=hidden, num_experts=num_experts,
+                      max_topk=max_topk, alignment=alignment)
+        # With peers, a bad argument is reported to every rank by the backend's agreement (nobody is left
+        # waiting for this rank); alone, it raises here.
+        error = _buffer_args_error(layout, world_size, backend)
+        if error is not None and backend == "local":
+            raise ValueError(error)
+        self.group, self.world_size = group, world_size
+        self.rank = 0 if group is None else torch.distributed.get_rank(group)
+        self.max_tokens_per_rank, self.hidden, self.num_experts = max_tokens_per_rank, hidden, num_experts
+        self.num_local_experts = num_experts // world_size if error is None else 0
+        self.alignment, self.max_topk = alignment, max_topk
+        self.timeout_s = timeout_s
         self.backend = backend
         self._impl = None
         if backend == "torch":
-            self._impl = DistBackend(group, num_experts, hidden, max_tokens_per_rank, self.alignment, timeout_s)
+            self._impl = DistBackend(group, num_experts, hidden, max_tokens_per_rank, alignment, timeout_s,
+                                     layout, error)
         elif backend == "ipc":
-            if group is None:
-                raise ValueError("argument 'group': backend 'ipc' needs a torch.distributed group")
-            if hidden % 16 != 0:
-                raise ValueError(f"argument 'hidden': backend 'ipc' needs a multiple of 16, got {hidden}")
-            self._impl = IpcBackend(group, num_experts, hidden, max_tokens_per_rank, self.alignment, timeout_s,
-                                    max_topk)
+            self._impl = IpcBackend(group, num_experts, hidden, max_tokens_per_rank, alignment, timeout_s,
+                                    max_topk, layout, error)
         self.closed = False
 
     def _check_open(self):
@@ -185,15 +221,20 @@ class Buffer:
             self._impl.check()
 
     def close(self):
-        """Releases the communication state (idempotent): ipc buffers freed, peers' handles closed."""
+        """Releases the communication state (idempotent). Backend "ipc": collective, every rank calls it
+        (see IpcBackend.close: its buffer is freed only once every peer has unmapped it)."""
         impl, self._impl = getattr(self, "_impl", None), None
         if impl is not None and hasattr(impl, "close"):
             impl.close()
         self.closed = True
 
     def __del__(self):
+        # Garbage collection runs at different times on different ranks, so it cannot coordinate with
+        # the peers: an unclosed ipc buffer is leaked until the process exits, never freed under a peer.
+        impl, self._impl = getattr(self, "_impl", None), None
         try:
-            self.close()
+            if impl is not None and hasattr(impl, "release_unclosed"):
+                impl.release_unclosed()
         except Exception:  # noqa: BLE001 - a destructor at interpreter exit must not raise
             pass
 

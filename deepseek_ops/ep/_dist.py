@@ -7,7 +7,7 @@ sums the expert outputs at home in k order: the result is bitwise the one-GPU co
 """
 import dataclasses
 import datetime
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,17 +48,19 @@ def _decode(row: torch.Tensor) -> str:
 
 
 class DistBackend:
-    def __init__(self, group, num_experts: int, hidden: int, max_tokens: int, alignment: int, timeout_s: float):
+    def __init__(self, group, num_experts: int, hidden: int, max_tokens: int, alignment: int, timeout_s: float,
+                 layout: Dict[str, int], setup_error: Optional[str]):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.comm_device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        self._agree_layout(setup_error, layout)
         self.num_experts, self.hidden, self.max_tokens = num_experts, hidden, max_tokens
         self.num_local_experts = num_experts // self.world_size
         self.alignment = alignment
-        self.timeout = datetime.timedelta(seconds=timeout_s)
         self.max_topk: Optional[int] = None  # a backend with fixed-size buffers sets its capacity
-        self.comm_device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
     # -- collectives with a deadline -------------------------------------------------------------
     def _wait(self, work, step: str):
@@ -81,8 +83,9 @@ class DistBackend:
         self._wait(work, step)
         return recv_bytes.to(device).view(dtype).reshape(sum(out_splits), *row_shape)
 
-    def _agree(self, step: str, error: Optional[str], meta: Sequence[int]):
-        """Every rank learns every rank's argument error and metadata: a bad call fails on all ranks."""
+    def _gather_checked(self, step: str, error: Optional[str], meta: Sequence[int]) -> List[tuple]:
+        """Every rank learns every rank's argument error and metadata: a bad call fails on all ranks.
+        Returns each rank's meta."""
         mine = _encode(error, meta).to(self.comm_device)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         self._wait(dist.all_gather(gathered, mine, group=self.group, async_op=True), step)
@@ -91,10 +94,24 @@ class DistBackend:
         if failures:
             text = "; ".join(f"rank {r}: {msg}" for r, msg in failures)
             raise ValueError(f"deepseek_ops.ep.{step}: bad arguments on {len(failures)} rank(s): {text}")
-        metas = [tuple(row[1:1 + _META_FIELDS].tolist()) for row in rows]
+        return [tuple(row[1:1 + _META_FIELDS].tolist()) for row in rows]
+
+    def _agree(self, step: str, error: Optional[str], meta: Sequence[int]):
+        metas = self._gather_checked(step, error, meta)
         if len(set(metas)) > 1:
             raise ValueError(f"deepseek_ops.ep.{step}: argument 'x': ranks disagree on (hidden, dtype, has_scales, "
                              f"topk, extra): {dict(enumerate(metas))}")
+
+    def _agree_layout(self, error: Optional[str], layout: Dict[str, int]):
+        """Every rank built its Buffer with the same arguments, before any memory is shared: each rank
+        sizes its sends (and, over IPC, its writes into the peers' buffers) by its own."""
+        values = [0] * _META_FIELDS if error is not None else [*layout.values(), 0]
+        metas = self._gather_checked("Buffer", error, values)
+        for i, name in enumerate(layout):
+            by_rank = [meta[i] for meta in metas]
+            if len(set(by_rank)) > 1:
+                text = ", ".join(f"rank {r} has {v}" for r, v in enumerate(by_rank))
+                raise ValueError(f"deepseek_ops.ep.Buffer: argument '{name}' must be the same on every rank: {text}")
 
     # -- dispatch / combine ----------------------------------------------------------------------
     def dispatch(self, x, topk_idx, topk_weights, exact: bool) -> DispatchResult:

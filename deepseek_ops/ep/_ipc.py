@@ -1,8 +1,9 @@
 """One node, several GPUs (or several processes sharing one GPU): our own kernels over CUDA IPC.
 
-Every rank allocates one symmetric buffer (the same layout everywhere), exchanges its
-cudaIpcGetMemHandle through the torch.distributed group (gloo is enough: the control plane carries
-only handles, argument checks and nothing else), and opens its peers' buffers. Dispatch: a device
+Every rank allocates one symmetric buffer (the same layout everywhere: the Buffer arguments are
+compared across ranks before anything is allocated), exchanges its cudaIpcGetMemHandle through the
+torch.distributed group (gloo is enough: the control plane carries only handles, argument checks
+and nothing else), and opens its peers' buffers. Dispatch: a device
 barrier, then each rank writes its rows straight into the receive fields of its destination ranks
 (csrc/sm90_ep_ipc_exchange.cu) and raises their arrival counters with system-scope release adds;
 receivers acquire the counters and permute the received rows into the grouped GEMM's layout (the
@@ -21,7 +22,8 @@ device, so a CUDA graph of dispatch and combine replays correctly (decode). A ti
 surfaces at Buffer.check() (one sync) or at the next exact call.
 """
 import dataclasses
-from typing import Dict, List
+import warnings
+from typing import Dict, List, Optional
 
 import torch
 
@@ -32,8 +34,13 @@ from deepseek_ops.ep._dist import DistBackend
 from deepseek_ops.ep._local import exact_rows
 
 _ipc = torch.ops.deepseek_ops
+# A timed-out device wait leaves step + NUM_STEP_CODES * (the rank it waited for) in the error flag
+# (ep_ipc_error_code, csrc/sm90_ep_ipc_exchange.h).
 STEPS = {1: "dispatch: barrier", 2: "dispatch: receive", 3: "combine: barrier", 4: "combine: receive"}
+NUM_STEP_CODES = 16
 _ALIGN = 256
+# Buffers whose peers could not confirm they unmapped them: kept alive (never freed) until the process exits.
+_LEAKED: List[torch.Tensor] = []
 
 
 class IpcLayout:
@@ -82,8 +89,10 @@ class IpcHandle:
 
 class IpcBackend(DistBackend):
     def __init__(self, group, num_experts: int, hidden: int, max_tokens: int, alignment: int, timeout_s: float,
-                 max_topk: int):
-        super().__init__(group, num_experts, hidden, max_tokens, alignment, timeout_s)
+                 max_topk: int, layout: Dict[str, int], setup_error: Optional[str]):
+        # The argument agreement (DistBackend) comes first: ranks with different layouts would write
+        # past, or into the wrong field of, each other's buffers.
+        super().__init__(group, num_experts, hidden, max_tokens, alignment, timeout_s, layout, setup_error)
         if not torch.cuda.is_available():
             raise RuntimeError("deepseek_ops.ep: backend 'ipc' needs a CUDA GPU")
         self.max_topk = max_topk
@@ -111,13 +120,43 @@ class IpcBackend(DistBackend):
         return [g.cpu() for g in gathered]
 
     def close(self):
-        """Closes the peers' mappings and frees the buffer (after this rank's kernels finish)."""
+        """Collective (every rank calls it): a barrier (no peer still writes into our buffer), unmap the
+        peers' buffers, a barrier (no peer still maps ours), free. If a barrier fails (a peer died,
+        timed out or never closes), the buffer is leaked, not freed under a peer: the driver
+        reclaims it when the process exits."""
         if getattr(self, "buffer", None) is None:
             return
-        torch.cuda.synchronize(self.device)
-        self.peers.clear()  # each mapping's deleter calls cudaIpcCloseMemHandle
+        self._device_idle()
+        healthy = not self.broken and self._close_barrier("close: peers done")
         self.peer_ptrs = None
-        self.buffer = None  # the deleter calls cudaFree
+        self.peers.clear()  # each mapping's deleter calls cudaIpcCloseMemHandle
+        healthy = healthy and self._close_barrier("close: peers unmapped")
+        if not healthy:
+            _LEAKED.append(self.buffer)
+        self.buffer = None  # otherwise the deleter calls cudaFree
+
+    def release_unclosed(self):
+        """Garbage collection without close(): the peers cannot be asked, so their buffers are unmapped
+        and ours is leaked (freed when the process exits) rather than freed under a peer."""
+        if getattr(self, "buffer", None) is None:
+            return
+        self._device_idle()
+        self.peer_ptrs = None
+        self.peers.clear()
+        _LEAKED.append(self.buffer)
+        self.buffer = None
+
+    def _device_idle(self):
+        torch.cuda.synchronize(self.device)  # this rank's kernels no longer touch any buffer
+
+    def _close_barrier(self, step: str) -> bool:
+        try:
+            self._wait(torch.distributed.barrier(group=self.group, async_op=True), step)
+        except (TimeoutError, RuntimeError) as exc:
+            warnings.warn(f"deepseek_ops.ep.Buffer.close: {exc}; leaking this rank's buffer rather than freeing "
+                          "memory a peer may still map", RuntimeWarning, stacklevel=3)
+            return False
+        return True
 
     # -- device steps ------------------------------------------------------------------------------
     def _check_usable(self):
@@ -159,8 +198,10 @@ class IpcBackend(DistBackend):
     def _raise_if_failed(self, code: int):
         if code != 0:
             self.broken = True
-            raise TimeoutError(f"deepseek_ops.ep: rank {self.rank} stuck in '{STEPS.get(code, code)}' for more than "
-                               f"{self.timeout.total_seconds():g} s (a peer died or never arrived)")
+            step, peer = code % NUM_STEP_CODES, code // NUM_STEP_CODES
+            raise TimeoutError(f"deepseek_ops.ep: rank {self.rank} stuck in '{STEPS.get(step, step)}' for more than "
+                               f"{self.timeout.total_seconds():g} s waiting for rank {peer} (it died or never "
+                               "arrived)")
 
     def _dispatch(self, x_data, x_scales, topk_idx, topk_weights, exact: bool) -> DispatchResult:
         self._check_usable()

@@ -28,12 +28,19 @@ def combine(y: torch.Tensor, row_of: torch.Tensor, topk_weights: torch.Tensor) -
 
 
 def _dispatch_layout_fake(topk_idx, num_experts, num_ranks):
+    torch._check(topk_idx.dim() == 2 and num_experts > 0 and num_ranks > 0,
+                 lambda: f"ep_dispatch_layout: topk_idx [T, topk] and positive counts, got {topk_idx.shape}")
     num_tokens = topk_idx.shape[0]
     return (topk_idx.new_empty((num_ranks,), dtype=torch.int32), topk_idx.new_empty((num_experts,), dtype=torch.int32),
             topk_idx.new_empty((num_tokens, num_ranks), dtype=torch.bool))
 
 
 def _permute_fake(x, x_scales, topk_weights, topk_idx, num_experts, alignment, num_rows):
+    torch._check(x.dim() == 2 and topk_idx.dim() == 2 and x.shape[0] == topk_idx.shape[0],
+                 lambda: f"ep_permute: x [T, H] and topk_idx [T, topk], got {x.shape}, {topk_idx.shape}")
+    torch._check(num_rows >= 0 and alignment > 0 and num_experts > 0,
+                 lambda: f"ep_permute: num_rows >= 0, alignment and num_experts > 0, got {num_rows}, {alignment}, "
+                         f"{num_experts}")
     num_groups = x_scales.shape[1] if x_scales is not None else 0
     return (x.new_empty((num_rows, x.shape[1])),
             x.new_empty((num_rows, num_groups), dtype=torch.float32),
@@ -44,6 +51,9 @@ def _permute_fake(x, x_scales, topk_weights, topk_idx, num_experts, alignment, n
 
 
 def _combine_fake(y, row_of, topk_weights):
+    torch._check(y.dim() == 2 and row_of.dim() == 2 and topk_weights.shape == row_of.shape,
+                 lambda: f"ep_combine: y [rows, H], row_of and topk_weights [T, topk], got {y.shape}, {row_of.shape}, "
+                         f"{topk_weights.shape}")
     return y.new_empty((row_of.shape[0], y.shape[1]))
 
 
