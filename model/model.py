@@ -55,6 +55,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         self.kernel_fallback = fp8_linear_fallback(in_features, out_features)  # why fp8_linear can't, or None
         self.fp8_activations = False  # reference backend: quantize x per 1 x 128 group as the kernels do
+        self.fp8_training = False  # FP8 training (model/train.py): the float weight is the master weight
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8 if fp8 else dtype),
                                    requires_grad=False)
         scale = torch.empty(math.ceil(out_features / FP8_BLOCK), math.ceil(in_features / FP8_BLOCK))
@@ -70,6 +71,9 @@ class Linear(nn.Module):
         return ops_ref.dequant_fp8_block(self.weight, self.weight_scale_inv, FP8_BLOCK, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_training:  # quantized per call; dW reaches the master weight (deepseek_ops.linear_autograd)
+            w_fp8, w_scale = deepseek_ops.per_block_quant_fp8(self.weight.detach())
+            return deepseek_ops.fp8_linear(x, w_fp8, w_scale, master_weight=self.weight)
         if self.is_fp8 and self.backend == "kernels" and self.kernel_fallback is None:
             return deepseek_ops.fp8_linear(x, self.weight, self.weight_scale_inv).to(x.dtype)
         if self.is_fp8 and self.fp8_activations:
