@@ -361,6 +361,15 @@ class Gate(nn.Module):
                      a.num_experts_per_tok, a.norm_topk_prob, a.routed_scaling_factor)
 
 
+def _grouped_fp8_linear_train(rows: torch.Tensor, master: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """rows [M, in] through expert g's master weight [E, out, in] (out a multiple of 128: no scale
+    block straddles two experts), quantized per 128 x 128 block this call; dW reaches `master`."""
+    num_experts, out_features, in_features = master.shape
+    w_fp8, w_scale = deepseek_ops.per_block_quant_fp8(master.detach().reshape(num_experts * out_features, in_features))
+    return deepseek_ops.grouped_fp8_linear(rows, w_fp8.view(master.shape), w_scale.view(num_experts, -1, w_scale.shape[1]),
+                                           offsets, master_weight=master)
+
+
 class RemoteExpert(nn.Module):
     """Placeholder for an expert another expert-parallel rank holds (keeps experts.{j} numbering)."""
 
@@ -395,6 +404,7 @@ class MoE(nn.Module):
         if args.n_shared_experts:
             self.shared_experts = MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size,
                                       args, backend)
+        self.fp8_training = False  # FP8 training (model/train.py): experts_grouped_fp8_train
         # kernels backend, FP8 experts: [E, 2I, D] (gate rows then up rows) and [E, D, I], set by prepare()
         for name in ("w13", "w13_scale", "w2", "w2_scale"):
             self.register_buffer(name, None, persistent=False)
@@ -405,6 +415,8 @@ class MoE(nn.Module):
         weights, indices = self.gate(x)  # [N, K] each
         if self.ep_group is not None:
             y = self.experts_parallel(x, weights, indices)
+        elif self.fp8_training:
+            y = self.experts_grouped_fp8_train(x, weights, indices)
         elif self.backend == "kernels" and self.w13 is not None:
             y = self.experts_grouped_fp8(x, weights, indices)
         elif torch.compiler.is_compiling():
@@ -439,6 +451,27 @@ class MoE(nn.Module):
         recv = ep.dispatch(self._quantize(x), indices, weights, num_experts=len(self.experts))
         y = self._expert_gemms(*recv.recv_x, recv.recv_topk_idx)  # rows grouped by expert
         return ep.combine(y, recv.handle, weights).to(x.dtype)  # [N, D]: sum_k w[n, k] * y[row(n, k)]
+
+    def experts_grouped_fp8_train(self, x, weights, indices):
+        """Training: the experts as two differentiable grouped FP8 linears over expert-contiguous rows
+        (each expert's rows padded to GROUPED_GEMM_ALIGNMENT), on the stacked fp32 master weights."""
+        n, k = indices.shape
+        flat = indices.reshape(-1)  # [N * K] expert of each (token, k) pair
+        order = torch.argsort(flat, stable=True)  # pairs grouped by expert, (token, k) order kept
+        counts = torch.bincount(flat, minlength=len(self.experts))  # [E]
+        align = deepseek_ops.GROUPED_GEMM_ALIGNMENT
+        offsets = F.pad(torch.cumsum((counts + align - 1) // align * align, 0), (1, 0))  # [E + 1]
+        rank_in_expert = torch.arange(n * k, device=x.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+        row_of = torch.empty_like(flat).scatter_(0, order, offsets[flat[order]] + rank_in_expert)  # [N * K]
+        token_of_row = torch.full((int(offsets[-1]),), n, device=x.device).scatter_(
+            0, row_of, torch.arange(n * k, device=x.device) // k)  # [M]; padding rows read row n, zero
+        rows = F.pad(x, (0, 0, 0, 1))[token_of_row]  # [M, D]
+        w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])  # [E, 2I, D]
+        gate, up = _grouped_fp8_linear_train(rows, w13, offsets).chunk(2, dim=-1)  # [M, I] each
+        act = (F.silu(gate.float()) * up.float()).to(gate.dtype)
+        w2 = torch.stack([e.down_proj.weight for e in self.experts])  # [E, D, I]
+        y = _grouped_fp8_linear_train(act, w2, offsets)[row_of].view(n, k, -1)  # [N, K, D]
+        return (y.float() * weights.unsqueeze(-1)).sum(1).to(x.dtype)
 
     def experts_parallel(self, x, weights, indices):
         """Expert parallel: dispatch the (token, expert) pairs to the experts' ranks, run the local

@@ -35,7 +35,8 @@ from tqdm import tqdm
 from model.checkpoint import save_checkpoint
 from model.config import ModelArgs, preset
 from model.data import Batches, load_tokens
-from model.model import Gate, Linear, Transformer, random_model
+from model.kernel_fallbacks import grouped_experts_fallback
+from model.model import Gate, Linear, MoE, Transformer, random_model
 
 MTP_WEIGHT = 0.3
 BALANCE_ALPHA = 1e-4
@@ -178,6 +179,8 @@ def training_model(args: ModelArgs, precision: str, device, seed: int) -> Transf
             if (isinstance(module, Linear) and not name.endswith(HIGH_PRECISION_LINEARS)
                     and module.in_features % 128 == 0 and module.out_features % 128 == 0):
                 module.fp8_training = True
+            elif isinstance(module, MoE) and module.ep_group is None and grouped_experts_fallback(args) is None:
+                module.fp8_training = True  # routed experts as grouped FP8 linears
     return model
 
 

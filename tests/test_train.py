@@ -20,8 +20,9 @@ from model.train import (TrainConfig, Trainer, lr_factor, objective, sequence_ba
 
 from ep_workers import run_ranks
 
-ARGS = preset("tiny", dtype="float32", num_hidden_layers=2)
+ARGS = preset("tiny", dtype="float32", num_hidden_layers=2, n_routed_experts=8)
 MLP_GRAD_CALC_DIFF_BOUND = 3e-3
+GROUPED_VS_LOOP_BOUND = 1e-3
 CFG = TrainConfig(steps=3, batch_size=4, seq_len=32, warmup_steps=1, max_files=3, eval_every=0)
 
 
@@ -169,7 +170,7 @@ def _ddp_worker(rank, world_size, cfg, expected):
     losses = [trainer.step(batches.local_batch(step, rank, world_size))["loss"] for step in range(cfg.steps)]
     assert dist.get_world_size() == world_size
     for step, (got, want) in enumerate(zip(losses, expected)):
-        assert got == pytest.approx(want, rel=2e-3), f"rank {rank} step {step}: {got} vs one process {want}"
+        assert got == pytest.approx(want, rel=5e-4), f"rank {rank} step {step}: {got} vs one process {want}"
 
 
 def test_ddp_two_processes_match_one_process():
@@ -178,3 +179,29 @@ def test_ddp_two_processes_match_one_process():
     batches = _batches(cfg)
     expected = [single.step(batches.local_batch(step))["loss"] for step in range(cfg.steps)]
     run_ranks(_ddp_worker, 2, cfg, expected)
+
+
+def test_fp8_grouped_experts_match_the_expert_loop():
+    # MoE in FP8 training: the grouped path (two grouped_fp8_linear over expert-contiguous rows) against
+    # the loop over experts (each Linear through fp8_linear), the same FP8 weights. Not bit for bit: the
+    # grouped GEMM writes h in bf16 (the loop in x's dtype, fp32 here), which moves the activation's
+    # 1 x 128 quantization of some elements (measured calc_diff ~1e-4 to 4e-4).
+    model = training_model(ARGS, "fp8", "cpu", seed=int(torch.randint(0, 2**30, ())))
+    moe = model.main_layers[1].mlp
+    assert moe.fp8_training
+    x = torch.randn(37, ARGS.hidden_size)
+    weights, indices = moe.gate(x)
+    x_grouped, x_loop = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_grouped = moe.experts_grouped_fp8_train(x_grouped, weights.detach(), indices)
+    y_loop = moe.experts_loop(x_loop, weights.detach(), indices)
+    assert calc_diff(y_grouped.detach(), y_loop.detach()) < GROUPED_VS_LOOP_BOUND
+    dy = torch.randn_like(y_loop)
+    grouped = torch.autograd.grad(y_grouped, [x_grouped] + [p for p in moe.experts.parameters()], dy,
+                                  allow_unused=True)
+    loop = torch.autograd.grad(y_loop, [x_loop] + [p for p in moe.experts.parameters()], dy, allow_unused=True)
+    assert calc_diff(grouped[0], loop[0]) < GROUPED_VS_LOOP_BOUND
+    for g, l in zip(grouped[1:], loop[1:]):
+        if l is None:  # an expert without tokens: zero gradient on the grouped path
+            assert g is None or g.abs().sum() == 0
+        else:
+            assert calc_diff(g, l) < GROUPED_VS_LOOP_BOUND
