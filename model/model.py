@@ -72,6 +72,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_training:  # quantized per call; dW reaches the master weight (deepseek_ops.linear_autograd)
+            if torch.is_autocast_enabled(x.device.type):  # the dtype autocast gives the float linears
+                x = x.to(torch.get_autocast_dtype(x.device.type))
             w_fp8, w_scale = deepseek_ops.per_block_quant_fp8(self.weight.detach())
             return deepseek_ops.fp8_linear(x, w_fp8, w_scale, master_weight=self.weight)
         if self.is_fp8 and self.backend == "kernels" and self.kernel_fallback is None:
@@ -366,8 +368,8 @@ def _grouped_fp8_linear_train(rows: torch.Tensor, master: torch.Tensor, offsets:
     block straddles two experts), quantized per 128 x 128 block this call; dW reaches `master`."""
     num_experts, out_features, in_features = master.shape
     w_fp8, w_scale = deepseek_ops.per_block_quant_fp8(master.detach().reshape(num_experts * out_features, in_features))
-    return deepseek_ops.grouped_fp8_linear(rows, w_fp8.view(master.shape), w_scale.view(num_experts, -1, w_scale.shape[1]),
-                                           offsets, master_weight=master)
+    w_scale = w_scale.view(num_experts, out_features // FP8_BLOCK, -1)  # [E, out / 128, in / 128]
+    return deepseek_ops.grouped_fp8_linear(rows, w_fp8.view(master.shape), w_scale, offsets, master_weight=master)
 
 
 class RemoteExpert(nn.Module):

@@ -15,7 +15,7 @@ from model.checkpoint import load_checkpoint
 from model.config import preset
 from model.data import BOS, EOS, Batches, load_tokens, stdlib_files
 from model.model import MLP
-from model.train import (TrainConfig, Trainer, lr_factor, objective, sequence_balance_loss, training_model,
+from model.train import (TrainConfig, Trainer, lr_factor, main, objective, sequence_balance_loss, training_model,
                          update_expert_bias)
 
 from ep_workers import run_ranks
@@ -205,3 +205,32 @@ def test_fp8_grouped_experts_match_the_expert_loop():
             assert g is None or g.abs().sum() == 0
         else:
             assert calc_diff(g, l) < GROUPED_VS_LOOP_BOUND
+
+
+def test_fp8_mlp_training_torch_compile_cpu():
+    mlp = MLP(256, 256, ARGS, "reference")
+    for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        linear.weight.data = torch.randn_like(linear.weight) / 16
+        linear.weight.requires_grad_()
+        linear.fp8_training = True
+    x = torch.randn(2, 40, 256)
+
+    def loss(x):
+        return mlp(x).square().mean()
+
+    params = list(mlp.parameters())
+    eager = torch.autograd.grad(loss(x), params)
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x), params)
+    for got, want in zip(compiled, eager):
+        assert calc_diff(got, want) < 1e-10
+
+
+def test_command_line_run_saves_a_checkpoint(tmp_path, capsys):
+    main(["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--warmup-steps", "1", "--max-files", "2",
+          "--eval-every", "1", "--eval-batches", "1", "--precision", "fp8", "--device", "cpu",
+          "--out-dir", str(tmp_path)])
+    out = capsys.readouterr()
+    assert "final loss" in out.out and "skipped steps 0" in out.out
+    assert "validation loss" in out.out + out.err
+    loaded = load_checkpoint(tmp_path / "step-2")
+    assert loaded.args.vocab_size == preset("tiny").vocab_size

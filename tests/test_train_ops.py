@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import deepseek_ops
-from deepseek_ops import reference
 from deepseek_ops.testing import assert_bitwise_equal, calc_diff, opcheck_fp8_safe
 
 FP8 = torch.float8_e4m3fn
