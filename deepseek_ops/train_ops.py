@@ -35,10 +35,15 @@ _REFERENCES = {
 }
 
 
+@torch.compiler.assume_constant_result
+def _has_kernel(name: str, device_type: str) -> bool:
+    """Fixed once the extension is loaded; torch.compile takes the answer as a constant."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"deepseek_ops::{name}", device_type.upper())
+
+
 def dispatch(name: str, device: torch.device, *args):
     """The op on CPU and wherever a kernel is registered for the device; the reference elsewhere."""
-    if device.type != "cpu" and not torch._C.dispatch_has_kernel_fordispatch_key(
-            f"deepseek_ops::{name}", device.type.upper()):
+    if device.type != "cpu" and not _has_kernel(name, device.type):
         return _REFERENCES[name](*args)
     return getattr(_ops, name)(*args)
 

@@ -7,9 +7,12 @@ e_score_correction_bias moves by a fixed step toward equal load (no gradient).
 
 Weights: fp32 master weights, AdamW, gradient clipping, linear warm-up then cosine decay.
 --precision bf16: the math under bf16 autocast (PyTorch bf16 linears). --precision fp8: the same,
-and every linear whose shape the FP8 GEMMs take (K and N multiples of 128; not the embedding, the
-head, eh_proj or the router) quantizes its master weight per 128 x 128 block each call and runs
-deepseek_ops.fp8_linear, forward and backward in FP8 (deepseek_ops.linear_autograd).
+and every linear whose shape the FP8 training GEMMs take (K and N multiples of 128; not the head or
+eh_proj, nor the embedding and the router, which are no Linear) quantizes its master weight per
+128 x 128 block each call and runs deepseek_ops.fp8_linear, forward and backward in FP8
+(deepseek_ops.linear_autograd); the routed experts run as two grouped FP8 linears
+(MoE.experts_grouped_fp8_train). kv_b_proj stays in autocast's dtype: absorbed attention reads its
+weight directly, not through Linear.forward.
 
 Data-parallel through torch.distributed: `torchrun --nproc-per-node N -m model.train` (gloo on
 CPU, nccl on CUDA) runs DDP; each rank takes its rows of the same global batch, so the losses
@@ -72,11 +75,11 @@ def objective(logits: torch.Tensor, targets: torch.Tensor, mtp_logits: Optional[
               mtp_targets: Optional[torch.Tensor], mtp_weight: float = MTP_WEIGHT):
     """(loss, next-token CE, MTP CE): CE(logits [B, S, V], targets [B, S]) + mtp_weight * CE of the
     MTP logits against the tokens after next (MTP CE is 0 without an MTP module)."""
-    main = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    next_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     if mtp_logits is None:
-        return main, main, torch.zeros_like(main)
+        return next_token, next_token, torch.zeros_like(next_token)
     mtp = F.cross_entropy(mtp_logits.flatten(0, 1).float(), mtp_targets.flatten())
-    return main + mtp_weight * mtp, main, mtp
+    return next_token + mtp_weight * mtp, next_token, mtp
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float = BALANCE_ALPHA) -> torch.Tensor:
