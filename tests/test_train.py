@@ -226,11 +226,11 @@ def test_fp8_mlp_training_torch_compile_cpu():
 
 
 def test_command_line_run_saves_a_checkpoint(tmp_path, capsys):
-    main(["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--warmup-steps", "1", "--max-files", "2",
+    main(["--steps", "1", "--batch-size", "2", "--seq-len", "16", "--warmup-steps", "1", "--max-files", "2",
           "--eval-every", "1", "--eval-batches", "1", "--precision", "fp8", "--device", "cpu",
           "--out-dir", str(tmp_path)])
     out = capsys.readouterr()
     assert "final loss" in out.out and "skipped steps 0" in out.out
     assert "validation loss" in out.out + out.err
-    loaded = load_checkpoint(tmp_path / "step-2")
+    loaded = load_checkpoint(tmp_path / "step-1")
     assert loaded.args.vocab_size == preset("tiny").vocab_size
