@@ -164,21 +164,32 @@ def test_training_model_rejects_fp8_storage():
 
 # ---- data parallel ------------------------------------------------------------------------------
 
-def _ddp_worker(rank, world_size, cfg, expected):
-    trainer = Trainer(ARGS, cfg)
-    batches = _batches(cfg)
-    losses = [trainer.step(batches.local_batch(step, rank, world_size))["loss"] for step in range(cfg.steps)]
+# Relative loss tolerance of 2 ranks against one process, after one optimizer step (the first step's
+# losses agree exactly). fp8: each rank quantizes its own tokens in 1 x 128 groups for the weight
+# gradient, other groups than one process's (measured 3e-4; bf16 5e-5).
+DDP_LOSS_REL = {"bf16": 5e-4, "fp8": 2e-3}
+
+
+def _ddp_worker(rank, world_size, cfgs, expected):
     assert dist.get_world_size() == world_size
-    for step, (got, want) in enumerate(zip(losses, expected)):
-        assert got == pytest.approx(want, rel=5e-4), f"rank {rank} step {step}: {got} vs one process {want}"
+    for cfg in cfgs:
+        trainer = Trainer(ARGS, cfg)
+        batches = _batches(cfg)
+        losses = [trainer.step(batches.local_batch(step, rank, world_size))["loss"] for step in range(cfg.steps)]
+        want = expected[cfg.precision]
+        assert losses[0] == pytest.approx(want[0], rel=1e-6), f"{cfg.precision} rank {rank}: {losses} vs {want}"
+        assert losses == pytest.approx(want, rel=DDP_LOSS_REL[cfg.precision]), \
+            f"{cfg.precision} rank {rank}: {losses} vs one process {want}"
 
 
 def test_ddp_two_processes_match_one_process():
-    cfg = dataclasses.replace(CFG, steps=2)
-    single = Trainer(ARGS, cfg)
-    batches = _batches(cfg)
-    expected = [single.step(batches.local_batch(step))["loss"] for step in range(cfg.steps)]
-    run_ranks(_ddp_worker, 2, cfg, expected)
+    cfgs = [dataclasses.replace(CFG, steps=2, precision=precision) for precision in DDP_LOSS_REL]
+    expected = {}
+    for cfg in cfgs:
+        single = Trainer(ARGS, cfg)
+        batches = _batches(cfg)
+        expected[cfg.precision] = [single.step(batches.local_batch(step))["loss"] for step in range(cfg.steps)]
+    run_ranks(_ddp_worker, 2, cfgs, expected)
 
 
 def test_fp8_grouped_experts_match_the_expert_loop():
