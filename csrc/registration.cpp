@@ -104,6 +104,15 @@ TORCH_LIBRARY(deepseek_ops, m) {
         " int expected_m) -> Tensor");
   m.def("grouped_fp8_gemm_masked_out(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor masked_m,"
         " int expected_m, Tensor(a!) out) -> ()");
+  // FP8 training (backward): operands quantized 1x128 along the token axis for the weight gradient;
+  // dgrad reads the forward's FP8 weight [N, K] with its 128x128 block scales.
+  m.def("transpose_quant_fp8(Tensor x) -> (Tensor, Tensor)");
+  m.def("fp8_gemm_wgrad(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor? c) -> Tensor");
+  m.def("k_grouped_fp8_gemm_wgrad(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor group_offsets,"
+        " Tensor? c) -> Tensor");
+  m.def("fp8_gemm_dgrad(Tensor dy, Tensor dy_scales, Tensor w, Tensor w_scales, ScalarType out_dtype) -> Tensor");
+  m.def("grouped_fp8_gemm_dgrad_contiguous(Tensor dy, Tensor dy_scales, Tensor w, Tensor w_scales,"
+        " Tensor m_indices) -> Tensor");
 }
 
 // Importing deepseek_ops._C runs the registrations above; the module itself is empty.

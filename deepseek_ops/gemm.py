@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from deepseek_ops import reference
-from deepseek_ops._checks import (FLOAT_DTYPES, FP8, can_read_values, check_aligned16, check_choice,
+from deepseek_ops._checks import (FLOAT_DTYPES, FP8, aligned16, can_read_values, check_aligned16, check_choice,
                                   check_contiguous, check_cuda_arch, check_dim, check_multiple, check_same_device,
                                   check_shape, check_tensor, check_values_in_range)
 from deepseek_ops._registry import register_op
@@ -104,13 +104,17 @@ def fp8_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+               bias: Optional[torch.Tensor] = None, master_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ (weight * weight_scale)^T (+ bias), x quantized to FP8 per 1 x 128 token group first.
 
     x: [..., K] bf16/fp16/fp32, K a multiple of 128. weight: [N, K] float8_e4m3fn with weight_scale
     fp32 [ceil(N/128), K/128] (a DeepSeek-V3 checkpoint's weight and weight_scale_inv). bias:
     optional [N] bf16/fp16/fp32. Returns [..., N] in x's dtype (computed in fp32 for fp32 x, bf16
     otherwise).
+
+    Differentiable (deepseek_ops.linear_autograd) with respect to x, bias and master_weight: an
+    optional float [N, K] weight that weight, weight_scale quantize (per_block_quant_fp8), which
+    receives dW. Backward needs N a multiple of 128.
     """
     check_tensor("x", x, dtype=FLOAT_DTYPES)
     check_tensor("weight", weight, dtype=FP8, ndim=2, device=x.device)
@@ -119,16 +123,42 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if bias is not None:
         check_tensor("bias", bias, dtype=FLOAT_DTYPES, ndim=1, device=x.device)
         check_dim("bias", bias, 0, weight.shape[0], "N, as weight.shape[0]")
+    if master_weight is not None:
+        check_master_weight(master_weight, weight)
     k = x.shape[-1]
-    x_fp8, x_scales = per_token_group_quant_fp8(x.reshape(-1, k), 128, column_major_scales=True)
-    _check_operands(x_fp8, x_scales, weight, weight_scale, a_ndim=2, grouped_b=False,
-                    b_names=("weight", "weight_scale"))
-    out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+    x2d = x.reshape(-1, k)
+    train = torch.is_grad_enabled() and (x.requires_grad or needs_weight_grad(master_weight))
     check_cuda_arch(x, "fp8_linear")
-    y = _ops.fp8_gemm(x_fp8, x_scales, weight, weight_scale, out_dtype, None)
+    if train:  # the same forward as an autograd op that saves x for the weight gradient
+        check_multiple("weight", weight.shape[0], 128,
+                       "N (weight.shape[0]: dy is quantized per 1 x 128 along N for the backward)")
+        check_tensor("weight_scale", weight_scale, dtype=torch.float32, ndim=2, device=x.device)
+        check_shape("weight_scale", weight_scale, (weight.shape[0] // 128, k // 128))
+        _check_k_major("weight", weight)
+        y, _, _ = _ops.fp8_linear_fwd(aligned16(x2d), weight, weight_scale, master_weight,
+                                      needs_weight_grad(master_weight))
+    else:
+        x_fp8, x_scales = per_token_group_quant_fp8(x2d, 128, column_major_scales=True)
+        _check_operands(x_fp8, x_scales, weight, weight_scale, a_ndim=2, grouped_b=False,
+                        b_names=("weight", "weight_scale"))
+        y = _ops.fp8_gemm(x_fp8, x_scales, weight, weight_scale,
+                          torch.float32 if x.dtype == torch.float32 else torch.bfloat16, None)
     if bias is not None:
-        y = y + bias.to(out_dtype)
+        y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def needs_weight_grad(master_weight: Optional[torch.Tensor]) -> bool:
+    """Whether the backward computes dW: a master weight that wants a gradient, grad mode on."""
+    return master_weight is not None and master_weight.requires_grad and torch.is_grad_enabled()
+
+
+def check_master_weight(master_weight: torch.Tensor, weight: torch.Tensor):
+    """The float weight that `weight` quantizes: its shape, on its device."""
+    check_tensor("master_weight", master_weight, dtype=FLOAT_DTYPES, device=weight.device)
+    check_shape("master_weight", master_weight, weight.shape)
+    check_multiple("master_weight", weight.shape[-2], 128,
+                   "N (the output gradient is quantized per 1 x 128 along N for the backward)")
 
 
 def _check_grouped_b(b):

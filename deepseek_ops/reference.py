@@ -365,3 +365,55 @@ def grouped_fp8_gemm_masked(a, a_scales, b, b_scales, masked_m, expected_m):
     out = torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=torch.bfloat16, device=a.device)
     grouped_fp8_gemm_masked_out(a, a_scales, b, b_scales, masked_m, expected_m, out)
     return out
+
+
+# ---- FP8 training: the backward GEMMs (weight gradient over tokens, input gradient through W) -----
+
+def transpose_quant_fp8(x: torch.Tensor):
+    """x [T, C] -> x^T [C, T_pad] e4m3 with one scale per 1 x 128 group along the token axis
+    (scales fp32 [C, T_pad / 128]), T_pad = T rounded up to 128, padding tokens zero: exactly
+    per_token_group_quant_fp8 of the zero-padded transpose."""
+    t, c = x.shape
+    padded = x.new_zeros((c, -(-t // 128) * 128), dtype=torch.float32)
+    padded[:, :t] = x.t().float()
+    return per_token_group_quant_fp8(padded, 128, False, False)
+
+
+def fp8_gemm_wgrad(a, a_scales, b, b_scales, c=None):
+    """dW = (a * a_scales) @ (b * b_scales)^T (+ c) in float64, fp32 out: a [N, T] (dy^T) and
+    b [K, T] (x^T), both scaled per 1 x 128 along T."""
+    d = _dequant_fp8_a(a, a_scales) @ _dequant_fp8_a(b, b_scales).T
+    if c is not None:
+        d = d + c.double()
+    return d.float()
+
+
+def k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets, c=None):
+    """out[g] = fp8_gemm_wgrad over the token range [group_offsets[g], group_offsets[g+1]) (+ c[g]):
+    a [N, sum_T], b [K, sum_T], out fp32 [G, N, K]. An empty range gives c[g] (or zeros)."""
+    offsets = group_offsets.tolist()
+    num_groups = len(offsets) - 1
+    out = torch.zeros(num_groups, a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    for g in range(num_groups):
+        lo, hi = offsets[g], offsets[g + 1]
+        blocks = slice(lo // 128, hi // 128)
+        out[g] = fp8_gemm_wgrad(a[:, lo:hi], a_scales[:, blocks], b[:, lo:hi], b_scales[:, blocks],
+                                None if c is None else c[g])
+    return out
+
+
+def fp8_gemm_dgrad(dy, dy_scales, w, w_scales, out_dtype):
+    """dx = (dy * dy_scales) @ (w * w_scales) in float64: dy [M, N] per 1 x 128 along N, w [N, K]
+    with 128 x 128 block scales (the forward's weight, not transposed)."""
+    return (_dequant_fp8_a(dy, dy_scales) @ _dequant_fp8_b(w, w_scales)).to(out_dtype)
+
+
+def grouped_fp8_gemm_dgrad_contiguous(dy, dy_scales, w, w_scales, m_indices):
+    """Rows r with m_indices[r] = g get fp8_gemm_dgrad(dy[r], w[g]) in bf16; other rows zero."""
+    out = torch.zeros(dy.shape[0], w.shape[2], dtype=torch.bfloat16, device=dy.device)
+    rows = torch.arange(dy.shape[0], device=dy.device)
+    for g in range(w.shape[0]):
+        sel = rows[m_indices.long() == g]
+        if sel.numel():
+            out[sel] = fp8_gemm_dgrad(dy[sel], dy_scales[sel], w[g], w_scales[g], torch.bfloat16)
+    return out

@@ -11,6 +11,9 @@
                          transformers writes, without MTP weights, too) and save
     model/generate.py    batched generation on the paged latent cache, greedy / top-p, MTP
                          self-speculative decoding; `python -m model.generate --help`
+    model/train.py       pre-training: next-token + MTP loss, auxiliary-loss-free balancing, AdamW on
+                         fp32 masters, bf16 or FP8 (deepseek_ops.fp8_linear), DDP; `python -m model.train`
+    model/data.py        the corpus: Python's standard library sources as bytes, split by file
 
 Quick start (CPU, random tiny model):
     python -m model.generate --prompt "Hello" --max-new-tokens 16 --mtp

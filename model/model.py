@@ -55,6 +55,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         self.kernel_fallback = fp8_linear_fallback(in_features, out_features)  # why fp8_linear can't, or None
         self.fp8_activations = False  # reference backend: quantize x per 1 x 128 group as the kernels do
+        self.fp8_training = False  # FP8 training (model/train.py): the float weight is the master weight
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8 if fp8 else dtype),
                                    requires_grad=False)
         scale = torch.empty(math.ceil(out_features / FP8_BLOCK), math.ceil(in_features / FP8_BLOCK))
@@ -70,6 +71,11 @@ class Linear(nn.Module):
         return ops_ref.dequant_fp8_block(self.weight, self.weight_scale_inv, FP8_BLOCK, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_training:  # quantized per call; dW reaches the master weight (deepseek_ops.linear_autograd)
+            if torch.is_autocast_enabled(x.device.type):  # the dtype autocast gives the float linears
+                x = x.to(torch.get_autocast_dtype(x.device.type))
+            w_fp8, w_scale = deepseek_ops.per_block_quant_fp8(self.weight.detach())
+            return deepseek_ops.fp8_linear(x, w_fp8, w_scale, master_weight=self.weight)
         if self.is_fp8 and self.backend == "kernels" and self.kernel_fallback is None:
             return deepseek_ops.fp8_linear(x, self.weight, self.weight_scale_inv).to(x.dtype)
         if self.is_fp8 and self.fp8_activations:
@@ -357,6 +363,15 @@ class Gate(nn.Module):
                      a.num_experts_per_tok, a.norm_topk_prob, a.routed_scaling_factor)
 
 
+def _grouped_fp8_linear_train(rows: torch.Tensor, master: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """rows [M, in] through expert g's master weight [E, out, in] (out a multiple of 128: no scale
+    block straddles two experts), quantized per 128 x 128 block this call; dW reaches `master`."""
+    num_experts, out_features, in_features = master.shape
+    w_fp8, w_scale = deepseek_ops.per_block_quant_fp8(master.detach().reshape(num_experts * out_features, in_features))
+    w_scale = w_scale.view(num_experts, out_features // FP8_BLOCK, -1)  # [E, out / 128, in / 128]
+    return deepseek_ops.grouped_fp8_linear(rows, w_fp8.view(master.shape), w_scale, offsets, master_weight=master)
+
+
 class RemoteExpert(nn.Module):
     """Placeholder for an expert another expert-parallel rank holds (keeps experts.{j} numbering)."""
 
@@ -391,6 +406,7 @@ class MoE(nn.Module):
         if args.n_shared_experts:
             self.shared_experts = MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size,
                                       args, backend)
+        self.fp8_training = False  # FP8 training (model/train.py): experts_grouped_fp8_train
         # kernels backend, FP8 experts: [E, 2I, D] (gate rows then up rows) and [E, D, I], set by prepare()
         for name in ("w13", "w13_scale", "w2", "w2_scale"):
             self.register_buffer(name, None, persistent=False)
@@ -401,6 +417,8 @@ class MoE(nn.Module):
         weights, indices = self.gate(x)  # [N, K] each
         if self.ep_group is not None:
             y = self.experts_parallel(x, weights, indices)
+        elif self.fp8_training:
+            y = self.experts_grouped_fp8_train(x, weights, indices)
         elif self.backend == "kernels" and self.w13 is not None:
             y = self.experts_grouped_fp8(x, weights, indices)
         elif torch.compiler.is_compiling():
@@ -435,6 +453,27 @@ class MoE(nn.Module):
         recv = ep.dispatch(self._quantize(x), indices, weights, num_experts=len(self.experts))
         y = self._expert_gemms(*recv.recv_x, recv.recv_topk_idx)  # rows grouped by expert
         return ep.combine(y, recv.handle, weights).to(x.dtype)  # [N, D]: sum_k w[n, k] * y[row(n, k)]
+
+    def experts_grouped_fp8_train(self, x, weights, indices):
+        """Training: the experts as two differentiable grouped FP8 linears over expert-contiguous rows
+        (each expert's rows padded to GROUPED_GEMM_ALIGNMENT), on the stacked fp32 master weights."""
+        n, k = indices.shape
+        flat = indices.reshape(-1)  # [N * K] expert of each (token, k) pair
+        order = torch.argsort(flat, stable=True)  # pairs grouped by expert, (token, k) order kept
+        counts = torch.bincount(flat, minlength=len(self.experts))  # [E]
+        align = deepseek_ops.GROUPED_GEMM_ALIGNMENT
+        offsets = F.pad(torch.cumsum((counts + align - 1) // align * align, 0), (1, 0))  # [E + 1]
+        rank_in_expert = torch.arange(n * k, device=x.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+        row_of = torch.empty_like(flat).scatter_(0, order, offsets[flat[order]] + rank_in_expert)  # [N * K]
+        token_of_row = torch.full((int(offsets[-1]),), n, device=x.device).scatter_(
+            0, row_of, torch.arange(n * k, device=x.device) // k)  # [M]; padding rows read row n, zero
+        rows = F.pad(x, (0, 0, 0, 1))[token_of_row]  # [M, D]
+        w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])  # [E, 2I, D]
+        gate, up = _grouped_fp8_linear_train(rows, w13, offsets).chunk(2, dim=-1)  # [M, I] each
+        act = (F.silu(gate.float()) * up.float()).to(gate.dtype)
+        w2 = torch.stack([e.down_proj.weight for e in self.experts])  # [E, D, I]
+        y = _grouped_fp8_linear_train(act, w2, offsets)[row_of].view(n, k, -1)  # [N, K, D]
+        return (y.float() * weights.unsqueeze(-1)).sum(1).to(x.dtype)
 
     def experts_parallel(self, x, weights, indices):
         """Expert parallel: dispatch the (token, expert) pairs to the experts' ranks, run the local
