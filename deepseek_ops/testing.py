@@ -96,8 +96,6 @@ def fp8_gemm_tile_configs(layout: str, out_dtype: torch.dtype = torch.bfloat16):
     """(BLOCK_M, BLOCK_N, cluster size) of every compiled FP8 GEMM tile variant of a layout ("dense",
     "contiguous", "masked") and output dtype, as the extension reports them (empty in a build without
     CUDA). DSO_FP8_GEMM_CONFIG forces one (the gemm_config fixture of tests/conftest.py)."""
-    import deepseek_ops  # noqa: F401  (loads the extension that defines the op)
-
     flat = torch.ops.deepseek_ops.fp8_gemm_tile_configs()
     type_id, fp32 = _GEMM_LAYOUTS[layout], int(out_dtype == torch.float32)
     return [tuple(flat[i + 2:i + 5]) for i in range(0, len(flat), 5) if flat[i] == type_id and flat[i + 1] == fp32]
