@@ -1,8 +1,11 @@
-"""MLA decode (absorbed MQA, Dqk 576 / Dv 512, paged latent cache) against PyTorch.
+"""MLA decode (absorbed MQA, Dqk 576 / Dv 512, paged latent cache) against FlashMLA and PyTorch.
 
 Kernels: `mla_decode` (bf16 cache) and `mla_decode_fp8` (packed FP8 cache). Peers, same inputs:
-`torch` = gather the pages + einsum + fp32 softmax + einsum, timed whole; `sdpa` =
-torch scaled_dot_product_attention on the already gathered, padded cache (gather not timed).
+`flashmla` = FlashMLA's dense bf16 decode, when importable (benchmarks/peers.py); `torch` = gather
+the pages + einsum + fp32 softmax + einsum, timed whole; `sdpa` = torch scaled_dot_product_attention
+on the already gathered, padded cache (gather not timed). An FP8 record is timed against ours on the
+bf16 cache it was quantized from. Every impl is timed in two rounds, the second in reversed order
+(timing.time_rounds), and the spread of the two is printed.
 Ours is timed without get_mla_metadata: the schedule is computed once per decode step and
 reused by every layer. Bytes = (sum(seqlens) * 576 + B * s_q * h_q * (576 + 512)) * 2 (FP8 cache:
 656 bytes a token instead of 1152); FLOPs = s_q * sum(seqlens) * h_q * (576 + 512) * 2.
@@ -14,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.report import OURS, Record, throughput
-from benchmarks.timing import SHORT_OP_MS, host_overhead_us, pytest_benchmark, time_op
+from benchmarks.peers import flashmla_decode_fn
+from benchmarks.timing import SHORT_OP_MS, host_overhead_us, pytest_benchmark, time_rounds
 import deepseek_ops
 from deepseek_ops import reference
 from deepseek_ops.constants import MLA_FP8_TOKEN_BYTES, MLA_HEAD_DIM_QK, MLA_PAGE_SIZE
@@ -33,6 +37,8 @@ SHAPES = [
 ]
 FP8_SHAPES = [s for s in SHAPES if s[2] in (16, 64) and not s[5]]
 QUICK_SHAPES = [SHAPES[1], SHAPES[5]]
+BF16_KERNEL = "mla_decode"
+BF16_CACHE = "deepseek_ops_bf16_cache"  # impl name, within an FP8 measurement, of ours on the bf16 cache
 
 
 def make_inputs(batch, s_q, h_q, seqlen, varlen, fp8, device="cuda"):
@@ -94,30 +100,55 @@ def sdpa_impl(q, kv, block_table, seqlens, causal) -> Callable[[], torch.Tensor]
 
 
 def measure(batch, s_q, h_q, seqlen, causal, varlen, fp8, peers=True) -> List[Record]:
+    """bf16 cache: ours against flashmla (when importable) and, with peers, torch and sdpa. FP8 cache:
+    ours against ours on the bf16 cache the FP8 one was quantized from (impl BF16_CACHE), the
+    speed-up the format must buy. Every impl is timed in two rounds, the second reversed."""
     kernel = "mla_decode_fp8" if fp8 else "mla_decode"
-    q, kv, block_table, seqlens = make_inputs(batch, s_q, h_q, seqlen, varlen, fp8)
+    q, kv, block_table, seqlens = make_inputs(batch, s_q, h_q, seqlen, varlen, fp8=False)
     shape = {"B": batch, "s_q": s_q, "h_q": h_q, "seqlen": int(seqlens.float().mean().round()),
              "causal": causal, "varlen": varlen}
     meta = deepseek_ops.get_mla_metadata(seqlens, s_q, h_q)
     out = torch.empty(batch, s_q, h_q, 512, dtype=torch.bfloat16, device="cuda")
-    impls: Dict[str, Callable[[], object]] = {
-        OURS: lambda: deepseek_ops.mla_decode(q, kv, block_table, seqlens, SCALE, causal, meta, out)[0]}
-    if peers:
+    out_bf16 = torch.empty_like(out)
+    impls: Dict[str, Callable[[], object]] = {}
+    if fp8:
+        kv_bf16, kv = kv, deepseek_ops.quantize_mla_kv(kv)
+        impls[BF16_CACHE] = lambda: deepseek_ops.mla_decode(q, kv_bf16, block_table, seqlens, SCALE, causal, meta,
+                                                            out_bf16)[0]
+    impls[OURS] = lambda: deepseek_ops.mla_decode(q, kv, block_table, seqlens, SCALE, causal, meta, out)[0]
+    if not fp8:
+        flashmla = flashmla_decode_fn(q, kv, block_table, seqlens, SCALE, causal)
+        if flashmla is not None:
+            impls["flashmla"] = flashmla
+    if peers and not fp8:
         impls["torch"] = lambda: torch_decode(q, kv, block_table, seqlens, causal)
         impls["sdpa"] = sdpa_impl(q, kv, block_table, seqlens, causal)
     ref = torch.empty_like(out)
     reference.mla_decode(q, kv, block_table, seqlens, SCALE, causal, None, None, ref)
-    bytes_moved, flops = bytes_and_flops(q, seqlens, fp8)
-    records = []
+    errors = {}
     for impl, fn in impls.items():
-        error = calc_diff(fn(), ref)
-        if impl == OURS and not error < MAX_DIFF:
-            raise AssertionError(f"{kernel} {shape}: calc_diff {error:.3e} against the reference; not timed")
-        ms = time_op(fn)
-        tflops, gbps = throughput(ms, flops=flops, bytes_moved=bytes_moved)
-        records.append(Record(kernel, shape, impl, ms, tflops, gbps, error))
-        if impl == OURS and ms < SHORT_OP_MS:
-            print(f"{kernel} {shape}: host overhead {host_overhead_us(fn):.1f} us per eager call", flush=True)
+        if impl == BF16_CACHE:
+            errors[impl] = float("nan")  # a different cache: its own parity is the bf16 records'
+            fn()
+            continue
+        errors[impl] = calc_diff(fn(), ref)
+        if impl in (OURS, "flashmla") and not errors[impl] < MAX_DIFF:
+            raise AssertionError(f"{kernel} {shape}: {impl} calc_diff {errors[impl]:.3e} against the reference; "
+                                 "not timed")
+    rounds: Dict[str, List[float]] = {}
+    times = time_rounds([impls], list(impls), rounds)
+    records = []
+    for impl, ms in times.items():
+        moved, flops = bytes_and_flops(q, seqlens, fp8 and impl != BF16_CACHE)
+        tflops, gbps = throughput(ms, flops=flops, bytes_moved=moved)
+        records.append(Record(BF16_KERNEL if impl == BF16_CACHE else kernel, shape,
+                              OURS if impl == BF16_CACHE else impl, ms, tflops, gbps, errors[impl]))
+    ms = times[OURS]
+    spread = ", ".join(f"{impl} {max(r) / min(r) - 1:.1%}" for impl, r in rounds.items())
+    versus = ", ".join(f"{impl} {times[impl] / ms:.3f}x" for impl in times if impl != OURS)
+    print(f"{kernel} {shape}: ours {ms * 1e3:.1f} us ({versus}); round spread {spread}"
+          + (f"; host overhead {host_overhead_us(impls[OURS]):.1f} us per eager call" if ms < SHORT_OP_MS else ""),
+          flush=True)
     del impls, q, kv, ref
     torch.cuda.empty_cache()
     return records

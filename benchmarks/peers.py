@@ -1,7 +1,7 @@
-"""DeepGEMM as a peer in the benchmarks, when it is importable.
+"""DeepGEMM and FlashMLA as peers in the benchmarks, when they are importable.
 
-It has no wheel for the H200; ../shared/peers/README.md lays it out and builds it there (its code never
-enters this repository). Each factory returns a zero-argument callable that launches the
+They have no wheel for the H200; ../shared/peers/README.md lays them out and builds them there (their
+code never enters this repository). Each factory returns a zero-argument callable that launches the
 peer on our inputs and returns its output (checked against our float64 reference before timing), or
 None, after one printed line, when the peer is not importable.
 """
@@ -50,3 +50,14 @@ def deepgemm_masked_fn(a3, a_scales3, b, b_scales, masked_m, expected_m) -> Opti
     return _deepgemm(a_scales3, (a3.shape[0], a3.shape[1], b.shape[1]), a3.device,
                      lambda dg, sfa, d: dg.m_grouped_fp8_gemm_nt_masked((a3, sfa), (b, b_scales), d, masked_m,
                                                                         expected_m))
+
+
+def flashmla_decode_fn(q, kv, block_table, seqlens, scale, causal) -> Optional[Callable[[], torch.Tensor]]:
+    """FlashMLA's dense bf16 decode on our cache layout ([blocks, 64, 1, 576] as it is). Its schedule
+    is made at the first call and reused while the lengths stay the same, as ours is."""
+    fm = _import("flash_mla")
+    if fm is None:
+        return None
+    meta = fm.get_mla_metadata()[0]
+    return lambda: fm.flash_mla_with_kvcache(q, kv, block_table, seqlens, 512, meta, softmax_scale=scale,
+                                             causal=causal)[0]

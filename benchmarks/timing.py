@@ -252,13 +252,16 @@ def bench_ranks(fn: Callable[[], object], group, *, runs: int = 50, warmup_calls
     return float(slowest.item())
 
 
-def time_rounds(copies: List[Dict[str, Callable[[], object]]], impls: List[str]) -> Dict[str, float]:
+def time_rounds(copies: List[Dict[str, Callable[[], object]]], impls: List[str],
+                rounds: Optional[Dict[str, List[float]]] = None) -> Dict[str, float]:
     """Protocol for implementations compared in one process: each impl is timed (time_op over the
     copies of its inputs) in two rounds, the second in reversed order, and the mean of its two
     medians returned: the H200 drifts under its power cap, so a single round's ratio can be off by
-    several percent."""
+    several percent. `rounds`, if given, receives each impl's two medians (their spread is reported)."""
     times: Dict[str, List[float]] = {impl: [] for impl in impls}
     for order in (list(impls), list(reversed(impls))):
         for impl in order:
             times[impl].append(time_op(*[c[impl] for c in copies]))
+    if rounds is not None:
+        rounds.update(times)
     return {impl: sum(t) / len(t) for impl, t in times.items()}
