@@ -93,12 +93,16 @@ def _measure(kernel: str, shape: dict, inputs: dict, make_impls: Callable[[dict]
                 raise
             print(f"{kernel} {shape}: {impl} unsupported ({str(exc).splitlines()[0][:120]})", flush=True)
             continue
-        supported.append(impl)
         if impl in (OURS, "deepgemm"):
-            for g, (out_g, ref) in enumerate(zip(split(out), refs)):
-                diff = calc_diff(out_g, ref)
-                if not diff < CALC_DIFF_BOUND:
-                    raise AssertionError(f"{kernel} {shape}: {impl} group {g} calc_diff {diff:.3g}; not timed")
+            diffs = [calc_diff(out_g, ref) for out_g, ref in zip(split(out), refs)]
+            bad = [g for g, diff in enumerate(diffs) if not diff < CALC_DIFF_BOUND]
+            if bad:
+                message = f"{kernel} {shape}: {impl} group {bad[0]} calc_diff {diffs[bad[0]]:.3g}; not timed"
+                if impl == OURS:
+                    raise AssertionError(message)
+                print(message, flush=True)  # a peer's wrong answer on this shape: no record, the others go on
+                continue
+        supported.append(impl)
     del refs
     g, m, n, k = shape["G"], shape["M"], shape["N"], shape["K"]
     flops, bytes_moved = 2.0 * g * m * n * k, grouped_bytes(g, m, n, k)
