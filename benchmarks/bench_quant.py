@@ -1,8 +1,11 @@
-"""FP8 quantization: per_token_group_quant_fp8, silu_mul_quant_fp8 and per_block_quant_fp8 against PyTorch.
+"""FP8 quantization: per_token_group_quant_fp8, silu_mul_quant_fp8, per_block_quant_fp8 and
+transpose_quant_fp8 against PyTorch.
 
 Peers: `torch` is the reference implementation (deepseek_ops.reference) run eagerly on the GPU
-tensors, `torch_compile` the same function through torch.compile. Bytes = input read + e4m3
-values written + fp32 scales written; GB/s is reported against the copy probe of the same run.
+tensors, `torch_compile` the same function through torch.compile; for transpose_quant_fp8 also
+`copy`, a device-to-device copy of the same number of bytes (half read, half written: its time is
+that shape's copy-bandwidth floor, so x<copy> is our fraction of copy bandwidth). Bytes = input read
++ e4m3 values written + fp32 scales written; GB/s is reported against the copy probe of the same run.
 Ops under ~50 us are timed by graph replay over copies of the input (operands from DRAM).
 """
 import functools
@@ -21,7 +24,11 @@ BLOCK_SHAPES = [(7168, 16384)]  # (N, K): one DeepSeek-V3 weight
 # (M, K) of silu_mul_quant_fp8 (input [M, 2K]): a 4096-token prefill's routed-expert rows (4096 x top-8),
 # expert intermediate size 2048.
 SILU_MUL_SHAPES = [(32768, 2048)]
+# (M, K) = (tokens, channels) of transpose_quant_fp8: a full-width layer's 4096-token input (hidden 7168)
+# and its routed-expert rows (4096 x top-8, expert intermediate size 2048).
+TRANSPOSE_QUANT_SHAPES = [(4096, 7168), (32768, 2048)]
 GROUP = 128
+COPY = "copy"  # the same-bytes copy peer of transpose_quant_fp8 (no output to compare)
 
 
 def token_group_bytes(m: int, k: int, in_bytes: int = 2, group: int = GROUP) -> int:
@@ -34,6 +41,11 @@ def silu_mul_bytes(m: int, k: int, in_bytes: int = 2, group: int = GROUP) -> int
 
 def block_bytes(n: int, k: int, in_bytes: int = 2, block: int = 128) -> int:
     return in_bytes * n * k + n * k + 4 * (-(-n // block)) * (-(-k // block))
+
+
+def transpose_quant_bytes(t: int, c: int, in_bytes: int = 2) -> int:
+    t_pad = -(-t // 128) * 128
+    return in_bytes * t * c + c * t_pad + 4 * c * (t_pad // 128)
 
 
 def _mismatch(out: Tuple[torch.Tensor, torch.Tensor], ref: Tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -75,6 +87,17 @@ def block_impls(w: torch.Tensor) -> Dict[str, Callable[[], Tuple[torch.Tensor, t
             "torch_compile": lambda: compiled(w, 128, False)}
 
 
+def transpose_quant_impls(x: torch.Tensor) -> Dict[str, Callable]:
+    compiled = _compiled(reference.transpose_quant_fp8)
+    half = transpose_quant_bytes(*x.shape, x.element_size()) // 2
+    src = torch.empty(half, dtype=torch.uint8, device=x.device)
+    dst = torch.empty_like(src)
+    return {OURS: lambda: deepseek_ops.transpose_quant_fp8(x),
+            "torch": lambda: reference.transpose_quant_fp8(x),
+            "torch_compile": lambda: compiled(x),
+            COPY: lambda: dst.copy_(src)}
+
+
 def _measure(kernel: str, shape: dict, make_impls: Callable[[torch.Tensor], dict], x: torch.Tensor, ref,
              bytes_moved: int) -> List[Record]:
     """Checks ours bitwise against the reference (raises if not), then times every impl (short ones
@@ -82,7 +105,7 @@ def _measure(kernel: str, shape: dict, make_impls: Callable[[torch.Tensor], dict
     records = []
     impls_per_copy = [make_impls(c["x"]) for c in input_copies({"x": x})]
     for impl, fn in impls_per_copy[0].items():
-        error = _mismatch(fn(), ref)
+        error = None if impl == COPY else _mismatch(fn(), ref)
         if impl == OURS and error != 0.0:
             raise AssertionError(f"{kernel} {shape}: deepseek_ops differs from the reference in "
                                  f"{error:.3%} of elements; not timed")
@@ -112,6 +135,12 @@ def run(quick: bool = False, device: str = "cuda") -> List[Record]:
         ref = reference.per_block_quant_fp8(w, 128, False)
         records += _measure("per_block_quant_fp8", {"M": n, "K": k}, block_impls, w, ref, block_bytes(n, k))
         del w, ref
+    for t, c in TRANSPOSE_QUANT_SHAPES[:1] if quick else TRANSPOSE_QUANT_SHAPES:
+        x = torch.randn(t, c, device=device, dtype=torch.bfloat16)
+        ref = reference.transpose_quant_fp8(x)
+        records += _measure("transpose_quant_fp8", {"M": t, "K": c}, transpose_quant_impls, x, ref,
+                            transpose_quant_bytes(t, c))
+        del x, ref
     if device == "cuda":
         torch.cuda.empty_cache()
     return records
@@ -141,3 +170,11 @@ def test_per_block_quant_fp8(benchmark):
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     _pytest_bench(benchmark, lambda: deepseek_ops.per_block_quant_fp8(w, 128),
                   reference.per_block_quant_fp8(w, 128, False), block_bytes(n, k))
+
+
+@pytest.mark.gpu
+def test_transpose_quant_fp8(benchmark):
+    t, c = TRANSPOSE_QUANT_SHAPES[0]
+    x = torch.randn(t, c, device="cuda", dtype=torch.bfloat16)
+    _pytest_bench(benchmark, lambda: deepseek_ops.transpose_quant_fp8(x), reference.transpose_quant_fp8(x),
+                  transpose_quant_bytes(t, c))

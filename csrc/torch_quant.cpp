@@ -1,10 +1,12 @@
-// CUDA adapters of the FP8 quantization ops (schemas in registration.cpp; kernels in sm90_fp8_quant.cu).
+// CUDA adapters of the FP8 quantization ops (schemas in registration.cpp; kernels in sm90_fp8_quant.cu and,
+// for transpose_quant_fp8, sm90_fp8_transpose_quant.cu).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common.h"
 #include "sm90_fp8_quant.h"
+#include "sm90_fp8_transpose_quant.h"
 #include "torch_utils.h"
 
 namespace {
@@ -16,15 +18,6 @@ dso::FloatKind float_kind(const at::Tensor& t) {
     case at::kFloat: return dso::FloatKind::kFP32;
     default: TORCH_CHECK(false, "deepseek_ops: unsupported dtype ", t.scalar_type());
   }
-}
-
-// The quantization kernels read 16-byte vectors from row-major rows: a strided view, or a
-// contiguous one whose storage offset is not 16-byte aligned, is copied first (the public functions
-// pass deepseek_ops._checks.aligned16 tensors; this keeps direct torch.ops callers memory-safe).
-at::Tensor dense_aligned16(const at::Tensor& t) {
-  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  if (t.is_contiguous() && aligned) return t;
-  return t.is_contiguous() ? t.clone() : t.contiguous();
 }
 
 // fp32 [m, num_groups] scales, row-major or in the GEMMs' M-major layout (deepseek_ops/gemm.py).
@@ -49,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8_cuda(const at::Tens
               group_size);
   check_quant_input(op, "x", x_arg, group_size);
   const c10::cuda::CUDAGuard guard(x_arg.device());
-  const at::Tensor x = dense_aligned16(x_arg);
+  const at::Tensor x = dso::dense_aligned16(x_arg);
   const int64_t m = x.size(0), k = x.size(1), num_groups = k / group_size;
   auto x_fp8 = at::empty({m, k}, x.options().dtype(at::kFloat8_e4m3fn));
   at::Tensor scales = empty_group_scales(x, m, num_groups, column_major_scales);
@@ -65,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_quant_fp8_cuda(const at::Tensor& h_a
                                                            bool column_major_scales) {
   check_quant_input("silu_mul_quant_fp8", "h", h_arg, 256);
   const c10::cuda::CUDAGuard guard(h_arg.device());
-  const at::Tensor h = dense_aligned16(h_arg);
+  const at::Tensor h = dso::dense_aligned16(h_arg);
   const int64_t m = h.size(0), k = h.size(1) / 2;
   auto act_fp8 = at::empty({m, k}, h.options().dtype(at::kFloat8_e4m3fn));
   at::Tensor scales = empty_group_scales(h, m, k / 128, column_major_scales);
@@ -81,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> per_block_quant_fp8_cuda(const at::Tensor& w_
   TORCH_CHECK(block_size == 128, "per_block_quant_fp8: block_size must be 128, got ", block_size);
   check_quant_input("per_block_quant_fp8", "w", w_arg, block_size);
   const c10::cuda::CUDAGuard guard(w_arg.device());
-  const at::Tensor w = dense_aligned16(w_arg);
+  const at::Tensor w = dso::dense_aligned16(w_arg);
   const int64_t n = w.size(0), k = w.size(1);
   auto w_fp8 = at::empty({n, k}, w.options().dtype(at::kFloat8_e4m3fn));
   auto scales = at::empty({dso::ceil_div<int64_t>(n, block_size), dso::ceil_div<int64_t>(k, block_size)},
@@ -104,7 +97,7 @@ at::Tensor dequant_fp8_block_cuda(const at::Tensor& w_arg, const at::Tensor& sca
   TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kFloat, op,
               ": out_dtype must be bfloat16, float16 or float32, got ", out_dtype);
   const c10::cuda::CUDAGuard guard(w_arg.device());
-  const at::Tensor w = dense_aligned16(w_arg), scales = scales_arg.contiguous();
+  const at::Tensor w = dso::dense_aligned16(w_arg), scales = scales_arg.contiguous();
   const int64_t n = w.size(0), k = w.size(1);
   auto out = at::empty({n, k}, w.options().dtype(out_dtype));
   if (n > 0 && k > 0) {
@@ -114,6 +107,22 @@ at::Tensor dequant_fp8_block_cuda(const at::Tensor& w_arg, const at::Tensor& sca
   return out;
 }
 
+// x [T, C] -> (x^T [C, T_pad] e4m3, scales fp32 [C, T_pad / 128]), T_pad = T rounded up to 128.
+std::tuple<at::Tensor, at::Tensor> transpose_quant_fp8_cuda(const at::Tensor& x_arg) {
+  TORCH_CHECK(x_arg.dim() == 2, "transpose_quant_fp8: x must be 2-D, got shape ", x_arg.sizes());
+  float_kind(x_arg);
+  const c10::cuda::CUDAGuard guard(x_arg.device());
+  const at::Tensor x = dso::dense_aligned16(x_arg);
+  const int64_t t = x.size(0), c = x.size(1), t_pad = dso::align_up<int64_t>(t, 128);
+  auto x_t = at::empty({c, t_pad}, x.options().dtype(at::kFloat8_e4m3fn));
+  auto scales = at::empty({c, t_pad / 128}, x.options().dtype(at::kFloat));
+  if (t > 0 && c > 0) {
+    dso::launch_transpose_quant_fp8(x.data_ptr(), float_kind(x), x_t.data_ptr(), scales.data_ptr<float>(), t, c,
+                                    dso::current_stream());
+  }
+  return {x_t, scales};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(deepseek_ops, CUDA, m) {
@@ -121,4 +130,5 @@ TORCH_LIBRARY_IMPL(deepseek_ops, CUDA, m) {
   m.impl("silu_mul_quant_fp8", &silu_mul_quant_fp8_cuda);
   m.impl("per_block_quant_fp8", &per_block_quant_fp8_cuda);
   m.impl("dequant_fp8_block", &dequant_fp8_block_cuda);
+  m.impl("transpose_quant_fp8", &transpose_quant_fp8_cuda);
 }

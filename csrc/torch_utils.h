@@ -36,4 +36,12 @@ inline void check_dense16(const char* op, const char* name, const at::Tensor& t)
               " must start at a 16-byte aligned address");
 }
 
+// t itself when row-major with a 16-byte aligned start (what the kernels' 16-byte vectors need), else a
+// copy that is: the public functions pass such tensors; this keeps direct torch.ops callers memory-safe.
+inline at::Tensor dense_aligned16(const at::Tensor& t) {
+  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (t.is_contiguous() && aligned) return t;
+  return t.is_contiguous() ? t.clone() : t.contiguous();
+}
+
 }  // namespace dso

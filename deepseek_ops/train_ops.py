@@ -10,9 +10,15 @@ For y = x @ W^T with x [T, K] and W [N, K] (128 x 128 block scales), given dy [T
   of the token axis, one call for all experts) and grouped_fp8_gemm_dgrad_contiguous (the grouped
   GEMM's rows, each against its expert's weight).
 
-Kernels: the CPU kernel of each op is its reference (deepseek_ops.reference). The CUDA kernels are
-not written yet: on a device with no kernel registered for the op, the wrappers below run the
-reference (plain torch, float64 on that device), the one place that choice is made (dispatch).
+Kernels: the CPU kernel of each op is its reference (deepseek_ops.reference). CUDA kernels (the CUDA
+build, csrc/):
+- transpose_quant_fp8: one pass, bit-identical to the reference (csrc/sm90_fp8_transpose_quant.cu);
+- fp8_gemm_dgrad and grouped_fp8_gemm_dgrad_contiguous: the NT FP8 GEMMs (fp8_gemm,
+  grouped_fp8_gemm_contiguous) on W^T, which a byte-transpose kernel writes on every call
+  (csrc/sm90_fp8_dgrad.cu, csrc/torch_train.cpp). Every shape these functions accept runs there.
+fp8_gemm_wgrad and k_grouped_fp8_gemm_wgrad have no CUDA kernel yet. On a device with no kernel
+registered for an op (and in a build without CUDA), the wrappers below run the reference (plain
+torch, float64 on that device), the one place that choice is made (dispatch).
 """
 from typing import Optional, Tuple
 
@@ -145,7 +151,7 @@ def fp8_gemm_dgrad(dy: torch.Tensor, dy_scales: torch.Tensor, w: torch.Tensor, w
 
     dy: [M, N] float8_e4m3fn with scales fp32 [M, N/128] (per_token_group_quant_fp8 of the output
     gradient; N a multiple of 128); w: the forward's [N, K] float8_e4m3fn weight with its 128 x 128
-    block scales [N/128, K/128], read as it is (a kernel may transpose it internally).
+    block scales [N/128, K/128], as it is (the CUDA kernel writes W^T for fp8_gemm on every call).
     """
     _check_dgrad_operands(dy, dy_scales, w, w_scales, grouped=False)
     check_choice("out_dtype", out_dtype, (torch.bfloat16, torch.float32))

@@ -26,6 +26,12 @@ SASS_REQUIREMENTS: Dict[str, List[str]] = {
     "sm90_per_token_group_quant_fp8_kernel": [LDG_128],
     "sm90_per_block_quant_fp8_kernel": [LDG_128],
     "sm90_dequant_fp8_block_kernel": [LDG_128, STG_128],
+    # Transposes: 16-byte output rows (transpose_quant_fp8 loads 16-byte vectors where its rows are whole
+    # vectors, template <T, kVec16 = true>); the e4m3 transpose swaps bytes in registers (PRMT).
+    "sm90_transpose_quant_fp8_kernel": [STG_128],
+    "sm90_transpose_quant_fp8_kernelI13__nv_bfloat16Lb1E": [LDG_128, r"STS\.128"],
+    "sm90_transpose_fp8_kernel": [LDG_128, STG_128, r"PRMT"],
+    "sm90_zero_ungrouped_rows_kernel": [STG_128],
     # MLA decode, template <kFp8>: wgmma S and PV, TMA page loads (bf16) / bulk copies (fp8), mbarriers.
     "sm90_mla_decode_kernelILb0E": [r"HGMMA\.64x64x16\.F32\.BF16", r"HGMMA\.64x256x16\.F32\.BF16",
                                     r"UTMALDG\.2D", r"SYNCS"],

@@ -1,10 +1,12 @@
 """FP8 training ops (transpose_quant_fp8, wgrad, k-grouped wgrad, dgrad, grouped dgrad) and the
-autograd of fp8_linear / grouped_fp8_linear: CPU references, float64 parity, opcheck, compile, bad input."""
+autograd of fp8_linear / grouped_fp8_linear: CPU references, float64 parity, opcheck, compile, bad input;
+the CUDA kernels (gpu) bit for bit (transpose_quant_fp8) or against float64 (dgrad)."""
 import pytest
 import torch
 
 import deepseek_ops
-from deepseek_ops.testing import assert_bitwise_equal, calc_diff, opcheck_fp8_safe
+from deepseek_ops import reference, train_ops
+from deepseek_ops.testing import assert_bitwise_equal, assert_written, calc_diff, opcheck_fp8_safe
 
 FP8 = torch.float8_e4m3fn
 CALC_DIFF_BOUND = 1e-5  # a GEMM against float64 of the same quantized operands
@@ -124,10 +126,18 @@ def test_train_ops_opcheck_cpu():
     opcheck_fp8_safe(ops.grouped_fp8_gemm_dgrad_contiguous.default, (dy, dy_scales, w, w_scales, m_indices))
 
 
+# The ops with CUDA kernels (csrc/torch_quant.cpp, csrc/torch_train.cpp), registered in the CUDA build only.
+CUDA_KERNEL_OPS = {"transpose_quant_fp8", "fp8_gemm_dgrad", "grouped_fp8_gemm_dgrad_contiguous"}
+
+
+def test_cuda_kernels_registered_for_exactly_the_ported_ops():
+    expected = CUDA_KERNEL_OPS if deepseek_ops.cuda_kernels_built() else set()
+    assert {name for name in train_ops._REFERENCES if train_ops._has_kernel(name, "cuda")} == expected
+
+
 def test_devices_without_a_kernel_run_the_reference():
-    # No CUDA kernel is registered for the backward ops yet (in either build); the wrappers then run
-    # the reference on the tensors' device. Exercised with CPU tensors under a CUDA device label.
-    from deepseek_ops import train_ops
+    # The wgrad ops have no CUDA kernel (in either build); the wrappers then run the reference on the
+    # tensors' device. Exercised with CPU tensors under a CUDA device label.
     assert not train_ops._has_kernel("fp8_gemm_wgrad", "cuda") and train_ops._has_kernel("fp8_gemm_wgrad", "cpu")
     a, a_scales = token_scaled(16, 128)
     b, b_scales = token_scaled(32, 128)
@@ -151,11 +161,13 @@ def _master(n, k, groups=None):
     return (torch.randn(*lead, n, k) / k ** 0.5).requires_grad_()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_linear_gradients(dtype):
-    master, bias = _master(256, 384), torch.randn(256, requires_grad=True)
+def test_fp8_linear_gradients(dtype, device):
+    master = _master(256, 384).detach().to(device).requires_grad_()
+    bias = torch.randn(256, device=device, requires_grad=True)
     w, w_scale = deepseek_ops.per_block_quant_fp8(master.detach())
-    x = torch.randn(3, 50, 384, dtype=dtype, requires_grad=True)
+    x = torch.randn(3, 50, 384, dtype=dtype, device=device, requires_grad=True)
     y = deepseek_ops.fp8_linear(x, w, w_scale, bias, master_weight=master)
     dy = torch.randn_like(y)
     dx, dw, db = torch.autograd.grad(y, (x, master, bias), dy)
@@ -225,13 +237,14 @@ def test_fp8_linear_train_torch_compile_cpu():
         assert calc_diff(got, want) < 1e-10
 
 
-def test_grouped_fp8_linear_gradients():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_grouped_fp8_linear_gradients(device):
     g, n, k = 3, 128, 256
-    offsets = torch.tensor([0, 128, 128, 384])
-    master = _master(n, k, groups=g)
+    offsets = torch.tensor([0, 128, 128, 384], device=device)
+    master = _master(n, k, groups=g).detach().to(device).requires_grad_()
     quant = [deepseek_ops.per_block_quant_fp8(master[e].detach()) for e in range(g)]
     w, w_scale = torch.stack([q[0] for q in quant]), torch.stack([q[1] for q in quant])
-    x = torch.randn(384, k, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(384, k, dtype=torch.bfloat16, device=device, requires_grad=True)
     y = deepseek_ops.grouped_fp8_linear(x, w, w_scale, offsets, master_weight=master)
     dy = torch.randn_like(y)
     dx, dw = torch.autograd.grad(y, (x, master), dy)
@@ -293,3 +306,184 @@ def test_fp8_linear_training_rejects_bad_inputs():
         deepseek_ops.fp8_linear(x, w, w_scale, master_weight=torch.zeros(128, 128, requires_grad=True))
     with pytest.raises(ValueError, match="argument 'group_offsets': expected shape"):
         deepseek_ops.grouped_fp8_linear(x, w[None], w_scale[None], torch.tensor([0, 4, 4]))
+
+
+# ---- CUDA kernels ---------------------------------------------------------------------------------
+
+def _poison_cuda_allocator(nbytes: int):
+    """Leaves NaN bytes (0xFF: NaN in fp32, bf16 and e4m3) in the cached blocks the op will reuse, so
+    elements a kernel fails to write show up in assert_written (and as NaN in calc_diff)."""
+    torch.empty(nbytes, dtype=torch.uint8, device="cuda").fill_(0xFF)
+
+
+def spread_activations(tokens: int, channels: int, dtype, device="cuda"):
+    """Random [T, C] whose magnitudes vary by 2**-12 .. 2**7 per token and 2**-4 .. 2**3 per channel, so
+    each (channel, 128-token) group has its own amax; one all-zero channel gets the scale floor."""
+    x = torch.randn(tokens, channels) * torch.exp2(torch.randint(-12, 8, (tokens, 1)).float())
+    x = x * torch.exp2(torch.randint(-4, 4, (1, channels)).float())
+    if channels > 1:
+        x[:, channels // 2] = 0
+    return x.to(dtype=dtype, device=device)
+
+
+# (T, C): T around and off multiples of 128; C giving rows of whole 16-byte vectors or not (bf16 36,
+# fp32 7), partial 256-byte channel tiles (200, 48) and full ones.
+TRANSPOSE_QUANT_SHAPES = [(1, 7168), (127, 384), (128, 128), (300, 200), (1000, 36), (257, 48), (4133, 1024),
+                          (130, 7)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens,channels", TRANSPOSE_QUANT_SHAPES)
+def test_cuda_transpose_quant_fp8_bitwise(dtype, tokens, channels):
+    x = spread_activations(tokens, channels, dtype)
+    t_pad = -(-tokens // 128) * 128
+    _poison_cuda_allocator(2 * (channels * t_pad * 5 + 64))
+    x_t, scales = deepseek_ops.transpose_quant_fp8(x)
+    assert_written(x_t, "x_t")
+    assert_written(scales, "scales")
+    want_t, want_scales = reference.transpose_quant_fp8(x)  # on the GPU
+    assert_bitwise_equal(x_t, want_t, "x_t")
+    assert_bitwise_equal(scales, want_scales, "scales")
+
+
+@pytest.mark.gpu
+def test_cuda_transpose_quant_fp8_matches_cpu_and_extremes():
+    x = spread_activations(700, 512, torch.float32)
+    x[:, 0] = 448.0 * torch.exp2(torch.randint(-20, 20, (700,), device="cuda").float())  # exact multiples of scales
+    x[5, 1] = -3.0e38
+    x[:, 2] = 1e-7  # below the scale floor
+    x[300:, 3] = 65504.0
+    for dtype in (torch.float32, torch.bfloat16):
+        got = deepseek_ops.transpose_quant_fp8(x.to(dtype))
+        want = deepseek_ops.transpose_quant_fp8(x.to(dtype).cpu())
+        assert_bitwise_equal(got[0], want[0], "x_t")
+        assert_bitwise_equal(got[1], want[1], "scales")
+
+
+@pytest.mark.gpu
+def test_cuda_transpose_quant_fp8_layouts_and_raw_op():
+    # A contiguous view 2 bytes into its storage (no 16-byte loads from it) and a transposed view, through
+    # the public function and the raw op (which skips the wrapper's .contiguous()).
+    flat = torch.randn(300 * 256 + 1, device="cuda").bfloat16()
+    misaligned = flat[1:].view(300, 256)
+    assert misaligned.is_contiguous() and misaligned.data_ptr() % 16 != 0
+    strided = spread_activations(512, 300, torch.bfloat16).t()
+    for x in (misaligned, strided):
+        want = reference.transpose_quant_fp8(x.contiguous())
+        for got in (deepseek_ops.transpose_quant_fp8(x), torch.ops.deepseek_ops.transpose_quant_fp8(x)):
+            assert_bitwise_equal(got[0], want[0], "x_t")
+            assert_bitwise_equal(got[1], want[1], "scales")
+    empty = deepseek_ops.transpose_quant_fp8(torch.empty(0, 64, device="cuda"))
+    assert empty[0].shape == (64, 0) and empty[1].shape == (64, 0)
+
+
+def _cuda_token_scaled(rows: int, cols: int):
+    a, scales = token_scaled(rows, cols)
+    return a.cuda(), scales.cuda()
+
+
+def _cuda_block_weight(n: int, k: int, groups=None):
+    w, scales = block_weight(n, k, groups)
+    return w.cuda(), scales.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,n,k", [(1, 128, 128), (77, 256, 384), (300, 1024, 2048), (1000, 1536, 512),
+                                   (4100, 7168, 256)])
+def test_cuda_fp8_gemm_dgrad(out_dtype, m, n, k):
+    dy, dy_scales = _cuda_token_scaled(m, n)
+    w, w_scales = _cuda_block_weight(n, k)
+    _poison_cuda_allocator(8 * m * k + n * k + 1024)
+    out = deepseek_ops.fp8_gemm_dgrad(dy, dy_scales, w, w_scales, out_dtype)
+    assert out.shape == (m, k) and out.dtype == out_dtype
+    assert_written(out)
+    ref = reference.fp8_gemm_dgrad(dy, dy_scales, w, w_scales, torch.float64)
+    assert calc_diff(out, ref) < CALC_DIFF_BOUND
+    # The same GEMM on a transpose made by torch: the kernel's W^T and scales are exactly those.
+    same = deepseek_ops.fp8_gemm(dy, dy_scales, w.t().contiguous(), w_scales.t().contiguous(), out_dtype)
+    assert_bitwise_equal(out, same)
+
+
+@pytest.mark.gpu
+def test_cuda_fp8_gemm_dgrad_empty_and_strided():
+    w, w_scales = _cuda_block_weight(256, 384)
+    dy, dy_scales = _cuda_token_scaled(64, 512)
+    assert_bitwise_equal(deepseek_ops.fp8_gemm_dgrad(dy[:0, :256], dy_scales[:0, :2], w, w_scales),
+                         torch.zeros(0, 384, dtype=torch.bfloat16, device="cuda"))
+    # N = 0: an empty contraction is a zero gradient (no GEMM runs).
+    out = deepseek_ops.fp8_gemm_dgrad(dy[:, :0], dy_scales[:, :0], w[:0], w_scales[:0], torch.float32)
+    assert_bitwise_equal(out, torch.zeros(64, 384, device="cuda"))
+    # dy a column slice (row stride 512), w a slice of a wider weight: copied into the GEMM's layouts.
+    w_wide, w_wide_scales = _cuda_block_weight(256, 768)
+    dy_view, dy_view_scales, w_view, w_view_scales = dy[:, 256:], dy_scales[:, 2:], w_wide[:, 128:512], w_wide_scales[:, 1:4]
+    out = deepseek_ops.fp8_gemm_dgrad(dy_view, dy_view_scales, w_view, w_view_scales, torch.float32)
+    ref = reference.fp8_gemm_dgrad(dy_view, dy_view_scales, w_view, w_view_scales, torch.float64)
+    assert calc_diff(out, ref) < CALC_DIFF_BOUND
+
+
+@pytest.mark.gpu
+def test_cuda_grouped_fp8_gemm_dgrad_contiguous():
+    g, n, k = 4, 384, 256
+    offsets = torch.tensor([0, 128, 128, 512, 640], dtype=torch.int32, device="cuda")  # an empty expert
+    dy, dy_scales = _cuda_token_scaled(640, n)
+    w, w_scales = _cuda_block_weight(n, k, groups=g)
+    _poison_cuda_allocator(4 * 640 * k + g * n * k + 1024)
+    out = deepseek_ops.grouped_fp8_gemm_dgrad_contiguous(dy, dy_scales, w, w_scales, offsets)
+    assert out.shape == (640, k) and out.dtype == torch.bfloat16
+    assert_written(out)
+    dy64 = dequant_rows(dy, dy_scales)
+    bounds = offsets.tolist()
+    for e in range(g):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            w64 = reference.dequant_fp8_block(w[e], w_scales[e], 128, torch.float64)
+            assert calc_diff(out[lo:hi], dy64[lo:hi] @ w64) < CALC_DIFF_BOUND, f"expert {e}"
+    same = deepseek_ops.grouped_fp8_gemm_contiguous(dy, dy_scales, w.transpose(1, 2).contiguous(),
+                                                    w_scales.transpose(1, 2).contiguous(), group_offsets=offsets)
+    assert_bitwise_equal(out, same)
+
+
+@pytest.mark.gpu
+def test_cuda_grouped_dgrad_rows_of_no_group_are_zero():
+    # The raw op with padding rows (-1): part of a block, a whole block, and an out-of-range group.
+    g, n, k = 2, 256, 384
+    m_indices = torch.tensor([0] * 100 + [-1] * 28 + [1] * 128 + [-1] * 128 + [5] * 128, dtype=torch.int32)
+    dy, dy_scales = _cuda_token_scaled(512, n)
+    w, w_scales = _cuda_block_weight(n, k, groups=g)
+    _poison_cuda_allocator(4 * 512 * k + g * n * k + 1024)
+    out = torch.ops.deepseek_ops.grouped_fp8_gemm_dgrad_contiguous(dy, dy_scales, w, w_scales, m_indices.cuda())
+    assert_written(out)
+    ref = reference.grouped_fp8_gemm_dgrad_contiguous(dy, dy_scales, w, w_scales, m_indices.cuda())
+    ungrouped = (m_indices < 0) | (m_indices >= g)
+    assert_bitwise_equal(out[ungrouped.cuda()], torch.zeros(int(ungrouped.sum()), k, dtype=torch.bfloat16,
+                                                              device="cuda"), "rows of no group")
+    assert calc_diff(out, ref) < CALC_DIFF_BOUND
+
+
+@pytest.mark.gpu
+def test_cuda_train_ops_opcheck():
+    ops = torch.ops.deepseek_ops
+    opcheck_fp8_safe(ops.transpose_quant_fp8.default, (spread_activations(130, 64, torch.bfloat16),))
+    dy, dy_scales = _cuda_token_scaled(5, 128)
+    w, w_scales = _cuda_block_weight(128, 256)
+    opcheck_fp8_safe(ops.fp8_gemm_dgrad.default, (dy, dy_scales, w, w_scales, torch.float32))
+    dy, dy_scales = _cuda_token_scaled(256, 128)
+    w, w_scales = _cuda_block_weight(128, 128, groups=2)
+    m_indices = torch.tensor([0] * 128 + [1] * 128, dtype=torch.int32, device="cuda")
+    opcheck_fp8_safe(ops.grouped_fp8_gemm_dgrad_contiguous.default, (dy, dy_scales, w, w_scales, m_indices))
+
+
+@pytest.mark.gpu
+def test_cuda_dgrad_raw_ops_reject_unsupported_shapes():
+    # The public functions reject these before dispatch; the raw ops check what their kernels need.
+    ops = torch.ops.deepseek_ops
+    dy, dy_scales = _cuda_token_scaled(8, 128)
+    w = torch.zeros(128, 200, device="cuda").to(FP8)
+    with pytest.raises(RuntimeError, match="fp8_gemm_dgrad: w's N and K must be multiples of 128"):
+        ops.fp8_gemm_dgrad(dy, dy_scales, w, torch.ones(1, 2, device="cuda"), torch.bfloat16)
+    w, w_scales = _cuda_block_weight(128, 128, groups=1)
+    with pytest.raises(RuntimeError, match="grouped_fp8_gemm_dgrad_contiguous: dy's rows must be a multiple of 128"):
+        ops.grouped_fp8_gemm_dgrad_contiguous(dy, dy_scales, w, w_scales, torch.zeros(8, dtype=torch.int32,
+                                                                                      device="cuda"))
