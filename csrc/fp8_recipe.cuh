@@ -1,6 +1,6 @@
 // The FP8 recipe of DeepSeek-V3, the one device home of its numbers and its rounding (Python:
 // deepseek_ops/constants.py). Every quantizing kernel (csrc/sm90_fp8_quant.cu, the MLA cache writes
-// in csrc/sm90_mla_cache.cu) goes through these, so all of them are bit-identical to
+// in csrc/sm90_mla_cache.cu, always UE8M0) goes through these, so all of them are bit-identical to
 // deepseek_ops/reference.py:
 //   scale = max(amax, 1e-4) / 448, an IEEE fp32 division (UE8M0: then rounded up to a power of two);
 //   e4m3  = cvt.rn.satfinite(x * (1 / scale)), the reciprocal and the product each rounded to nearest.

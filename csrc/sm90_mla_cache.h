@@ -5,7 +5,8 @@
 //   bf16:      576 bf16 (512 latent c_KV, then 64 RoPE k_pe), or
 //   FP8 packed (656 bytes, no padding; a page is 64 tokens = 41984 bytes):
 //     [0, 512)    512 e4m3 values of c_KV, value = e4m3 * scale of its 128-group
-//     [512, 528)  4 fp32 scales, the FP8 recipe of csrc/fp8_recipe.cuh
+//     [512, 528)  4 fp32 scales, the FP8 recipe of csrc/fp8_recipe.cuh with UE8M0 rounding: each a
+//                 power of two (max(amax, 1e-4) / 448 rounded up), so e4m3 * scale is exact
 //     [528, 656)  64 bf16 RoPE values (k_pe), unquantized
 #pragma once
 #include <cstdint>

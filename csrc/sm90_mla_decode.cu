@@ -182,7 +182,16 @@ struct Request {
   int split_global;  // workspace row of this CTA's split
 };
 
-// Request `req` of this CTA's piece of the schedule; false when the piece holds none of its tiles.
+// The metadata is read as given (it may have been built for other lengths): the requests of a piece
+// are clamped into [0, batch), its tiles into the request's, its split rows into the workspaces, so
+// wrong metadata gives wrong values, never an access outside q, out, the block table or the workspaces.
+__device__ __forceinline__ int first_request(const int* sched) { return max(sched[0], 0); }
+__device__ __forceinline__ int last_request(const MlaDecodeArgs& args, const int* sched) {
+  return min(sched[2], args.batch - 1);
+}
+
+// Request `req` (first_request .. last_request) of this CTA's piece of the schedule; false when the
+// piece holds none of its tiles.
 // NOTE: the producer and the consumers both walk the piece through this one function, so they agree
 // on the sequence of (request, tile) fills.
 __device__ __forceinline__ bool make_request(const MlaDecodeArgs& args, const int* sched, int req, Request& r) {
@@ -191,11 +200,14 @@ __device__ __forceinline__ bool make_request(const MlaDecodeArgs& args, const in
   const int seqlen = min(max(args.cache_seqlens[req], 0), kMaxSeqlen);
   // An empty cache has no page to read: every token is treated as past seqlen.
   r.seqlen = args.num_blocks > 0 ? min(seqlen, args.max_blocks * BLOCK_N) : 0;
-  r.tile_begin = req == begin_req ? begin_tile : 0;
-  r.tile_end = req == end_req ? end_tile : num_tiles_of(args.cache_seqlens[req]);
-  const int split_base = args.split_offsets[req];
-  r.num_splits = args.split_offsets[req + 1] - split_base;
-  r.split_global = split_base + (req == begin_req ? sched[4] : 0);
+  const int num_tiles = num_tiles_of(args.cache_seqlens[req]);
+  r.tile_begin = req == begin_req ? max(begin_tile, 0) : 0;
+  r.tile_end = min(req == end_req ? end_tile : num_tiles, num_tiles);
+  const int64_t num_split_rows = mla_num_split_rows(args.batch, args.num_parts);
+  const int64_t split_base = args.split_offsets[req];
+  const int64_t split = split_base + (req == begin_req ? sched[4] : 0);
+  r.num_splits = static_cast<int>(min(max(args.split_offsets[req + 1] - split_base, int64_t{0}), num_split_rows));
+  r.split_global = static_cast<int>(min(max(split, int64_t{0}), num_split_rows - 1));
   return r.tile_begin < r.tile_end;
 }
 
@@ -298,7 +310,7 @@ __device__ __forceinline__ void producer(const MlaDecodeArgs& args, const CUtens
   const bool read_once = gridDim.x == 1;
   const uint64_t evict_first = ptx::l2_policy_evict_first();
   uint32_t fill = 0;
-  for (int req = sched[0]; req <= sched[2]; ++req) {
+  for (int req = first_request(sched); req <= last_request(args, sched); ++req) {
     Request r;
     if (!make_request(args, sched, req, r)) continue;
     for (int tile = r.tile_begin; tile < r.tile_end; ++tile, ++fill) {
@@ -598,7 +610,7 @@ __device__ __forceinline__ void consumer(const MlaDecodeArgs& args, const int* s
   c.lane_col = threadIdx.x % 4;
 
   uint32_t fill = 0;  // the producer's fill index of the next tile
-  for (int req = sched[0]; req <= sched[2]; ++req) {
+  for (int req = first_request(sched); req <= last_request(args, sched); ++req) {
     Request r;
     if (!make_request(args, sched, req, r)) continue;
 
@@ -675,11 +687,14 @@ __global__ void __launch_bounds__(kCombineWarps * 32) sm90_mla_combine_kernel(co
   const int row = blockIdx.x * kCombineWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   ptx::griddep_wait();  // launched early (PDL): the decode grid's o_accum / lse_accum are complete after this
-  const int split_begin = args.split_offsets[req];
-  const int num_splits = args.split_offsets[req + 1] - split_begin;
+  // split_offsets as given, clamped into the workspaces (see first_request).
+  const int64_t num_split_rows = mla_num_split_rows(args.batch, args.num_parts);
+  const int64_t split_begin = min(max(static_cast<int64_t>(args.split_offsets[req]), int64_t{0}), num_split_rows);
+  const int64_t splits = static_cast<int64_t>(args.split_offsets[req + 1]) - args.split_offsets[req];
+  const int num_splits = static_cast<int>(min(max(splits, int64_t{0}), num_split_rows - split_begin));
   if (row >= rows || num_splits <= 1) return;
 
-  const float* lse_accum = args.lse_accum + static_cast<int64_t>(split_begin) * rows + row;
+  const float* lse_accum = args.lse_accum + split_begin * rows + row;
   float max_lse = -INFINITY;
   for (int s = lane; s < num_splits; s += 32) max_lse = fmaxf(max_lse, lse_accum[static_cast<int64_t>(s) * rows]);
 #pragma unroll
@@ -701,7 +716,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) sm90_mla_combine_kernel(co
     if (split_lse == -INFINITY) continue;  // an empty split holds zeros; skipping it also skips its 0 weight
     const float weight = expf(split_lse - lse);
     const float4* o = reinterpret_cast<const float4*>(
-        args.o_accum + (static_cast<int64_t>(split_begin + s) * rows + row) * kMlaHeadDimV);
+        args.o_accum + ((split_begin + s) * rows + row) * kMlaHeadDimV);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const float4 v = o[lane + 32 * i];

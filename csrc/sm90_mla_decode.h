@@ -26,15 +26,21 @@ struct MlaDecodeArgs {
   const int* split_offsets;
   void* out;                  // bf16 [batch, s_q, h_q, 512]
   float* lse;                 // fp32 [batch, h_q, s_q]
-  float* o_accum;             // fp32 [batch + num_parts, s_q * h_q, 512] workspace
-  float* lse_accum;           // fp32 [batch + num_parts, s_q * h_q] workspace
+  float* o_accum;             // fp32 [mla_num_split_rows, s_q * h_q, 512] workspace
+  float* lse_accum;           // fp32 [mla_num_split_rows, s_q * h_q] workspace
   int batch, s_q, h_q, num_blocks, max_blocks, block_table_stride, num_parts;
   float softmax_scale;
   bool causal;
   bool fp8_cache;
 };
 
-// Split-KV attention then the log-sum-exp combine of requests that were split.
+// Rows of the split workspaces (o_accum, lse_accum): a part shares at most one request with the next,
+// so batch + num_parts splits at most.
+__host__ __device__ inline int64_t mla_num_split_rows(int64_t batch, int64_t num_parts) { return batch + num_parts; }
+
+// Split-KV attention then the log-sum-exp combine of requests that were split. tile_sched and
+// split_offsets are read as given: indices from them are clamped (requests into [0, batch), split
+// rows into the workspaces), so metadata built for other lengths cannot access memory out of bounds.
 void launch_mla_decode(const MlaDecodeArgs& args, cudaStream_t stream);
 
 }  // namespace dso

@@ -67,9 +67,9 @@ at::Tensor mla_decode_cuda(const at::Tensor& q, const at::Tensor& kv_cache, cons
   const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2), num_parts = tile_sched.size(0);
   auto lse = at::empty({batch, h_q, s_q}, q.options().dtype(at::kFloat));
   if (batch == 0) return lse;
-  // Split workspaces: a part shares at most one request with the next, so batch + num_parts splits at most.
-  auto o_accum = at::empty({batch + num_parts, s_q * h_q, dso::kMlaHeadDimV}, q.options().dtype(at::kFloat));
-  auto lse_accum = at::empty({batch + num_parts, s_q * h_q}, q.options().dtype(at::kFloat));
+  const int64_t num_split_rows = dso::mla_num_split_rows(batch, num_parts);
+  auto o_accum = at::empty({num_split_rows, s_q * h_q, dso::kMlaHeadDimV}, q.options().dtype(at::kFloat));
+  auto lse_accum = at::empty({num_split_rows, s_q * h_q}, q.options().dtype(at::kFloat));
   dso::MlaDecodeArgs args{};
   args.q = q.data_ptr();
   args.kv_cache = kv_cache.data_ptr();

@@ -6,15 +6,21 @@ token and V its first 512 entries. The cache is paged, 64 tokens a page:
 
 * bf16 cache: [num_blocks, 64, 1, 576] torch.bfloat16.
 * FP8 cache:  [num_blocks, 64, 1, 656] torch.uint8, one packed token per row: 512 e4m3 latent
-  values, 4 fp32 scales (one per 128 values, scale = max(amax, 1e-4) / 448), 64 bf16 RoPE values.
-  Write it with quantize_mla_kv or mla_cache_append; the kernel multiplies bf16(e4m3 * scale).
+  values, 4 fp32 scales, 64 bf16 RoPE values. Each scale covers 128 latent values and is a power of
+  two (ue8m0, as in DeepSeek's own FP8 cache): max(amax, 1e-4) / 448 rounded up, so 2**-22 for an
+  all-zero group and at most 2**120 for bf16 input; values are round-to-nearest-even e4m3 of
+  x / scale (exact division). Write it with quantize_mla_kv or mla_cache_append; the kernel
+  multiplies bf16(e4m3 * scale), which is exact for these scales (any fp32 scale is read the same
+  way), except that latents within 1/32 of bf16's largest value round to 2**128 and read back as inf.
 
-Values: block_table[b, :ceil(cache_seqlens[b] / 64)] must name request b's pages. Where the
-values can be read without a device sync (CPU tensors), mla_decode checks them and raises a
-ValueError naming block_table or cache_seqlens. Where they live on the GPU nothing is checked
-before launch; the kernel never reads past a request's block-table row (lengths are clamped into
-[0, 64 * its columns]) and clamps page indices into [0, num_blocks), so a bad entry gives wrong
-values, never an out-of-bounds access. The reference (the CPU kernel behind
+Values: block_table[b, :ceil(cache_seqlens[b] / 64)] must name request b's pages, each in
+[0, num_blocks), and metadata must be get_mla_metadata of these cache_seqlens. Where the values can
+be read without a device sync (CPU tensors), mla_decode checks them and raises a ValueError naming
+block_table, cache_seqlens or metadata. Where they live on the GPU nothing is checked before
+launch; the kernel never reads past a request's block-table row (lengths are clamped into
+[0, 64 * its columns]), clamps page indices into [0, num_blocks) (-1 reads page 0), and clamps what
+it reads from metadata (requests into [0, B), splits into its workspaces), so a bad entry gives
+wrong values, never an out-of-bounds access. The reference (the CPU kernel behind
 torch.ops.deepseek_ops.mla_decode) applies the same clamps, so a direct call on CPU gives the
 GPU's result for the same garbage. Tokens at or past cache_seqlens are never read, whatever their
 pages hold.
@@ -85,6 +91,16 @@ def _check_pages(block_table: torch.Tensor, cache_seqlens: torch.Tensor, num_blo
                          f"got {int(block_table[b, col])} at [{b}, {col}], a page request {b} reads")
 
 
+def _check_metadata(tile_sched: torch.Tensor, split_offsets: torch.Tensor, cache_seqlens: torch.Tensor):
+    """The metadata is the schedule of these lengths: recomputed here and compared."""
+    expected = _ops.get_mla_metadata(cache_seqlens, tile_sched.shape[0])
+    for name, got, want in (("tile_sched", tile_sched, expected[0]), ("split_offsets", split_offsets, expected[1])):
+        if not torch.equal(got, want):
+            at = tuple(int(i) for i in (got != want).nonzero()[0])
+            raise ValueError(f"argument 'metadata': expected get_mla_metadata of these cache_seqlens, got one built "
+                             f"for other lengths ({name}{list(at)} is {int(got[at])}, expected {int(want[at])})")
+
+
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                softmax_scale: float, causal: bool = False, metadata: Optional[MlaMetadata] = None,
                out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -92,11 +108,16 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
 
     q: bf16 [B, s_q, h_q, 576] (s_q > 1 for MTP / speculative tokens). kv_cache: bf16
     [num_blocks, 64, 1, 576] or packed FP8 uint8 [num_blocks, 64, 1, 656] (module docstring).
-    block_table: int32 [B, max_blocks], page indices of each request. cache_seqlens: int32 [B]
-    (on the host it is checked against block_table and copied to q's device). softmax_scale:
-    required (DeepSeek-V3: 192 ** -0.5 * mscale ** 2). causal: query i of s_q sees keys
-    < seqlen - s_q + 1 + i (bottom-right aligned). metadata: get_mla_metadata(cache_seqlens, s_q,
-    h_q), computed here when None. out: optional bf16 [B, s_q, h_q, 512] buffer.
+    block_table: int32 [B, max_blocks], page indices of each request; the entries a request reads
+    must be in [0, num_blocks) (checked where the values are on the host, clamped by the kernel on
+    the GPU: module docstring). cache_seqlens: int32 [B] (on the host it is checked against
+    block_table and copied to q's device). softmax_scale: required (DeepSeek-V3: 192 ** -0.5 *
+    mscale ** 2). causal: query i of s_q sees keys < seqlen - s_q + 1 + i (bottom-right aligned).
+    metadata: get_mla_metadata(cache_seqlens, s_q, h_q), computed here when None; given metadata is
+    compared with one recomputed from cache_seqlens where all three are on the host (on the GPU it
+    is read as given, and the kernel clamps the indices it takes from it). q may start anywhere (it
+    is copied to a 16-byte aligned start when it does not); out: optional bf16 [B, s_q, h_q, 512]
+    buffer, contiguous and 16-byte aligned (the kernel stores 16-byte vectors into it in place).
     Returns out bf16 [B, s_q, h_q, 512] and lse fp32 [B, h_q, s_q] (natural log); a query row with
     no visible key gets out = 0 and lse = +inf.
     """
@@ -137,7 +158,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         check_shape("out", out, (batch, s_q, h_q, MLA_HEAD_DIM_V))
         check_contiguous("out", out)
         check_aligned16("out", out)
-    if metadata is None:
+    computed_here = metadata is None
+    if computed_here:
         metadata = get_mla_metadata(cache_seqlens, s_q, h_q)
     tile_sched, split_offsets = metadata
     check_tensor("metadata[0]", tile_sched, dtype=torch.int32, ndim=2, device=q.device)
@@ -149,6 +171,10 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         raise ValueError(f"argument 'metadata': built for another query shape ({tile_sched.shape[0]} parts, "
                          f"expected {expected_parts} for s_q={s_q}, h_q={h_q}); call get_mla_metadata("
                          f"cache_seqlens, s_q={s_q}, h_q={h_q})")
+    # Given metadata is compared with the lengths where its values are on the host; on the GPU the
+    # kernel clamps every index it reads from it (wrong values, never an out-of-bounds access).
+    if not computed_here and all(can_read_values(t) for t in (tile_sched, split_offsets, cache_seqlens)):
+        _check_metadata(tile_sched, split_offsets, cache_seqlens)
     check_cuda_arch(q, "mla_decode")
     lse = _ops.mla_decode(aligned16(q), kv_cache, block_table.contiguous(), cache_seqlens.contiguous(),
                           float(softmax_scale), bool(causal), tile_sched.contiguous(), split_offsets.contiguous(),
@@ -157,7 +183,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
 
 
 def quantize_mla_kv(kv: torch.Tensor) -> torch.Tensor:
-    """bf16 latent tokens [..., 576] -> packed FP8 tokens uint8 [..., 656] (format in the module docstring).
+    """bf16 latent tokens [..., 576] -> packed FP8 tokens uint8 [..., 656] (format in the module docstring:
+    power-of-two scales per 128 latent values).
 
     A whole bf16 cache [num_blocks, 64, 1, 576] becomes the FP8 cache [num_blocks, 64, 1, 656].
     """
@@ -171,7 +198,7 @@ def quantize_mla_kv(kv: torch.Tensor) -> torch.Tensor:
 
 def mla_cache_append(kv_cache: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor,
                      c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-    """Writes new tokens into the paged cache in place (quantizing them for an FP8 cache).
+    """Writes new tokens into the paged cache in place (for an FP8 cache, quantized as quantize_mla_kv does).
 
     c_kv bf16 [B, S, 512], k_pe bf16 [B, S, 64]: the S new tokens of each request; positions
     int32 [B, S]: their positions in the request (token p goes to page block_table[b, p // 64],

@@ -12,10 +12,12 @@ FP8 = torch.float8_e4m3fn
 
 
 def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
-    """Rounds positive fp32 scales up to the next power of two, exactly (no log2 rounding)."""
+    """Rounds positive fp32 scales up to the next power of two, exactly (no log2 rounding); +inf (an
+    infinite amax) stays +inf, as in the device rounding (csrc/fp8_recipe.cuh)."""
     mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2**exponent, mantissa in [0.5, 1)
     exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
-    return ((exponent + 127).to(torch.int32) << 23).view(torch.float32)
+    power = ((exponent + 127).to(torch.int32) << 23).view(torch.float32)
+    return torch.where(torch.isfinite(scale), power, scale)
 
 
 def _scale_from_amax(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
@@ -85,11 +87,12 @@ MLA_MAX_SEQLEN = 1 << 24
 
 def quantize_mla_kv(kv: torch.Tensor) -> torch.Tensor:
     """bf16 [..., 576] -> packed FP8 tokens uint8 [..., 656] (layout in csrc/sm90_mla_cache.h): the
-    latent in 1 x 128 groups with the activations' recipe."""
+    latent in 1 x 128 groups with the activations' recipe and ue8m0 scales (powers of two, rounded
+    up), so dequantizing (e4m3 * scale) is exact."""
     lead = kv.shape[:-1]
     flat = kv.reshape(-1, MLA_HEAD_DIM_QK)
     groups = flat[:, :MLA_HEAD_DIM_V].float().reshape(-1, 4, 128)
-    scales = _scale_from_amax(groups.abs().amax(dim=-1), ue8m0=False)  # [T, 4]
+    scales = _scale_from_amax(groups.abs().amax(dim=-1), ue8m0=True)  # [T, 4]
     values = _quantize(groups, scales.unsqueeze(-1)).reshape(-1, MLA_HEAD_DIM_V)
     packed = torch.cat([values.view(torch.uint8), scales.contiguous().view(torch.uint8),
                         flat[:, MLA_HEAD_DIM_V:].contiguous().view(torch.uint8)], dim=1)
@@ -97,7 +100,8 @@ def quantize_mla_kv(kv: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_mla_kv(packed: torch.Tensor) -> torch.Tensor:
-    """Packed FP8 tokens uint8 [..., 656] -> bf16 [..., 576]: bf16(e4m3 * scale) (what the kernel multiplies)."""
+    """Packed FP8 tokens uint8 [..., 656] -> bf16 [..., 576]: bf16(e4m3 * scale), rounded in fp32 then
+    bf16 as the kernel multiplies (exact for the power-of-two scales quantize_mla_kv writes)."""
     lead = packed.shape[:-1]
     flat = packed.reshape(-1, MLA_FP8_TOKEN_BYTES)
     values = flat[:, :MLA_HEAD_DIM_V].contiguous().view(FP8).float().reshape(-1, 4, 128)

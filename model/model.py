@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import deepseek_ops
 from deepseek_ops import reference as ops_ref
+from deepseek_ops.constants import MLA_FP8_TOKEN_BYTES
 from model.config import FP8_BLOCK, PAGE_SIZE, ModelArgs, preset, yarn_mscale
 from model.kernel_fallbacks import fp8_linear_fallback, grouped_experts_fallback, mla_decode_fallback
 
@@ -251,7 +252,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps, dt)
         self.kv_b_proj = Linear(args.kv_lora_rank, h * (self.dn + self.dv), dt, fp8, backend)
         self.o_proj = Linear(h * self.dv, d, dt, fp8, backend)
-        self.register_buffer("kv_cache", None, persistent=False)  # [num_blocks, 64, 1, R + dr], setup_cache
+        self.register_buffer("kv_cache", None, persistent=False)  # [num_blocks, 64, 1, R + dr or 656], setup_cache
         self.register_buffer("wkv_b_dense", None, persistent=False)  # kernels backend: dequantized once
 
     def project(self, x: torch.Tensor, ctx: AttnContext):
@@ -298,7 +299,7 @@ class MLA(nn.Module):
     def _write_cache(self, ctx: AttnContext, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         if self.mla_kernels:
             deepseek_ops.mla_cache_append(self.kv_cache, ctx.block_table, ctx.positions.to(torch.int32),
-                                          c_kv.to(self.kv_cache.dtype), k_pe.to(self.kv_cache.dtype))
+                                          c_kv.to(torch.bfloat16), k_pe.to(torch.bfloat16))
         else:
             write_latent_cache(self.kv_cache, ctx.block_table, ctx.positions, c_kv, k_pe)
 
@@ -683,13 +684,22 @@ class Transformer(nn.Module):
 
     # --- state -----------------------------------------------------------------------------------
     def setup_cache(self, num_blocks: int, dtype: Optional[torch.dtype] = None) -> None:
-        """Allocates every layer's paged latent cache [num_blocks, 64, 1, R + dr] (zeros)."""
+        """Allocates every layer's paged latent cache [num_blocks, 64, 1, R + dr] (zeros).
+
+        dtype torch.uint8: the packed FP8 cache of deepseek_ops.mla_decode, [num_blocks, 64, 1, 656]
+        (kernels backend with mla_decode only: the latents are quantized as they are written).
+        """
         device = self.model.embed_tokens.weight.device
         dtype = dtype or (torch.bfloat16 if self.backend == "kernels" else self.args.torch_dtype)
+        width = self.args.kv_lora_rank + self.args.qk_rope_head_dim
+        if dtype == torch.uint8:
+            if not self.uses_mla_decode:
+                raise ValueError("argument 'dtype': the FP8 cache (torch.uint8) needs the kernels backend's "
+                                 f"mla_decode, got backend {self.backend!r}"
+                                 + (f" ({mla_decode_fallback(self.args)})" if self.backend == "kernels" else ""))
+            width = MLA_FP8_TOKEN_BYTES
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = torch.zeros(num_blocks, PAGE_SIZE, 1,
-                                                   self.args.kv_lora_rank + self.args.qk_rope_head_dim,
-                                                   dtype=dtype, device=device)
+            layer.self_attn.kv_cache = torch.zeros(num_blocks, PAGE_SIZE, 1, width, dtype=dtype, device=device)
 
     def prepare(self) -> "Transformer":
         """Derived weights the backend needs (call after weights change): the kernels backend stacks

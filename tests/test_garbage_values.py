@@ -50,6 +50,44 @@ def test_gpu_mla_decode_garbage_pages_and_lengths(causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_mla_decode_garbage_metadata(fp8):
+    """Metadata is read as given: built for other lengths, or pointing requests, tiles and splits far
+    outside the batch and the workspaces, it gives wrong values and writes nothing outside out; a
+    correct call after it still matches the reference."""
+    num_blocks, batch, s_q, h_q, columns = 90, 5, 2, 64, 18
+    kv = torch.randn(num_blocks, 64, 1, 576, device="cuda").to(torch.bfloat16)
+    if fp8:
+        kv = ops.quantize_mla_kv(kv)
+    q = torch.randn(batch, s_q, h_q, 576, device="cuda").to(torch.bfloat16)
+    table = torch.randperm(num_blocks, device="cuda")[:batch * columns].reshape(batch, columns).int()
+    seqlens = torch.tensor([130, 1100, 64, 0, 700], dtype=torch.int32, device="cuda")
+    num_parts = torch.cuda.get_device_properties(0).multi_processor_count // 2
+    good = ops.get_mla_metadata(seqlens, num_parts)
+    big, small = 2**31 - 1, -2**31
+    tile_sched = good[0].clone()
+    tile_sched[0, :5] = torch.tensor([-5, -100, batch + 7, big, big])  # every request, tiles and splits past the end
+    tile_sched[1, :5] = torch.tensor([small, small, big, big, small])
+    tile_sched[2, :5] = torch.tensor([batch - 1, big, batch - 1, small, 0])
+    split_offsets = torch.tensor([small, big, -1, 10**6, 3, small], dtype=torch.int32, device="cuda")
+    garbage = torch.randint(small, big, good[0].shape, dtype=torch.int32, device="cuda")
+    cases = {"other lengths": ops.get_mla_metadata(seqlens.flip(0) * 3, num_parts),
+             "garbage rows": (tile_sched, split_offsets), "random": (garbage, split_offsets),
+             "garbage split_offsets": (good[0], split_offsets)}
+    for name, meta in cases.items():
+        out, whole = _canaried((batch, s_q, h_q, 512), torch.bfloat16)
+        ops.mla_decode(q, kv, table, seqlens, 0.1, True, *meta, out)
+        _assert_margins_intact(whole, f"mla_decode out, metadata {name}")
+    out, whole = _canaried((batch, s_q, h_q, 512), torch.bfloat16)
+    lse = ops.mla_decode(q, kv, table, seqlens, 0.1, True, *good, out)
+    _assert_margins_intact(whole, "mla_decode out")
+    want = torch.empty(batch, s_q, h_q, 512, dtype=torch.bfloat16)
+    want_lse = reference.mla_decode(q.cpu(), kv.cpu(), table.cpu(), seqlens.cpu(), 0.1, True, None, None, want)
+    assert calc_diff(out.cpu(), want) < 1e-5
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(want_lse))
+
+
+@pytest.mark.gpu
 def test_gpu_mla_cache_append_garbage_positions_and_pages():
     num_blocks = 4
     cache, whole = _canaried((num_blocks, 64, 1, 576), torch.bfloat16)

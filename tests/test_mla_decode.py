@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import deepseek_ops
 from deepseek_ops import reference
+from deepseek_ops._selftest import _e4m3_ulp
 from deepseek_ops.testing import assert_bitwise_equal, assert_written, calc_diff, max_rel_error, poison_
 
 PAGE = deepseek_ops.MLA_PAGE_SIZE
@@ -16,6 +17,11 @@ SCALE = 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2  # DeepSeek-V3: 192^-0.5 * Y
 OUT_DIFF = 1e-5
 LSE_ERROR = 1e-5
 NAN_BYTE = 0xFF  # e4m3 NaN, and a NaN fp32 scale
+FP8 = torch.float8_e4m3fn
+E4M3_FINITE = [b for b in range(256) if b not in (0x7F, 0xFF)]  # e4m3fn: no inf, NaN is 0x7F / 0xFF
+# The FP8 cache's scales are powers of two: 2^-22 (the 1e-4 floor / 448, rounded up) .. 2^120 (bf16's
+# largest value / 448, rounded up).
+SCALE_EXP_MIN, SCALE_EXP_MAX = -22, 120
 
 
 def make_cache(seqlens, s_q, h_q, device, fp8=False, spare_pages=3, extra_cols=2):
@@ -142,28 +148,137 @@ def test_schedule_balances_mixed_lengths():
         assert tiles <= share + 5, f"part with {tiles} tiles, share {share:.1f}"
 
 
+def expected_cache_scales(amax: torch.Tensor) -> torch.Tensor:
+    """2^ceil(log2(max(amax, 1e-4) / 448)) in float64. Exact: no bf16 amax is within an fp32 rounding
+    of 448 times a power of two without being one, so the fp32 quotient rounds up the same way."""
+    return torch.exp2(torch.ceil(torch.log2(amax.double().clamp(min=1e-4) / 448))).float()
+
+
+def split_tokens(packed: torch.Tensor):
+    """Packed tokens [..., 656] -> (e4m3 values [T, 4, 128], scales fp32 [T, 4], RoPE bf16 [T, 64])."""
+    flat = packed.reshape(-1, 656)
+    return (flat[:, :512].contiguous().view(FP8).reshape(-1, 4, 128), flat[:, 512:528].contiguous().view(torch.float32),
+            flat[:, 528:].contiguous().view(torch.bfloat16))
+
+
 def test_quantize_mla_kv_format():
-    kv = (torch.randn(3, 64, 1, 576) * torch.logspace(-3, 2, 576)).to(torch.bfloat16)
+    kv = (torch.randn(3, 64, 1, 576) * torch.logspace(-8, 8, 576)).to(torch.bfloat16)  # groups below the floor too
+    kv[0, 0, 0, :128] = 0
     packed = deepseek_ops.quantize_mla_kv(kv)
     assert packed.shape == (3, 64, 1, 656) and packed.dtype == torch.uint8
-    flat, src = packed.reshape(-1, 656), kv.reshape(-1, 576)
-    scales = flat[:, 512:528].contiguous().view(torch.float32)
-    amax = src[:, :512].float().reshape(-1, 4, 128).abs().amax(-1)
-    torch.testing.assert_close(scales, amax.clamp(min=1e-4) / 448, rtol=0, atol=0)
-    assert_bitwise_equal(flat[:, 528:].contiguous().view(torch.bfloat16), src[:, 512:].contiguous(), "rope")
-    back = reference.dequantize_mla_kv(packed).reshape(-1, 576).float()
-    err = (back[:, :512] - src[:, :512].float()).abs().reshape(-1, 4, 128)
-    assert (err <= amax[..., None] * 2 ** -4 + 1e-30).all()  # e4m3 keeps 3 mantissa bits
+    values, scales, rope = split_tokens(packed)
+    src = kv.reshape(-1, 576)
+    x = src[:, :512].double().reshape(-1, 4, 128)
+    amax = x.abs().amax(-1)
+    assert (scales.view(torch.int32) & 0x7FFFFF == 0).all(), "scales must be powers of two"
+    assert_bitwise_equal(scales, expected_cache_scales(amax), "scales")
+    true_scale = amax.clamp(min=1e-4) / 448
+    assert (scales >= true_scale).all() and (scales < 2 * true_scale).all()
+    assert scales[0, 0] == 2.0 ** SCALE_EXP_MIN
+    assert_bitwise_equal(rope, src[:, 512:].contiguous(), "rope")
+    # A power-of-two scale divides and multiplies exactly: the only error is e4m3's round to nearest.
+    q = values.double()
+    err = (x / scales.double()[..., None] - q).abs()
+    assert (err <= 0.5 * _e4m3_ulp(q)).all(), f"worst {float((err / _e4m3_ulp(q)).max())} e4m3 ulp"
+    back = reference.dequantize_mla_kv(packed).reshape(-1, 576)
+    assert torch.equal(back[:, :512].double().reshape(-1, 4, 128), q * scales.double()[..., None]), "inexact"
+
+
+def every_e4m3_tokens(device="cpu") -> torch.Tensor:
+    """Packed tokens exactly as quantize_mla_kv writes them, over every finite e4m3 value and every
+    scale the format allows: each group holds a +-448 (a +-240 at 2^120, where bf16 tops out) under a
+    scale from 2^-22 to 2^120, so the scale is the one its dequantized values get."""
+    exponents = list(range(SCALE_EXP_MIN, SCALE_EXP_MAX + 1))
+    exponents += [SCALE_EXP_MIN] * (-len(exponents) % 4)  # whole tokens
+    finite = torch.tensor(E4M3_FINITE, dtype=torch.uint8)
+    small = finite[(finite & 0x7F) <= 0x77]  # |value| <= 240
+    groups = []
+    for i, e in enumerate(exponents):
+        if e == SCALE_EXP_MAX:
+            body, top = small[torch.randint(0, len(small), (127,))], 0x77
+        else:  # two consecutive groups hold all 254 finite values
+            body, top = finite[(127 * i + torch.arange(127)) % len(finite)], 0x7E
+        group = torch.cat([body, torch.tensor([top | (0x80 * random.randint(0, 1))], dtype=torch.uint8)])
+        groups.append(group[torch.randperm(128)])
+    num_tokens = len(exponents) // 4
+    scales = torch.exp2(torch.tensor(exponents, dtype=torch.float32)).reshape(num_tokens, 4)
+    rope = torch.randn(num_tokens, 64).to(torch.bfloat16)
+    values = torch.stack(groups).reshape(num_tokens, 512)
+    packed = torch.cat([values, scales.view(torch.uint8), rope.view(torch.uint8)], 1)
+    return packed.to(device)
+
+
+def test_every_e4m3_value_and_scale_round_trips():
+    """Dequantizing is exact for every e4m3 value (subnormals and -0 included) under every scale of the
+    format, and quantizing those values again gives the same bytes."""
+    packed = every_e4m3_tokens()
+    values, scales, _ = split_tokens(packed)
+    assert set(values.view(torch.uint8).flatten().tolist()) == set(E4M3_FINITE)
+    assert set(torch.log2(scales).flatten().tolist()) == set(range(SCALE_EXP_MIN, SCALE_EXP_MAX + 1))
+    kv = reference.dequantize_mla_kv(packed)
+    assert torch.equal(kv[:, :512].double().reshape(-1, 4, 128), values.double() * scales.double()[..., None])
+    assert_bitwise_equal(deepseek_ops.quantize_mla_kv(kv), packed, "re-quantized tokens")
+
+
+def test_e4m3_nan_bytes_dequantize_to_nan_only_there():
+    clean = every_e4m3_tokens()
+    packed = clean.clone()
+    packed[3, 10], packed[5, 300] = 0x7F, 0xFF
+    kv = reference.dequantize_mla_kv(packed)
+    nan = torch.zeros_like(kv, dtype=torch.bool)
+    nan[3, 10] = nan[5, 300] = True
+    assert torch.equal(kv.isnan(), nan)
+    assert_bitwise_equal(kv[~nan], reference.dequantize_mla_kv(clean)[~nan], "other values")
+
+
+def extreme_latents() -> torch.Tensor:
+    """bf16 tokens [9, 576] whose groups sit at the edges of the scale range; token 8 holds an inf."""
+    kv = torch.randn(9, 576).to(torch.bfloat16)
+    kv[0, :512] = 0.0  # all zero: the floor, 2^-22
+    kv[1, :512] = -0.0
+    kv[2, :128] = 1e-40  # bf16 subnormal, far below the floor: rounds to 0 under 2^-22
+    kv[2, 128:256] = torch.randn(128) * 1e-5  # below the floor: e4m3 subnormals
+    kv[2, 256:384] = 448 * 2.0 ** -22 * torch.rand(128)  # up to the floor's amax
+    kv[2, 384:512] = 1e-4
+    for t, k in ((3, -20), (4, 0), (5, 50), (6, 119)):
+        kv[t, :512] = torch.randn(512) * 2.0 ** k
+        kv[t, 0] = 448 * 2.0 ** k  # exactly 448 * 2^k: scale 2^k, no rounding up
+        kv[t, 128] = torch.tensor(448 * 2.0 ** k, dtype=torch.bfloat16).nextafter(torch.tensor(float("inf"))
+                                                                                   .to(torch.bfloat16))  # 2^(k+1)
+        kv[t, 256:384] = (torch.rand(128) * 2 - 1) * 448 * 2.0 ** k
+        kv[t, 256] = 320 * 2.0 ** k  # amax in (224, 448] * 2^k: scale 2^k
+    kv[7, :512] = torch.finfo(torch.bfloat16).max * (torch.rand(512) * 2 - 1)
+    kv[7, 0] = torch.finfo(torch.bfloat16).max  # 2^120; 255 * 2^120 rounds to e4m3 256
+    kv[8, 5] = float("inf")
+    return kv
+
+
+def test_quantize_mla_kv_scale_range():
+    kv = extreme_latents()
+    values, scales, _ = split_tokens(deepseek_ops.quantize_mla_kv(kv))
+    exps = torch.log2(scales)
+    assert (exps[:3] == SCALE_EXP_MIN).all()
+    assert torch.equal(values[0].view(torch.uint8), torch.zeros(4, 128, dtype=torch.uint8))
+    assert torch.equal(values[1].view(torch.uint8), torch.full((4, 128), 0x80, dtype=torch.uint8))  # -0
+    assert (values[2, 0].float() == 0).all()
+    for t, k in ((3, -20), (4, 0), (5, 50), (6, 119)):
+        assert exps[t, 0] == k and exps[t, 1] == k + 1 and exps[t, 2] == k, f"token {t}: {exps[t].tolist()}"
+    assert (exps[7] == SCALE_EXP_MAX).all() and values[7, 0, 0].float() == 256
+    finite = torch.isfinite(scales)
+    assert (scales[finite].view(torch.int32) & 0x7FFFFF == 0).all() and finite[:8].all()
+    # An inf: its group's scale is inf (as the device rounds), the inf becomes NaN, the rest 0.
+    assert scales[8, 0] == float("inf") and values[8, 0, 5].isnan() and (values[8, 0, :5].float() == 0).all()
+    assert torch.equal(scales[8, 1:], expected_cache_scales(kv[8, 128:512].double().reshape(3, 128).abs().amax(-1)))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_cache_quantizer_is_the_activation_quantizer(device):
-    """One FP8 recipe: a packed token's latent is, byte for byte, the 1 x 128 activation
+    """One FP8 recipe: a packed token's latent is, byte for byte, the 1 x 128 ue8m0 activation
     quantization of that latent (same scales, same rounding)."""
     kv = (torch.randn(5, 64, 1, 576) * torch.logspace(-6, 3, 576)).to(torch.bfloat16).to(device)
     kv[0, 0, 0, :128] = 0  # a group at the scale floor
     flat = deepseek_ops.quantize_mla_kv(kv).reshape(-1, 656)
-    x_fp8, x_scales = deepseek_ops.per_token_group_quant_fp8(kv.reshape(-1, 576)[:, :512], 128)
+    x_fp8, x_scales = deepseek_ops.per_token_group_quant_fp8(kv.reshape(-1, 576)[:, :512], 128, "ue8m0")
     assert_bitwise_equal(flat[:, :512], x_fp8.view(torch.uint8), "e4m3 values")
     assert_bitwise_equal(flat[:, 512:528].contiguous().view(torch.float32), x_scales, "scales")
 
@@ -201,9 +316,21 @@ def test_reference_treats_garbage_as_the_kernel_does(causal):
     assert torch.isinf(lse[2]).all() and (out[2] == 0).all(), "a negative length reads nothing"
 
 
+def misaligned(shape, dtype=torch.bfloat16, device="cpu") -> torch.Tensor:
+    """A contiguous tensor whose data starts one element (2 bytes for bf16) past an aligned address."""
+    numel = math.prod(shape)
+    return torch.empty(numel + 8, dtype=dtype, device=device)[1:1 + numel].view(shape)
+
+
 def _good_args(device="cpu"):
     q, kv, block_table, cache_seqlens = make_cache([70, 3], 2, 16, device)
     return dict(q=q, kv_cache=kv, block_table=block_table, cache_seqlens=cache_seqlens, softmax_scale=SCALE)
+
+
+def _metadata_with_other_split_count(args):
+    tile_sched, split_offsets = deepseek_ops.get_mla_metadata(args["cache_seqlens"], 2, 16)
+    split_offsets[-1] += 1
+    return tile_sched, split_offsets
 
 
 @pytest.mark.parametrize("change, match", [
@@ -227,6 +354,11 @@ def _good_args(device="cpu"):
     (lambda a: a.update(softmax_scale=-1.0), r"'softmax_scale'"),
     (lambda a: a.update(out=torch.empty(2, 2, 16, 576, dtype=torch.bfloat16)), r"'out'.*shape"),
     (lambda a: a.update(out=torch.empty(2, 2, 16, 512)), r"'out'.*dtype"),
+    (lambda a: a.update(out=misaligned((2, 2, 16, 512))), r"'out'.*16-byte aligned start, got storage offset 1 "),
+    (lambda a: a.update(metadata=deepseek_ops.get_mla_metadata(torch.tensor([3, 70], dtype=torch.int32), 2, 16)),
+     r"'metadata'.*get_mla_metadata of these cache_seqlens.*other lengths \(tile_sched\[\d+, \d+\] is"),
+    (lambda a: a.update(metadata=_metadata_with_other_split_count(a)),
+     r"'metadata'.*other lengths \(split_offsets\[2\]"),
     (lambda a: a.update(metadata=deepseek_ops.get_mla_metadata(a["cache_seqlens"], 2, 64)), r"'metadata'.*s_q=2, h_q=16"),
     (lambda a: a.update(metadata=deepseek_ops.get_mla_metadata(a["cache_seqlens"][:1], 2, 16)), r"'metadata\[1\]'.*shape"),
 ])
@@ -235,6 +367,18 @@ def test_bad_input(change, match):
     change(args)
     with pytest.raises(ValueError, match=match):
         deepseek_ops.mla_decode(**args)
+
+
+def test_given_metadata_and_misaligned_q():
+    """Metadata of these lengths passes the host check; a q at any address is copied to an aligned one."""
+    args = _good_args()
+    expected, expected_lse = deepseek_ops.mla_decode(**args)
+    q = misaligned(args["q"].shape)
+    q.copy_(args["q"])
+    meta = deepseek_ops.get_mla_metadata(args["cache_seqlens"], 2, 16)
+    out, lse = deepseek_ops.mla_decode(**{**args, "q": q}, metadata=meta)
+    assert_bitwise_equal(out, expected)
+    assert_bitwise_equal(lse, expected_lse, "lse")
 
 
 def test_bad_cache_writes():
@@ -342,20 +486,28 @@ def test_mla_decode_fp8(batch, s_q, h_q, causal):
     _check_decode(batch, s_q, h_q, causal, fp8=True)
 
 
-def _every_e4m3_and_wide_scales(kv):
-    """Valid FP8 tokens get every non-NaN e4m3 byte (subnormals, -0) and scales from 2^-140 (subnormal)
-    to 2^10."""
-    valid = ~(kv == NAN_BYTE).all(-1)  # make_cache fills whole invalid slots with NAN_BYTE
-    raw = torch.randint(0, 254, kv.shape[:-1] + (512,), dtype=torch.int32, device=kv.device)
-    kv[..., :512] = torch.where(valid[..., None], raw + (raw >= 0x7F).int(), NAN_BYTE).to(torch.uint8)
-    scales = torch.exp2(torch.rand(kv.shape[:-1] + (4,), device=kv.device) * 150 - 140)
-    kv[..., 512:528] = torch.where(valid[..., None], scales.view(torch.uint8), NAN_BYTE)
+def _every_e4m3_value(power_of_two_scales):
+    """Valid FP8 tokens get every non-NaN e4m3 byte (subnormals, -0) and scales either the format's
+    powers of two from 2^-22 up to 2^10, or any fp32 from 2^-140 (subnormal) to 2^10 (what the
+    kernel reads; larger ones overflow the attention's scores in both)."""
+    def edit(kv):
+        valid = ~(kv == NAN_BYTE).all(-1)  # make_cache fills whole invalid slots with NAN_BYTE
+        raw = torch.randint(0, 254, kv.shape[:-1] + (512,), dtype=torch.int32, device=kv.device)
+        kv[..., :512] = torch.where(valid[..., None], raw + (raw >= 0x7F).int(), NAN_BYTE).to(torch.uint8)
+        shape = kv.shape[:-1] + (4,)
+        if power_of_two_scales:
+            scales = torch.exp2(torch.randint(SCALE_EXP_MIN, 11, shape, device=kv.device).float())
+        else:
+            scales = torch.exp2(torch.rand(shape, device=kv.device) * 150 - 140)
+        kv[..., 512:528] = torch.where(valid[..., None], scales.view(torch.uint8), NAN_BYTE)
+    return edit
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("h_q", [16, 128])
-def test_mla_decode_fp8_every_value_and_scale_range(h_q):
-    _check_decode(6, 1, h_q, False, fp8=True, edit_cache=_every_e4m3_and_wide_scales)
+@pytest.mark.parametrize("power_of_two_scales", [True, False])
+def test_mla_decode_fp8_every_value_and_scale_range(h_q, power_of_two_scales):
+    _check_decode(6, 1, h_q, False, fp8=True, edit_cache=_every_e4m3_value(power_of_two_scales))
 
 
 @pytest.mark.gpu
@@ -440,6 +592,48 @@ def test_quantize_mla_kv_matches_reference():
     kv = (torch.randn(37, 64, 1, 576, device="cuda") * torch.logspace(-3, 2, 576, device="cuda")).to(torch.bfloat16)
     kv[0, 0] = 0  # an all-zero token takes the scale floor
     assert_bitwise_equal(deepseek_ops.quantize_mla_kv(kv).cpu(), reference.quantize_mla_kv(kv.cpu()))
+
+
+@pytest.mark.gpu
+def test_quantize_mla_kv_every_value_and_scale_range_match_reference():
+    """The kernel's scales are the reference's powers of two at the edges of the range, and every
+    e4m3 value under every scale re-quantizes to its own bytes."""
+    packed = every_e4m3_tokens()
+    assert_bitwise_equal(deepseek_ops.quantize_mla_kv(reference.dequantize_mla_kv(packed).cuda()).cpu(), packed,
+                         "re-quantized tokens")
+    kv = extreme_latents()
+    got, expected = deepseek_ops.quantize_mla_kv(kv.cuda()).cpu(), reference.quantize_mla_kv(kv)
+    assert_bitwise_equal(got[:-1], expected[:-1], "finite tokens")
+    # The token with an inf: inf * 0 is a NaN whose sign differs between x86 and the GPU; e4m3 keeps it.
+    got_values, got_scales, got_rope = split_tokens(got[-1])
+    values, scales, rope = split_tokens(expected[-1])
+    assert_bitwise_equal(got_scales, scales, "scales of the token with an inf")
+    assert torch.equal(got_values.isnan(), values.isnan()) and values.isnan().sum() == 1
+    assert_bitwise_equal(got_values[~values.isnan()], values[~values.isnan()], "its other values")
+    assert_bitwise_equal(got_rope, rope, "its RoPE")
+
+
+@pytest.mark.gpu
+def test_misaligned_q_and_out():
+    """q at a 2-byte offset is copied to an aligned start (same result); such an out is rejected
+    before launch, by the public function (ValueError) and by the op itself (RuntimeError)."""
+    args = _good_args("cuda")
+    expected, expected_lse = deepseek_ops.mla_decode(**args)
+    q = misaligned(args["q"].shape, device="cuda")
+    q.copy_(args["q"])
+    out, lse = deepseek_ops.mla_decode(**{**args, "q": q})
+    assert_bitwise_equal(out, expected)
+    assert_bitwise_equal(lse, expected_lse, "lse")
+    bad_out = misaligned(expected.shape, device="cuda")
+    with pytest.raises(ValueError, match=r"'out'.*16-byte aligned"):
+        deepseek_ops.mla_decode(**args, out=bad_out)
+    meta = deepseek_ops.get_mla_metadata(args["cache_seqlens"], 2, 16)
+    raw = (args["kv_cache"], args["block_table"], args["cache_seqlens"], SCALE, False, *meta)
+    with pytest.raises(RuntimeError, match=r"mla_decode: q must start at a 16-byte aligned address"):
+        torch.ops.deepseek_ops.mla_decode(q, *raw, out)
+    with pytest.raises(RuntimeError, match=r"mla_decode: out must start at a 16-byte aligned address"):
+        torch.ops.deepseek_ops.mla_decode(args["q"], *raw, bad_out)
+    torch.cuda.synchronize()
 
 
 @pytest.mark.gpu

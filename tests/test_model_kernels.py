@@ -74,6 +74,40 @@ def test_paged_decode_matches(device, s_q):
     assert calc_diff(outs[0], outs[1]) < 1e-3
 
 
+# An FP8 latent cache against the bf16 one, same model and inputs: the decode logits move by calc_diff
+# ~5e-5 to 1.5e-4 (CPU, tiny model; the noise is the FP8 activation roundings that the cache's error
+# flips). The bound leaves room for a rare larger flip; a wrong scale or layout moves them by > 1e-2.
+FP8_CACHE_LOGITS_DIFF = 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_fp8_cache_decode_close_to_bf16_cache(device, s_q):
+    """The same prompts prefilled into a bf16 and an FP8 (uint8, power-of-two scales) latent cache,
+    then one decode step on each."""
+    _, ker = _pair(device)
+    lengths = torch.tensor([5, 70, 130, 1, 64, 65, 100, 20, 128, 33, 90, 7], device=device)
+    batch = lengths.numel()
+    block_table, num_blocks = allocate_block_table(batch, 140, device, torch.Generator().manual_seed(0))
+    prompts = torch.randint(0, ker.args.vocab_size, (batch, 130), device=device)
+    new = torch.randint(0, ker.args.vocab_size, (batch, s_q), device=device)
+    outs = []
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.uint8):
+            ker.setup_cache(num_blocks, dtype)
+            assert ker.model.layers[0].self_attn.kv_cache.shape[-1] == (656 if dtype == torch.uint8 else 576)
+            prefill(ker, prompts, block_table)
+            outs.append(decode_one_token(ker, new, lengths, block_table)[0])
+    diff = calc_diff(outs[0], outs[1])
+    assert 0 < diff < FP8_CACHE_LOGITS_DIFF, f"calc_diff {diff:.3e}"
+
+
+def test_fp8_cache_needs_mla_decode():
+    ref, _ = _pair("cpu")
+    with pytest.raises(ValueError, match=r"'dtype'.*FP8 cache.*kernels backend's mla_decode, got backend 'reference'"):
+        ref.setup_cache(4, torch.uint8)
+
+
 # A kernels token that is not the reference's argmax must trail it by less than this many standard
 # deviations of the reference logits at that position. Flips that FP8 activation rounding causes on
 # the random tiny model are near-ties of the random weights (the worst one varies from run to run
