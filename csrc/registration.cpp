@@ -8,7 +8,7 @@
 //   kernel runs (one checker per op, built on deepseek_ops/_checks.py), with errors that name the
 //   argument, the expected and the actual value.
 // - Calling torch.ops.deepseek_ops.* directly: memory safety only. The rule for every adapter: it
-//   checks (DSO_CHECK, csrc/torch_utils.h) or establishes (a copy into the layout its kernel reads) whatever keeps each
+//   checks (TORCH_CHECK) or establishes (a copy into the layout its kernel reads) whatever keeps each
 //   access inside the tensors it was given: devices, dtypes, the sizes and strides it indexes with,
 //   16-byte alignment. It does not check values (the kernels clamp or skip bad indices, never
 //   reading past a buffer) and does not repeat the public functions' messages.

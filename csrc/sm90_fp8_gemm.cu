@@ -485,9 +485,9 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
 }
 
 // Split-K: this unit's fp32 results -> its partial in the workspace. The unit that finishes the
-// warpgroup's rows of the tile last adds every split's partial, in split order, into final_acc and
-// returns true: it stores the tile. The sum does not depend on which unit finished last, so results
-// are bitwise reproducible.
+// warpgroup's rows of the tile last adds every split's partial, in split order (its own from
+// registers), into final_acc and returns true: it stores the tile. The sum does not depend on which
+// unit finished last, so results are bitwise reproducible.
 template <typename K>
 __device__ __forceinline__ bool split_k_reduce(const GemmParams& p, const Tile& tile,
                                                float (&final_acc)[K::kNumPasses][K::kNumAccum], int consumer_wg_idx,
@@ -517,22 +517,19 @@ __device__ __forceinline__ bool split_k_reduce(const GemmParams& p, const Tile& 
   }
   if (ptx::named_barrier_sync_and(barrier_id, kWarpgroupThreads, !last)) return false;
   __threadfence();  // the other units' partials, counted before our increment, are visible
-  // Split by split, all of a split's vectors at once (one L2 round trip per split, not per vector);
-  // our own partial is read back like the others, so the sum needs no second register array.
-  for (int split = 0; split < p.num_splits; ++split) {
-    const float4* src = partial(split);
 #pragma unroll
-    for (int pass = 0; pass < K::kNumPasses; ++pass) {
+  for (int pass = 0; pass < K::kNumPasses; ++pass) {
 #pragma unroll
-      for (int v = 0; v < kVecs; ++v) {
-        const float4 x = __ldcg(src + (pass * kVecs + v) * kWarpgroupThreads);
-        float* f = final_acc[pass] + 4 * v;
-        if (split == 0) {
-          f[0] = x.x, f[1] = x.y, f[2] = x.z, f[3] = x.w;
-        } else {
-          f[0] += x.x, f[1] += x.y, f[2] += x.z, f[3] += x.w;
-        }
+    for (int v = 0; v < kVecs; ++v) {
+      float* f = final_acc[pass] + 4 * v;
+      const float4 own = make_float4(f[0], f[1], f[2], f[3]);
+      float4 sum = tile.split_idx == 0 ? own : __ldcg(partial(0) + (pass * kVecs + v) * kWarpgroupThreads);
+      for (int split = 1; split < p.num_splits; ++split) {
+        const float4 x =
+            split == tile.split_idx ? own : __ldcg(partial(split) + (pass * kVecs + v) * kWarpgroupThreads);
+        sum.x += x.x, sum.y += x.y, sum.z += x.z, sum.w += x.w;
       }
+      f[0] = sum.x, f[1] = sum.y, f[2] = sum.z, f[3] = sum.w;
     }
   }
   return true;

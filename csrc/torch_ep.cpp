@@ -16,18 +16,18 @@ constexpr int64_t kMaxTopk = 32;  // and keep a token's pairs there
 
 // topk_idx int64 [T, topk], dense; and the expert count the kernels size their shared memory by.
 void check_routing(const char* op, const at::Tensor& topk_idx, int64_t num_experts) {
-  DSO_CHECK(topk_idx.is_cuda(), op, ": topk_idx must be a CUDA tensor");
+  TORCH_CHECK(topk_idx.is_cuda(), op, ": topk_idx must be a CUDA tensor");
   dso::check_operand(op, "topk_idx", topk_idx, topk_idx.device(), at::kLong, {-1, -1});
-  DSO_CHECK(topk_idx.is_contiguous(), op, ": topk_idx must be contiguous");
-  DSO_CHECK(num_experts > 0 && num_experts <= kMaxExperts, op, ": num_experts must be in [1, ", kMaxExperts,
+  TORCH_CHECK(topk_idx.is_contiguous(), op, ": topk_idx must be contiguous");
+  TORCH_CHECK(num_experts > 0 && num_experts <= kMaxExperts, op, ": num_experts must be in [1, ", kMaxExperts,
               "], got ", num_experts);
-  DSO_CHECK(topk_idx.size(1) <= kMaxTopk, op, ": at most ", kMaxTopk, " experts per token, got ", topk_idx.size(1));
+  TORCH_CHECK(topk_idx.size(1) <= kMaxTopk, op, ": at most ", kMaxTopk, " experts per token, got ", topk_idx.size(1));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ep_dispatch_layout_cuda(const at::Tensor& topk_idx, int64_t num_experts,
                                                                         int64_t num_ranks) {
   check_routing("ep_dispatch_layout", topk_idx, num_experts);
-  DSO_CHECK(num_ranks > 0, "ep_dispatch_layout: num_ranks must be positive, got ", num_ranks);
+  TORCH_CHECK(num_ranks > 0, "ep_dispatch_layout: num_ranks must be positive, got ", num_ranks);
   const c10::cuda::CUDAGuard guard(topk_idx.device());
   const int64_t num_tokens = topk_idx.size(0);
   const auto int_options = topk_idx.options().dtype(at::kInt);
@@ -48,20 +48,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_routing(op, topk_idx, num_experts);
   const at::Device dev = topk_idx.device();
   const int64_t tokens = topk_idx.size(0), topk_size = topk_idx.size(1);
-  DSO_CHECK(x.device() == dev && x.dim() == 2 && x.size(0) == tokens, op, ": x must be [", tokens,
+  TORCH_CHECK(x.device() == dev && x.dim() == 2 && x.size(0) == tokens, op, ": x must be [", tokens,
               ", H] on ", dev, ", got shape ", x.sizes(), " on ", x.device());
-  DSO_CHECK(x.size(1) * x.element_size() % 16 == 0, op, ": x's rows must be a multiple of 16 bytes");
+  TORCH_CHECK(x.size(1) * x.element_size() % 16 == 0, op, ": x's rows must be a multiple of 16 bytes");
   dso::check_dense16(op, "x", x);
   if (x_scales.has_value()) {
     dso::check_operand(op, "x_scales", *x_scales, dev, at::kFloat, {tokens, -1});
-    DSO_CHECK(x_scales->is_contiguous(), op, ": x_scales must be contiguous");
+    TORCH_CHECK(x_scales->is_contiguous(), op, ": x_scales must be contiguous");
   }
   if (topk_weights.has_value()) {
     dso::check_operand(op, "topk_weights", *topk_weights, dev, at::kFloat, {tokens, topk_size});
-    DSO_CHECK(topk_weights->is_contiguous(), op, ": topk_weights must be contiguous");
+    TORCH_CHECK(topk_weights->is_contiguous(), op, ": topk_weights must be contiguous");
   }
-  DSO_CHECK(alignment > 0, op, ": alignment must be positive, got ", alignment);
-  DSO_CHECK(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
+  TORCH_CHECK(alignment > 0, op, ": alignment must be positive, got ", alignment);
+  TORCH_CHECK(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t num_tokens = topk_idx.size(0), topk = topk_idx.size(1);
   const int64_t num_groups = x_scales.has_value() ? x_scales->size(1) : 0;
@@ -89,15 +89,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 at::Tensor ep_combine_cuda(const at::Tensor& y, const at::Tensor& row_of, const at::Tensor& topk_weights) {
   constexpr const char* op = "ep_combine";
-  DSO_CHECK(y.is_cuda(), op, ": y must be a CUDA tensor");
+  TORCH_CHECK(y.is_cuda(), op, ": y must be a CUDA tensor");
   dso::check_operand(op, "y", y, y.device(), at::kBFloat16, {-1, -1});
-  DSO_CHECK(y.size(1) % 8 == 0, op, ": y's hidden size must be a multiple of 8, got ", y.size(1));
+  TORCH_CHECK(y.size(1) % 8 == 0, op, ": y's hidden size must be a multiple of 8, got ", y.size(1));
   dso::check_dense16(op, "y", y);
   dso::check_operand(op, "row_of", row_of, y.device(), at::kInt, {-1, -1});
-  DSO_CHECK(row_of.is_contiguous(), op, ": row_of must be contiguous");
-  DSO_CHECK(row_of.size(1) <= kMaxTopk, op, ": at most ", kMaxTopk, " pairs per token, got ", row_of.size(1));
+  TORCH_CHECK(row_of.is_contiguous(), op, ": row_of must be contiguous");
+  TORCH_CHECK(row_of.size(1) <= kMaxTopk, op, ": at most ", kMaxTopk, " pairs per token, got ", row_of.size(1));
   dso::check_operand(op, "topk_weights", topk_weights, y.device(), at::kFloat, {row_of.size(0), row_of.size(1)});
-  DSO_CHECK(topk_weights.is_contiguous(), op, ": topk_weights must be contiguous");
+  TORCH_CHECK(topk_weights.is_contiguous(), op, ": topk_weights must be contiguous");
   const c10::cuda::CUDAGuard guard(y.device());
   auto out = at::empty({row_of.size(0), y.size(1)}, y.options());
   dso::launch_ep_combine(y.data_ptr(), y.size(0), row_of.data_ptr<int>(), topk_weights.data_ptr<float>(),
@@ -122,7 +122,7 @@ at::Tensor ep_ipc_handle_cuda(const at::Tensor& buffer) {
 
 at::Tensor ep_ipc_open_cuda(const at::Tensor& like, const at::Tensor& handle, int64_t num_bytes) {
   const c10::cuda::CUDAGuard guard(like.device());
-  DSO_CHECK(handle.numel() == dso::kEpIpcHandleBytes && handle.is_cpu(), "ep_ipc_open: a CPU handle of ",
+  TORCH_CHECK(handle.numel() == dso::kEpIpcHandleBytes && handle.is_cpu(), "ep_ipc_open: a CPU handle of ",
               dso::kEpIpcHandleBytes, " bytes");
   void* ptr = dso::ep_ipc_open(handle.contiguous().data_ptr<uint8_t>());
   // Dropping the tensor closes the mapping.
@@ -133,15 +133,15 @@ at::Tensor ep_ipc_open_cuda(const at::Tensor& like, const at::Tensor& handle, in
 // ipc ops write into peers' buffers at the offsets of `layout`, which no check here can validate: they
 // are internal to deepseek_ops.ep.Buffer (its ranks agree on the layout before any buffer is shared).
 void check_ipc_state(const char* op, const at::Tensor& peer_ptrs, const at::Tensor& error, int64_t rank) {
-  DSO_CHECK(peer_ptrs.is_cuda(), op, ": peer_ptrs must be a CUDA tensor");
+  TORCH_CHECK(peer_ptrs.is_cuda(), op, ": peer_ptrs must be a CUDA tensor");
   dso::check_operand(op, "peer_ptrs", peer_ptrs, peer_ptrs.device(), at::kLong, {-1});
-  DSO_CHECK(peer_ptrs.is_contiguous(), op, ": peer_ptrs must be contiguous");
-  DSO_CHECK(rank >= 0 && rank < peer_ptrs.size(0), op, ": rank ", rank, " out of [0, ", peer_ptrs.size(0), ")");
+  TORCH_CHECK(peer_ptrs.is_contiguous(), op, ": peer_ptrs must be contiguous");
+  TORCH_CHECK(rank >= 0 && rank < peer_ptrs.size(0), op, ": rank ", rank, " out of [0, ", peer_ptrs.size(0), ")");
   dso::check_operand(op, "error", error, peer_ptrs.device(), at::kInt, {1});
 }
 
 dso::EpIpcLayout ep_ipc_layout(at::IntArrayRef f) {
-  DSO_CHECK(f.size() == dso::kEpIpcLayoutFields, "ep ipc: layout has ", dso::kEpIpcLayoutFields, " offsets");
+  TORCH_CHECK(f.size() == dso::kEpIpcLayoutFields, "ep ipc: layout has ", dso::kEpIpcLayoutFields, " offsets");
   return dso::EpIpcLayout{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10]};
 }
 
@@ -164,17 +164,17 @@ void ep_ipc_dispatch_send_cuda(const at::Tensor& x, const std::optional<at::Tens
   const int64_t world = peer_ptrs.size(0);
   dso::check_operand(op, "topk_idx", topk_idx, dev, at::kLong, {-1, -1});
   const int64_t tokens = topk_idx.size(0), topk_size = topk_idx.size(1);
-  DSO_CHECK(tokens <= max_tokens, op, ": ", tokens, " tokens, the buffer holds ", max_tokens);
-  DSO_CHECK(x.device() == dev && x.dim() == 2 && x.size(0) == tokens, op, ": x must be [", tokens, ", H] on ", dev);
+  TORCH_CHECK(tokens <= max_tokens, op, ": ", tokens, " tokens, the buffer holds ", max_tokens);
+  TORCH_CHECK(x.device() == dev && x.dim() == 2 && x.size(0) == tokens, op, ": x must be [", tokens, ", H] on ", dev);
   dso::check_dense16(op, "x", x);
   if (x_scales.has_value()) {
     dso::check_operand(op, "x_scales", *x_scales, dev, at::kFloat, {tokens, -1});
-    DSO_CHECK(x_scales->is_contiguous(), op, ": x_scales must be contiguous");
+    TORCH_CHECK(x_scales->is_contiguous(), op, ": x_scales must be contiguous");
   }
   dso::check_operand(op, "topk_weights", topk_weights, dev, at::kFloat, {tokens, topk_size});
   dso::check_operand(op, "slot_of", slot_of, dev, at::kInt, {tokens, world});
   dso::check_operand(op, "counts", counts, dev, at::kInt, {world});
-  DSO_CHECK(topk_idx.is_contiguous() && topk_weights.is_contiguous() && slot_of.is_contiguous() &&
+  TORCH_CHECK(topk_idx.is_contiguous() && topk_weights.is_contiguous() && slot_of.is_contiguous() &&
               counts.is_contiguous(), op, ": topk_idx, topk_weights, slot_of and counts must be contiguous");
   const c10::cuda::CUDAGuard guard(x.device());
   dso::launch_ep_ipc_dispatch_send(
@@ -207,7 +207,7 @@ void ep_ipc_combine_send_cuda(const at::Tensor& y, const at::Tensor& recv_row_of
   dso::check_operand(op, "y", y, dev, at::kBFloat16, {-1, -1});
   dso::check_dense16(op, "y", y);
   dso::check_operand(op, "recv_row_of", recv_row_of, dev, at::kInt, {peer_ptrs.size(0) * max_tokens, -1});
-  DSO_CHECK(recv_row_of.is_contiguous(), op, ": recv_row_of must be contiguous");
+  TORCH_CHECK(recv_row_of.is_contiguous(), op, ": recv_row_of must be contiguous");
   dso::check_operand(op, "recv_counts", recv_counts, dev, at::kInt, {peer_ptrs.size(0)});
   const c10::cuda::CUDAGuard guard(y.device());
   dso::launch_ep_ipc_combine_send(y.data_ptr(), y.size(1), recv_row_of.data_ptr<int>(),

@@ -17,10 +17,10 @@ constexpr auto kFp8 = at::kFloat8_e4m3fn;
 // a 16-byte aligned start.
 void check_k_major(const char* op, const char* name, const at::Tensor& t) {
   const int64_t k = t.size(-1), rows = t.numel() / std::max<int64_t>(k, 1);
-  DSO_CHECK(k <= 1 || t.stride(-1) == 1, op, ": ", name, " must be K-major, got strides ", t.strides());
-  DSO_CHECK(rows <= 1 || (t.stride(-2) % 16 == 0 && t.stride(-2) >= k), op, ": ", name,
+  TORCH_CHECK(k <= 1 || t.stride(-1) == 1, op, ": ", name, " must be K-major, got strides ", t.strides());
+  TORCH_CHECK(rows <= 1 || (t.stride(-2) % 16 == 0 && t.stride(-2) >= k), op, ": ", name,
               " needs a row stride that is a multiple of 16 and >= K, got strides ", t.strides());
-  DSO_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
               " must start at a 16-byte aligned address");
 }
 
@@ -30,7 +30,7 @@ std::pair<int64_t, int64_t> check_gemm_operands(const char* op, const at::Tensor
                                                 const at::Tensor& b, const at::Tensor& b_scales, bool grouped_a,
                                                 bool grouped_b) {
   const at::Device dev = a.device();
-  DSO_CHECK(dev.is_cuda(), op, ": a must be a CUDA tensor, got ", dev);
+  TORCH_CHECK(dev.is_cuda(), op, ": a must be a CUDA tensor, got ", dev);
   if (grouped_a) {
     dso::check_operand(op, "a", a, dev, kFp8, {-1, -1, -1});
   } else {
@@ -44,8 +44,8 @@ std::pair<int64_t, int64_t> check_gemm_operands(const char* op, const at::Tensor
     dso::check_operand(op, "b", b, dev, kFp8, {-1, k});
   }
   const int64_t n = b.size(-2);
-  DSO_CHECK(k > 0 && k % 128 == 0, op, ": K must be a positive multiple of 128, got ", k);
-  DSO_CHECK(n % 16 == 0, op, ": N must be a multiple of 16, got ", n);
+  TORCH_CHECK(k > 0 && k % 128 == 0, op, ": K must be a positive multiple of 128, got ", k);
+  TORCH_CHECK(n % 16 == 0, op, ": N must be a multiple of 16, got ", n);
   if (grouped_a) {
     dso::check_operand(op, "a_scales", a_scales, dev, at::kFloat, {groups, a.size(1), k / 128});
   } else {
@@ -54,7 +54,7 @@ std::pair<int64_t, int64_t> check_gemm_operands(const char* op, const at::Tensor
   if (grouped_b) {
     dso::check_operand(op, "b_scales", b_scales, dev, at::kFloat, {b.size(0), (n + 127) / 128, k / 128});
     // Groups are addressed as rows of one [G * N, K] matrix.
-    DSO_CHECK(b.size(0) <= 1 || b.stride(0) == n * b.stride(1), op, ": b's groups must be stored back to back");
+    TORCH_CHECK(b.size(0) <= 1 || b.stride(0) == n * b.stride(1), op, ": b's groups must be stored back to back");
   } else {
     dso::check_operand(op, "b_scales", b_scales, dev, at::kFloat, {(n + 127) / 128, k / 128});
   }
@@ -109,7 +109,7 @@ void fp8_gemm_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at
                        const at::Tensor& b_scales, const std::optional<at::Tensor>& c, at::Tensor& out) {
   constexpr const char* op = "fp8_gemm";
   const auto [n, k] = check_gemm_operands(op, a, a_scales, b, b_scales, false, false);
-  DSO_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat, op,
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat, op,
               ": out must be bfloat16 or float32, got ", out.scalar_type());
   dso::check_operand(op, "out", out, a.device(), out.scalar_type(), {a.size(0), n});
   dso::check_dense16(op, "out", out);
@@ -152,9 +152,9 @@ void grouped_fp8_gemm_contiguous_out_cuda(const at::Tensor& a, const at::Tensor&
   const auto [n, k] = check_gemm_operands(op, a, a_scales, b, b_scales, false, true);
   const int64_t m = a.size(0);
   // The kernel reads m_indices and writes out per 128-row block.
-  DSO_CHECK(m % 128 == 0, op, ": a's rows must be a multiple of 128, got ", m);
+  TORCH_CHECK(m % 128 == 0, op, ": a's rows must be a multiple of 128, got ", m);
   dso::check_operand(op, "m_indices", m_indices, a.device(), at::kInt, {m});
-  DSO_CHECK(m_indices.is_contiguous(), op, ": m_indices must be contiguous");
+  TORCH_CHECK(m_indices.is_contiguous(), op, ": m_indices must be contiguous");
   dso::check_operand(op, "out", out, a.device(), at::kBFloat16, {m, n});
   dso::check_dense16(op, "out", out);
   const c10::cuda::CUDAGuard guard(a.device());
@@ -181,7 +181,7 @@ void grouped_fp8_gemm_masked_out_cuda(const at::Tensor& a, const at::Tensor& a_s
   constexpr const char* op = "grouped_fp8_gemm_masked";
   const auto [n, k] = check_gemm_operands(op, a, a_scales, b, b_scales, true, true);
   dso::check_operand(op, "masked_m", masked_m, a.device(), at::kInt, {a.size(0)});
-  DSO_CHECK(masked_m.is_contiguous(), op, ": masked_m must be contiguous");
+  TORCH_CHECK(masked_m.is_contiguous(), op, ": masked_m must be contiguous");
   dso::check_operand(op, "out", out, a.device(), at::kBFloat16, {a.size(0), a.size(1), n});
   dso::check_dense16(op, "out", out);
   const c10::cuda::CUDAGuard guard(a.device());

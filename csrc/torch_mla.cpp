@@ -22,17 +22,17 @@ void check_cache(const char* op, const at::Tensor& kv_cache, const at::Device& d
 // block_table int32 [batch, max_blocks]: rows may be strided (block_table_stride), columns may not.
 void check_block_table(const char* op, const at::Tensor& block_table, const at::Device& device, int64_t batch) {
   dso::check_operand(op, "block_table", block_table, device, at::kInt, {batch, -1});
-  DSO_CHECK(block_table.size(1) <= 1 || block_table.stride(1) == 1, op, ": block_table columns must be dense");
-  DSO_CHECK(block_table.size(0) <= 1 || block_table.stride(0) >= block_table.size(1), op,
+  TORCH_CHECK(block_table.size(1) <= 1 || block_table.stride(1) == 1, op, ": block_table columns must be dense");
+  TORCH_CHECK(block_table.size(0) <= 1 || block_table.stride(0) >= block_table.size(1), op,
               ": block_table rows overlap");
 }
 
 std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache_seqlens, int64_t num_sm_parts) {
   constexpr const char* op = "get_mla_metadata";
-  DSO_CHECK(cache_seqlens.is_cuda(), op, ": cache_seqlens must be a CUDA tensor");
+  TORCH_CHECK(cache_seqlens.is_cuda(), op, ": cache_seqlens must be a CUDA tensor");
   dso::check_operand(op, "cache_seqlens", cache_seqlens, cache_seqlens.device(), at::kInt, {-1});
-  DSO_CHECK(cache_seqlens.is_contiguous(), op, ": cache_seqlens must be contiguous");
-  DSO_CHECK(num_sm_parts > 0, op, ": num_sm_parts must be positive, got ", num_sm_parts);
+  TORCH_CHECK(cache_seqlens.is_contiguous(), op, ": cache_seqlens must be contiguous");
+  TORCH_CHECK(num_sm_parts > 0, op, ": num_sm_parts must be positive, got ", num_sm_parts);
   const c10::cuda::CUDAGuard guard(cache_seqlens.device());
   const int64_t batch = cache_seqlens.size(0);
   auto opts = cache_seqlens.options().dtype(at::kInt);
@@ -48,19 +48,19 @@ at::Tensor mla_decode_cuda(const at::Tensor& q, const at::Tensor& kv_cache, cons
                            const at::Tensor& tile_sched, const at::Tensor& split_offsets, at::Tensor& out) {
   constexpr const char* op = "mla_decode";
   const at::Device dev = q.device();
-  DSO_CHECK(dev.is_cuda(), op, ": q must be a CUDA tensor, got ", dev);
+  TORCH_CHECK(dev.is_cuda(), op, ": q must be a CUDA tensor, got ", dev);
   dso::check_operand(op, "q", q, dev, at::kBFloat16, {-1, -1, -1, dso::kMlaHeadDimQK});
   dso::check_dense16(op, "q", q);
   const int64_t b = q.size(0);
-  DSO_CHECK(q.size(1) >= 1 && q.size(2) >= 1, op, ": q needs s_q >= 1 and h_q >= 1, got shape ", q.sizes());
+  TORCH_CHECK(q.size(1) >= 1 && q.size(2) >= 1, op, ": q needs s_q >= 1 and h_q >= 1, got shape ", q.sizes());
   check_cache(op, kv_cache, dev);
   check_block_table(op, block_table, dev, b);
   dso::check_operand(op, "cache_seqlens", cache_seqlens, dev, at::kInt, {b});
-  DSO_CHECK(cache_seqlens.is_contiguous(), op, ": cache_seqlens must be contiguous");
+  TORCH_CHECK(cache_seqlens.is_contiguous(), op, ": cache_seqlens must be contiguous");
   dso::check_operand(op, "tile_sched", tile_sched, dev, at::kInt, {-1, dso::kMlaSchedCols});
-  DSO_CHECK(tile_sched.is_contiguous() && tile_sched.size(0) >= 1, op, ": tile_sched must be contiguous, >= 1 row");
+  TORCH_CHECK(tile_sched.is_contiguous() && tile_sched.size(0) >= 1, op, ": tile_sched must be contiguous, >= 1 row");
   dso::check_operand(op, "split_offsets", split_offsets, dev, at::kInt, {b + 1});
-  DSO_CHECK(split_offsets.is_contiguous(), op, ": split_offsets must be contiguous");
+  TORCH_CHECK(split_offsets.is_contiguous(), op, ": split_offsets must be contiguous");
   dso::check_operand(op, "out", out, dev, at::kBFloat16, {b, q.size(1), q.size(2), dso::kMlaHeadDimV});
   dso::check_dense16(op, "out", out);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -97,8 +97,8 @@ at::Tensor mla_decode_cuda(const at::Tensor& q, const at::Tensor& kv_cache, cons
 
 at::Tensor quantize_mla_kv_cuda(const at::Tensor& kv) {
   constexpr const char* op = "quantize_mla_kv";
-  DSO_CHECK(kv.scalar_type() == at::kBFloat16, op, ": kv must be bfloat16, got ", kv.scalar_type());
-  DSO_CHECK(kv.dim() >= 1 && kv.size(-1) == dso::kMlaHeadDimQK, op, ": kv's last dim must be ",
+  TORCH_CHECK(kv.scalar_type() == at::kBFloat16, op, ": kv must be bfloat16, got ", kv.scalar_type());
+  TORCH_CHECK(kv.dim() >= 1 && kv.size(-1) == dso::kMlaHeadDimQK, op, ": kv's last dim must be ",
               dso::kMlaHeadDimQK, ", got shape ", kv.sizes());
   dso::check_dense16(op, "kv", kv);
   const c10::cuda::CUDAGuard guard(kv.device());
@@ -114,7 +114,7 @@ void mla_cache_append_cuda(at::Tensor& kv_cache, const at::Tensor& block_table, 
                            const at::Tensor& c_kv, const at::Tensor& k_pe) {
   constexpr const char* op = "mla_cache_append";
   const at::Device dev = kv_cache.device();
-  DSO_CHECK(dev.is_cuda(), op, ": kv_cache must be a CUDA tensor, got ", dev);
+  TORCH_CHECK(dev.is_cuda(), op, ": kv_cache must be a CUDA tensor, got ", dev);
   check_cache(op, kv_cache, dev);
   dso::check_operand(op, "c_kv", c_kv, dev, at::kBFloat16, {-1, -1, dso::kMlaHeadDimV});
   dso::check_dense16(op, "c_kv", c_kv);
@@ -123,7 +123,7 @@ void mla_cache_append_cuda(at::Tensor& kv_cache, const at::Tensor& block_table, 
                      {batch, tokens_per_req, dso::kMlaHeadDimQK - dso::kMlaHeadDimV});
   dso::check_dense16(op, "k_pe", k_pe);
   dso::check_operand(op, "positions", positions, dev, at::kInt, {batch, tokens_per_req});
-  DSO_CHECK(positions.is_contiguous(), op, ": positions must be contiguous");
+  TORCH_CHECK(positions.is_contiguous(), op, ": positions must be contiguous");
   check_block_table(op, block_table, dev, batch);
   const c10::cuda::CUDAGuard guard(kv_cache.device());
   if (batch * tokens_per_req == 0) return;

@@ -16,7 +16,7 @@ dso::FloatKind float_kind(const at::Tensor& t) {
     case at::kBFloat16: return dso::FloatKind::kBF16;
     case at::kHalf: return dso::FloatKind::kFP16;
     case at::kFloat: return dso::FloatKind::kFP32;
-    default: DSO_CHECK(false, "deepseek_ops: unsupported dtype ", t.scalar_type());
+    default: TORCH_CHECK(false, "deepseek_ops: unsupported dtype ", t.scalar_type());
   }
 }
 
@@ -29,16 +29,16 @@ at::Tensor empty_group_scales(const at::Tensor& like, int64_t m, int64_t num_gro
 
 // A 2-D float input (its layout is established by dense_aligned16) whose columns split into whole groups.
 void check_quant_input(const char* op, const char* name, const at::Tensor& t, int64_t group) {
-  DSO_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
   float_kind(t);
-  DSO_CHECK(t.size(1) % group == 0, op, ": ", name, "'s columns must be a multiple of ", group, ", got ",
+  TORCH_CHECK(t.size(1) % group == 0, op, ": ", name, "'s columns must be a multiple of ", group, ", got ",
               t.size(1));
 }
 
 std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8_cuda(const at::Tensor& x_arg, int64_t group_size,
                                                                   bool ue8m0, bool column_major_scales) {
   constexpr const char* op = "per_token_group_quant_fp8";
-  DSO_CHECK(group_size == 32 || group_size == 64 || group_size == 128, op, ": group_size must be 32, 64 or 128, got ",
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, op, ": group_size must be 32, 64 or 128, got ",
               group_size);
   check_quant_input(op, "x", x_arg, group_size);
   const c10::cuda::CUDAGuard guard(x_arg.device());
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_quant_fp8_cuda(const at::Tensor& h_a
 
 std::tuple<at::Tensor, at::Tensor> per_block_quant_fp8_cuda(const at::Tensor& w_arg, int64_t block_size,
                                                             bool ue8m0) {
-  DSO_CHECK(block_size == 128, "per_block_quant_fp8: block_size must be 128, got ", block_size);
+  TORCH_CHECK(block_size == 128, "per_block_quant_fp8: block_size must be 128, got ", block_size);
   check_quant_input("per_block_quant_fp8", "w", w_arg, block_size);
   const c10::cuda::CUDAGuard guard(w_arg.device());
   const at::Tensor w = dso::dense_aligned16(w_arg);
@@ -89,12 +89,12 @@ std::tuple<at::Tensor, at::Tensor> per_block_quant_fp8_cuda(const at::Tensor& w_
 at::Tensor dequant_fp8_block_cuda(const at::Tensor& w_arg, const at::Tensor& scales_arg, int64_t block_size,
                                   at::ScalarType out_dtype) {
   constexpr const char* op = "dequant_fp8_block";
-  DSO_CHECK(block_size == 128, op, ": block_size must be 128, got ", block_size);
+  TORCH_CHECK(block_size == 128, op, ": block_size must be 128, got ", block_size);
   dso::check_operand(op, "w", w_arg, w_arg.device(), at::kFloat8_e4m3fn, {-1, -1});
-  DSO_CHECK(w_arg.size(1) % block_size == 0, op, ": w's columns must be a multiple of 128, got ", w_arg.size(1));
+  TORCH_CHECK(w_arg.size(1) % block_size == 0, op, ": w's columns must be a multiple of 128, got ", w_arg.size(1));
   dso::check_operand(op, "scales", scales_arg, w_arg.device(), at::kFloat,
                      {(w_arg.size(0) + block_size - 1) / block_size, w_arg.size(1) / block_size});
-  DSO_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kFloat, op,
+  TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kFloat, op,
               ": out_dtype must be bfloat16, float16 or float32, got ", out_dtype);
   const c10::cuda::CUDAGuard guard(w_arg.device());
   const at::Tensor w = dso::dense_aligned16(w_arg), scales = scales_arg.contiguous();
@@ -109,7 +109,7 @@ at::Tensor dequant_fp8_block_cuda(const at::Tensor& w_arg, const at::Tensor& sca
 
 // x [T, C] -> (x^T [C, T_pad] e4m3, scales fp32 [C, T_pad / 128]), T_pad = T rounded up to 128.
 std::tuple<at::Tensor, at::Tensor> transpose_quant_fp8_cuda(const at::Tensor& x_arg) {
-  DSO_CHECK(x_arg.dim() == 2, "transpose_quant_fp8: x must be 2-D, got shape ", x_arg.sizes());
+  TORCH_CHECK(x_arg.dim() == 2, "transpose_quant_fp8: x must be 2-D, got shape ", x_arg.sizes());
   float_kind(x_arg);
   const c10::cuda::CUDAGuard guard(x_arg.device());
   const at::Tensor x = dso::dense_aligned16(x_arg);

@@ -43,14 +43,14 @@ const c10::TypedOperatorHandle<GroupedFp8GemmOutFn>& grouped_fp8_gemm_contiguous
 std::pair<int64_t, int64_t> check_dgrad_operands(const char* op, const at::Tensor& dy, const at::Tensor& dy_scales,
                                                  const at::Tensor& w, const at::Tensor& w_scales, bool grouped) {
   const at::Device dev = dy.device();
-  DSO_CHECK(dev.is_cuda(), op, ": dy must be a CUDA tensor, got ", dev);
+  TORCH_CHECK(dev.is_cuda(), op, ": dy must be a CUDA tensor, got ", dev);
   if (grouped) {
     dso::check_operand(op, "w", w, dev, kFp8, {-1, -1, -1});
   } else {
     dso::check_operand(op, "w", w, dev, kFp8, {-1, -1});
   }
   const int64_t n = w.size(-2), k = w.size(-1);
-  DSO_CHECK(n % 128 == 0 && k % 128 == 0, op, ": w's N and K must be multiples of 128, got shape ", w.sizes());
+  TORCH_CHECK(n % 128 == 0 && k % 128 == 0, op, ": w's N and K must be multiples of 128, got shape ", w.sizes());
   dso::check_operand(op, "dy", dy, dev, kFp8, {-1, n});
   dso::check_operand(op, "dy_scales", dy_scales, dev, at::kFloat, {dy.size(0), n / 128});
   if (grouped) {
@@ -74,7 +74,7 @@ at::Tensor fp8_gemm_dgrad_cuda(const at::Tensor& dy, const at::Tensor& dy_scales
                                const at::Tensor& w_scales, at::ScalarType out_dtype) {
   constexpr const char* op = "fp8_gemm_dgrad";
   const auto [n, k] = check_dgrad_operands(op, dy, dy_scales, w, w_scales, false);
-  DSO_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kFloat, op,
+  TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kFloat, op,
               ": out_dtype must be bfloat16 or float32, got ", out_dtype);
   const c10::cuda::CUDAGuard guard(dy.device());
   const int64_t m = dy.size(0);
@@ -91,7 +91,7 @@ at::Tensor grouped_fp8_gemm_dgrad_contiguous_cuda(const at::Tensor& dy, const at
   const int64_t m = dy.size(0);
   dso::check_operand(op, "m_indices", m_indices_arg, dy.device(), at::kInt, {m});
   // The GEMM's contiguous layout: a 128-row block holds one group's rows, then padding.
-  DSO_CHECK(m % 128 == 0, op, ": dy's rows must be a multiple of 128, got ", m);
+  TORCH_CHECK(m % 128 == 0, op, ": dy's rows must be a multiple of 128, got ", m);
   const c10::cuda::CUDAGuard guard(dy.device());
   auto out = at::empty({m, k}, dy.options().dtype(at::kBFloat16));
   if (m == 0 || k == 0) return out;

@@ -4,22 +4,11 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/StringUtil.h>
+#include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <initializer_list>
-#include <stdexcept>
-
-// The adapters' argument checks: DSO_CHECK(cond, message parts...) throws std::runtime_error (a
-// RuntimeError in Python) with the parts joined. Not TORCH_CHECK: a c10::Error captures a C++ stack
-// trace when it is built, and on the GPU machines' image (torch 2.11) that capture crashed the process
-// with SIGSEGV from this extension's frames, so a bad argument ended the program instead of raising.
-// std::runtime_error thrown from the same frames is caught normally.
-#define DSO_CHECK(cond, ...)                                     \
-  do {                                                           \
-    if (!(cond)) throw std::runtime_error(c10::str(__VA_ARGS__)); \
-  } while (false)
 
 namespace dso {
 
@@ -28,13 +17,13 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
 // `t` lives on `device`, holds `dtype` and has the given sizes (-1: any size in that dim).
 inline void check_operand(const char* op, const char* name, const at::Tensor& t, const at::Device& device,
                           at::ScalarType dtype, std::initializer_list<int64_t> sizes) {
-  DSO_CHECK(t.device() == device, op, ": ", name, " on ", t.device(), ", expected ", device);
-  DSO_CHECK(t.scalar_type() == dtype, op, ": ", name, " is ", t.scalar_type(), ", expected ", dtype);
-  DSO_CHECK(t.dim() == static_cast<int64_t>(sizes.size()), op, ": ", name, " has shape ", t.sizes(), ", expected ",
+  TORCH_CHECK(t.device() == device, op, ": ", name, " on ", t.device(), ", expected ", device);
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " is ", t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(t.dim() == static_cast<int64_t>(sizes.size()), op, ": ", name, " has shape ", t.sizes(), ", expected ",
               sizes.size(), " dims");
   int64_t d = 0;
   for (const int64_t size : sizes) {
-    DSO_CHECK(size < 0 || t.size(d) == size, op, ": ", name, " has shape ", t.sizes(), ", expected size ", size,
+    TORCH_CHECK(size < 0 || t.size(d) == size, op, ": ", name, " has shape ", t.sizes(), ", expected size ", size,
                 " in dim ", d);
     ++d;
   }
@@ -42,8 +31,8 @@ inline void check_operand(const char* op, const char* name, const at::Tensor& t,
 
 // Row-major and starting at a 16-byte aligned address: the kernels index it densely with 16-byte vectors.
 inline void check_dense16(const char* op, const char* name, const at::Tensor& t) {
-  DSO_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
-  DSO_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
               " must start at a 16-byte aligned address");
 }
 
