@@ -2,8 +2,7 @@
 
   python -m benchmarks.ab_fp8_gemm [--configs auto,128x128,256x128] [--m 4096] [--shapes N:K,...]
 
-Per shape: every config (forced through DSO_FP8_GEMM_CONFIG, "auto" = the heuristic's pick,
-"nosplit" = its pick without split-K) and
+Per shape: every config (forced through DSO_FP8_GEMM_CONFIG, "auto" = the heuristic's pick) and
 DeepGEMM, each checked against the float64 reference, timed by the protocol (timing.time_rounds: two
 rounds, the second reversed), then the mean SM clock and energy per call of each over ~0.3 s of
 back-to-back calls (NVML). Prints one line per shape and the geomean of time ratios to DeepGEMM.
@@ -24,15 +23,9 @@ from deepseek_ops.testing import calc_diff
 
 
 def with_config(config: str, fn):
-    """config: "auto" (the heuristic), "nosplit" (the heuristic without split-K) or a forced
-    DSO_FP8_GEMM_CONFIG string."""
     def call():
-        os.environ.pop("DSO_FP8_GEMM_SPLIT_K", None)
         if config == "auto":
             os.environ.pop("DSO_FP8_GEMM_CONFIG", None)
-        elif config == "nosplit":
-            os.environ.pop("DSO_FP8_GEMM_CONFIG", None)
-            os.environ["DSO_FP8_GEMM_SPLIT_K"] = "0"
         else:
             os.environ["DSO_FP8_GEMM_CONFIG"] = config
         return fn()
@@ -78,7 +71,6 @@ def main():
                     extra = f" {times['deepgemm'] / times[name]:.3f}x dg"
                 line.append(f"{name}: {times[name] * 1e3:.1f} us {tflops:.0f} TF {clock:.0f} MHz {mj:.2f} mJ{extra}")
             os.environ.pop("DSO_FP8_GEMM_CONFIG", None)
-            os.environ.pop("DSO_FP8_GEMM_SPLIT_K", None)
             print(" | ".join(line), flush=True)
             del inp, ref, copies
             torch.cuda.empty_cache()

@@ -54,8 +54,6 @@ constexpr int kConsumerRegs = 232;
 template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32, int CLUSTER_SIZE>
 struct Kernel {
   static constexpr int kClusterSize = CLUSTER_SIZE;
-  static constexpr int kBlockM = BLOCK_M;
-  static constexpr int kBlockN = BLOCK_N;
   static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 256, "BLOCK_M is 64, 128 or 256");
   static_assert(block_n_supported(BLOCK_N), "BLOCK_N: a multiple of 16 whose tiles touch <= 2 scale blocks");
   static_assert(!(BLOCK_M == 256 && BLOCK_N > 128), "256-row tiles hold 2 x BLOCK_N / 2 results: BLOCK_N <= 128");
@@ -114,7 +112,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
   while (scheduler.next(tile)) {
     const int b_row = tile.group_idx * p.n + tile.n_block_idx * BLOCK_N;
     const bool stream_b = scheduler.num_m_blocks <= kMaxStreamedBReaders;
-    for (int k_block_idx = tile.k_begin; k_block_idx < tile.k_begin + tile.k_count; ++k_block_idx) {
+    for (int k_block_idx = 0; k_block_idx < p.num_k_blocks; ++k_block_idx) {
       ptx::mbarrier_wait(&empty[stage], phase ^ 1);
       ptx::mbarrier_arrive_expect_tx(&full[stage], layout.stage_tx_bytes());
       if constexpr (kClusterSize == 2) {
@@ -361,7 +359,6 @@ struct ConsumerRing {
   uint32_t rank;    // clusters: this CTA's rank
   int num_k_blocks;
   const float* sfb = nullptr;  // the current tile's B scales [2 column blocks][num_k_blocks]
-  int k_begin = 0, k_count = 0;  // the current tile's K blocks (all of them unless split)
   bool peer_half = false;      // clusters: the current tile's stages hold half of A from the peer
   // Two positions in the ring: the stage the next K block is issued from, and the next one to release.
   int issue_stage = 0, release_stage = 0;
@@ -396,7 +393,7 @@ struct ConsumerRing {
   __device__ __forceinline__ PassScales scales(int stage, int pass, int k_block_idx) const {
     const float* smem_sfa = reinterpret_cast<const float*>(smem + layout.sfa_offset(stage));
     const float sa_lo = smem_sfa[sfa_row + pass * kWgmmaM], sa_hi = smem_sfa[sfa_row + pass * kWgmmaM + 8];
-    const float sb_first = sfb[k_begin + k_block_idx], sb_second = sfb[num_k_blocks + k_begin + k_block_idx];
+    const float sb_first = sfb[k_block_idx], sb_second = sfb[num_k_blocks + k_block_idx];
     return PassScales{sa_lo * sb_first, sa_hi * sb_first, sa_lo * sb_second, sa_hi * sb_second};
   }
 
@@ -418,14 +415,13 @@ struct ConsumerRing {
   }
 };
 
-// The K loop of one tile (its K blocks ring.k_begin + [0, ring.k_count)) -> final_acc (zeroed by the
-// caller). kNumFirstGroups: see with_first_groups.
+// The K loop of one tile -> final_acc (zeroed by the caller). kNumFirstGroups: see with_first_groups.
 template <int kNumFirstGroups, typename K>
 __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)[K::kNumPasses][K::kNumAccum],
                                        float (&acc0)[K::kNumAccum], float (&acc1)[K::kNumAccum]) {
   constexpr int kNumAccum = K::kNumAccum;
   constexpr int kNumPasses = K::kNumPasses;
-  const int num_k_blocks = ring.k_count;
+  const int num_k_blocks = ring.num_k_blocks;
   if constexpr (K::kOverlapPromotion) {
     auto issue_next = [&](float (&acc)[kNumAccum]) {
       ring.wait_full();
@@ -484,57 +480,6 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
   }
 }
 
-// Split-K: this unit's fp32 results -> its partial in the workspace. The unit that finishes the
-// warpgroup's rows of the tile last adds every split's partial, in split order (its own from
-// registers), into final_acc and returns true: it stores the tile. The sum does not depend on which
-// unit finished last, so results are bitwise reproducible.
-template <typename K>
-__device__ __forceinline__ bool split_k_reduce(const GemmParams& p, const Tile& tile,
-                                               float (&final_acc)[K::kNumPasses][K::kNumAccum], int consumer_wg_idx,
-                                               int thread_idx) {
-  constexpr int kVecs = K::kNumAccum / 4;
-  const SplitKWorkspace ws{0, p.num_splits, K::kBlockM, K::kBlockN};
-  auto partial = [&](int split) {
-    return reinterpret_cast<float4*>(p.split_partials +
-                                     ws.partial_offset_floats(tile.tile_idx, split, consumer_wg_idx)) + thread_idx;
-  };
-  float4* mine = partial(tile.split_idx);
-#pragma unroll
-  for (int pass = 0; pass < K::kNumPasses; ++pass) {
-#pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
-      const float* f = final_acc[pass] + 4 * v;
-      __stcg(mine + (pass * kVecs + v) * kWarpgroupThreads, make_float4(f[0], f[1], f[2], f[3]));
-    }
-  }
-  __threadfence();  // this thread's partial is visible GPU-wide before the counter says so
-  const uint32_t barrier_id = 1 + consumer_wg_idx;
-  ptx::named_barrier_sync(barrier_id, kWarpgroupThreads);
-  bool last = false;
-  if (thread_idx == 0) {
-    int* counter = p.split_counters + tile.tile_idx * K::kNumConsumerWarpgroups + consumer_wg_idx;
-    last = atomicAdd(counter, 1) == p.num_splits - 1;
-  }
-  if (ptx::named_barrier_sync_and(barrier_id, kWarpgroupThreads, !last)) return false;
-  __threadfence();  // the other units' partials, counted before our increment, are visible
-#pragma unroll
-  for (int pass = 0; pass < K::kNumPasses; ++pass) {
-#pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
-      float* f = final_acc[pass] + 4 * v;
-      const float4 own = make_float4(f[0], f[1], f[2], f[3]);
-      float4 sum = tile.split_idx == 0 ? own : __ldcg(partial(0) + (pass * kVecs + v) * kWarpgroupThreads);
-      for (int split = 1; split < p.num_splits; ++split) {
-        const float4 x =
-            split == tile.split_idx ? own : __ldcg(partial(split) + (pass * kVecs + v) * kWarpgroupThreads);
-        sum.x += x.x, sum.y += x.y, sum.z += x.z, sum.w += x.w;
-      }
-      f[0] = sum.x, f[1] = sum.y, f[2] = sum.z, f[3] = sum.w;
-    }
-  }
-  return true;
-}
-
 template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32, int kClusterSize>
 __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmParams& p, uint8_t* smem,
                                         const SmemLayout& layout, uint64_t* full, uint64_t* empty) {
@@ -571,8 +516,6 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
     ptx::named_barrier_sync(barrier_id, kWarpgroupThreads);
     ring.sfb = smem_sfb + sfb_buffer * layout.sfb_floats_per_buffer();
     ring.peer_half = tile.multicast;
-    ring.k_begin = tile.k_begin;
-    ring.k_count = tile.k_count;
 #pragma unroll
     for (int pass = 0; pass < K::kNumPasses; ++pass) {
 #pragma unroll
@@ -591,14 +534,8 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
                                    thread_idx);
     }
 
-    bool store = true;
-    if constexpr (kCanSplitK<kType, BLOCK_M, kOutFp32, kClusterSize>) {
-      if (p.num_splits > 1) store = split_k_reduce<K>(p, tile, final_acc, consumer_wg_idx, thread_idx);
-    }
-    if (store) {
-      store_tile<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(tmap_d, p, layout, tile, final_acc, smem_d,
-                                                                     smem_row_ok, consumer_wg_idx, thread_idx);
-    }
+    store_tile<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(tmap_d, p, layout, tile, final_acc, smem_d,
+                                                                   smem_row_ok, consumer_wg_idx, thread_idx);
 
     tile = next_tile;
     has_tile = has_next;
@@ -799,29 +736,12 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
                            static_cast<int>(p.m),
                            static_cast<int>(p.n),
                            static_cast<int>(num_k_blocks),
-                           static_cast<int>(p.num_groups),
-                           args.config.num_splits,
-                           nullptr,
-                           nullptr};
-  if (args.config.num_splits > 1) {
-    // select_sm90_fp8_gemm_config splits only problems that allow it; workspace_bytes sized this.
-    const gemm::SplitKWorkspace ws =
-        gemm::split_k_workspace(p.m, p.n, args.config.num_splits, block_m, block_n);
-    if (p.workspace == nullptr || reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0) {
-      throw std::runtime_error("deepseek_ops: fp8 gemm split-K needs a 16-byte aligned workspace of " +
-                               std::to_string(ws.total_bytes()) + " bytes");
-    }
-    args.params.split_counters = static_cast<int*>(p.workspace);
-    args.params.split_partials =
-        reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + ws.counter_bytes());
-    DSO_CUDA_CHECK(cudaMemsetAsync(p.workspace, 0, ws.num_counters() * sizeof(int), stream));
-  }
+                           static_cast<int>(p.num_groups)};
   if (const char* verbose = std::getenv("DSO_FP8_GEMM_VERBOSE"); verbose != nullptr && *verbose == '1') {
     std::fprintf(stderr, "deepseek_ops fp8 gemm: type %d m %lld n %lld k %lld groups %lld -> BLOCK_M %d BLOCK_N %d "
-                 "stages %d cluster %d splits %d ctas %d\n", static_cast<int>(p.type), static_cast<long long>(p.m),
+                 "stages %d cluster %d ctas %d\n", static_cast<int>(p.type), static_cast<long long>(p.m),
                  static_cast<long long>(p.n), static_cast<long long>(p.k), static_cast<long long>(p.num_groups),
-                 block_m, block_n, args.config.num_stages, args.config.cluster_size, args.config.num_splits,
-                 args.config.num_ctas);
+                 block_m, block_n, args.config.num_stages, args.config.cluster_size, args.config.num_ctas);
   }
   if (!dispatch(args, p.type, p.d_fp32)) {
     throw std::runtime_error("deepseek_ops: no fp8 gemm kernel instantiated for BLOCK_M=" + std::to_string(block_m) +

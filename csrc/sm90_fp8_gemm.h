@@ -41,34 +41,22 @@ struct Fp8GemmProblem {
   int64_t k = 0;                       // a positive multiple of 128
   int64_t num_groups = 1;
   int64_t expected_m = 0;              // masked: rows per group to tune for (a hint)
-  // Split-K scratch (dense, bf16 output): a caller that can provide sm90_fp8_gemm_workspace_bytes()
-  // bytes sets allow_split_k and, where that is > 0, points workspace at them (16-byte aligned, any
-  // contents, not shared with a launch that may run concurrently). Without it no split is chosen.
-  bool allow_split_k = false;
-  void* workspace = nullptr;
 };
 
 // Tile configuration. Chosen by a heuristic (csrc/sm90_fp8_gemm_config.cpp) unless the environment
-// variable DSO_FP8_GEMM_CONFIG="BLOCK_MxBLOCK_N[xSTAGES[xCLUSTER[xSPLITS]]]" forces one (STAGES 0: as
-// many as fit; used by tests to cover every variant); DSO_FP8_GEMM_VERBOSE=1 prints the configuration
-// of every launch to stderr (for tuning).
+// variable DSO_FP8_GEMM_CONFIG="BLOCK_MxBLOCK_N[xSTAGES[xCLUSTER]]" forces one (STAGES 0: as many as
+// fit; used by tests to cover every variant); DSO_FP8_GEMM_VERBOSE=1 prints the configuration of
+// every launch to stderr (for tuning).
 struct Fp8GemmConfig {
   int block_m = 0;
   int block_n = 0;
   int num_stages = 0;
   int cluster_size = 1;  // 2: pairs of CTAs share A through TMA multicast (dense)
-  // > 1: each tile's K blocks are split over this many CTAs, which write fp32 partial tiles to the
-  // workspace; the last of them to finish adds them up in split order and stores the tile (dense,
-  // bf16 output, one wave: for problems with fewer tiles than SMs).
-  int num_splits = 1;
   int num_ctas = 0;
 };
 
 // The configuration launch_sm90_fp8_gemm would use (no launch).
 Fp8GemmConfig select_sm90_fp8_gemm_config(const Fp8GemmProblem& problem);
-
-// Bytes of problem.workspace the launch needs (0: no split; always 0 unless allow_split_k).
-int64_t sm90_fp8_gemm_workspace_bytes(const Fp8GemmProblem& problem);
 
 // Requires m > 0 (callers return early for empty outputs). Throws std::runtime_error on bad config.
 void launch_sm90_fp8_gemm(const Fp8GemmProblem& problem, cudaStream_t stream);

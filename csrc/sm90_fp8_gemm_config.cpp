@@ -49,12 +49,6 @@ int max_stages(int block_m, int block_n, bool out_fp32, int num_k_blocks, int ma
   return stages;
 }
 
-// Split-K serves dense problems with bf16 output, tiles of at most 128 rows and no clusters
-// (gemm::kCanSplitK), and only callers that provide the workspace.
-bool can_split_k(const Fp8GemmProblem& p, int block_m, int cluster_size) {
-  return p.allow_split_k && p.type == GemmType::kNormal && !p.d_fp32 && block_m <= 128 && cluster_size == 1;
-}
-
 int64_t num_tiles(const Fp8GemmProblem& p, int block_m, int block_n, int64_t rows_per_group) {
   const int64_t n_blocks = ceil_div<int64_t>(p.n, block_n);
   if (p.type == GemmType::kGroupedMasked) return p.num_groups * ceil_div<int64_t>(rows_per_group, block_m) * n_blocks;
@@ -93,12 +87,10 @@ double mma_efficiency(int block_m, int block_n) {
   return 0.5;  // a width outside the table (a -DDSO_GEMM_BLOCK_NS build): rank it low
 }
 
-// Estimated time of a configuration: waves of work units (tiles, or tiles x splits), each costing the
-// slower of its tensor-core time and its operand ingest. Ingest mixes DRAM (the problem's unique
-// bytes, shared by all SMs) and L2 (operands re-read by other tiles). Constants fitted to a sweep over
-// M in {64, 128, 4096}. Split-K adds writing each unit's fp32 partial and the last unit's reads of
-// the others (L2), and a fixed cost: zeroing the counters and the counter handshake.
-double estimate_seconds(const Fp8GemmProblem& p, int block_m, int block_n, int num_sms, int num_splits = 1) {
+// Estimated time of a configuration: waves of tiles, each costing the slower of its tensor-core time
+// and its operand ingest. Ingest mixes DRAM (the problem's unique bytes, shared by all SMs) and L2
+// (operands re-read by other tiles). Constants fitted to a sweep over M in {64, 128, 4096}.
+double estimate_seconds(const Fp8GemmProblem& p, int block_m, int block_n, int num_sms) {
   // A fitted rate, not a peak (128 x 128 tiles run ~1.2 PFLOP/s at full clocks): it also absorbs
   // per-tile costs.
   constexpr double kSmFlops = 0.9e15 / 132;
@@ -106,38 +98,32 @@ double estimate_seconds(const Fp8GemmProblem& p, int block_m, int block_n, int n
   constexpr double kDramBytesPerS = 3.0e12;
   const int64_t rows = p.type == GemmType::kGroupedMasked ? (p.expected_m > 0 ? std::min(p.expected_m, p.m) : p.m)
                                                           : p.m;
-  constexpr double kSplitFixedSeconds = 1.5e-6;
-  const int64_t tiles = num_tiles(p, block_m, block_n, rows) * num_splits;
-  const double unit_k = static_cast<double>(p.k) / num_splits;
+  const int64_t tiles = num_tiles(p, block_m, block_n, rows);
   const double waves = static_cast<double>(ceil_div<int64_t>(tiles, num_sms));
-  const double compute = 2.0 * block_m * block_n * unit_k / (kSmFlops * mma_efficiency(block_m, block_n));
+  const double compute = 2.0 * block_m * block_n * p.k / (kSmFlops * mma_efficiency(block_m, block_n));
   const int64_t total_rows = p.type == GemmType::kGroupedMasked ? rows * p.num_groups : p.m;
   const int64_t b_groups = p.type == GemmType::kNormal ? 1 : p.num_groups;
   const double unique_bytes = static_cast<double>(total_rows) * p.k + static_cast<double>(b_groups) * p.n * p.k +
                               static_cast<double>(total_rows) * p.n * (p.d_fp32 ? 4 : 2);
-  const double tile_bytes = static_cast<double>(block_m + block_n) * unit_k;
+  const double tile_bytes = static_cast<double>(block_m + block_n) * p.k;
   const double dram_share = std::min(1.0, unique_bytes / (static_cast<double>(tiles) * tile_bytes));
   const double ingest = tile_bytes * (dram_share / (kDramBytesPerS / num_sms) + (1.0 - dram_share) / kSmL2BytesPerS);
-  const double split = num_splits == 1 ? 0.0
-                                       : kSplitFixedSeconds + 4.0 * block_m * block_n * num_splits / kSmL2BytesPerS;
-  return waves * std::max(compute, ingest) + split;
+  return waves * std::max(compute, ingest);
 }
 
 bool parse_config_override(Fp8GemmConfig& config) {
   const char* env = std::getenv("DSO_FP8_GEMM_CONFIG");
   if (env == nullptr || *env == '\0') return false;
-  int bm = 0, bn = 0, stages = 0, cluster = 1, splits = 1;
-  const int parsed = std::sscanf(env, "%dx%dx%dx%dx%d", &bm, &bn, &stages, &cluster, &splits);
+  int bm = 0, bn = 0, stages = 0, cluster = 1;
+  const int parsed = std::sscanf(env, "%dx%dx%dx%d", &bm, &bn, &stages, &cluster);
   if (parsed < 2) {
     throw std::runtime_error(
-        std::string("deepseek_ops: DSO_FP8_GEMM_CONFIG must be BLOCK_MxBLOCK_N[xSTAGES[xCLUSTER[xSPLITS]]], got ") +
-        env);
+        std::string("deepseek_ops: DSO_FP8_GEMM_CONFIG must be BLOCK_MxBLOCK_N[xSTAGES[xCLUSTER]], got ") + env);
   }
   config.block_m = bm;
   config.block_n = bn;
   config.num_stages = parsed >= 3 ? stages : 0;
-  config.cluster_size = parsed >= 4 ? cluster : 1;
-  config.num_splits = parsed == 5 ? splits : 1;
+  config.cluster_size = parsed == 4 ? cluster : 1;
   return true;
 }
 
@@ -148,17 +134,15 @@ struct ShapeKey {
   GemmType type;
   bool d_fp32;
   int64_t m, n, k, num_groups, expected_m;
-  bool allow_split_k;
   bool operator==(const ShapeKey& o) const {
     return device == o.device && type == o.type && d_fp32 == o.d_fp32 && m == o.m && n == o.n && k == o.k &&
-           num_groups == o.num_groups && expected_m == o.expected_m && allow_split_k == o.allow_split_k;
+           num_groups == o.num_groups && expected_m == o.expected_m;
   }
 };
 
 struct ShapeKeyHash {
   size_t operator()(const ShapeKey& key) const {
-    size_t h = static_cast<size_t>(key.device) * 31 + static_cast<size_t>(key.type) * 7 + key.d_fp32 * 2 +
-               key.allow_split_k;
+    size_t h = static_cast<size_t>(key.device) * 31 + static_cast<size_t>(key.type) * 7 + key.d_fp32;
     for (const int64_t v : {key.m, key.n, key.k, key.num_groups, key.expected_m}) {
       h = h * 1000003 ^ std::hash<int64_t>()(v);
     }
@@ -166,11 +150,8 @@ struct ShapeKeyHash {
   }
 };
 
-// The heuristic's tile: the instantiated variant (and split count) of least estimated time. Splits
-// are considered only where a tile per SM leaves SMs idle, and only as many as fit one wave: the
-// units of a tile then run at the same time.
+// The heuristic's tile: the instantiated variant of least estimated time.
 Fp8GemmConfig heuristic_tile(const Fp8GemmProblem& p, const DeviceInfo& info) {
-  constexpr int kMaxSplits = 8;
   const int num_k_blocks = static_cast<int>(p.k / 128);
   Fp8GemmConfig config;
   double best = 0.0;
@@ -178,19 +159,12 @@ Fp8GemmConfig heuristic_tile(const Fp8GemmProblem& p, const DeviceInfo& info) {
     if (!gemm::variant_instantiated(p.type, p.d_fp32, block_m, block_n, 1)) return;
     if (block_n > align_up<int64_t>(p.n, 16) && block_n != 16) return;
     if (max_stages(block_m, block_n, p.d_fp32, num_k_blocks, info.max_smem) < 3) return;
-    const int64_t tiles = num_tiles(p, block_m, block_n, p.m);
-    const int max_splits = can_split_k(p, block_m, 1) && tiles < info.num_sms
-                               ? static_cast<int>(std::min<int64_t>({kMaxSplits, num_k_blocks, info.num_sms / tiles}))
-                               : 1;
-    for (int splits = 1; splits <= max_splits; ++splits) {
-      const double t = estimate_seconds(p, block_m, block_n, info.num_sms, splits);
-      // Ties: the first, i.e. the smaller BLOCK_M, BLOCK_N and split count, wins.
-      if (config.block_m == 0 || t < best * 0.995) {
-        best = t;
-        config.block_m = block_m;
-        config.block_n = block_n;
-        config.num_splits = splits;
-      }
+    const double t = estimate_seconds(p, block_m, block_n, info.num_sms);
+    // Ties: the first, i.e. the smaller BLOCK_M and BLOCK_N, wins.
+    if (config.block_m == 0 || t < best * 0.995) {
+      best = t;
+      config.block_m = block_m;
+      config.block_n = block_n;
     }
   };
   for (const int block_m : {64, 128}) {
@@ -222,34 +196,19 @@ Fp8GemmConfig complete(Fp8GemmConfig config, const Fp8GemmProblem& p, const Devi
                              " does not fit in shared memory for K = " + std::to_string(p.k) + " (at most " +
                              std::to_string(stages_fit) + " stages)");
   }
-  if (config.num_splits < 1 || config.num_splits > num_k_blocks ||
-      (config.num_splits > 1 && !can_split_k(p, config.block_m, config.cluster_size))) {
-    throw std::runtime_error("deepseek_ops: fp8 gemm config splits K " + std::to_string(config.num_splits) +
-                             " ways: splits run from 1 to the K blocks (" + std::to_string(num_k_blocks) +
-                             "), and more than one serves dense bf16 output, tiles of at most 128 rows, no "
-                             "cluster, and a caller that provides the workspace");
-  }
   if (config.cluster_size == 2) {
     const int64_t pairs = num_tile_pairs(p, config.block_m, config.block_n);
     config.num_ctas = static_cast<int>(2 * std::max<int64_t>(1, std::min<int64_t>(pairs, info.num_sms / 2)));
   } else {
-    const int64_t units = num_tiles(p, config.block_m, config.block_n, p.m) * config.num_splits;
-    config.num_ctas = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(units, info.num_sms)));
+    const int64_t tiles = num_tiles(p, config.block_m, config.block_n, p.m);
+    config.num_ctas = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(tiles, info.num_sms)));
   }
   return config;
 }
 
-// DSO_FP8_GEMM_SPLIT_K=0 keeps the heuristic from splitting K (A/B timing against the split picks).
-bool split_k_enabled() {
-  const char* env = std::getenv("DSO_FP8_GEMM_SPLIT_K");
-  return env == nullptr || std::string(env) != "0";
-}
-
 }  // namespace
 
-Fp8GemmConfig select_sm90_fp8_gemm_config(const Fp8GemmProblem& problem) {
-  Fp8GemmProblem p = problem;
-  p.allow_split_k = p.allow_split_k && split_k_enabled();
+Fp8GemmConfig select_sm90_fp8_gemm_config(const Fp8GemmProblem& p) {
   const DeviceInfo& info = device_info();
   Fp8GemmConfig forced;
   if (parse_config_override(forced)) return complete(forced, p, info);
@@ -257,7 +216,7 @@ Fp8GemmConfig select_sm90_fp8_gemm_config(const Fp8GemmProblem& problem) {
   static std::unordered_map<ShapeKey, Fp8GemmConfig, ShapeKeyHash> picks;
   int device = 0;
   DSO_CUDA_CHECK(cudaGetDevice(&device));
-  const ShapeKey key{device, p.type, p.d_fp32, p.m, p.n, p.k, p.num_groups, p.expected_m, p.allow_split_k};
+  const ShapeKey key{device, p.type, p.d_fp32, p.m, p.n, p.k, p.num_groups, p.expected_m};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = picks.find(key);
   if (it == picks.end()) {
@@ -265,12 +224,6 @@ Fp8GemmConfig select_sm90_fp8_gemm_config(const Fp8GemmProblem& problem) {
     it = picks.emplace(key, complete(heuristic_tile(p, info), p, info)).first;
   }
   return it->second;
-}
-
-int64_t sm90_fp8_gemm_workspace_bytes(const Fp8GemmProblem& p) {
-  if (!p.allow_split_k) return 0;
-  const Fp8GemmConfig config = select_sm90_fp8_gemm_config(p);
-  return gemm::split_k_workspace(p.m, p.n, config.num_splits, config.block_m, config.block_n).total_bytes();
 }
 
 }  // namespace dso

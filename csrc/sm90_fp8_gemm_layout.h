@@ -74,29 +74,4 @@ struct SmemLayout {
   DSO_HOST_DEVICE constexpr int total_bytes() const { return barrier_offset() + 2 * num_stages * 8; }
 };
 
-// Split-K scratch in global memory: [an int counter per (tile, consumer warpgroup), zeroed before each
-// launch][fp32 partial results per (tile, split, consumer warpgroup): the warpgroup's fragments in
-// register order, (pass, float4 index, thread) with the thread fastest, so that writes and reads are
-// coalesced and every split of a tile uses the same order].
-struct SplitKWorkspace {
-  long long num_tiles;
-  int num_splits, block_m, block_n;
-
-  DSO_HOST_DEVICE constexpr int num_warpgroups() const { return num_consumer_warpgroups(block_m); }
-  DSO_HOST_DEVICE constexpr long long num_counters() const { return num_tiles * num_warpgroups(); }
-  DSO_HOST_DEVICE constexpr long long counter_bytes() const { return (num_counters() * 4 + 255) / 256 * 256; }
-  DSO_HOST_DEVICE constexpr long long floats_per_partial() const { return block_m / num_warpgroups() * block_n; }
-  DSO_HOST_DEVICE constexpr long long partial_offset_floats(long long tile, int split, int warpgroup) const {
-    return ((tile * num_splits + split) * num_warpgroups() + warpgroup) * floats_per_partial();
-  }
-  DSO_HOST_DEVICE constexpr long long total_bytes() const {
-    return num_splits <= 1 ? 0 : counter_bytes() + partial_offset_floats(num_tiles, 0, 0) * 4;
-  }
-};
-
-// The workspace of a dense m x n problem split num_splits ways in block_m x block_n tiles.
-constexpr SplitKWorkspace split_k_workspace(long long m, long long n, int num_splits, int block_m, int block_n) {
-  return SplitKWorkspace{(m + block_m - 1) / block_m * ((n + block_n - 1) / block_n), num_splits, block_m, block_n};
-}
-
 }  // namespace dso::gemm

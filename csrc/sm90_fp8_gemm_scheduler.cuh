@@ -32,16 +32,7 @@ struct GemmParams {
   int n;
   int num_k_blocks;
   int num_groups;
-  // Split-K (dense, bf16 output, one CTA per SM; see Fp8GemmConfig::num_splits): 1 = off.
-  int num_splits;
-  int* split_counters;     // SplitKWorkspace, zeroed
-  float* split_partials;   // SplitKWorkspace
 };
-
-// Split-K in the kernel: dense tiles with bf16 output and no clusters, of at most 128 rows (one fp32
-// partial per consumer warpgroup pass fits the workspace layout).
-template <GemmType kType, int BLOCK_M, bool kOutFp32, int kClusterSize>
-constexpr bool kCanSplitK = kType == GemmType::kNormal && !kOutFp32 && kClusterSize == 1 && BLOCK_M <= 128;
 
 struct Tile {
   int m_block_idx;
@@ -50,10 +41,6 @@ struct Tile {
   int row;        // first row of the tile in A's (and D's) row space, groups flattened
   int num_rows;   // rows of the tile that hold valid output (<= BLOCK_M)
   bool multicast; // clusters: the peer CTA's tile has the same rows, and each loads half of A for both
-  int k_begin;    // the K blocks [k_begin, k_begin + k_count) of the tile this unit computes
-  int k_count;
-  int split_idx;  // split-K: which of the tile's num_splits units this is
-  int tile_idx;   // split-K: the tile's index in the rasterization (its counters and partials)
 };
 
 __device__ __forceinline__ void rasterize(int tile_idx, int num_m_blocks, int num_n_blocks, int& m_block_idx,
@@ -111,9 +98,6 @@ struct TileScheduler {
   __device__ __forceinline__ int masked_rows(int g) const { return max(0, min(__ldg(p.masked_m + g), p.m)); }
 
   __device__ __forceinline__ bool next(Tile& tile) {
-    tile.k_begin = 0;
-    tile.k_count = p.num_k_blocks;
-    tile.split_idx = 0;
     if constexpr (kClusterSize == 2) {
       const int pair_idx = next_tile_idx;
       next_tile_idx += gridDim.x / 2;
@@ -134,19 +118,6 @@ struct TileScheduler {
         tile.group_idx = current_group;
         tile.row = current_group * p.m + tile.m_block_idx * BLOCK_M;
         tile.num_rows = min(BLOCK_M, masked_rows(current_group) - tile.m_block_idx * BLOCK_M);
-        return true;
-      } else if constexpr (kType == GemmType::kNormal) {
-        // Split-K: the units of one tile are consecutive (they run in the same wave).
-        const int num_splits = p.num_splits;
-        if (tile_idx >= num_m_blocks * num_n_blocks * num_splits) return false;
-        tile.tile_idx = tile_idx / num_splits;
-        tile.split_idx = tile_idx - tile.tile_idx * num_splits;
-        tile.k_begin = tile.split_idx * p.num_k_blocks / num_splits;
-        tile.k_count = (tile.split_idx + 1) * p.num_k_blocks / num_splits - tile.k_begin;
-        rasterize(tile.tile_idx, num_m_blocks, num_n_blocks, tile.m_block_idx, tile.n_block_idx);
-        tile.row = tile.m_block_idx * BLOCK_M;
-        tile.num_rows = min(BLOCK_M, p.m - tile.row);
-        tile.group_idx = 0;
         return true;
       } else {
         if (tile_idx >= num_m_blocks * num_n_blocks) return false;

@@ -127,14 +127,6 @@ void fp8_gemm_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at
     p.c = c->data_ptr<float>();
     p.ldc = c->stride(0);
   }
-  // Split-K scratch from the caching allocator: ordered on this stream, so concurrent launches never
-  // share it.
-  p.allow_split_k = true;
-  at::Tensor workspace;
-  if (const int64_t bytes = dso::sm90_fp8_gemm_workspace_bytes(p); bytes > 0) {
-    workspace = at::empty({bytes}, a.options().dtype(at::kByte));
-    p.workspace = workspace.data_ptr();
-  }
   dso::launch_sm90_fp8_gemm(p, dso::current_stream());
 }
 

@@ -132,40 +132,6 @@ def test_fp8_gemm_pipeline_depths(gemm_config, block_m, block_n, stages, cluster
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_m,block_n,splits", [(64, 64, 2), (64, 64, 4), (64, 16, 3), (128, 128, 5),
-                                                    (128, 112, 8), (128, 192, 7), (64, 96, 5)])
-@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (1, 16, 1024), (65, 1040, 640), (200, 4096, 1280)])
-def test_fp8_gemm_split_k(gemm_config, block_m, block_n, splits, m, n, k):
-    # K blocks split unevenly (5 over 640 / 128 = 5, 8 over 10), partial row and column tiles, more
-    # units than SMs (200 x 4096 in 64 x 16 tiles x 3 splits): the last unit of each tile adds the
-    # partials, so the result must not depend on which unit that is (bitwise equal on a repeat).
-    if splits > k // 128:
-        pytest.skip("more splits than K blocks")
-    gemm_config(block_m, block_n, splits=splits)
-    a, a_scales, b, b_scales = make_operands(m, n, k)
-    out = poison_(torch.empty(m, n, device="cuda", dtype=torch.bfloat16))
-    deepseek_ops.fp8_gemm(a, a_scales, b, b_scales, out=out)
-    assert_written(out)
-    check_parity(out, a, a_scales, b, b_scales)
-    for _ in range(3):
-        assert_bitwise_equal(deepseek_ops.fp8_gemm(a, a_scales, b, b_scales), out)
-
-
-@pytest.mark.gpu
-def test_fp8_gemm_split_k_is_validated(gemm_config):
-    a, a_scales, b, b_scales = make_operands(64, 256, 512)
-    gemm_config(64, 64, splits=5)  # 4 K blocks
-    with pytest.raises(RuntimeError, match="splits K 5 ways"):
-        deepseek_ops.fp8_gemm(a, a_scales, b, b_scales)
-    gemm_config(64, 64, splits=2)  # fp32 output is not split
-    with pytest.raises(RuntimeError, match="splits K 2 ways"):
-        deepseek_ops.fp8_gemm(a, a_scales, b, b_scales, out_dtype=torch.float32)
-    gemm_config(256, 128, splits=2)  # nor are 256-row tiles
-    with pytest.raises(RuntimeError, match="splits K 2 ways"):
-        deepseek_ops.fp8_gemm(a, a_scales, b, b_scales)
-
-
-@pytest.mark.gpu
 def test_fp8_gemm_config_override_is_validated(gemm_config):
     a, a_scales, b, b_scales = make_operands(128, 128, 128)
     gemm_config(128, 120)
