@@ -7,6 +7,7 @@ import torch
 import deepseek_ops
 from deepseek_ops import reference, train_ops
 from deepseek_ops.testing import assert_bitwise_equal, assert_written, calc_diff, opcheck_fp8_safe
+from isolated import raised_in_subprocess
 
 FP8 = torch.float8_e4m3fn
 CALC_DIFF_BOUND = 1e-5  # a GEMM against float64 of the same quantized operands
@@ -417,7 +418,8 @@ def test_cuda_fp8_gemm_dgrad_empty_and_strided():
     assert_bitwise_equal(out, torch.zeros(64, 384, device="cuda"))
     # dy a column slice (row stride 512), w a slice of a wider weight: copied into the GEMM's layouts.
     w_wide, w_wide_scales = _cuda_block_weight(256, 768)
-    dy_view, dy_view_scales, w_view, w_view_scales = dy[:, 256:], dy_scales[:, 2:], w_wide[:, 128:512], w_wide_scales[:, 1:4]
+    dy_view, dy_view_scales = dy[:, 256:], dy_scales[:, 2:]
+    w_view, w_view_scales = w_wide[:, 128:512], w_wide_scales[:, 1:4]
     out = deepseek_ops.fp8_gemm_dgrad(dy_view, dy_view_scales, w_view, w_view_scales, torch.float32)
     ref = reference.fp8_gemm_dgrad(dy_view, dy_view_scales, w_view, w_view_scales, torch.float64)
     assert calc_diff(out, ref) < CALC_DIFF_BOUND
@@ -475,15 +477,25 @@ def test_cuda_train_ops_opcheck():
     opcheck_fp8_safe(ops.grouped_fp8_gemm_dgrad_contiguous.default, (dy, dy_scales, w, w_scales, m_indices))
 
 
+def _raw_dgrad_bad_n_k():
+    dy, dy_scales = _cuda_token_scaled(8, 128)
+    w = torch.zeros(128, 200, device="cuda").to(FP8)
+    torch.ops.deepseek_ops.fp8_gemm_dgrad(dy, dy_scales, w, torch.ones(1, 2, device="cuda"), torch.bfloat16)
+
+
+def _raw_grouped_dgrad_bad_rows():
+    dy, dy_scales = _cuda_token_scaled(8, 128)
+    w, w_scales = _cuda_block_weight(128, 128, groups=1)
+    torch.ops.deepseek_ops.grouped_fp8_gemm_dgrad_contiguous(dy, dy_scales, w, w_scales,
+                                                             torch.zeros(8, dtype=torch.int32, device="cuda"))
+
+
 @pytest.mark.gpu
 def test_cuda_dgrad_raw_ops_reject_unsupported_shapes():
     # The public functions reject these before dispatch; the raw ops check what their kernels need.
-    ops = torch.ops.deepseek_ops
-    dy, dy_scales = _cuda_token_scaled(8, 128)
-    w = torch.zeros(128, 200, device="cuda").to(FP8)
-    with pytest.raises(RuntimeError, match="fp8_gemm_dgrad: w's N and K must be multiples of 128"):
-        ops.fp8_gemm_dgrad(dy, dy_scales, w, torch.ones(1, 2, device="cuda"), torch.bfloat16)
-    w, w_scales = _cuda_block_weight(128, 128, groups=1)
-    with pytest.raises(RuntimeError, match="grouped_fp8_gemm_dgrad_contiguous: dy's rows must be a multiple of 128"):
-        ops.grouped_fp8_gemm_dgrad_contiguous(dy, dy_scales, w, w_scales, torch.zeros(8, dtype=torch.int32,
-                                                                                      device="cuda"))
+    # In a child process: a crash in the adapters' checks fails this test, not the whole session.
+    raised = raised_in_subprocess("test_train_ops", "m._raw_dgrad_bad_n_k()")
+    assert raised.startswith("RuntimeError: fp8_gemm_dgrad: w's N and K must be multiples of 128"), raised
+    raised = raised_in_subprocess("test_train_ops", "m._raw_grouped_dgrad_bad_rows()")
+    expected = "RuntimeError: grouped_fp8_gemm_dgrad_contiguous: dy's rows must be a multiple of 128"
+    assert raised.startswith(expected), raised
