@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks import __main__ as bench_main
 from benchmarks import report
+from benchmarks.peers import passes_check
 from benchmarks.report import OURS, Record
 
 CEILINGS = {"copy_gbps": 4000.0, "bf16_tflops": 700.0}
@@ -68,3 +69,12 @@ def test_bench_modules_discovered_and_failures_reported():
     assert bench_main._selected(["bench_quant", "bench_x"], ["quant"]) == ["bench_quant"]
     records, failures = bench_main.run_modules(["bench_no_such_module"], quick=True)
     assert records == [] and [name for name, _ in failures] == ["bench_no_such_module"]
+
+
+def test_peer_failing_the_reference_check_is_skipped_and_ours_raises(capsys):
+    assert passes_check("shape", "deepgemm", 1e-7, 1e-5, "deepseek_ops")
+    assert not passes_check("shape", "deepgemm", 0.5, 1e-5, "deepseek_ops")
+    assert not passes_check("shape", "flashmla", float("nan"), 1e-5, "deepseek_ops")
+    assert "flashmla calc_diff nan" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="deepseek_ops calc_diff 0.5"):
+        passes_check("shape", "deepseek_ops", 0.5, 1e-5, "deepseek_ops")
