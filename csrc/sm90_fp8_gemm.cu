@@ -9,7 +9,8 @@
 //     two 64-row wgmma passes): per 128-wide K block, 4 wgmma m64nBLOCK_Nk32 per pass into a fresh
 //     fp32 accumulator, then promotion on CUDA cores, final += acc * a_scale[row] * b_scale[column
 //     block] (the tensor cores keep ~14 mantissa bits of an FP8 product sum, so sums longer than
-//     128 are formed in real fp32);
+//     128 are formed in real fp32); weight gradients (GemmType::kWgrad) scale B per row instead,
+//     final += acc * a_scale[row] * b_scale[column], B's scales loaded per stage like A's;
 //   - an epilogue per warpgroup: bf16 output goes through swizzled shared memory (stmatrix) and TMA
 //     stores that run on while the warpgroup starts its next tile; rows the contract leaves untouched
 //     (masked tails, contiguous padding) take bounded 16-byte stores instead. fp32 output (with the
@@ -60,6 +61,8 @@ struct Kernel {
   static_assert(!(BLOCK_M == 256 && kOutFp32), "fp32 output (and c) uses tiles of at most 128 rows");
   static_assert(kClusterSize == 1 || (kClusterSize == 2 && kType == GemmType::kNormal),
                 "clusters of two CTAs (sharing A) serve the dense layout");
+  static constexpr bool kBScalesPerRow = kType == GemmType::kWgrad;
+  static_assert(!kBScalesPerRow || (kOutFp32 && BLOCK_M <= 128), "weight gradients: fp32 output, <= 128 rows");
   using Mma = ptx::Wgmma<__nv_fp8_e4m3, BLOCK_N>;
   static constexpr int kNumConsumerWarpgroups = num_consumer_warpgroups(BLOCK_M);
   static constexpr int kNumConsumerThreads = kNumConsumerWarpgroups * kWarpgroupThreads;
@@ -78,7 +81,7 @@ struct Kernel {
   static_assert(BLOCK_N % 16 == 0, "stmatrix x4 writes 16 columns at a time");
 
   __host__ __device__ static constexpr SmemLayout layout(int num_stages, int num_k_blocks) {
-    return SmemLayout{BLOCK_M, BLOCK_N, kOutFp32, num_stages, num_k_blocks};
+    return SmemLayout{BLOCK_M, BLOCK_N, kOutFp32, num_stages, num_k_blocks, kBScalesPerRow};
   }
 };
 
@@ -94,7 +97,8 @@ constexpr int kMaxStreamedBReaders = 2;
 
 template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32, int kClusterSize>
 __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtensorMap* tmap_b,
-                                        const CUtensorMap* tmap_sfa, const GemmParams& p, uint8_t* smem,
+                                        const CUtensorMap* tmap_sfa, const CUtensorMap* tmap_sfb,
+                                        const GemmParams& p, uint8_t* smem,
                                         const SmemLayout& layout, uint64_t* full, uint64_t* empty) {
   using K = Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>;
   TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize> scheduler(p);
@@ -137,6 +141,10 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
         ptx::tma_load_2d(smem + layout.b_offset(stage), tmap_b, &full[stage], k_block_idx * BLOCK_K, b_row);
       }
       ptx::tma_load_2d(smem + layout.sfa_offset(stage), tmap_sfa, &full[stage], tile.row, k_block_idx);
+      if constexpr (K::kBScalesPerRow) {
+        ptx::tma_load_2d(smem + layout.sfb_stage_offset(stage), tmap_sfb, &full[stage], tile.n_block_idx * BLOCK_N,
+                         k_block_idx);
+      }
       next_stage();
     }
   }
@@ -186,6 +194,21 @@ __device__ __forceinline__ void promote(float (&final_acc)[kNumAccum], const flo
     final_acc[4 * j + 1] += acc[4 * j + 1] * s_lo;
     final_acc[4 * j + 2] += acc[4 * j + 2] * s_hi;
     final_acc[4 * j + 3] += acc[4 * j + 3] * s_hi;
+  }
+}
+
+// Weight gradients: final_acc += acc * a_scale[row] * b_scale[column], B's scales of the K block read
+// from the stage (columns 8 j + 2 (lane % 4) + {0, 1} of the fragment).
+template <int kNumAccum>
+__device__ __forceinline__ void promote_per_column(float (&final_acc)[kNumAccum], const float (&acc)[kNumAccum],
+                                                   float sa_lo, float sa_hi, const float* smem_sfb, int lane_idx) {
+#pragma unroll
+  for (int j = 0; j < kNumAccum / 4; ++j) {
+    const float2 sb = *reinterpret_cast<const float2*>(smem_sfb + j * 8 + (lane_idx % 4) * 2);
+    final_acc[4 * j + 0] += acc[4 * j + 0] * (sa_lo * sb.x);
+    final_acc[4 * j + 1] += acc[4 * j + 1] * (sa_lo * sb.y);
+    final_acc[4 * j + 2] += acc[4 * j + 2] * (sa_hi * sb.x);
+    final_acc[4 * j + 3] += acc[4 * j + 3] * (sa_hi * sb.y);
   }
 }
 
@@ -397,6 +420,16 @@ struct ConsumerRing {
     return PassScales{sa_lo * sb_first, sa_hi * sb_first, sa_lo * sb_second, sa_hi * sb_second};
   }
 
+  // Weight gradients: acc (pass `pass` of the K block in `stage`) -> final_acc with the stage's per-row A
+  // and per-column B scales. The caller releases the stage afterwards: the B scales are read here.
+  __device__ __forceinline__ void promote_per_column_from(int stage, int pass, float (&final_acc)[kNumAccum],
+                                                          const float (&acc)[kNumAccum]) const {
+    const float* smem_sfa = reinterpret_cast<const float*>(smem + layout.sfa_offset(stage));
+    const float* smem_sfb = reinterpret_cast<const float*>(smem + layout.sfb_stage_offset(stage));
+    promote_per_column(final_acc, acc, smem_sfa[sfa_row + pass * kWgmmaM], smem_sfa[sfa_row + pass * kWgmmaM + 8],
+                       smem_sfb, lane_idx);
+  }
+
   // This warp's reads of the stage (scales, wgmma operands) are complete: the producer may refill it.
   // Clusters: each warp arrives twice, on both CTAs' barriers when the peer's producer writes half of
   // the stage, else twice on its own.
@@ -431,9 +464,14 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
     // K block k_block_idx (its group the oldest in flight, in acc) -> final_acc; frees its stage.
     auto promote_oldest = [&](float (&acc)[kNumAccum], int k_block_idx) {
       ptx::warpgroup::fence_accumulators(acc);
-      const PassScales s = ring.scales(ring.release_stage, 0, k_block_idx);
-      ring.release_oldest();
-      promote<kNumFirstGroups>(final_acc[0], acc, s);
+      if constexpr (K::kBScalesPerRow) {
+        ring.promote_per_column_from(ring.release_stage, 0, final_acc[0], acc);
+        ring.release_oldest();
+      } else {
+        const PassScales s = ring.scales(ring.release_stage, 0, k_block_idx);
+        ring.release_oldest();
+        promote<kNumFirstGroups>(final_acc[0], acc, s);
+      }
     };
     // Software pipeline over two accumulators: K block i + 1 runs on the tensor cores while the
     // CUDA cores promote K block i, so the wgmma queue never drains between K blocks.
@@ -465,15 +503,25 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
     // busy with the other warpgroup's passes meanwhile.
     for (int k_block_idx = 0; k_block_idx < num_k_blocks; ++k_block_idx) {
       ring.wait_full();
-      PassScales s[kNumPasses];
+      if constexpr (K::kBScalesPerRow) {
 #pragma unroll
-      for (int pass = 0; pass < kNumPasses; ++pass) s[pass] = ring.scales(ring.issue_stage, pass, k_block_idx);
+        for (int pass = 0; pass < kNumPasses; ++pass) {
+          ring.issue(acc0, pass);
+          ptx::warpgroup::wgmma_wait_group<0>();
+          ring.promote_per_column_from(ring.issue_stage, pass, final_acc[pass], acc0);
+        }
+        ring.release_oldest();
+      } else {
+        PassScales s[kNumPasses];
 #pragma unroll
-      for (int pass = 0; pass < kNumPasses; ++pass) {
-        ring.issue(acc0, pass);
-        ptx::warpgroup::wgmma_wait_group<0>();
-        if (pass == kNumPasses - 1) ring.release_oldest();
-        promote<kNumFirstGroups>(final_acc[pass], acc0, s[pass]);
+        for (int pass = 0; pass < kNumPasses; ++pass) s[pass] = ring.scales(ring.issue_stage, pass, k_block_idx);
+#pragma unroll
+        for (int pass = 0; pass < kNumPasses; ++pass) {
+          ring.issue(acc0, pass);
+          ptx::warpgroup::wgmma_wait_group<0>();
+          if (pass == kNumPasses - 1) ring.release_oldest();
+          promote<kNumFirstGroups>(final_acc[pass], acc0, s[pass]);
+        }
       }
       ring.next_issue_stage();
     }
@@ -508,7 +556,7 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
   TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize> scheduler(p);
   Tile tile;
   bool has_tile = scheduler.next(tile);
-  if (has_tile) load_b_scales_async<BLOCK_N>(p, tile, smem_sfb, thread_idx);
+  if (has_tile && !K::kBScalesPerRow) load_b_scales_async<BLOCK_N>(p, tile, smem_sfb, thread_idx);
   while (has_tile) {
     // B scales of this tile landed for every thread; the previous tile's reads of smem_d and of the
     // row flags are done.
@@ -521,15 +569,19 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
 #pragma unroll
       for (int i = 0; i < K::kNumAccum; ++i) final_acc[pass][i] = 0.0f;
     }
-    const int first_col = tile.n_block_idx * BLOCK_N;
-    with_first_groups<BLOCK_N>(min(BLOCK_N, 128 - first_col % 128) / 8, [&](auto first_groups) {
-      k_loop<decltype(first_groups)::value>(ring, final_acc, acc0, acc1);
-    });
+    if constexpr (K::kBScalesPerRow) {
+      k_loop<BLOCK_N / 8>(ring, final_acc, acc0, acc1);  // no B scale boundary inside the tile
+    } else {
+      const int first_col = tile.n_block_idx * BLOCK_N;
+      with_first_groups<BLOCK_N>(min(BLOCK_N, 128 - first_col % 128) / 8, [&](auto first_groups) {
+        k_loop<decltype(first_groups)::value>(ring, final_acc, acc0, acc1);
+      });
+    }
 
     // Fetch the next tile's B scales into the other buffer while this tile is stored.
     Tile next_tile;
     const bool has_next = scheduler.next(next_tile);
-    if (has_next) {
+    if (has_next && !K::kBScalesPerRow) {
       load_b_scales_async<BLOCK_N>(p, next_tile, smem_sfb + (sfb_buffer ^ 1) * layout.sfb_floats_per_buffer(),
                                    thread_idx);
     }
@@ -548,8 +600,8 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
 template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32, int kClusterSize>
 __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>::kNumThreads, 1)
     sm90_fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
-                         const __grid_constant__ CUtensorMap tmap_sfa, const __grid_constant__ CUtensorMap tmap_d,
-                         const GemmParams p, int num_stages) {
+                         const __grid_constant__ CUtensorMap tmap_sfa, const __grid_constant__ CUtensorMap tmap_sfb,
+                         const __grid_constant__ CUtensorMap tmap_d, const GemmParams p, int num_stages) {
   using K = Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>;
   extern __shared__ __align__(1024) uint8_t smem[];
   const SmemLayout layout = K::layout(num_stages, p.num_k_blocks);
@@ -564,6 +616,7 @@ __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClu
     ptx::tma_prefetch_descriptor(&tmap_a);
     ptx::tma_prefetch_descriptor(&tmap_b);
     ptx::tma_prefetch_descriptor(&tmap_sfa);
+    if constexpr (K::kBScalesPerRow) ptx::tma_prefetch_descriptor(&tmap_sfb);
     if constexpr (!kOutFp32) ptx::tma_prefetch_descriptor(&tmap_d);
     for (int s = 0; s < num_stages; ++s) {
       ptx::mbarrier_init(&full[s], 1);
@@ -582,7 +635,8 @@ __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClu
   if (is_producer) {
     if constexpr (kReallocateRegisters) ptx::warpgroup::setmaxnreg_dec<kProducerRegs>();
     if (threadIdx.x == K::kNumConsumerThreads) {
-      produce<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(&tmap_a, &tmap_b, &tmap_sfa, p, smem, layout, full, empty);
+      produce<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_sfb, p, smem, layout,
+                                                               full, empty);
     }
   } else {
     if constexpr (kReallocateRegisters) ptx::warpgroup::setmaxnreg_inc<kConsumerRegs>();
@@ -604,7 +658,7 @@ CUtensorMapSwizzle swizzle_mode(int bytes) {
 }
 
 struct LaunchArgs {
-  CUtensorMap tmap_a, tmap_b, tmap_sfa, tmap_d;
+  CUtensorMap tmap_a, tmap_b, tmap_sfa, tmap_sfb, tmap_d;
   GemmParams params;
   Fp8GemmConfig config;
   cudaStream_t stream;
@@ -652,8 +706,8 @@ void launch_kernel(const LaunchArgs& args) {
                    max_clusters[device % kMaxDevices], kClusterSize, launch.gridDim.x);
     }
   }
-  DSO_CUDA_CHECK(cudaLaunchKernelEx(&launch, kernel, args.tmap_a, args.tmap_b, args.tmap_sfa, args.tmap_d, args.params,
-                                    args.config.num_stages));
+  DSO_CUDA_CHECK(cudaLaunchKernelEx(&launch, kernel, args.tmap_a, args.tmap_b, args.tmap_sfa, args.tmap_sfb,
+                                    args.tmap_d, args.params, args.config.num_stages));
 }
 
 template <GemmType kType, bool kOutFp32, int BLOCK_M, int kClusterSize, int... BLOCK_Ns>
@@ -689,6 +743,10 @@ bool dispatch(const LaunchArgs& args, GemmType type, bool out_fp32) {
       return !out_fp32 &&
              ((block_m == 64 && dispatch_block_n<GemmType::kGroupedMasked, false, 64, 1, DSO_GEMM_BLOCK_NS>(args)) ||
               (block_m == 128 && dispatch_block_n<GemmType::kGroupedMasked, false, 128, 1, DSO_GEMM_BLOCK_NS>(args)));
+    case GemmType::kWgrad:
+      return out_fp32 &&
+             ((block_m == 64 && dispatch_block_n<GemmType::kWgrad, true, 64, 1, DSO_GEMM_WGRAD_BLOCK_NS>(args)) ||
+              (block_m == 128 && dispatch_block_n<GemmType::kWgrad, true, 128, 1, DSO_GEMM_WGRAD_BLOCK_NS>(args)));
   }
   return false;
 }
@@ -710,7 +768,7 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
   const int block_m = args.config.block_m, block_n = args.config.block_n;
   const bool masked = p.type == GemmType::kGroupedMasked;
   const int64_t a_rows = masked ? p.num_groups * p.m : p.m;
-  const int64_t b_rows = p.type == GemmType::kNormal ? p.n : p.num_groups * p.n;
+  const int64_t b_rows = p.type == GemmType::kNormal || p.type == GemmType::kWgrad ? p.n : p.num_groups * p.n;
   const int64_t num_k_blocks = p.k / 128;
   // Clusters load A in halves (multicast to both CTAs of a pair, or both halves alone).
   args.tmap_a = encode_tensor_map_2d(p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, a_rows, p.lda, 128,
@@ -719,6 +777,11 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
                                    CU_TENSOR_MAP_SWIZZLE_128B, "b");
   args.tmap_sfa = encode_tensor_map_2d(p.a_scales, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, a_rows, num_k_blocks,
                                      p.a_scales_ld, block_m, 1, CU_TENSOR_MAP_SWIZZLE_NONE, "a_scales");
+  args.tmap_sfb = {};
+  if (p.type == GemmType::kWgrad) {
+    args.tmap_sfb = encode_tensor_map_2d(p.b_scales, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, p.n, num_k_blocks,
+                                         p.b_scales_ld, block_n, 1, CU_TENSOR_MAP_SWIZZLE_NONE, "b_scales");
+  }
   args.tmap_d = {};
   if (!p.d_fp32) {
     // Each consumer warpgroup stores its rows in boxes of one swizzle atom's columns.

@@ -11,6 +11,7 @@ enum class GemmType : int {
   kNormal = 0,             // a [m, k], b [n, k], d [m, n]
   kGroupedContiguous = 1,  // a [m, k] with rows grouped by expert, b [groups, n, k]; m_indices[row] = group or -1
   kGroupedMasked = 2,      // a [groups, m, k], b [groups, n, k], d [groups, m, n]; only masked_m[g] rows valid
+  kWgrad = 3,              // a [m, k], b [n, k], both scaled 1 x 128 along k (weight gradients); fp32 d [m, n]
 };
 
 struct Fp8GemmProblem {
@@ -24,9 +25,12 @@ struct Fp8GemmProblem {
   const float* a_scales = nullptr;
   int64_t a_scales_ld = 0;
   // e4m3, K-major [groups * n, k] with row stride `ldb`; b_scales fp32 [groups, ceil(n / 128), k / 128] contiguous.
+  // kWgrad: b_scales per row, [n, k / 128] in the N-major layout of a_scales: (row, k_block) at
+  // b_scales[k_block * b_scales_ld + row], ld a multiple of 4.
   const void* b = nullptr;
   int64_t ldb = 0;
   const float* b_scales = nullptr;
+  int64_t b_scales_ld = 0;
   // Output [rows, n] with row stride `ldd` (a multiple of 8 elements), bf16 or fp32.
   void* d = nullptr;
   int64_t ldd = 0;

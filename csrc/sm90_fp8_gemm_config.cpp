@@ -40,10 +40,12 @@ const DeviceInfo& device_info() {
 
 // NOTE: kMaxStages at most. Letting narrow tiles fill shared memory (up to 20 stages of 64 x 32)
 // changed no small-M time on the H200: bytes in flight do not limit them.
-int max_stages(int block_m, int block_n, bool out_fp32, int num_k_blocks, int max_smem) {
+int max_stages(const Fp8GemmProblem& p, int block_m, int block_n, int max_smem) {
+  const int num_k_blocks = static_cast<int>(p.k / 128);
+  const bool b_scales_per_row = p.type == GemmType::kWgrad;
   int stages = 0;
   while (stages < kMaxStages &&
-         SmemLayout{block_m, block_n, out_fp32, stages + 1, num_k_blocks}.total_bytes() <= max_smem) {
+         SmemLayout{block_m, block_n, p.d_fp32, stages + 1, num_k_blocks, b_scales_per_row}.total_bytes() <= max_smem) {
     ++stages;
   }
   return stages;
@@ -102,7 +104,7 @@ double estimate_seconds(const Fp8GemmProblem& p, int block_m, int block_n, int n
   const double waves = static_cast<double>(ceil_div<int64_t>(tiles, num_sms));
   const double compute = 2.0 * block_m * block_n * p.k / (kSmFlops * mma_efficiency(block_m, block_n));
   const int64_t total_rows = p.type == GemmType::kGroupedMasked ? rows * p.num_groups : p.m;
-  const int64_t b_groups = p.type == GemmType::kNormal ? 1 : p.num_groups;
+  const int64_t b_groups = p.type == GemmType::kNormal || p.type == GemmType::kWgrad ? 1 : p.num_groups;
   const double unique_bytes = static_cast<double>(total_rows) * p.k + static_cast<double>(b_groups) * p.n * p.k +
                               static_cast<double>(total_rows) * p.n * (p.d_fp32 ? 4 : 2);
   const double tile_bytes = static_cast<double>(block_m + block_n) * p.k;
@@ -152,13 +154,12 @@ struct ShapeKeyHash {
 
 // The heuristic's tile: the instantiated variant of least estimated time.
 Fp8GemmConfig heuristic_tile(const Fp8GemmProblem& p, const DeviceInfo& info) {
-  const int num_k_blocks = static_cast<int>(p.k / 128);
   Fp8GemmConfig config;
   double best = 0.0;
   auto consider = [&](int block_m, int block_n) {
     if (!gemm::variant_instantiated(p.type, p.d_fp32, block_m, block_n, 1)) return;
     if (block_n > align_up<int64_t>(p.n, 16) && block_n != 16) return;
-    if (max_stages(block_m, block_n, p.d_fp32, num_k_blocks, info.max_smem) < 3) return;
+    if (max_stages(p, block_m, block_n, info.max_smem) < 3) return;
     const double t = estimate_seconds(p, block_m, block_n, info.num_sms);
     // Ties: the first, i.e. the smaller BLOCK_M and BLOCK_N, wins.
     if (config.block_m == 0 || t < best * 0.995) {
@@ -177,7 +178,6 @@ Fp8GemmConfig heuristic_tile(const Fp8GemmProblem& p, const DeviceInfo& info) {
 // Checks a tile (chosen or forced) and completes it: the stage count (as many as fit unless forced)
 // and the grid.
 Fp8GemmConfig complete(Fp8GemmConfig config, const Fp8GemmProblem& p, const DeviceInfo& info) {
-  const int num_k_blocks = static_cast<int>(p.k / 128);
   if (config.block_m == 0) {
     throw std::runtime_error("deepseek_ops: fp8 gemm: no tile configuration fits in shared memory for K = " +
                              std::to_string(p.k));
@@ -188,7 +188,7 @@ Fp8GemmConfig complete(Fp8GemmConfig config, const Fp8GemmProblem& p, const Devi
                              ", cluster " + std::to_string(config.cluster_size) + (p.d_fp32 ? ", fp32" : ", bf16") +
                              " output and this gemm type");
   }
-  const int stages_fit = max_stages(config.block_m, config.block_n, p.d_fp32, num_k_blocks, info.max_smem);
+  const int stages_fit = max_stages(p, config.block_m, config.block_n, info.max_smem);
   if (config.num_stages == 0) config.num_stages = stages_fit;
   if (config.num_stages < 2 || config.num_stages > stages_fit) {
     throw std::runtime_error("deepseek_ops: fp8 gemm config " + std::to_string(config.block_m) + "x" +

@@ -33,31 +33,39 @@ constexpr int d_swizzle_bytes(int block_n) {
 
 constexpr int align_1024(int bytes) { return (bytes + 1023) / 1024 * 1024; }
 
-// [stages x A tile][stages x B tile][stages x A scales][per warpgroup: D staging][per warpgroup:
-// 2 x B scales][per warpgroup: a flag per row][full, empty barriers]. A and B tiles and D atoms start on 1024-byte boundaries
-// (128-byte swizzle atoms).
+// [stages x A tile][stages x B tile][stages x A scales][stages x B scales: per-row B scales only][per
+// warpgroup: D staging][per warpgroup: 2 x B block scales of the tile][per warpgroup: a flag per
+// row][full, empty barriers]. A and B tiles and D atoms start on 1024-byte boundaries (128-byte
+// swizzle atoms).
 struct SmemLayout {
   int block_m, block_n;
   bool out_fp32;
   int num_stages, num_k_blocks;
+  bool b_scales_per_row = false;  // GemmType::kWgrad: B's scales are 1 x 128 per row, loaded per stage
 
   DSO_HOST_DEVICE constexpr int num_warpgroups() const { return num_consumer_warpgroups(block_m); }
   DSO_HOST_DEVICE constexpr int wg_rows() const { return block_m / num_warpgroups(); }
   DSO_HOST_DEVICE constexpr int a_bytes() const { return block_m * BLOCK_K; }  // e4m3: a byte an element
   DSO_HOST_DEVICE constexpr int b_bytes() const { return block_n * BLOCK_K; }
   DSO_HOST_DEVICE constexpr int sfa_bytes() const { return block_m * 4; }
-  DSO_HOST_DEVICE constexpr int stage_tx_bytes() const { return a_bytes() + b_bytes() + sfa_bytes(); }
+  DSO_HOST_DEVICE constexpr int sfb_stage_bytes() const { return b_scales_per_row ? block_n * 4 : 0; }
+  DSO_HOST_DEVICE constexpr int stage_tx_bytes() const {
+    return a_bytes() + b_bytes() + sfa_bytes() + sfb_stage_bytes();
+  }
   // fp32 output: rows padded by 16 bytes (the 8 rows a warp writes at once land on distinct banks).
   DSO_HOST_DEVICE constexpr int d_fp32_row_bytes() const { return block_n * 4 + 16; }
   DSO_HOST_DEVICE constexpr int d_bytes_per_warpgroup() const {
     return out_fp32 ? wg_rows() * d_fp32_row_bytes() : align_1024(wg_rows() * block_n * 2);
   }
-  DSO_HOST_DEVICE constexpr int sfb_floats_per_buffer() const { return 2 * num_k_blocks; }
+  DSO_HOST_DEVICE constexpr int sfb_floats_per_buffer() const { return b_scales_per_row ? 0 : 2 * num_k_blocks; }
 
   DSO_HOST_DEVICE constexpr int a_offset(int stage) const { return stage * a_bytes(); }
   DSO_HOST_DEVICE constexpr int b_offset(int stage) const { return num_stages * a_bytes() + stage * b_bytes(); }
   DSO_HOST_DEVICE constexpr int sfa_offset(int stage) const {
     return num_stages * (a_bytes() + b_bytes()) + stage * sfa_bytes();
+  }
+  DSO_HOST_DEVICE constexpr int sfb_stage_offset(int stage) const {
+    return num_stages * (a_bytes() + b_bytes() + sfa_bytes()) + stage * sfb_stage_bytes();
   }
   DSO_HOST_DEVICE constexpr int d_offset(int warpgroup) const {
     return align_1024(num_stages * stage_tx_bytes()) + warpgroup * d_bytes_per_warpgroup();

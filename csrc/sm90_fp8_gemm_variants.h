@@ -13,11 +13,16 @@
 #ifndef DSO_GEMM_WIDE_BLOCK_NS
 #define DSO_GEMM_WIDE_BLOCK_NS 64, 96, 112, 128
 #endif
+// Widths of weight-gradient tiles (fp32 output, B scaled per row): weight dims are multiples of 128.
+#ifndef DSO_GEMM_WGRAD_BLOCK_NS
+#define DSO_GEMM_WGRAD_BLOCK_NS 64, 128
+#endif
 
 namespace dso::gemm {
 
 constexpr int kBlockNs[] = {DSO_GEMM_BLOCK_NS};
 constexpr int kWideBlockNs[] = {DSO_GEMM_WIDE_BLOCK_NS};
+constexpr int kWgradBlockNs[] = {DSO_GEMM_WGRAD_BLOCK_NS};
 
 template <int kSize>
 constexpr bool contains(const int (&values)[kSize], int value) {
@@ -29,9 +34,13 @@ constexpr bool contains(const int (&values)[kSize], int value) {
 
 // Contiguous groups are 128-row aligned, so that layout has 128-row tiles only; fp32 output and the
 // grouped layouts have no 256-row tiles; the masked layout takes the same 64/128-row tiles as dense.
-// Clusters of two CTAs sharing A serve the dense 256-row tiles.
+// Clusters of two CTAs sharing A serve the dense 256-row tiles. Weight gradients: fp32 output, 64- and
+// 128-row tiles of their own widths.
 constexpr bool variant_instantiated(GemmType type, bool out_fp32, int block_m, int block_n, int cluster_size) {
   if (cluster_size != 1 && (cluster_size != 2 || block_m != 256)) return false;
+  if (type == GemmType::kWgrad) {
+    return out_fp32 && (block_m == 64 || block_m == 128) && contains(kWgradBlockNs, block_n);
+  }
   if (block_m == 256) return type == GemmType::kNormal && !out_fp32 && contains(kWideBlockNs, block_n);
   if (!contains(kBlockNs, block_n)) return false;
   switch (type) {
@@ -41,6 +50,8 @@ constexpr bool variant_instantiated(GemmType type, bool out_fp32, int block_m, i
       return !out_fp32 && block_m == 128;
     case GemmType::kGroupedMasked:
       return !out_fp32 && (block_m == 64 || block_m == 128);
+    case GemmType::kWgrad:
+      return false;  // above
   }
   return false;
 }

@@ -1,4 +1,5 @@
-// CUDA adapters of the FP8 GEMM ops (schemas in registration.cpp; kernels in sm90_fp8_gemm.cu).
+// CUDA adapters of the FP8 GEMM ops, fp8_gemm_wgrad included (schemas in registration.cpp; kernels in
+// sm90_fp8_gemm.cu).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -138,6 +139,44 @@ at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, const 
   return out;
 }
 
+// dW = (a * a_scales) @ (b * b_scales)^T (+ c): a [m, t] and b [n, t] e4m3, both scaled 1 x 128 along t
+// (transpose_quant_fp8's operands, t the tokens); fp32 out [m, n].
+at::Tensor fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                               const at::Tensor& b_scales, const std::optional<at::Tensor>& c) {
+  constexpr const char* op = "fp8_gemm_wgrad";
+  const at::Device dev = a.device();
+  TORCH_CHECK(dev.is_cuda(), op, ": a must be a CUDA tensor, got ", dev);
+  dso::check_operand(op, "a", a, dev, kFp8, {-1, -1});
+  const int64_t m = a.size(0), t = a.size(1);
+  dso::check_operand(op, "b", b, dev, kFp8, {-1, t});
+  const int64_t n = b.size(0);
+  TORCH_CHECK(t % 128 == 0, op, ": T (a.shape[1]) must be a multiple of 128, got ", t);
+  TORCH_CHECK(n % 16 == 0, op, ": b's rows must be a multiple of 16, got ", n);
+  dso::check_operand(op, "a_scales", a_scales, dev, at::kFloat, {m, t / 128});
+  dso::check_operand(op, "b_scales", b_scales, dev, at::kFloat, {n, t / 128});
+  if (c.has_value()) {
+    dso::check_operand(op, "c", *c, dev, at::kFloat, {m, n});
+    dso::check_dense16(op, "c", *c);
+  }
+  check_k_major(op, "a", a);
+  check_k_major(op, "b", b);
+  const c10::cuda::CUDAGuard guard(dev);
+  auto out = at::empty({m, n}, a.options().dtype(at::kFloat));
+  if (m == 0 || n == 0) return out;
+  if (t == 0) return c.has_value() ? out.copy_(*c) : out.zero_();
+  const auto [sfa, sfa_ld] = gemm_m_major_scales(a_scales);
+  const auto [sfb, sfb_ld] = gemm_m_major_scales(b_scales);  // per row of b, in the same N-major layout
+  dso::Fp8GemmProblem p = gemm_problem(dso::GemmType::kWgrad, a, sfa, sfa_ld, b, sfb, out);
+  p.b_scales_ld = sfb_ld;
+  p.m = m;
+  if (c.has_value()) {
+    p.c = c->data_ptr<float>();
+    p.ldc = c->stride(0);
+  }
+  dso::launch_sm90_fp8_gemm(p, dso::current_stream());
+  return out;
+}
+
 void grouped_fp8_gemm_contiguous_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                                           const at::Tensor& b_scales, const at::Tensor& m_indices, at::Tensor& out) {
   constexpr const char* op = "grouped_fp8_gemm_contiguous";
@@ -207,4 +246,5 @@ TORCH_LIBRARY_IMPL(deepseek_ops, CUDA, m) {
   m.impl("grouped_fp8_gemm_contiguous_out", &grouped_fp8_gemm_contiguous_out_cuda);
   m.impl("grouped_fp8_gemm_masked", &grouped_fp8_gemm_masked_cuda);
   m.impl("grouped_fp8_gemm_masked_out", &grouped_fp8_gemm_masked_out_cuda);
+  m.impl("fp8_gemm_wgrad", &fp8_gemm_wgrad_cuda);
 }

@@ -15,8 +15,10 @@ build, csrc/):
 - transpose_quant_fp8: one pass, bit-identical to the reference (csrc/sm90_fp8_transpose_quant.cu);
 - fp8_gemm_dgrad and grouped_fp8_gemm_dgrad_contiguous: the NT FP8 GEMMs (fp8_gemm,
   grouped_fp8_gemm_contiguous) on W^T, which a byte-transpose kernel writes on every call
-  (csrc/sm90_fp8_dgrad.cu, csrc/torch_train.cpp). Every shape these functions accept runs there.
-fp8_gemm_wgrad and k_grouped_fp8_gemm_wgrad have no CUDA kernel yet. On a device with no kernel
+  (csrc/sm90_fp8_dgrad.cu, csrc/torch_train.cpp). Every shape these functions accept runs there;
+- fp8_gemm_wgrad: the FP8 GEMM's weight-gradient variant (csrc/sm90_fp8_gemm.cu, GemmType::kWgrad:
+  B scaled per row and K block, fp32 output plus c).
+k_grouped_fp8_gemm_wgrad has no CUDA kernel yet. On a device with no kernel
 registered for an op (and in a build without CUDA), the wrappers below run the reference (plain
 torch, float64 on that device), the one place that choice is made (dispatch).
 """
@@ -25,9 +27,9 @@ from typing import Optional, Tuple
 import torch
 
 from deepseek_ops import reference
-from deepseek_ops._checks import (FLOAT_DTYPES, FP8, can_read_values, check_choice, check_cuda_arch, check_dim,
-                                  check_multiple, check_same_device, check_shape, check_tensor)
-from deepseek_ops.constants import FP8_GEMM_K_MULTIPLE, GROUPED_GEMM_ALIGNMENT
+from deepseek_ops._checks import (FLOAT_DTYPES, FP8, aligned16, can_read_values, check_choice, check_cuda_arch,
+                                  check_dim, check_multiple, check_same_device, check_shape, check_tensor)
+from deepseek_ops.constants import FP8_GEMM_K_MULTIPLE, FP8_GEMM_N_MULTIPLE, GROUPED_GEMM_ALIGNMENT
 from deepseek_ops.gemm import _m_indices_from_offsets
 
 _ops = torch.ops.deepseek_ops
@@ -78,17 +80,19 @@ def fp8_gemm_wgrad(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_s
                    c: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dW = (a * a_scales) @ (b * b_scales)^T (+ c), fp32 [N, K].
 
-    a: [N, T] float8_e4m3fn, dy^T; b: [K, T] float8_e4m3fn, x^T; both from transpose_quant_fp8
-    (scales fp32 [N, T/128] and [K, T/128], T a multiple of 128). c: optional fp32 [N, K], added
-    (the gradient accumulated so far).
+    a: [N, T] float8_e4m3fn, dy^T; b: [K, T] float8_e4m3fn, x^T, K a multiple of 16; both from
+    transpose_quant_fp8 (scales fp32 [N, T/128] and [K, T/128], T a multiple of 128). c: optional
+    fp32 [N, K], added (the gradient accumulated so far).
     """
     _check_token_scaled("a", a, a_scales, "a_scales")
     _check_token_scaled("b", b, b_scales, "b_scales")
     check_dim("b", b, 1, a.shape[1], "T, as a.shape[1]")
+    check_multiple("b", b.shape[0], FP8_GEMM_N_MULTIPLE, "K (b.shape[0], the gradient's columns)")
     check_same_device(a=a, a_scales=a_scales, b=b, b_scales=b_scales, c=c)
     if c is not None:
         check_tensor("c", c, dtype=torch.float32)
         check_shape("c", c, (a.shape[0], b.shape[0]))
+        c = aligned16(c)  # the kernel reads it densely
     check_cuda_arch(a, "fp8_gemm_wgrad")
     return dispatch("fp8_gemm_wgrad", a.device, a, a_scales, b, b_scales, c)
 

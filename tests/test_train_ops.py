@@ -6,7 +6,8 @@ import torch
 
 import deepseek_ops
 from deepseek_ops import reference, train_ops
-from deepseek_ops.testing import assert_bitwise_equal, assert_written, calc_diff, opcheck_fp8_safe
+from deepseek_ops.testing import (assert_bitwise_equal, assert_written, calc_diff, fp8_gemm_tile_configs,
+                                  opcheck_fp8_safe)
 from isolated import raised_in_subprocess
 
 FP8 = torch.float8_e4m3fn
@@ -128,7 +129,7 @@ def test_train_ops_opcheck_cpu():
 
 
 # The ops with CUDA kernels (csrc/torch_quant.cpp, csrc/torch_train.cpp), registered in the CUDA build only.
-CUDA_KERNEL_OPS = {"transpose_quant_fp8", "fp8_gemm_dgrad", "grouped_fp8_gemm_dgrad_contiguous"}
+CUDA_KERNEL_OPS = {"transpose_quant_fp8", "fp8_gemm_wgrad", "fp8_gemm_dgrad", "grouped_fp8_gemm_dgrad_contiguous"}
 
 
 def test_cuda_kernels_registered_for_exactly_the_ported_ops():
@@ -137,13 +138,15 @@ def test_cuda_kernels_registered_for_exactly_the_ported_ops():
 
 
 def test_devices_without_a_kernel_run_the_reference():
-    # The wgrad ops have no CUDA kernel (in either build); the wrappers then run the reference on the
-    # tensors' device. Exercised with CPU tensors under a CUDA device label.
-    assert not train_ops._has_kernel("fp8_gemm_wgrad", "cuda") and train_ops._has_kernel("fp8_gemm_wgrad", "cpu")
-    a, a_scales = token_scaled(16, 128)
-    b, b_scales = token_scaled(32, 128)
-    got = train_ops.dispatch("fp8_gemm_wgrad", torch.device("cuda"), a, a_scales, b, b_scales, None)
-    assert_bitwise_equal(got, deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales))
+    # The k-grouped wgrad has no CUDA kernel (in either build); the wrapper then runs the reference on
+    # the tensors' device. Exercised with CPU tensors under a CUDA device label.
+    name = "k_grouped_fp8_gemm_wgrad"
+    assert not train_ops._has_kernel(name, "cuda") and train_ops._has_kernel(name, "cpu")
+    a, a_scales = token_scaled(16, 256)
+    b, b_scales = token_scaled(32, 256)
+    offsets = torch.tensor([0, 128, 256])
+    got = train_ops.dispatch(name, torch.device("cuda"), a, a_scales, b, b_scales, offsets, None)
+    assert_bitwise_equal(got, deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, offsets))
 
 
 def test_wgrad_torch_compile_cpu():
@@ -281,6 +284,8 @@ def test_train_ops_reject_bad_inputs():
         deepseek_ops.fp8_gemm_wgrad(a, a_scales[:, :1], b, b_scales)
     with pytest.raises(ValueError, match="argument 'c': expected shape"):
         deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, torch.zeros(16, 32))
+    with pytest.raises(ValueError, match=r"argument 'b': K \(b.shape\[0\], the gradient's columns\) must be"):
+        deepseek_ops.fp8_gemm_wgrad(a, a_scales, b[:8], b_scales[:8])
     with pytest.raises(ValueError, match="argument 'group_offsets': every offset must be a multiple of 128"):
         deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, torch.tensor([0, 100, 256]))
     with pytest.raises(ValueError, match="argument 'group_offsets': expected non-decreasing offsets from 0 to 256"):
@@ -405,6 +410,43 @@ def test_cuda_fp8_gemm_dgrad(out_dtype, m, n, k):
     # The same GEMM on a transpose made by torch: the kernel's W^T and scales are exactly those.
     same = deepseek_ops.fp8_gemm(dy, dy_scales, w.t().contiguous(), w_scales.t().contiguous(), out_dtype)
     assert_bitwise_equal(out, same)
+
+
+WGRAD_CONFIGS = fp8_gemm_tile_configs("wgrad", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m,block_n,cluster", WGRAD_CONFIGS)
+@pytest.mark.parametrize("n,k,tokens", [(48, 16, 128), (200, 2112, 640), (128, 7168, 1024), (1, 128, 4096)])
+def test_cuda_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_n, cluster, n, k, tokens):
+    # Partial row and column tiles (48 x 16, 200 x 2112 in 128-wide tiles), one K block and many: B's
+    # per-row scales are loaded per stage and applied per column, so a wrong column or K block shows.
+    gemm_config(block_m, block_n, cluster=cluster)
+    a, a_scales = _cuda_token_scaled(n, tokens)
+    b, b_scales = _cuda_token_scaled(k, tokens)
+    c = torch.randn(n, k, device="cuda")
+    _poison_cuda_allocator(8 * n * k + 1024)
+    out = deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales)
+    assert out.shape == (n, k) and out.dtype == torch.float32
+    assert_written(out)
+    ref = reference.fp8_gemm_wgrad(a.cpu(), a_scales.cpu(), b.cpu(), b_scales.cpu())
+    assert calc_diff(out, ref) < CALC_DIFF_BOUND
+    with_c = deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c)
+    assert calc_diff(with_c, ref.double() + c.double().cpu()) < CALC_DIFF_BOUND
+    assert_bitwise_equal(deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales), out)  # fixed sum order
+
+
+@pytest.mark.gpu
+def test_cuda_fp8_gemm_wgrad_heuristic_and_views():
+    # The heuristic's tile; transpose_quant_fp8's own outputs; a c that is a non-contiguous view (copied).
+    x, dy = torch.randn(777, 512, device="cuda"), torch.randn(777, 384, device="cuda")
+    a, a_scales = deepseek_ops.transpose_quant_fp8(dy)
+    b, b_scales = deepseek_ops.transpose_quant_fp8(x)
+    c = torch.randn(512, 384, device="cuda").t()
+    out = deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c)
+    ref = reference.fp8_gemm_wgrad(a.cpu(), a_scales.cpu(), b.cpu(), b_scales.cpu(), c.cpu())
+    assert calc_diff(out, ref) < CALC_DIFF_BOUND
+    assert calc_diff(out, dy.double().t() @ x.double() + c.double()) < 1e-3  # FP8 quantization of dy, x
 
 
 @pytest.mark.gpu
