@@ -62,7 +62,9 @@ struct Kernel {
   static_assert(kClusterSize == 1 || (kClusterSize == 2 && kType == GemmType::kNormal),
                 "clusters of two CTAs (sharing A) serve the dense layout");
   static constexpr bool kBScalesPerRow = kType == GemmType::kWgrad;
-  static_assert(!kBScalesPerRow || (kOutFp32 && BLOCK_M <= 128), "weight gradients: fp32 output, <= 128 rows");
+  // Weight gradients promote with two accumulators in flight (kOverlapPromotion): one pass, BLOCK_N <= 128.
+  static_assert(!kBScalesPerRow || (kOutFp32 && BLOCK_M <= 128 && BLOCK_N <= 128),
+                "weight gradients: fp32 output, tiles of <= 128 x 128");
   using Mma = ptx::Wgmma<__nv_fp8_e4m3, BLOCK_N>;
   static constexpr int kNumConsumerWarpgroups = num_consumer_warpgroups(BLOCK_M);
   static constexpr int kNumConsumerThreads = kNumConsumerWarpgroups * kWarpgroupThreads;
@@ -503,25 +505,15 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
     // busy with the other warpgroup's passes meanwhile.
     for (int k_block_idx = 0; k_block_idx < num_k_blocks; ++k_block_idx) {
       ring.wait_full();
-      if constexpr (K::kBScalesPerRow) {
+      PassScales s[kNumPasses];
 #pragma unroll
-        for (int pass = 0; pass < kNumPasses; ++pass) {
-          ring.issue(acc0, pass);
-          ptx::warpgroup::wgmma_wait_group<0>();
-          ring.promote_per_column_from(ring.issue_stage, pass, final_acc[pass], acc0);
-        }
-        ring.release_oldest();
-      } else {
-        PassScales s[kNumPasses];
+      for (int pass = 0; pass < kNumPasses; ++pass) s[pass] = ring.scales(ring.issue_stage, pass, k_block_idx);
 #pragma unroll
-        for (int pass = 0; pass < kNumPasses; ++pass) s[pass] = ring.scales(ring.issue_stage, pass, k_block_idx);
-#pragma unroll
-        for (int pass = 0; pass < kNumPasses; ++pass) {
-          ring.issue(acc0, pass);
-          ptx::warpgroup::wgmma_wait_group<0>();
-          if (pass == kNumPasses - 1) ring.release_oldest();
-          promote<kNumFirstGroups>(final_acc[pass], acc0, s[pass]);
-        }
+      for (int pass = 0; pass < kNumPasses; ++pass) {
+        ring.issue(acc0, pass);
+        ptx::warpgroup::wgmma_wait_group<0>();
+        if (pass == kNumPasses - 1) ring.release_oldest();
+        promote<kNumFirstGroups>(final_acc[pass], acc0, s[pass]);
       }
       ring.next_issue_stage();
     }
