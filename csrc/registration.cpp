@@ -32,14 +32,14 @@ bool built_with_cuda() {
 }
 
 // The compiled FP8 GEMM tile variants, flattened as (gemm type, fp32 output, BLOCK_M, BLOCK_N, cluster
-// size) per variant (gemm type: 0 dense, 1 contiguous grouped, 2 masked grouped, 3 weight gradient);
-// empty without CUDA.
+// size) per variant (gemm type: 0 dense, 1 contiguous grouped, 2 masked grouped, 3 weight gradient, 4
+// k-grouped weight gradient); empty without CUDA.
 std::vector<int64_t> fp8_gemm_tile_configs() {
   std::vector<int64_t> configs;
 #ifdef DSO_WITH_CUDA
   for (const dso::GemmType type :
        {dso::GemmType::kNormal, dso::GemmType::kGroupedContiguous, dso::GemmType::kGroupedMasked,
-        dso::GemmType::kWgrad}) {
+        dso::GemmType::kWgrad, dso::GemmType::kKGroupedWgrad}) {
     for (const bool out_fp32 : {false, true}) {
       auto add = [&](int block_m, int block_n, int cluster) {
         if (dso::gemm::variant_instantiated(type, out_fp32, block_m, block_n, cluster)) {

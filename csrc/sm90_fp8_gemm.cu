@@ -9,7 +9,7 @@
 //     two 64-row wgmma passes): per 128-wide K block, 4 wgmma m64nBLOCK_Nk32 per pass into a fresh
 //     fp32 accumulator, then promotion on CUDA cores, final += acc * a_scale[row] * b_scale[column
 //     block] (the tensor cores keep ~14 mantissa bits of an FP8 product sum, so sums longer than
-//     128 are formed in real fp32); weight gradients (GemmType::kWgrad) scale B per row instead,
+//     128 are formed in real fp32); weight gradients (GemmType::kWgrad, kKGroupedWgrad) scale B per row instead,
 //     final += acc * a_scale[row] * b_scale[column], B's scales loaded per stage like A's;
 //   - an epilogue per warpgroup: bf16 output goes through swizzled shared memory (stmatrix) and TMA
 //     stores that run on while the warpgroup starts its next tile; rows the contract leaves untouched
@@ -61,7 +61,7 @@ struct Kernel {
   static_assert(!(BLOCK_M == 256 && kOutFp32), "fp32 output (and c) uses tiles of at most 128 rows");
   static_assert(kClusterSize == 1 || (kClusterSize == 2 && kType == GemmType::kNormal),
                 "clusters of two CTAs (sharing A) serve the dense layout");
-  static constexpr bool kBScalesPerRow = kType == GemmType::kWgrad;
+  static constexpr bool kBScalesPerRow = kType == GemmType::kWgrad || kType == GemmType::kKGroupedWgrad;
   // Weight gradients promote with two accumulators in flight (kOverlapPromotion): one pass, BLOCK_N <= 128.
   static_assert(!kBScalesPerRow || (kOutFp32 && BLOCK_M <= 128 && BLOCK_N <= 128),
                 "weight gradients: fp32 output, tiles of <= 128 x 128");
@@ -116,9 +116,10 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
   };
   Tile tile;
   while (scheduler.next(tile)) {
-    const int b_row = tile.group_idx * p.n + tile.n_block_idx * BLOCK_N;
+    // k-grouped wgrad: every group reads the same B rows (its own K blocks of them).
+    const int b_row = (kType == GemmType::kKGroupedWgrad ? 0 : tile.group_idx * p.n) + tile.n_block_idx * BLOCK_N;
     const bool stream_b = scheduler.num_m_blocks <= kMaxStreamedBReaders;
-    for (int k_block_idx = 0; k_block_idx < p.num_k_blocks; ++k_block_idx) {
+    for (int k_block_idx = tile.k_begin; k_block_idx < tile.k_begin + tile.k_count; ++k_block_idx) {
       ptx::mbarrier_wait(&empty[stage], phase ^ 1);
       ptx::mbarrier_arrive_expect_tx(&full[stage], layout.stage_tx_bytes());
       if constexpr (kClusterSize == 2) {
@@ -134,7 +135,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
           }
         }
       } else {
-        ptx::tma_load_2d(smem + layout.a_offset(stage), tmap_a, &full[stage], k_block_idx * BLOCK_K, tile.row);
+        ptx::tma_load_2d(smem + layout.a_offset(stage), tmap_a, &full[stage], k_block_idx * BLOCK_K, tile.a_row);
       }
       if (stream_b) {
         ptx::tma_load_2d(smem + layout.b_offset(stage), tmap_b, &full[stage], k_block_idx * BLOCK_K, b_row,
@@ -142,7 +143,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
       } else {
         ptx::tma_load_2d(smem + layout.b_offset(stage), tmap_b, &full[stage], k_block_idx * BLOCK_K, b_row);
       }
-      ptx::tma_load_2d(smem + layout.sfa_offset(stage), tmap_sfa, &full[stage], tile.row, k_block_idx);
+      ptx::tma_load_2d(smem + layout.sfa_offset(stage), tmap_sfa, &full[stage], tile.a_row, k_block_idx);
       if constexpr (K::kBScalesPerRow) {
         ptx::tma_load_2d(smem + layout.sfb_stage_offset(stage), tmap_sfb, &full[stage], tile.n_block_idx * BLOCK_N,
                          k_block_idx);
@@ -384,6 +385,7 @@ struct ConsumerRing {
   uint32_t rank;    // clusters: this CTA's rank
   int num_k_blocks;
   const float* sfb = nullptr;  // the current tile's B scales [2 column blocks][num_k_blocks]
+  int k_count = 0;             // the current tile's K blocks (all of them but for k-grouped wgrad)
   bool peer_half = false;      // clusters: the current tile's stages hold half of A from the peer
   // Two positions in the ring: the stage the next K block is issued from, and the next one to release.
   int issue_stage = 0, release_stage = 0;
@@ -456,7 +458,7 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
                                        float (&acc0)[K::kNumAccum], float (&acc1)[K::kNumAccum]) {
   constexpr int kNumAccum = K::kNumAccum;
   constexpr int kNumPasses = K::kNumPasses;
-  const int num_k_blocks = ring.num_k_blocks;
+  const int num_k_blocks = ring.k_count;
   if constexpr (K::kOverlapPromotion) {
     auto issue_next = [&](float (&acc)[kNumAccum]) {
       ring.wait_full();
@@ -556,13 +558,15 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
     ptx::named_barrier_sync(barrier_id, kWarpgroupThreads);
     ring.sfb = smem_sfb + sfb_buffer * layout.sfb_floats_per_buffer();
     ring.peer_half = tile.multicast;
+    ring.k_count = tile.k_count;
 #pragma unroll
     for (int pass = 0; pass < K::kNumPasses; ++pass) {
 #pragma unroll
       for (int i = 0; i < K::kNumAccum; ++i) final_acc[pass][i] = 0.0f;
     }
     if constexpr (K::kBScalesPerRow) {
-      k_loop<BLOCK_N / 8>(ring, final_acc, acc0, acc1);  // no B scale boundary inside the tile
+      // No B scale boundary inside the tile. A k-grouped group with no K blocks stores zeros (+ c).
+      if (tile.k_count > 0) k_loop<BLOCK_N / 8>(ring, final_acc, acc0, acc1);
     } else {
       const int first_col = tile.n_block_idx * BLOCK_N;
       with_first_groups<BLOCK_N>(min(BLOCK_N, 128 - first_col % 128) / 8, [&](auto first_groups) {
@@ -739,6 +743,12 @@ bool dispatch(const LaunchArgs& args, GemmType type, bool out_fp32) {
       return out_fp32 &&
              ((block_m == 64 && dispatch_block_n<GemmType::kWgrad, true, 64, 1, DSO_GEMM_WGRAD_BLOCK_NS>(args)) ||
               (block_m == 128 && dispatch_block_n<GemmType::kWgrad, true, 128, 1, DSO_GEMM_WGRAD_BLOCK_NS>(args)));
+    case GemmType::kKGroupedWgrad:
+      return out_fp32 &&
+             ((block_m == 64 &&
+               dispatch_block_n<GemmType::kKGroupedWgrad, true, 64, 1, DSO_GEMM_WGRAD_BLOCK_NS>(args)) ||
+              (block_m == 128 &&
+               dispatch_block_n<GemmType::kKGroupedWgrad, true, 128, 1, DSO_GEMM_WGRAD_BLOCK_NS>(args)));
   }
   return false;
 }
@@ -760,7 +770,8 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
   const int block_m = args.config.block_m, block_n = args.config.block_n;
   const bool masked = p.type == GemmType::kGroupedMasked;
   const int64_t a_rows = masked ? p.num_groups * p.m : p.m;
-  const int64_t b_rows = p.type == GemmType::kNormal || p.type == GemmType::kWgrad ? p.n : p.num_groups * p.n;
+  const bool wgrad = p.type == GemmType::kWgrad || p.type == GemmType::kKGroupedWgrad;
+  const int64_t b_rows = p.type == GemmType::kNormal || wgrad ? p.n : p.num_groups * p.n;
   const int64_t num_k_blocks = p.k / 128;
   // Clusters load A in halves (multicast to both CTAs of a pair, or both halves alone).
   args.tmap_a = encode_tensor_map_2d(p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, a_rows, p.lda, 128,
@@ -770,7 +781,7 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
   args.tmap_sfa = encode_tensor_map_2d(p.a_scales, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, a_rows, num_k_blocks,
                                      p.a_scales_ld, block_m, 1, CU_TENSOR_MAP_SWIZZLE_NONE, "a_scales");
   args.tmap_sfb = {};
-  if (p.type == GemmType::kWgrad) {
+  if (wgrad) {
     args.tmap_sfb = encode_tensor_map_2d(p.b_scales, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, p.n, num_k_blocks,
                                          p.b_scales_ld, block_n, 1, CU_TENSOR_MAP_SWIZZLE_NONE, "b_scales");
   }
@@ -791,7 +802,8 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
                            static_cast<int>(p.m),
                            static_cast<int>(p.n),
                            static_cast<int>(num_k_blocks),
-                           static_cast<int>(p.num_groups)};
+                           static_cast<int>(p.num_groups),
+                           p.k_block_offsets};
   if (const char* verbose = std::getenv("DSO_FP8_GEMM_VERBOSE"); verbose != nullptr && *verbose == '1') {
     std::fprintf(stderr, "deepseek_ops fp8 gemm: type %d m %lld n %lld k %lld groups %lld -> BLOCK_M %d BLOCK_N %d "
                  "stages %d cluster %d ctas %d\n", static_cast<int>(p.type), static_cast<long long>(p.m),

@@ -12,6 +12,7 @@ enum class GemmType : int {
   kGroupedContiguous = 1,  // a [m, k] with rows grouped by expert, b [groups, n, k]; m_indices[row] = group or -1
   kGroupedMasked = 2,      // a [groups, m, k], b [groups, n, k], d [groups, m, n]; only masked_m[g] rows valid
   kWgrad = 3,              // a [m, k], b [n, k], both scaled 1 x 128 along k (weight gradients); fp32 d [m, n]
+  kKGroupedWgrad = 4,      // kWgrad per group g over the K blocks [k_block_offsets[g], [g + 1]); d [groups, m, n]
 };
 
 struct Fp8GemmProblem {
@@ -40,6 +41,8 @@ struct Fp8GemmProblem {
   int64_t ldc = 0;
   const int32_t* m_indices = nullptr;  // contiguous: [m], group of each row, -1 for padding rows
   const int32_t* masked_m = nullptr;   // masked: [groups], valid rows of each group (on the device)
+  // k-grouped wgrad: [groups + 1] K-block offsets (on the device; clamped to [0, k / 128], non-decreasing).
+  const int32_t* k_block_offsets = nullptr;
   int64_t m = 0;                       // rows (masked: rows per group, M_max)
   int64_t n = 0;                       // a multiple of 16
   int64_t k = 0;                       // a positive multiple of 128

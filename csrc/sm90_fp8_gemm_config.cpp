@@ -42,7 +42,7 @@ const DeviceInfo& device_info() {
 // changed no small-M time on the H200: bytes in flight do not limit them.
 int max_stages(const Fp8GemmProblem& p, int block_m, int block_n, int max_smem) {
   const int num_k_blocks = static_cast<int>(p.k / 128);
-  const bool b_scales_per_row = p.type == GemmType::kWgrad;
+  const bool b_scales_per_row = p.type == GemmType::kWgrad || p.type == GemmType::kKGroupedWgrad;
   int stages = 0;
   while (stages < kMaxStages &&
          SmemLayout{block_m, block_n, p.d_fp32, stages + 1, num_k_blocks, b_scales_per_row}.total_bytes() <= max_smem) {
@@ -54,6 +54,7 @@ int max_stages(const Fp8GemmProblem& p, int block_m, int block_n, int max_smem) 
 int64_t num_tiles(const Fp8GemmProblem& p, int block_m, int block_n, int64_t rows_per_group) {
   const int64_t n_blocks = ceil_div<int64_t>(p.n, block_n);
   if (p.type == GemmType::kGroupedMasked) return p.num_groups * ceil_div<int64_t>(rows_per_group, block_m) * n_blocks;
+  if (p.type == GemmType::kKGroupedWgrad) return p.num_groups * ceil_div<int64_t>(p.m, block_m) * n_blocks;
   return ceil_div<int64_t>(p.m, block_m) * n_blocks;
 }
 
@@ -100,14 +101,19 @@ double estimate_seconds(const Fp8GemmProblem& p, int block_m, int block_n, int n
   constexpr double kDramBytesPerS = 3.0e12;
   const int64_t rows = p.type == GemmType::kGroupedMasked ? (p.expected_m > 0 ? std::min(p.expected_m, p.m) : p.m)
                                                           : p.m;
+  const bool k_grouped = p.type == GemmType::kKGroupedWgrad;
   const int64_t tiles = num_tiles(p, block_m, block_n, rows);
   const double waves = static_cast<double>(ceil_div<int64_t>(tiles, num_sms));
-  const double compute = 2.0 * block_m * block_n * p.k / (kSmFlops * mma_efficiency(block_m, block_n));
+  // k-grouped wgrad: the groups share the K blocks, a tile contracts over its group's (on average 1 / G).
+  const double tile_k = k_grouped ? static_cast<double>(p.k) / p.num_groups : static_cast<double>(p.k);
+  const double compute = 2.0 * block_m * block_n * tile_k / (kSmFlops * mma_efficiency(block_m, block_n));
   const int64_t total_rows = p.type == GemmType::kGroupedMasked ? rows * p.num_groups : p.m;
-  const int64_t b_groups = p.type == GemmType::kNormal || p.type == GemmType::kWgrad ? 1 : p.num_groups;
+  const int64_t out_rows = k_grouped ? p.m * p.num_groups : total_rows;
+  const int64_t b_groups = p.type == GemmType::kGroupedContiguous || p.type == GemmType::kGroupedMasked ? p.num_groups
+                                                                                                        : 1;
   const double unique_bytes = static_cast<double>(total_rows) * p.k + static_cast<double>(b_groups) * p.n * p.k +
-                              static_cast<double>(total_rows) * p.n * (p.d_fp32 ? 4 : 2);
-  const double tile_bytes = static_cast<double>(block_m + block_n) * p.k;
+                              static_cast<double>(out_rows) * p.n * (p.d_fp32 ? 4 : 2);
+  const double tile_bytes = static_cast<double>(block_m + block_n) * tile_k;
   const double dram_share = std::min(1.0, unique_bytes / (static_cast<double>(tiles) * tile_bytes));
   const double ingest = tile_bytes * (dram_share / (kDramBytesPerS / num_sms) + (1.0 - dram_share) / kSmL2BytesPerS);
   return waves * std::max(compute, ingest);

@@ -32,13 +32,17 @@ struct GemmParams {
   int n;
   int num_k_blocks;
   int num_groups;
+  const int32_t* k_block_offsets;  // k-grouped wgrad
 };
 
 struct Tile {
   int m_block_idx;
   int n_block_idx;
   int group_idx;
-  int row;        // first row of the tile in A's (and D's) row space, groups flattened
+  int row;        // first row of the tile in D's row space, groups flattened
+  int a_row;      // its first row in A's row space: `row`, except for k-grouped wgrad (A shared by groups)
+  int k_begin;    // the tile's K blocks: [k_begin, k_begin + k_count), all of them except for k-grouped wgrad
+  int k_count;
   int num_rows;   // rows of the tile that hold valid output (<= BLOCK_M)
   bool multicast; // clusters: the peer CTA's tile has the same rows, and each loads half of A for both
 };
@@ -98,6 +102,17 @@ struct TileScheduler {
   __device__ __forceinline__ int masked_rows(int g) const { return max(0, min(__ldg(p.masked_m + g), p.m)); }
 
   __device__ __forceinline__ bool next(Tile& tile) {
+    const bool found = next_tile(tile);
+    if constexpr (kType != GemmType::kKGroupedWgrad) {
+      tile.a_row = tile.row;
+      tile.k_begin = 0;
+      tile.k_count = p.num_k_blocks;
+    }
+    return found;
+  }
+
+ private:
+  __device__ __forceinline__ bool next_tile(Tile& tile) {
     if constexpr (kClusterSize == 2) {
       const int pair_idx = next_tile_idx;
       next_tile_idx += gridDim.x / 2;
@@ -118,6 +133,21 @@ struct TileScheduler {
         tile.group_idx = current_group;
         tile.row = current_group * p.m + tile.m_block_idx * BLOCK_M;
         tile.num_rows = min(BLOCK_M, masked_rows(current_group) - tile.m_block_idx * BLOCK_M);
+        return true;
+      } else if constexpr (kType == GemmType::kKGroupedWgrad) {
+        // Every group has the same tiles; group g contracts over its own K blocks (device data, clamped:
+        // a bad offset never reads out of bounds; an empty range gives c or zeros).
+        const int tiles_per_group = num_m_blocks * num_n_blocks;
+        if (tile_idx >= p.num_groups * tiles_per_group) return false;
+        tile.group_idx = tile_idx / tiles_per_group;
+        rasterize(tile_idx - tile.group_idx * tiles_per_group, num_m_blocks, num_n_blocks, tile.m_block_idx,
+                  tile.n_block_idx);
+        tile.a_row = tile.m_block_idx * BLOCK_M;
+        tile.row = tile.group_idx * p.m + tile.a_row;
+        tile.num_rows = min(BLOCK_M, p.m - tile.a_row);
+        tile.k_begin = min(max(__ldg(p.k_block_offsets + tile.group_idx), 0), p.num_k_blocks);
+        tile.k_count = min(max(__ldg(p.k_block_offsets + tile.group_idx + 1), tile.k_begin), p.num_k_blocks) -
+                       tile.k_begin;
         return true;
       } else {
         if (tile_idx >= num_m_blocks * num_n_blocks) return false;

@@ -38,7 +38,7 @@ constexpr bool contains(const int (&values)[kSize], int value) {
 // 128-row tiles of their own widths.
 constexpr bool variant_instantiated(GemmType type, bool out_fp32, int block_m, int block_n, int cluster_size) {
   if (cluster_size != 1 && (cluster_size != 2 || block_m != 256)) return false;
-  if (type == GemmType::kWgrad) {
+  if (type == GemmType::kWgrad || type == GemmType::kKGroupedWgrad) {
     return out_fp32 && (block_m == 64 || block_m == 128) && contains(kWgradBlockNs, block_n);
   }
   if (block_m == 256) return type == GemmType::kNormal && !out_fp32 && contains(kWideBlockNs, block_n);
@@ -51,6 +51,7 @@ constexpr bool variant_instantiated(GemmType type, bool out_fp32, int block_m, i
     case GemmType::kGroupedMasked:
       return !out_fp32 && (block_m == 64 || block_m == 128);
     case GemmType::kWgrad:
+    case GemmType::kKGroupedWgrad:
       return false;  // above
   }
   return false;

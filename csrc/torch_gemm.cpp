@@ -177,6 +177,53 @@ at::Tensor fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& a_scales, 
   return out;
 }
 
+// The weight gradients of all experts: out[g] = fp8_gemm_wgrad over the tokens [group_offsets[g],
+// group_offsets[g + 1]) (+ c[g]), fp32 [G, m, n]. The offsets (multiples of 128, checked by the public
+// function where it can read them) become K-block offsets; the kernel clamps them.
+at::Tensor k_grouped_fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                                         const at::Tensor& b_scales, const at::Tensor& group_offsets,
+                                         const std::optional<at::Tensor>& c) {
+  constexpr const char* op = "k_grouped_fp8_gemm_wgrad";
+  const at::Device dev = a.device();
+  TORCH_CHECK(dev.is_cuda(), op, ": a must be a CUDA tensor, got ", dev);
+  dso::check_operand(op, "a", a, dev, kFp8, {-1, -1});
+  const int64_t m = a.size(0), t = a.size(1);
+  dso::check_operand(op, "b", b, dev, kFp8, {-1, t});
+  const int64_t n = b.size(0);
+  TORCH_CHECK(t % 128 == 0, op, ": T (a.shape[1]) must be a multiple of 128, got ", t);
+  TORCH_CHECK(n % 16 == 0, op, ": b's rows must be a multiple of 16, got ", n);
+  dso::check_operand(op, "a_scales", a_scales, dev, at::kFloat, {m, t / 128});
+  dso::check_operand(op, "b_scales", b_scales, dev, at::kFloat, {n, t / 128});
+  TORCH_CHECK(group_offsets.device() == dev && group_offsets.dim() == 1 && group_offsets.size(0) >= 2 &&
+                  (group_offsets.scalar_type() == at::kInt || group_offsets.scalar_type() == at::kLong),
+              op, ": group_offsets must be int32/int64 [G + 1] with G >= 1 on ", dev);
+  const int64_t groups = group_offsets.size(0) - 1;
+  if (c.has_value()) {
+    dso::check_operand(op, "c", *c, dev, at::kFloat, {groups, m, n});
+    dso::check_dense16(op, "c", *c);
+  }
+  check_k_major(op, "a", a);
+  check_k_major(op, "b", b);
+  const c10::cuda::CUDAGuard guard(dev);
+  auto out = at::empty({groups, m, n}, a.options().dtype(at::kFloat));
+  if (m == 0 || n == 0) return out;
+  if (t == 0) return c.has_value() ? out.copy_(*c) : out.zero_();
+  const auto k_block_offsets = at::floor_divide(group_offsets, 128).to(at::kInt).contiguous();
+  const auto [sfa, sfa_ld] = gemm_m_major_scales(a_scales);
+  const auto [sfb, sfb_ld] = gemm_m_major_scales(b_scales);
+  dso::Fp8GemmProblem p = gemm_problem(dso::GemmType::kKGroupedWgrad, a, sfa, sfa_ld, b, sfb, out);
+  p.b_scales_ld = sfb_ld;
+  p.m = m;
+  p.num_groups = groups;
+  p.k_block_offsets = k_block_offsets.data_ptr<int32_t>();
+  if (c.has_value()) {
+    p.c = c->data_ptr<float>();
+    p.ldc = n;
+  }
+  dso::launch_sm90_fp8_gemm(p, dso::current_stream());
+  return out;
+}
+
 void grouped_fp8_gemm_contiguous_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                                           const at::Tensor& b_scales, const at::Tensor& m_indices, at::Tensor& out) {
   constexpr const char* op = "grouped_fp8_gemm_contiguous";
@@ -247,4 +294,5 @@ TORCH_LIBRARY_IMPL(deepseek_ops, CUDA, m) {
   m.impl("grouped_fp8_gemm_masked", &grouped_fp8_gemm_masked_cuda);
   m.impl("grouped_fp8_gemm_masked_out", &grouped_fp8_gemm_masked_out_cuda);
   m.impl("fp8_gemm_wgrad", &fp8_gemm_wgrad_cuda);
+  m.impl("k_grouped_fp8_gemm_wgrad", &k_grouped_fp8_gemm_wgrad_cuda);
 }

@@ -89,12 +89,12 @@ def skip_reason() -> str:
     return f"the kernels need sm_90 (Hopper); this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
 
 
-_GEMM_LAYOUTS = {"dense": 0, "contiguous": 1, "masked": 2, "wgrad": 3}
+_GEMM_LAYOUTS = {"dense": 0, "contiguous": 1, "masked": 2, "wgrad": 3, "k_grouped_wgrad": 4}
 
 
 def fp8_gemm_tile_configs(layout: str, out_dtype: torch.dtype = torch.bfloat16):
     """(BLOCK_M, BLOCK_N, cluster size) of every compiled FP8 GEMM tile variant of a layout ("dense",
-    "contiguous", "masked", "wgrad": fp8_gemm_wgrad, float32 output only) and output dtype, as the
+    "contiguous", "masked"; "wgrad", "k_grouped_wgrad": float32 output only) and output dtype, as the
     extension reports them (empty in a build without CUDA). DSO_FP8_GEMM_CONFIG forces one (the
     gemm_config fixture of tests/conftest.py)."""
     flat = torch.ops.deepseek_ops.fp8_gemm_tile_configs()

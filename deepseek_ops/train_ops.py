@@ -16,11 +16,12 @@ build, csrc/):
 - fp8_gemm_dgrad and grouped_fp8_gemm_dgrad_contiguous: the NT FP8 GEMMs (fp8_gemm,
   grouped_fp8_gemm_contiguous) on W^T, which a byte-transpose kernel writes on every call
   (csrc/sm90_fp8_dgrad.cu, csrc/torch_train.cpp). Every shape these functions accept runs there;
-- fp8_gemm_wgrad: the FP8 GEMM's weight-gradient variant (csrc/sm90_fp8_gemm.cu, GemmType::kWgrad:
-  B scaled per row and K block, fp32 output plus c).
-k_grouped_fp8_gemm_wgrad has no CUDA kernel yet. On a device with no kernel
-registered for an op (and in a build without CUDA), the wrappers below run the reference (plain
-torch, float64 on that device), the one place that choice is made (dispatch).
+- fp8_gemm_wgrad and k_grouped_fp8_gemm_wgrad: the FP8 GEMM's weight-gradient variants
+  (csrc/sm90_fp8_gemm.cu, GemmType::kWgrad and kKGroupedWgrad: B scaled per row and K block, fp32
+  output plus c; the k-grouped one runs every expert's tiles in one launch, each over its own K
+  blocks).
+On a device with no kernel registered for an op (a build without CUDA), the wrappers below run the
+reference (plain torch, float64 on that device), the one place that choice is made (dispatch).
 """
 from typing import Optional, Tuple
 
@@ -120,17 +121,20 @@ def k_grouped_fp8_gemm_wgrad(a: torch.Tensor, a_scales: torch.Tensor, b: torch.T
 
     a: [N, sum_T] e4m3 (dy^T), b: [K, sum_T] e4m3 (x^T), scaled 1 x 128 along tokens as for
     fp8_gemm_wgrad; group_offsets: int32/int64 [G + 1], from 0 to sum_T, each a multiple of
-    GROUPED_GEMM_ALIGNMENT (an expert with no tokens is an empty range). c: optional fp32 [G, N, K].
+    GROUPED_GEMM_ALIGNMENT (an expert with no tokens is an empty range); K a multiple of 16. c:
+    optional fp32 [G, N, K].
     Returns fp32 [G, N, K].
     """
     _check_token_scaled("a", a, a_scales, "a_scales")
     _check_token_scaled("b", b, b_scales, "b_scales")
     check_dim("b", b, 1, a.shape[1], "sum_T, as a.shape[1]")
+    check_multiple("b", b.shape[0], FP8_GEMM_N_MULTIPLE, "K (b.shape[0], the gradients' columns)")
     check_group_offsets(group_offsets, a.shape[1], "sum_T = a.shape[1]")
     check_same_device(a=a, a_scales=a_scales, b=b, b_scales=b_scales, group_offsets=group_offsets, c=c)
     if c is not None:
         check_tensor("c", c, dtype=torch.float32)
         check_shape("c", c, (group_offsets.shape[0] - 1, a.shape[0], b.shape[0]))
+        c = aligned16(c)  # the kernel reads it densely
     check_cuda_arch(a, "k_grouped_fp8_gemm_wgrad")
     return dispatch("k_grouped_fp8_gemm_wgrad", a.device, a, a_scales, b, b_scales, group_offsets, c)
 

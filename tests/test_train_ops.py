@@ -129,7 +129,7 @@ def test_train_ops_opcheck_cpu():
 
 
 # The ops with CUDA kernels (csrc/torch_quant.cpp, csrc/torch_train.cpp), registered in the CUDA build only.
-CUDA_KERNEL_OPS = {"transpose_quant_fp8", "fp8_gemm_wgrad", "fp8_gemm_dgrad", "grouped_fp8_gemm_dgrad_contiguous"}
+CUDA_KERNEL_OPS = set(train_ops._REFERENCES)  # every training op
 
 
 def test_cuda_kernels_registered_for_exactly_the_ported_ops():
@@ -137,11 +137,11 @@ def test_cuda_kernels_registered_for_exactly_the_ported_ops():
     assert {name for name in train_ops._REFERENCES if train_ops._has_kernel(name, "cuda")} == expected
 
 
-def test_devices_without_a_kernel_run_the_reference():
-    # The k-grouped wgrad has no CUDA kernel (in either build); the wrapper then runs the reference on
-    # the tensors' device. Exercised with CPU tensors under a CUDA device label.
+def test_devices_without_a_kernel_run_the_reference(monkeypatch):
+    # A device with no kernel registered (a reference-only build on a GPU machine): the wrapper runs
+    # the reference on the tensors' device. Exercised with CPU tensors under a CUDA device label.
     name = "k_grouped_fp8_gemm_wgrad"
-    assert not train_ops._has_kernel(name, "cuda") and train_ops._has_kernel(name, "cpu")
+    monkeypatch.setattr(train_ops, "_has_kernel", lambda op, device_type: device_type == "cpu")
     a, a_scales = token_scaled(16, 256)
     b, b_scales = token_scaled(32, 256)
     offsets = torch.tensor([0, 128, 256])
@@ -447,6 +447,55 @@ def test_cuda_fp8_gemm_wgrad_heuristic_and_views():
     ref = reference.fp8_gemm_wgrad(a.cpu(), a_scales.cpu(), b.cpu(), b_scales.cpu(), c.cpu())
     assert calc_diff(out, ref) < CALC_DIFF_BOUND
     assert calc_diff(out, dy.double().t() @ x.double() + c.double()) < 1e-3  # FP8 quantization of dy, x
+
+
+K_GROUPED_WGRAD_CONFIGS = fp8_gemm_tile_configs("k_grouped_wgrad", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m,block_n,cluster", K_GROUPED_WGRAD_CONFIGS)
+@pytest.mark.parametrize("offsets", [[0, 256, 256, 640, 768], [0, 0, 128, 1024, 1024], [0, 128]])
+def test_cuda_k_grouped_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_n, cluster, offsets):
+    # Experts with no tokens first, in the middle and last (they give c[g]: no K block runs), one
+    # 128-token expert, several K blocks; partial row and column tiles (200 x 2112).
+    gemm_config(block_m, block_n, cluster=cluster)
+    n, k, tokens = 200, 2112, offsets[-1]
+    a, a_scales = _cuda_token_scaled(n, tokens)
+    b, b_scales = _cuda_token_scaled(k, tokens)
+    group_offsets = torch.tensor(offsets, device="cuda")
+    c = torch.randn(len(offsets) - 1, n, k, device="cuda")
+    _poison_cuda_allocator(8 * c.numel() + 1024)
+    out = deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets, c)
+    assert out.shape == c.shape and out.dtype == torch.float32
+    assert_written(out)
+    ref = reference.k_grouped_fp8_gemm_wgrad(a.cpu(), a_scales.cpu(), b.cpu(), b_scales.cpu(), group_offsets.cpu(),
+                                             c.cpu())
+    for g in range(len(offsets) - 1):
+        assert calc_diff(out[g], ref[g]) < CALC_DIFF_BOUND, f"expert {g} (tokens {offsets[g]}..{offsets[g + 1]})"
+        if offsets[g] == offsets[g + 1]:
+            assert_bitwise_equal(out[g], c[g], f"expert {g} has no tokens")
+    # The dense op on one expert's token range gives the same bits (same tiles, same K blocks in order).
+    g = max(range(len(offsets) - 1), key=lambda i: offsets[i + 1] - offsets[i])
+    lo, hi = offsets[g], offsets[g + 1]
+    same = deepseek_ops.fp8_gemm_wgrad(a[:, lo:hi], a_scales[:, lo // 128:hi // 128], b[:, lo:hi],
+                                       b_scales[:, lo // 128:hi // 128], c[g])
+    assert_bitwise_equal(out[g], same)
+
+
+@pytest.mark.gpu
+def test_cuda_k_grouped_fp8_gemm_wgrad_without_c_and_garbage_offsets():
+    a, a_scales = _cuda_token_scaled(128, 512)
+    b, b_scales = _cuda_token_scaled(256, 512)
+    out = deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, torch.tensor([0, 384, 512], device="cuda"))
+    ref = reference.k_grouped_fp8_gemm_wgrad(a.cpu(), a_scales.cpu(), b.cpu(), b_scales.cpu(),
+                                             torch.tensor([0, 384, 512]))
+    assert calc_diff(out, ref) < CALC_DIFF_BOUND
+    # Offsets the public function cannot read without a sync (CUDA) and the raw op does not check: out of
+    # range and decreasing. The kernel clamps them; nothing is read or written out of bounds.
+    bad = torch.tensor([-1024, 1 << 20, 128, 0], device="cuda")
+    out = torch.ops.deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, bad, None)
+    torch.cuda.synchronize()
+    assert out.shape == (3, 128, 256)
 
 
 @pytest.mark.gpu
