@@ -482,10 +482,13 @@ class MoE(nn.Module):
         ep = deepseek_ops.ep
         backend = self.ep_backend or ("ipc" if self.backend == "kernels" and x.is_cuda else "torch")
         buffer = self.ep_buffer
-        if buffer is None or buffer.backend != backend or buffer.max_tokens_per_rank < x.shape[0]:
+        # Every rank decides on the same capacity (the group's largest token count): the Buffer is
+        # built collectively, so a rank re-creating it alone would wait for its peers forever.
+        needed = ep.group_max_tokens(self.ep_group, x.shape[0])
+        if buffer is None or buffer.backend != backend or buffer.max_tokens_per_rank < needed:
             if buffer is not None:
                 buffer.close()
-            self.ep_buffer = buffer = ep.Buffer(self.ep_group, max(x.shape[0], 4096), x.shape[1], len(self.experts),
+            self.ep_buffer = buffer = ep.Buffer(self.ep_group, max(needed, 4096), x.shape[1], len(self.experts),
                                                 backend=backend, max_topk=indices.shape[1])
         if self.w13 is not None:  # FP8 rows travel: half the bytes, and each token is quantized once
             recv = buffer.dispatch(self._quantize(x), indices, weights)

@@ -46,6 +46,31 @@ def test_expert_parallel_matches_one_process(tmp_path):
     run_ranks(_worker, WORLD, tmp_path, seed)
 
 
+def _uneven_worker(rank, world_size, seed):
+    # Rank 1 has more tokens than the Buffer's first capacity (4096), rank 0 few: both must re-create
+    # it together, with the same capacity, or the collective construction waits forever.
+    torch.manual_seed(seed + rank)
+    full = random_model(preset("tiny", **ARGS), seed=seed)
+    sharded = random_model(preset("tiny", **ARGS), seed=seed, ep_group=dist.group.WORLD)
+    moe = sharded.main_layers[1].mlp
+    with torch.no_grad():
+        for length in (16, 4100 if rank == 1 else 7, 16):
+            tokens = torch.randint(0, full.args.vocab_size, (1, length))
+            expected, _ = full(tokens)
+            got, _ = sharded(tokens)
+            error = calc_diff(got.double(), expected.double())
+            assert error < 1e-4, f"length {length}: calc_diff {error:.3e}"
+            capacities = [None] * world_size
+            dist.all_gather_object(capacities, moe.ep_buffer.max_tokens_per_rank)
+            assert len(set(capacities)) == 1 and capacities[0] >= 4096, capacities
+    assert moe.ep_buffer.max_tokens_per_rank >= 4100
+
+
+@MULTI_PROCESS_TIMEOUT
+def test_expert_parallel_ranks_agree_on_buffer_capacity():
+    run_ranks(_uneven_worker, WORLD, int(torch.randint(0, 2**30, ())))
+
+
 def _kernels_worker(rank, world_size, seed, ep_backend):
     args = preset("tiny", dtype="bfloat16", fp8=True)
     full = random_model(args, "kernels", device="cuda", seed=seed).prepare()

@@ -20,6 +20,7 @@ accumulated in fp32 in k order, in bf16: the same bits on every tier.
     y = grouped_gemm(recv_x, m_indices, ...)            # [rows, H] bf16, rows in recv_x's order
     out = buffer.combine(y, handle, topk_weights)        # [T, H] bf16
 """
+import datetime
 import math
 from typing import Optional, Tuple
 
@@ -30,10 +31,10 @@ from deepseek_ops.constants import GROUPED_GEMM_ALIGNMENT
 from deepseek_ops.ep import _local, _ops
 from deepseek_ops.ep._common import (MAX_TOPK, DispatchResult, LocalHandle, XInput, check_combine_args,
                                      check_dispatch_args)
-from deepseek_ops.ep._dist import DistBackend
+from deepseek_ops.ep._dist import DistBackend, comm_device, wait_with_deadline
 from deepseek_ops.ep._ipc import IpcBackend
 
-__all__ = ["Buffer", "DispatchResult", "combine", "dispatch", "get_dispatch_layout"]
+__all__ = ["Buffer", "DispatchResult", "combine", "dispatch", "get_dispatch_layout", "group_max_tokens"]
 
 DEFAULT_TIMEOUT_S = 100.0
 MAX_EXPERTS = 4096
@@ -65,6 +66,20 @@ def _buffer_args_error(layout: dict, world_size: int, backend: str) -> Optional[
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def group_max_tokens(group, num_tokens: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+    """The largest num_tokens of the group's ranks (collective: every rank calls it). For sizing a
+    Buffer, whose construction every rank must join with the same max_tokens_per_rank: a rank that
+    alone found its Buffer too small and re-created it would wait for peers that never come. A peer
+    that dies or never arrives raises TimeoutError after timeout_s."""
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return num_tokens
+    count = torch.tensor([num_tokens], dtype=torch.int64, device=comm_device(group))
+    work = torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=group, async_op=True)
+    wait_with_deadline(work, "group_max_tokens", torch.distributed.get_rank(group),
+                       datetime.timedelta(seconds=timeout_s))
+    return int(count.item())
 
 
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int,

@@ -47,6 +47,25 @@ def _decode(row: torch.Tensor) -> str:
     return raw.decode(errors="replace")
 
 
+def wait_with_deadline(work, step: str, rank: int, timeout: datetime.timedelta):
+    """Waits for an async collective; a peer that died or never arrived raises TimeoutError naming the
+    step and this rank."""
+    try:
+        finished = work.wait(timeout=timeout)
+    except RuntimeError as exc:  # gloo raises on timeout or a dead peer
+        raise TimeoutError(f"deepseek_ops.ep: rank {rank} stuck in '{step}' for more than "
+                           f"{timeout.total_seconds():g} s (a peer died or never arrived): {exc}") from exc
+    if finished is False:
+        raise TimeoutError(f"deepseek_ops.ep: rank {rank} stuck in '{step}' for more than "
+                           f"{timeout.total_seconds():g} s (a peer died or never arrived)")
+
+
+def comm_device(group) -> torch.device:
+    """Where the group's collectives take their tensors: the current GPU for NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+
+
 class DistBackend:
     def __init__(self, group, num_experts: int, hidden: int, max_tokens: int, alignment: int, timeout_s: float,
                  layout: Dict[str, int], setup_error: Optional[str]):
@@ -54,8 +73,7 @@ class DistBackend:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        self.comm_device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        self.comm_device = comm_device(group)
         self._agree_layout(setup_error, layout)
         self.num_experts, self.hidden, self.max_tokens = num_experts, hidden, max_tokens
         self.num_local_experts = num_experts // self.world_size
@@ -64,14 +82,7 @@ class DistBackend:
 
     # -- collectives with a deadline -------------------------------------------------------------
     def _wait(self, work, step: str):
-        try:
-            finished = work.wait(timeout=self.timeout)
-        except RuntimeError as exc:  # gloo raises on timeout or a dead peer
-            raise TimeoutError(f"deepseek_ops.ep: rank {self.rank} stuck in '{step}' for more than "
-                               f"{self.timeout.total_seconds():g} s (a peer died or never arrived): {exc}") from exc
-        if finished is False:
-            raise TimeoutError(f"deepseek_ops.ep: rank {self.rank} stuck in '{step}' for more than "
-                               f"{self.timeout.total_seconds():g} s (a peer died or never arrived)")
+        wait_with_deadline(work, step, self.rank, self.timeout)
 
     def _all_to_all(self, send: torch.Tensor, out_splits: List[int], in_splits: List[int], step: str) -> torch.Tensor:
         """Rows of `send` (any dtype, moved as bytes) split by in_splits; returns the received rows."""
