@@ -446,7 +446,8 @@ def test_cuda_fp8_gemm_wgrad_heuristic_and_views():
     out = deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c)
     ref = reference.fp8_gemm_wgrad(a.cpu(), a_scales.cpu(), b.cpu(), b_scales.cpu(), c.cpu())
     assert calc_diff(out, ref) < CALC_DIFF_BOUND
-    assert calc_diff(out, dy.double().t() @ x.double() + c.double()) < 1e-3  # FP8 quantization of dy, x
+    # Against the unquantized product: e4m3 rounding of both operands (~2^-5 each, relative) dominates.
+    assert calc_diff(out, dy.double().t() @ x.double() + c.double()) < 1e-2
 
 
 K_GROUPED_WGRAD_CONFIGS = fp8_gemm_tile_configs("k_grouped_wgrad", torch.float32)
