@@ -5,7 +5,8 @@ Ours (impl deepseek_ops): the rollout sampler of model/grpo_rollout.py, backend 
 linears quantized from those weights (fp8_linear, grouped FP8 expert GEMMs, mla_decode on the bf16
 paged cache) through model/generate.py. Peer (transformers): DeepseekV3ForCausalLM.from_pretrained
 of the same folder in bf16, `generate(do_sample=True)` with the same temperature 1, no top-k / top-p,
-exactly new_tokens per row. Rows: B prompts x G samples of prompt_len random byte tokens.
+exactly new_tokens per row (neither side stops at eos: ours is called without eos_id, so every
+rollout decodes the full length). Rows: B prompts x G samples of prompt_len random byte tokens.
 
 Figure: wall-clock ms of one whole rollout (prefill + new_tokens decode steps, host included:
 that is what a GRPO step waits for), median of several rollouts, both impls in two rounds with the

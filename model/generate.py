@@ -5,6 +5,13 @@ writes their latents to the cache; decode_one_token(model, tokens, cache_seqlens
 runs s new tokens per request at positions cache_seqlens[b] + j. Both are pure functions of their
 tensors (the caches are the model's buffers), so torch.compile(fullgraph=True) takes them whole.
 
+The sampling loop (all but --mtp) reads nothing back to the host per token: sampling draws on the
+model's device from a generator that lives there, and with eos_id the "every row has its eos" flag
+stays on the device and is read once per stop_check_every tokens, where decoding stops early. A host
+read leaves the GPU idle while the host launches the next step, so the loop pays that once per
+stop_check_every steps, not per token. (The forward itself may still read: the kernels backend's
+expert dispatch sizes its output on the host, once per MoE layer.)
+
 With --mtp, greedy decoding is self-speculative: the MTP module drafts token i+2, the main model
 verifies [token i+1, draft] in one s_q = 2 step and keeps the draft only if it is what greedy
 decoding would have produced, so the output is exactly plain greedy's.
@@ -78,10 +85,12 @@ def load_tokenizer(checkpoint: Optional[Path], bos_id: Optional[int], eos_id: Op
 # ----------------------------------------------------------------------------------------------
 def allocate_block_table(batch: int, max_len: int, device, generator: Optional[torch.Generator] = None):
     """block_table [B, ceil(max_len / 64)] int32 over B * that many pages, in a random order when a
-    generator is given (so nothing can rely on a request's pages being adjacent)."""
+    generator is given (so nothing can rely on a request's pages being adjacent; drawn on the
+    generator's device)."""
     blocks_per_request = math.ceil(max_len / PAGE_SIZE)
     num_blocks = batch * blocks_per_request
-    pages = torch.randperm(num_blocks, generator=generator) if generator is not None else torch.arange(num_blocks)
+    pages = (torch.randperm(num_blocks, generator=generator, device=generator.device) if generator is not None
+             else torch.arange(num_blocks))
     return pages.view(batch, blocks_per_request).to(device=device, dtype=torch.int32), num_blocks
 
 
@@ -103,14 +112,19 @@ def mtp_step(model: Transformer, hidden: torch.Tensor, next_tokens: torch.Tensor
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits [B, V] -> tokens [B]: greedy at temperature 0, else nucleus sampling."""
+    """logits [B, V] -> tokens [B]: greedy at temperature 0, else nucleus sampling, on the logits'
+    device (the generator's) with no host sync."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is full
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs.cpu(), 1, generator=generator).to(logits.device)  # [B, 1]
+    # torch.multinomial(p, 1)'s own draw, argmax(p / q) with q ~ Exp(1), so a seed gives the same
+    # tokens; multinomial also reads p on the host (two syncs a call) to reject NaN, inf or negative
+    # entries, which a softmax of finite logits does not produce.
+    noise = torch.empty_like(sorted_probs).exponential_(1.0, generator=generator)
+    choice = (sorted_probs / noise).argmax(-1, keepdim=True)  # [B, 1]
     return order.gather(-1, choice).squeeze(-1)
 
 
@@ -129,11 +143,21 @@ class Progress:
             print(file=sys.stderr)
 
 
+# Decode steps between the host reads of "every row has its eos". A read costs the GPU one launch
+# gap (tens of us against a decode step's milliseconds); 4 lets the arithmetic task's answers (at
+# most 9 tokens) stop after 4 or 8 tokens, where 8 would check once, after 8.
+STOP_CHECK_EVERY = 4
+
+
 def check_request(model: Transformer, prompts: List[List[int]], max_new_tokens: int, temperature: float,
-                  use_mtp: bool) -> None:
+                  use_mtp: bool, eos_id: Optional[int] = None, stop_check_every: int = STOP_CHECK_EVERY) -> None:
     """generate's arguments, checked before any work: ValueError naming what is wrong."""
     capacity = model.args.max_position_embeddings - (1 if use_mtp else 0)  # MTP verifies one token ahead
     _check_prompts(prompts, max_new_tokens, capacity, model.args.vocab_size)
+    if eos_id is not None and not 0 <= eos_id < model.args.vocab_size:
+        raise ValueError(f"argument 'eos_id': expected a token id in [0, {model.args.vocab_size}), got {eos_id}")
+    if stop_check_every < 1:
+        raise ValueError(f"argument 'stop_check_every': expected >= 1, got {stop_check_every}")
     if use_mtp and model.mtp is None:
         raise ValueError("use_mtp=True needs the MTP module, and this model has none (num_nextn_predict_layers = 0: "
                          "its config has none, its checkpoint holds no MTP weights, or it was loaded with mtp=False)")
@@ -159,20 +183,28 @@ def _check_prompts(prompts: List[List[int]], max_new_tokens: int, capacity: int,
 @torch.no_grad()
 def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, use_mtp: bool = False, compile: bool = False, progress: bool = False,
-             seed: Optional[int] = None, shuffle_pages: bool = True) -> Tuple[List[List[int]], Dict[str, float]]:
+             seed: Optional[int] = None, shuffle_pages: bool = True, eos_id: Optional[int] = None,
+             stop_check_every: int = STOP_CHECK_EVERY) -> Tuple[List[List[int]], Dict[str, float]]:
     """Generates max_new_tokens after each prompt. Returns the new tokens per prompt and stats
-    (tokens_per_s; with use_mtp, acceptance_rate = accepted drafts / verify steps)."""
-    check_request(model, prompts, max_new_tokens, temperature, use_mtp)
+    (tokens_per_s; with use_mtp, acceptance_rate = accepted drafts / verify steps).
+
+    With eos_id, decoding stops once every row has produced eos_id (seen every stop_check_every
+    tokens; with use_mtp every verify step, whose tokens the host holds anyway): each row is then
+    a prefix, holding its first eos_id, of the row generate returns without eos_id."""
+    check_request(model, prompts, max_new_tokens, temperature, use_mtp, eos_id, stop_check_every)
     device = model.model.embed_tokens.weight.device
-    generator = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
-    batch, lengths = len(prompts), torch.tensor([len(p) for p in prompts], device=device)
-    max_prompt = int(lengths.max())
+    generator = torch.Generator(device)  # pages and samples: one seeded stream on the model's device
+    if seed is not None:
+        generator.manual_seed(seed)
+    batch, max_prompt = len(prompts), max(len(p) for p in prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # [B]
     block_table, num_blocks = allocate_block_table(batch, max_prompt + max_new_tokens + 1, device,
                                                    generator if shuffle_pages else None)
     model.setup_cache(num_blocks)
-    tokens = torch.zeros(batch, max_prompt, dtype=torch.long, device=device)  # [B, S] right-padded
+    tokens = torch.zeros(batch, max_prompt, dtype=torch.long)  # [B, S] right-padded
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = torch.tensor(p)
+    tokens = tokens.to(device)
     decode = torch.compile(decode_one_token, fullgraph=True, dynamic=False) if compile else decode_one_token
 
     start = time.perf_counter()
@@ -181,27 +213,43 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
     last = (lengths - 1)[:, None]  # [B, 1]
     next_token = sample(logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1]))[:, 0],
                         temperature, top_p, generator)  # [B]
-    out = [next_token]
     stats: Dict[str, float] = {}
     if use_mtp:
         out, stats = _speculative_loop(model, tokens, lengths, hidden, next_token, block_table,
-                                       max_new_tokens, decode, bar)
+                                       max_new_tokens, decode, bar, eos_id)
     else:
-        seqlens = lengths.clone()
-        for _ in range(max_new_tokens - 1):
-            logits, _ = decode(model, next_token[:, None], seqlens, block_table)
-            seqlens += 1
-            next_token = sample(logits[:, 0], temperature, top_p, generator)
-            out.append(next_token)
-            bar.update(len(out) * batch, len(out) * batch)
-        out = torch.stack(out, dim=1).tolist()  # [B, max_new_tokens]
+        out = _sampling_loop(model, next_token, lengths, block_table, max_new_tokens, temperature, top_p,
+                             generator, decode, bar, eos_id, stop_check_every)
     elapsed = time.perf_counter() - start
-    bar.update(max_new_tokens * batch, max_new_tokens * batch)
-    stats["tokens_per_s"] = batch * max_new_tokens / elapsed
-    return [row[:max_new_tokens] for row in out], stats
+    out = [row[:max_new_tokens] for row in out]
+    new_tokens = sum(len(row) for row in out)
+    bar.update(bar.total, new_tokens)
+    stats["tokens_per_s"] = new_tokens / elapsed
+    return out, stats
 
 
-def _speculative_loop(model, tokens, lengths, hidden, first, block_table, max_new_tokens, decode, bar):
+def _sampling_loop(model, first, lengths, block_table, max_new_tokens, temperature, top_p, generator, decode,
+                   bar, eos_id, stop_check_every) -> List[List[int]]:
+    """Plain decoding from the first sampled token [B]: one decode step per token, all on the device
+    but the stop check."""
+    batch = first.shape[0]
+    next_token, seqlens, out = first, lengths.clone(), [first]
+    finished = first == eos_id if eos_id is not None else None  # [B] on the device
+    while len(out) < max_new_tokens:
+        if finished is not None and len(out) % stop_check_every == 0 and bool(finished.all()):
+            break
+        logits, _ = decode(model, next_token[:, None], seqlens, block_table)
+        seqlens += 1
+        next_token = sample(logits[:, 0], temperature, top_p, generator)
+        out.append(next_token)
+        if finished is not None:
+            finished |= next_token == eos_id
+        bar.update(len(out) * batch, len(out) * batch)
+    return torch.stack(out, dim=1).tolist()  # [B, tokens generated]
+
+
+def _speculative_loop(model, tokens, lengths, hidden, first, block_table, max_new_tokens, decode, bar,
+                      eos_id):
     """Greedy decoding with MTP drafts. Cache invariant: main and MTP caches hold positions < seqlens[b];
     t0[b] (at position seqlens[b]) is emitted but not yet cached; draft[b] is the guess for the next one."""
     batch = tokens.shape[0]
@@ -214,6 +262,8 @@ def _speculative_loop(model, tokens, lengths, hidden, first, block_table, max_ne
     t0, seqlens = first, lengths.clone()
     steps = accepted_total = 0
     while min(len(e) for e in emitted) < max_new_tokens:
+        if eos_id is not None and all(eos_id in e for e in emitted):
+            break
         logits, h = decode(model, torch.stack([t0, draft], dim=1), seqlens, block_table)  # [B, 2, V], [B, 2, D]
         pred = logits.argmax(-1)  # [B, 2]: the greedy token after t0, and after the draft
         accepted = pred[:, 0] == draft  # [B]
@@ -290,7 +340,7 @@ def main(argv=None) -> None:
         tok = load_tokenizer(opts.checkpoint, model.args.bos_token_id, model.args.eos_token_id)
         texts = opts.prompt or DEFAULT_PROMPTS
         prompts = [tok.encode(t) for t in texts]
-        check_request(model, prompts, opts.max_new_tokens, opts.temperature, opts.mtp)
+        check_request(model, prompts, opts.max_new_tokens, opts.temperature, opts.mtp, tok.eos_id)
     except ValueError as e:  # a bad checkpoint, config or request (CheckpointError is one): no traceback
         parser.error(str(e))
     if rank == 0 and not opts.checkpoint:
@@ -298,7 +348,7 @@ def main(argv=None) -> None:
               file=sys.stderr)
     # Every rank runs every prompt (same steps on all ranks, as the MoE exchanges need); rank 0 prints.
     outputs, stats = generate(model, prompts, opts.max_new_tokens, opts.temperature, opts.top_p, opts.mtp,
-                              opts.compile, progress=rank == 0, seed=opts.seed)
+                              opts.compile, progress=rank == 0, seed=opts.seed, eos_id=tok.eos_id)
     if ep_group is not None:
         dist.destroy_process_group()
     if rank != 0:

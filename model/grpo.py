@@ -1,7 +1,8 @@
 """GRPO (Group Relative Policy Optimization) on our DeepSeek-V3: `python -m model.grpo`.
 
 One step: sample P arithmetic problems; draw G answers for each with the sampler (model/generate.py:
-batched prefill, paged latent cache, temperature sampling, seeded); reward them (model/arithmetic_task.py);
+batched prefill, paged latent cache, seeded temperature sampling on the device; decoding stops once
+every answer has its eos); reward them (model/arithmetic_task.py);
 advantages are the rewards' z-scores within each group; then `inner_steps` AdamW steps on the
 clipped-ratio objective with a k3 KL penalty to the frozen reference (model/grpo_loss.py), with
 gradient clipping; finally the sampler takes the new weights. A step whose loss or gradient norm

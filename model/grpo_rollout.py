@@ -37,7 +37,7 @@ class Rollout:
     rewards: torch.Tensor  # [N] fp32
     correct: torch.Tensor  # [N] bool: the exact answer
     reward_failures: int  # reward function raised or returned a non-finite value: scored 0
-    generated_tokens: int  # every sampled token (generation runs to the length limit)
+    generated_tokens: int  # every sampled token: N x decode steps (stopped once every response has its eos)
     tokens_per_s: float
 
 
@@ -131,14 +131,15 @@ def rollout(sampler: Transformer, task: ArithmeticTask, problems: List[Problem],
     problems_n = [p for p in problems for _ in range(group_size)]  # [N]: row p * G + g
     prompts = [task.encode_prompt(p) for p in problems_n]
     start = time.perf_counter()
-    sampled, _ = generate(sampler, prompts, task.max_response_tokens, temperature=temperature, seed=seed)
+    sampled, _ = generate(sampler, prompts, task.max_response_tokens, temperature=temperature, seed=seed,
+                          eos_id=task.eos_id)
     seconds = time.perf_counter() - start
     responses = [cut_at_eos(s, task.eos_id) for s in sampled]
     rewards, failures = safe_rewards(reward_fn or task.reward, problems_n, responses)
     correct = [task.parse_answer(r) == p.answer for p, r in zip(problems_n, responses)]
     device = sampler.model.embed_tokens.weight.device  # every tensor of the batch lives with the models
     tokens, mask = pack_sequences(prompts, responses, device)
-    generated = len(sampled) * task.max_response_tokens
+    generated = sum(len(s) for s in sampled)
     return Rollout(list(problems), group_size, responses, tokens, mask, torch.tensor(rewards, device=device),
                    torch.tensor(correct, device=device), failures, generated, generated / max(seconds, 1e-9))
 
@@ -149,6 +150,7 @@ def greedy_accuracy(model: Transformer, task: ArithmeticTask, problems: List[Pro
     correct = 0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
-        outputs, _ = generate(model, [task.encode_prompt(p) for p in chunk], task.max_response_tokens)
+        outputs, _ = generate(model, [task.encode_prompt(p) for p in chunk], task.max_response_tokens,
+                              eos_id=task.eos_id)
         correct += sum(task.parse_answer(cut_at_eos(o, task.eos_id)) == p.answer for p, o in zip(chunk, outputs))
     return correct / max(len(problems), 1)

@@ -8,6 +8,8 @@ import random
 import pytest
 import torch
 
+import model.generate as generation
+import model.grpo_rollout as grpo_rollout
 from model.arithmetic_task import REWARD_EXACT, REWARD_FORMAT, ArithmeticTask, Problem
 from model.checkpoint import save_checkpoint
 from model.config import preset
@@ -214,9 +216,41 @@ def test_rollout_is_reproducible_and_grouped(task):
     assert len(a.responses) == 12 and a.tokens.shape[0] == 12 and a.rewards.shape == (12,)
     assert all(1 <= len(r) <= task.max_response_tokens for r in a.responses)
     assert all(EOS not in r[:-1] for r in a.responses)  # cut after the first eos
-    assert a.generated_tokens == 12 * task.max_response_tokens and a.tokens_per_s > 0
+    assert a.generated_tokens % 12 == 0 and a.tokens_per_s > 0  # every row runs every decode step
+    assert 12 * max(len(r) for r in a.responses) <= a.generated_tokens <= 12 * task.max_response_tokens
     prompt = task.encode_prompt(problems[1])  # rows 4..7 are prompt 1's group
     assert all(a.tokens[i, :len(prompt)].tolist() == prompt for i in range(4, 8))
+
+
+def test_rollout_stops_at_eos_with_the_same_batch(task, monkeypatch):
+    """Every response forced to end early (eos at its token 1 or 2): the rollout stops decoding and
+    its batch is the one of a rollout decoding to the length limit."""
+    model = random_model(small_args(), seed=2)
+    problems = task.sample(3, random.Random(0))
+    real_decode, calls = generation.decode_one_token, []
+
+    def forcing(model, tokens, cache_seqlens, block_table):
+        logits, hidden = real_decode(model, tokens, cache_seqlens, block_table)
+        calls.append(None)
+        rows = torch.arange(tokens.shape[0]) % 2 + 1 == len(calls)  # row b ends at token b % 2 + 1
+        logits[rows, 0, EOS] = 1e9
+        return logits, hidden
+
+    monkeypatch.setattr(generation, "decode_one_token", forcing)
+    early = rollout(model, task, problems, 4, temperature=1.0, seed=7)
+    early_calls = len(calls)
+    calls.clear()
+    real_generate = grpo_rollout.generate
+    monkeypatch.setattr(grpo_rollout, "generate", lambda *args, **kw: real_generate(*args, **{**kw, "eos_id": None}))
+    full = rollout(model, task, problems, 4, temperature=1.0, seed=7)
+    assert task.max_response_tokens == 5 and len(calls) == 4
+    assert early_calls == 3  # all rows hold eos after 3 tokens; the check after 4 stops
+    assert early.generated_tokens == 12 * 4 and full.generated_tokens == 12 * 5
+    assert early.responses == full.responses and all(r[-1] == EOS and len(r) <= 3 for r in early.responses)
+    for name in ("tokens", "mask", "rewards", "correct"):
+        assert torch.equal(getattr(early, name), getattr(full, name)), name
+    torch.testing.assert_close(token_logprobs(model, early.tokens), token_logprobs(model, full.tokens),
+                               rtol=0, atol=0)
 
 
 def test_rollout_errors(task):

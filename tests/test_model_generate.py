@@ -1,6 +1,9 @@
 """Generation on the paged cache (CPU, tiny): greedy == argmax of the full forward, MTP
-self-speculation == plain greedy (rejections and acceptances both exercised), sampling, bad input."""
+self-speculation == plain greedy (rejections and acceptances both exercised), sampling, stopping
+at eos, bad input."""
 import json
+import math
+import warnings
 
 import pytest
 import torch
@@ -82,6 +85,105 @@ def test_top_p_keeps_the_nucleus():
     assert draws == {0, 1}  # 0.5 + 0.3 covers 0.7; tokens 2 and 3 are cut
 
 
+def _multinomial_sample(logits, temperature, top_p, generator):
+    """The nucleus sampler as torch.multinomial draws it (which reads the probabilities on the host)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs > top_p, 0.0)
+    return order.gather(-1, torch.multinomial(sorted_probs, 1, generator=generator)).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (1.5, 0.3)])
+def test_sampling_draws_what_multinomial_draws(temperature, top_p):
+    for seed in range(20):
+        logits = torch.randn(6, 300, dtype=torch.float64) * 3
+        ours = gen.sample(logits, temperature, top_p, torch.Generator().manual_seed(seed))
+        theirs = _multinomial_sample(logits, temperature, top_p, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, theirs), (seed, ours, theirs)
+
+
+def _forcing_eos(monkeypatch, eos, finish_at):
+    """Patches the decode step: row b emits eos as its new token finish_at[b] (the first new token
+    is 0, decode step i makes token i), once; returns the list the calls are counted in."""
+    real, calls = gen.decode_one_token, []
+
+    def forcing(model, tokens, cache_seqlens, block_table):
+        logits, hidden = real(model, tokens, cache_seqlens, block_table)
+        calls.append(None)
+        for b, at in enumerate(finish_at):
+            if len(calls) == at:
+                logits[b, 0, eos] = 1e9
+        return logits, hidden
+
+    monkeypatch.setattr(gen, "decode_one_token", forcing)
+    return calls
+
+
+@pytest.mark.parametrize("temperature,stop_check_every", [(0.0, 1), (1.0, 4), (0.8, 8), (1.0, 64)])
+def test_eos_stop_returns_prefixes_and_decodes_less(tiny, monkeypatch, temperature, stop_check_every):
+    prompts, eos, max_new = _prompts(tiny.args.vocab_size, [3, 66, 9]), 7, 24
+    calls = _forcing_eos(monkeypatch, eos, finish_at=[2, 9, 5])
+    full, _ = generate(tiny, prompts, max_new, temperature, seed=5)
+    assert len(calls) == max_new - 1
+    calls.clear()
+    early, _ = generate(tiny, prompts, max_new, temperature, seed=5, eos_id=eos, stop_check_every=stop_check_every)
+    all_done = max(row.index(eos) for row in full) + 1  # tokens until every row holds its eos: <= 10
+    expected = min(max_new, math.ceil(all_done / stop_check_every) * stop_check_every)  # the next check
+    assert len(calls) == expected - 1
+    if stop_check_every < max_new:
+        assert expected < max_new  # stopped early
+    for row_full, row_early in zip(full, early):
+        assert row_early == row_full[:expected]
+        cut = row_full[:row_full.index(eos) + 1]
+        assert row_early[:row_early.index(eos) + 1] == cut
+
+
+def test_eos_stop_waits_for_every_row(tiny, monkeypatch):
+    prompts = _prompts(tiny.args.vocab_size, [5, 12])
+    unforced, _ = generate(tiny, prompts, 16, 1.0, seed=2)
+    # Row 1 never draws this eos: its tokens depend on its own logits and noise, not on row 0's.
+    eos = min(set(range(tiny.args.vocab_size)) - set(unforced[1]))
+    calls = _forcing_eos(monkeypatch, eos, finish_at=[1])  # row 0 only
+    full, _ = generate(tiny, prompts, 16, 1.0, seed=2)
+    assert eos in full[0] and full[1] == unforced[1]
+    calls.clear()
+    early, _ = generate(tiny, prompts, 16, 1.0, seed=2, eos_id=eos, stop_check_every=2)
+    assert early == full and len(calls) == 15
+
+
+def test_mtp_eos_stop_is_a_prefix_of_greedy(tiny):
+    prompt = _prompts(tiny.args.vocab_size, [6])
+    (greedy,), _ = generate(tiny, prompt, 16)
+    eos = greedy[3]
+    (speculative,), stats = generate(tiny, prompt, 16, use_mtp=True, eos_id=eos)
+    first = greedy.index(eos)
+    assert speculative == greedy[:len(speculative)]
+    assert first + 1 <= len(speculative) <= first + 2  # an accepted draft may carry one token past eos
+    assert stats["verify_steps"] <= first
+
+
+@pytest.mark.gpu
+def test_sampling_loop_reads_the_device_once_per_stop_check():
+    """The decode step stubbed with fixed logits: what syncs is the loop itself, not the model."""
+    batch, vocab, max_new, every, eos = 4, 1000, 33, 8, 0
+    generator = torch.Generator("cuda").manual_seed(0)
+    logits = torch.randn(batch, 1, vocab, device="cuda", generator=generator)
+    logits[..., eos] = float("-inf")  # no row finishes: every check reads, none stops
+    first = gen.sample(logits[:, 0], 1.0, 0.9, generator)
+    lengths = torch.full((batch,), 5, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = gen._sampling_loop(None, first, lengths, None, max_new, 1.0, 0.9, generator,
+                                     lambda *args: (logits, None), gen.Progress(0, False), eos, every)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    assert len(out[0]) == max_new
+    assert 1 <= len(syncs) <= (max_new - 1) // every + 1  # the stop checks and the final copy to the host
+
+
 def test_bad_prompts(tiny):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(tiny, [[1, 2], []], 4)
@@ -93,6 +195,10 @@ def test_bad_prompts(tiny):
         generate(tiny, [[1, 600]], 4)
     with pytest.raises(ValueError, match="temperature=0"):
         generate(tiny, [[1, 2]], 4, temperature=1.0, use_mtp=True)
+    with pytest.raises(ValueError, match=r"'eos_id': expected a token id in \[0, 512\), got 512"):
+        generate(tiny, [[1, 2]], 4, eos_id=512)
+    with pytest.raises(ValueError, match="'stop_check_every': expected >= 1, got 0"):
+        generate(tiny, [[1, 2]], 4, eos_id=3, stop_check_every=0)
 
 
 def test_byte_tokenizer_round_trip():
