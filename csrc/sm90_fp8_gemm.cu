@@ -653,6 +653,16 @@ CUtensorMapSwizzle swizzle_mode(int bytes) {
   return bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_32B;
 }
 
+// DSO_FP8_GEMM_VERBOSE=1 prints every launch's configuration. Read once: getenv scans the whole
+// environment, and the switch is for runs started with it.
+bool verbose() {
+  static const bool on = [] {
+    const char* value = std::getenv("DSO_FP8_GEMM_VERBOSE");
+    return value != nullptr && *value == '1';
+  }();
+  return on;
+}
+
 struct LaunchArgs {
   CUtensorMap tmap_a, tmap_b, tmap_sfa, tmap_sfb, tmap_d;
   GemmParams params;
@@ -697,7 +707,7 @@ void launch_kernel(const LaunchArgs& args) {
     });
     const int resident = max_clusters[device % kMaxDevices] * kClusterSize;
     if (resident > 0 && static_cast<int>(launch.gridDim.x) > resident) launch.gridDim.x = resident;
-    if (const char* verbose = std::getenv("DSO_FP8_GEMM_VERBOSE"); verbose != nullptr && *verbose == '1') {
+    if (verbose()) {
       std::fprintf(stderr, "deepseek_ops fp8 gemm: at most %d clusters of %d resident, grid %u\n",
                    max_clusters[device % kMaxDevices], kClusterSize, launch.gridDim.x);
     }
@@ -774,22 +784,22 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
   const int64_t b_rows = p.type == GemmType::kNormal || wgrad ? p.n : p.num_groups * p.n;
   const int64_t num_k_blocks = p.k / 128;
   // Clusters load A in halves (multicast to both CTAs of a pair, or both halves alone).
-  args.tmap_a = encode_tensor_map_2d(p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, a_rows, p.lda, 128,
+  args.tmap_a = cached_tensor_map_2d(p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, a_rows, p.lda, 128,
                                    block_m / args.config.cluster_size, CU_TENSOR_MAP_SWIZZLE_128B, "a");
-  args.tmap_b = encode_tensor_map_2d(p.b, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, b_rows, p.ldb, 128, block_n,
+  args.tmap_b = cached_tensor_map_2d(p.b, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, b_rows, p.ldb, 128, block_n,
                                    CU_TENSOR_MAP_SWIZZLE_128B, "b");
-  args.tmap_sfa = encode_tensor_map_2d(p.a_scales, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, a_rows, num_k_blocks,
+  args.tmap_sfa = cached_tensor_map_2d(p.a_scales, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, a_rows, num_k_blocks,
                                      p.a_scales_ld, block_m, 1, CU_TENSOR_MAP_SWIZZLE_NONE, "a_scales");
   args.tmap_sfb = {};
   if (wgrad) {
-    args.tmap_sfb = encode_tensor_map_2d(p.b_scales, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, p.n, num_k_blocks,
+    args.tmap_sfb = cached_tensor_map_2d(p.b_scales, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, p.n, num_k_blocks,
                                          p.b_scales_ld, block_n, 1, CU_TENSOR_MAP_SWIZZLE_NONE, "b_scales");
   }
   args.tmap_d = {};
   if (!p.d_fp32) {
     // Each consumer warpgroup stores its rows in boxes of one swizzle atom's columns.
     const int swizzle = gemm::d_swizzle_bytes(block_n);
-    args.tmap_d = encode_tensor_map_2d(p.d, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.n, a_rows, p.ldd, swizzle / 2,
+    args.tmap_d = cached_tensor_map_2d(p.d, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.n, a_rows, p.ldd, swizzle / 2,
                                      block_m / gemm::num_consumer_warpgroups(block_m), swizzle_mode(swizzle), "d");
   }
   args.params = GemmParams{p.b_scales,
@@ -804,7 +814,7 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
                            static_cast<int>(num_k_blocks),
                            static_cast<int>(p.num_groups),
                            p.k_block_offsets};
-  if (const char* verbose = std::getenv("DSO_FP8_GEMM_VERBOSE"); verbose != nullptr && *verbose == '1') {
+  if (verbose()) {
     std::fprintf(stderr, "deepseek_ops fp8 gemm: type %d m %lld n %lld k %lld groups %lld -> BLOCK_M %d BLOCK_N %d "
                  "stages %d cluster %d ctas %d\n", static_cast<int>(p.type), static_cast<long long>(p.m),
                  static_cast<long long>(p.n), static_cast<long long>(p.k), static_cast<long long>(p.num_groups),

@@ -1,8 +1,10 @@
 // Host side of TMA: the tensor-map builder every launcher uses (the driver's cuTensorMapEncodeTiled).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 
 #include <cuda.h>
 
@@ -51,6 +53,49 @@ inline CUtensorMap encode_tensor_map_2d(const void* base, CUtensorMapDataType dt
                              std::to_string(static_cast<int>(status)) + ", dims " + std::to_string(inner) + " x " +
                              std::to_string(outer) + ", row stride " + std::to_string(row_stride) + ")");
   }
+  return map;
+}
+
+// Every argument of encode_tensor_map_2d but the name.
+struct TensorMap2dKey {
+  const void* base;
+  uint64_t inner, outer, row_stride;
+  uint32_t box_inner, box_outer;
+  int dtype, elem_bytes, swizzle;
+  bool operator==(const TensorMap2dKey& o) const {
+    return base == o.base && inner == o.inner && outer == o.outer && row_stride == o.row_stride &&
+           box_inner == o.box_inner && box_outer == o.box_outer && dtype == o.dtype && elem_bytes == o.elem_bytes &&
+           swizzle == o.swizzle;
+  }
+};
+
+struct TensorMap2dKeyHash {
+  size_t operator()(const TensorMap2dKey& key) const {
+    size_t h = std::hash<const void*>()(key.base);
+    for (const uint64_t v : {key.inner, key.outer, key.row_stride, uint64_t{key.box_inner} << 32 | key.box_outer,
+                             static_cast<uint64_t>(key.dtype) << 32 | static_cast<uint64_t>(key.swizzle) << 8 |
+                                 static_cast<uint64_t>(key.elem_bytes)}) {
+      h = h * 1000003 ^ std::hash<uint64_t>()(v);
+    }
+    return h;
+  }
+};
+
+// encode_tensor_map_2d, remembered per thread: a map is a pure function of these arguments, and a
+// decode step's launches describe the same weights (and, through the caching allocator, mostly the
+// same activation buffers) call after call, so the driver's encode runs once per distinct map.
+inline CUtensorMap cached_tensor_map_2d(const void* base, CUtensorMapDataType dtype, int elem_bytes, uint64_t inner,
+                                        uint64_t outer, uint64_t row_stride, uint32_t box_inner, uint32_t box_outer,
+                                        CUtensorMapSwizzle swizzle, const char* what) {
+  constexpr size_t kMaxEntries = 1024;  // bounded: prefill shapes and fresh buffers keep adding keys
+  thread_local std::unordered_map<TensorMap2dKey, CUtensorMap, TensorMap2dKeyHash> cache;
+  const TensorMap2dKey key{base,      inner,     outer, row_stride, box_inner, box_outer, static_cast<int>(dtype),
+                           elem_bytes, static_cast<int>(swizzle)};
+  if (const auto it = cache.find(key); it != cache.end()) return it->second;
+  const CUtensorMap map =
+      encode_tensor_map_2d(base, dtype, elem_bytes, inner, outer, row_stride, box_inner, box_outer, swizzle, what);
+  if (cache.size() >= kMaxEntries) cache.clear();
+  cache.emplace(key, map);
   return map;
 }
 

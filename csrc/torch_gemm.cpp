@@ -106,18 +106,20 @@ dso::Fp8GemmProblem gemm_problem(dso::GemmType type, const at::Tensor& a, const 
   return p;
 }
 
-void fp8_gemm_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
-                       const at::Tensor& b_scales, const std::optional<at::Tensor>& c, at::Tensor& out) {
-  constexpr const char* op = "fp8_gemm";
-  const auto [n, k] = check_gemm_operands(op, a, a_scales, b, b_scales, false, false);
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat, op,
-              ": out must be bfloat16 or float32, got ", out.scalar_type());
-  dso::check_operand(op, "out", out, a.device(), out.scalar_type(), {a.size(0), n});
-  dso::check_dense16(op, "out", out);
-  if (c.has_value()) {
-    dso::check_operand(op, "c", *c, a.device(), at::kFloat, {a.size(0), n});
-    dso::check_dense16(op, "c", *c);
-  }
+void check_gemm_out_dtype(const char* op, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, op, ": out must be bfloat16 or float32, got ", dtype);
+}
+
+// c, fp8_gemm's optional fp32 addend: [M, N] on a's device, dense.
+void check_gemm_addend(const char* op, const std::optional<at::Tensor>& c, const at::Tensor& a, int64_t n) {
+  if (!c.has_value()) return;
+  dso::check_operand(op, "c", *c, a.device(), at::kFloat, {a.size(0), n});
+  dso::check_dense16(op, "c", *c);
+}
+
+// d = a @ b^T (+ c) into out; every argument already checked.
+void launch_fp8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b, const at::Tensor& b_scales,
+                     const std::optional<at::Tensor>& c, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(a.device());
   if (a.size(0) == 0 || b.size(0) == 0) return;
   const auto [sfa, sfa_ld] = gemm_m_major_scales(a_scales);
@@ -131,11 +133,26 @@ void fp8_gemm_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at
   dso::launch_sm90_fp8_gemm(p, dso::current_stream());
 }
 
+void fp8_gemm_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                       const at::Tensor& b_scales, const std::optional<at::Tensor>& c, at::Tensor& out) {
+  constexpr const char* op = "fp8_gemm";
+  const auto [n, k] = check_gemm_operands(op, a, a_scales, b, b_scales, false, false);
+  check_gemm_out_dtype(op, out.scalar_type());
+  dso::check_operand(op, "out", out, a.device(), out.scalar_type(), {a.size(0), n});
+  dso::check_dense16(op, "out", out);
+  check_gemm_addend(op, c, a, n);
+  launch_fp8_gemm(a, a_scales, b, b_scales, c, out);
+}
+
 at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                          const at::Tensor& b_scales, at::ScalarType out_dtype, const std::optional<at::Tensor>& c) {
-  check_gemm_operands("fp8_gemm", a, a_scales, b, b_scales, false, false);  // before sizing out by them
-  auto out = at::empty({a.size(0), b.size(0)}, a.options().dtype(out_dtype));
-  fp8_gemm_out_cuda(a, a_scales, b, b_scales, c, out);
+  constexpr const char* op = "fp8_gemm";
+  const auto [n, k] = check_gemm_operands(op, a, a_scales, b, b_scales, false, false);  // before sizing out by them
+  check_gemm_out_dtype(op, out_dtype);
+  check_gemm_addend(op, c, a, n);
+  // A fresh allocation: [M, N] row-major, 16-byte aligned, what fp8_gemm_out_cuda checks of out.
+  auto out = at::empty({a.size(0), n}, a.options().dtype(out_dtype));
+  launch_fp8_gemm(a, a_scales, b, b_scales, c, out);
   return out;
 }
 

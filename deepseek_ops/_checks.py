@@ -104,7 +104,12 @@ def is_aligned16(t: torch.Tensor) -> bool:
     NOTE: under torch.compile the start is not known (dynamo cannot trace data_ptr()); traced graphs
     allocate their own tensors, aligned, so it counts as aligned there.
     """
-    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+    return torch.compiler.is_compiling() or starts_aligned16(t)
+
+
+def starts_aligned16(t: torch.Tensor) -> bool:
+    """is_aligned16 in eager mode, where the caller has already asked whether torch.compile traces."""
+    return t.data_ptr() % 16 == 0
 
 
 def aligned16(t: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,14 @@ import torch
 from deepseek_ops import reference
 from deepseek_ops._checks import (FLOAT_DTYPES, FP8, aligned16, can_read_values, check_aligned16, check_choice,
                                   check_contiguous, check_cuda_arch, check_dim, check_multiple, check_same_device,
-                                  check_shape, check_tensor, check_values_in_range)
+                                  check_shape, check_tensor, check_values_in_range, starts_aligned16)
 from deepseek_ops._registry import register_op
 from deepseek_ops.constants import FP8_GEMM_K_MULTIPLE, FP8_GEMM_N_MULTIPLE, GROUPED_GEMM_ALIGNMENT
-from deepseek_ops.quant import per_token_group_quant_fp8
 
 _ops = torch.ops.deepseek_ops
 
-_OUT_DTYPES = (torch.bfloat16, torch.float32)
+_BF16, _FP32 = torch.bfloat16, torch.float32
+_OUT_DTYPES = (_BF16, _FP32)
 
 
 def _check_k_major(name: str, t: torch.Tensor):
@@ -74,6 +74,54 @@ def _check_out(name: str, out: torch.Tensor, shape, dtype, device):
     check_aligned16(name, out)
 
 
+def _fp8_gemm_ok(a, a_scales, b, b_scales, out_dtype, out) -> bool:
+    """True only if _check_fp8_gemm(..., c=None) would pass; False proves nothing (the caller then runs
+    the checks, which raise the message).
+
+    The eager path of every decode step: the checks themselves cost several microseconds of host time,
+    as much as a small GEMM's kernel; this reads each tensor attribute once. Stricter than the checks
+    where that is cheaper (K-major: stride 1 and a row stride >= K, a multiple of 16, whatever M and N).
+    Eager only: it reads data_ptr().
+    """
+    if not (isinstance(a, torch.Tensor) and isinstance(a_scales, torch.Tensor) and isinstance(b, torch.Tensor)
+            and isinstance(b_scales, torch.Tensor)):
+        return False
+    if (a.dtype is not FP8 or b.dtype is not FP8 or a_scales.dtype is not _FP32 or b_scales.dtype is not _FP32
+            or (out_dtype is not _BF16 and out_dtype is not _FP32)):
+        return False
+    device = a.device
+    if b.device != device or a_scales.device != device or b_scales.device != device:
+        return False
+    a_shape, b_shape = a.shape, b.shape
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        return False
+    m, k = a_shape
+    n, b_k = b_shape
+    if b_k != k or k <= 0 or k % FP8_GEMM_K_MULTIPLE or n % FP8_GEMM_N_MULTIPLE:
+        return False
+    if a_scales.shape != (m, k // 128) or b_scales.shape != ((n + 127) // 128, k // 128):
+        return False
+    a_stride, b_stride = a.stride(), b.stride()
+    if (a_stride[1] != 1 or a_stride[0] % 16 or a_stride[0] < k or b_stride[1] != 1 or b_stride[0] % 16
+            or b_stride[0] < k or not starts_aligned16(a) or not starts_aligned16(b)):
+        return False
+    return out is None or (isinstance(out, torch.Tensor) and out.dtype is out_dtype and out.device == device
+                           and out.shape == (m, n) and out.is_contiguous() and starts_aligned16(out))
+
+
+def _check_fp8_gemm(a, a_scales, b, b_scales, out_dtype, out, c):
+    """Every argument of fp8_gemm; a ValueError naming the first bad one."""
+    n, _ = _check_operands(a, a_scales, b, b_scales, a_ndim=2, grouped_b=False)
+    m = a.shape[0]
+    check_choice("out_dtype", out_dtype, _OUT_DTYPES)
+    if c is not None:
+        if out_dtype != torch.float32:
+            raise ValueError(f"argument 'c': accumulating into c needs out_dtype=torch.float32, got {out_dtype}")
+        _check_out("c", c, (m, n), torch.float32, a.device)
+    if out is not None:
+        _check_out("out", out, (m, n), out_dtype, a.device)
+
+
 def fp8_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, out: Optional[torch.Tensor] = None,
              c: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -87,15 +135,8 @@ def fp8_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales:
         only; it may be `out` itself, to accumulate in place). out: optional [M, N] contiguous buffer.
     Returns d [M, N] (`out` when given).
     """
-    n, _ = _check_operands(a, a_scales, b, b_scales, a_ndim=2, grouped_b=False)
-    m = a.shape[0]
-    check_choice("out_dtype", out_dtype, _OUT_DTYPES)
-    if c is not None:
-        if out_dtype != torch.float32:
-            raise ValueError(f"argument 'c': accumulating into c needs out_dtype=torch.float32, got {out_dtype}")
-        _check_out("c", c, (m, n), torch.float32, a.device)
-    if out is not None:
-        _check_out("out", out, (m, n), out_dtype, a.device)
+    if c is not None or torch.compiler.is_compiling() or not _fp8_gemm_ok(a, a_scales, b, b_scales, out_dtype, out):
+        _check_fp8_gemm(a, a_scales, b, b_scales, out_dtype, out, c)
     check_cuda_arch(a, "fp8_gemm")
     if out is None:
         return _ops.fp8_gemm(a, a_scales, b, b_scales, out_dtype, c)
@@ -126,7 +167,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if master_weight is not None:
         check_master_weight(master_weight, weight)
     k = x.shape[-1]
-    x2d = x.reshape(-1, k)
+    x2d = x if x.dim() == 2 else x.reshape(-1, k)
     train = torch.is_grad_enabled() and (x.requires_grad or needs_weight_grad(master_weight))
     check_cuda_arch(x, "fp8_linear")
     if train:  # the same forward as an autograd op that saves x for the weight gradient
@@ -138,14 +179,19 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         y, _, _ = _ops.fp8_linear_fwd(aligned16(x2d), weight, weight_scale, master_weight,
                                       needs_weight_grad(master_weight))
     else:
-        x_fp8, x_scales = per_token_group_quant_fp8(x2d, 128, column_major_scales=True)
-        _check_operands(x_fp8, x_scales, weight, weight_scale, a_ndim=2, grouped_b=False,
-                        b_names=("weight", "weight_scale"))
-        y = _ops.fp8_gemm(x_fp8, x_scales, weight, weight_scale,
-                          torch.float32 if x.dtype == torch.float32 else torch.bfloat16, None)
+        # per_token_group_quant_fp8(x2d, 128, column_major_scales=True) without its checks: those of x above
+        # cover them.
+        x_fp8, x_scales = _ops.per_token_group_quant_fp8(aligned16(x2d), 128, False, True)
+        out_dtype = _FP32 if x.dtype is _FP32 else _BF16
+        if torch.compiler.is_compiling() or not _fp8_gemm_ok(x_fp8, x_scales, weight, weight_scale, out_dtype, None):
+            _check_operands(x_fp8, x_scales, weight, weight_scale, a_ndim=2, grouped_b=False,
+                            b_names=("weight", "weight_scale"))
+        y = _ops.fp8_gemm(x_fp8, x_scales, weight, weight_scale, out_dtype, None)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    if y.dtype is not x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def needs_weight_grad(master_weight: Optional[torch.Tensor]) -> bool:

@@ -1,4 +1,6 @@
 """fp8_gemm / fp8_linear: parity with the float64 reference, every tile configuration, bad inputs."""
+import re
+
 import pytest
 import torch
 
@@ -399,3 +401,68 @@ def test_linear_rejects_integer_bias():
     w_fp8, w_scales = deepseek_ops.per_block_quant_fp8(torch.randn(32, 256), 128)
     with pytest.raises(ValueError, match="argument 'bias': expected dtype .*got torch.int64"):
         deepseek_ops.fp8_linear(torch.randn(4, 256), w_fp8, w_scales, torch.zeros(32, dtype=torch.int64))
+
+
+# ---- the eager fast path of the checks ----------------------------------------------------------
+
+def _offset(t: torch.Tensor, elements: int) -> torch.Tensor:
+    """t's values in a fresh buffer starting `elements` elements past a (16-byte aligned) allocation."""
+    flat = torch.empty(t.numel() + elements, dtype=t.dtype)
+    return flat[elements:].view(t.shape).copy_(t)
+
+
+def _wide(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """t's values in rows `pad` elements longer than its last dim."""
+    wide = torch.zeros(t.shape[0], t.shape[1] + pad, dtype=t.dtype)
+    wide[:, :t.shape[1]] = t
+    return wide[:, :t.shape[1]]
+
+
+def _fast_path_variants(m, n, k, column_major):
+    """Per argument of fp8_gemm: valid and broken values, the first one from make_operands."""
+    a, a_scales, b, b_scales = make_operands(m, n, k, device="cpu", column_major=column_major)
+
+    def fp8_variants(t):
+        return [t, t.view(torch.uint8), t.float(), t[None], t[:, :0], t[:, :k - 128], t.t().contiguous().t(),
+                _wide(t, 16), _wide(t, 8), _offset(t, 4), _offset(t, 16), t[:1], t[:0], t.to("meta"), "tensor"]
+
+    def scale_variants(t):
+        return [t, t.contiguous(), t.t(), t.half(), t[:, :1], t[None], t[:1], t.to("meta"), 1.0]
+
+    bf16 = torch.bfloat16
+    outs = [None, torch.empty(m, n, dtype=bf16), torch.empty(m, n), torch.empty(m, n + 16, dtype=bf16),
+            torch.empty(n, m, dtype=bf16).t(), _offset(torch.empty(m, n, dtype=bf16), 1),
+            _offset(torch.empty(m, n, dtype=bf16), 8), torch.empty(m, n, dtype=bf16, device="meta"), "out"]
+    return [fp8_variants(a), scale_variants(a_scales), fp8_variants(b) + [b[:n - 8]], scale_variants(b_scales),
+            [bf16, torch.float32, torch.float16, "bf16"], outs]
+
+
+@pytest.mark.parametrize("m, n, k, column_major", [(8, 32, 256, True), (33, 272, 384, False), (1, 16, 128, True),
+                                                   (0, 48, 384, True)])
+def test_fast_path_accepts_only_what_the_checks_accept(m, n, k, column_major):
+    # fp8_gemm skips its full checks when gemm._fp8_gemm_ok says they would pass. Over every pair of
+    # arguments varied among valid and broken values: each call it accepts must pass the checks, and a
+    # call it rejects still gets the checks' error.
+    from deepseek_ops.gemm import _check_fp8_gemm, _fp8_gemm_ok
+
+    variants = _fast_path_variants(m, n, k, column_major)
+    base = [v[0] for v in variants]
+    assert _fp8_gemm_ok(*base), "the fast path must take the usual call"
+    accepted = rejected = 0
+    for i in range(len(variants)):
+        for j in range(i, len(variants)):
+            for vi in variants[i]:
+                for vj in variants[j]:
+                    args = list(base)
+                    args[i], args[j] = vi, vj
+                    if _fp8_gemm_ok(*args):
+                        _check_fp8_gemm(*args, None)  # raises if the fast path accepted a bad call
+                        accepted += 1
+                        continue
+                    try:
+                        _check_fp8_gemm(*args, None)
+                    except ValueError as e:
+                        with pytest.raises(ValueError, match=f"^{re.escape(str(e))}$"):
+                            deepseek_ops.fp8_gemm(*args)
+                        rejected += 1
+    assert accepted > 20 and rejected > 100, (accepted, rejected)
