@@ -127,7 +127,8 @@ def test_train_ops_opcheck_cpu():
 
 
 # The ops with CUDA kernels (csrc/torch_quant.cpp, csrc/torch_train.cpp), registered in the CUDA build only.
-CUDA_KERNEL_OPS = {"transpose_quant_fp8", "fp8_gemm_dgrad", "grouped_fp8_gemm_dgrad_contiguous"}
+CUDA_KERNEL_OPS = {"transpose_quant_fp8", "swiglu_backward_quant_fp8", "fp8_gemm_dgrad",
+                   "grouped_fp8_gemm_dgrad_contiguous"}
 
 
 def test_cuda_kernels_registered_for_exactly_the_ported_ops():
