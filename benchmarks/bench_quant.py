@@ -1,11 +1,14 @@
-"""FP8 quantization: per_token_group_quant_fp8, silu_mul_quant_fp8, per_block_quant_fp8 and
-transpose_quant_fp8 against PyTorch.
+"""FP8 quantization: per_token_group_quant_fp8, silu_mul_quant_fp8, per_block_quant_fp8,
+transpose_quant_fp8 and swiglu_backward_quant_fp8 against PyTorch.
 
 Peers: `torch` is the reference implementation (deepseek_ops.reference) run eagerly on the GPU
-tensors, `torch_compile` the same function through torch.compile; for transpose_quant_fp8 also
-`copy`, a device-to-device copy of the same number of bytes (half read, half written: its time is
-that shape's copy-bandwidth floor, so x<copy> is our fraction of copy bandwidth). Bytes = input read
-+ e4m3 values written + fp32 scales written; GB/s is reported against the copy probe of the same run.
+tensors, `torch_compile` the same function through torch.compile; for transpose_quant_fp8 and
+swiglu_backward_quant_fp8 also `copy`, a device-to-device copy of the same number of bytes (half read,
+half written: its time is that shape's copy-bandwidth floor, so x<copy> is our fraction of copy
+bandwidth); for swiglu_backward_quant_fp8 also `unfused`, what the training step ran before it: the
+SwiGLU backward in PyTorch (dh in bf16), then our per_token_group_quant_fp8 and transpose_quant_fp8 of
+dh. Bytes = input read + e4m3 values written + fp32 scales written; GB/s is reported against the copy
+probe of the same run.
 Ops under ~50 us are timed by graph replay over copies of the input (operands from DRAM).
 """
 import functools
@@ -27,8 +30,11 @@ SILU_MUL_SHAPES = [(32768, 2048)]
 # (M, K) = (tokens, channels) of transpose_quant_fp8: a full-width layer's 4096-token input (hidden 7168)
 # and its routed-expert rows (4096 x top-8, expert intermediate size 2048).
 TRANSPOSE_QUANT_SHAPES = [(4096, 7168), (32768, 2048)]
+# (M, K) of swiglu_backward_quant_fp8 (dact [M, K], h [M, 2K]): the routed-expert rows of a 4096-token
+# step (4096 x top-8), expert intermediate size 2048.
+SWIGLU_BACKWARD_SHAPES = [(32768, 2048)]
 GROUP = 128
-COPY = "copy"  # the same-bytes copy peer of transpose_quant_fp8 (no output to compare)
+COPY = "copy"  # the same-bytes copy peer of the memory-bound ops (no output to compare)
 
 
 def token_group_bytes(m: int, k: int, in_bytes: int = 2, group: int = GROUP) -> int:
@@ -46,6 +52,11 @@ def block_bytes(n: int, k: int, in_bytes: int = 2, block: int = 128) -> int:
 def transpose_quant_bytes(t: int, c: int, in_bytes: int = 2) -> int:
     t_pad = -(-t // 128) * 128
     return in_bytes * t * c + c * t_pad + 4 * c * (t_pad // 128)
+
+
+def swiglu_backward_bytes(m: int, k: int, in_bytes: int = 2) -> int:
+    """dact and h read; dh quantized both ways (1 x 128 along channels and along tokens) written."""
+    return in_bytes * 3 * m * k + token_group_bytes(m, 2 * k, in_bytes=0) + transpose_quant_bytes(m, 2 * k, 0)
 
 
 def _mismatch(out: Tuple[torch.Tensor, torch.Tensor], ref: Tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -98,6 +109,29 @@ def transpose_quant_impls(x: torch.Tensor) -> Dict[str, Callable]:
             COPY: lambda: dst.copy_(src)}
 
 
+def _swiglu_operands(x: torch.Tensor, m: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dact [M, K] and h [M, 2K], stored one after the other in the flat x (so they rotate as one input)."""
+    return x[:m * k].view(m, k), x[m * k:].view(m, 2 * k)
+
+
+def swiglu_backward_impls(x: torch.Tensor, m: int, k: int) -> Dict[str, Callable]:
+    dact, h = _swiglu_operands(x, m, k)
+    compiled = _compiled(reference.swiglu_backward_quant_fp8)
+    half = swiglu_backward_bytes(m, k, x.element_size()) // 2
+    src = torch.empty(half, dtype=torch.uint8, device=x.device)
+    dst = torch.empty_like(src)
+
+    def unfused():
+        dh = reference.swiglu_backward(dact, h)
+        return (*deepseek_ops.per_token_group_quant_fp8(dh, GROUP), *deepseek_ops.transpose_quant_fp8(dh))
+
+    return {OURS: lambda: deepseek_ops.swiglu_backward_quant_fp8(dact, h),
+            "torch": lambda: reference.swiglu_backward_quant_fp8(dact, h, True),
+            "torch_compile": lambda: compiled(dact, h, True),
+            "unfused": unfused,
+            COPY: lambda: dst.copy_(src)}
+
+
 def _measure(kernel: str, shape: dict, make_impls: Callable[[torch.Tensor], dict], x: torch.Tensor, ref,
              bytes_moved: int) -> List[Record]:
     """Checks ours bitwise against the reference (raises if not), then times every impl (short ones
@@ -140,6 +174,12 @@ def run(quick: bool = False, device: str = "cuda") -> List[Record]:
         ref = reference.transpose_quant_fp8(x)
         records += _measure("transpose_quant_fp8", {"M": t, "K": c}, transpose_quant_impls, x, ref,
                             transpose_quant_bytes(t, c))
+        del x, ref
+    for m, k in SWIGLU_BACKWARD_SHAPES:
+        x = torch.randn(3 * m * k, device=device, dtype=torch.bfloat16)
+        ref = reference.swiglu_backward_quant_fp8(*_swiglu_operands(x, m, k), True)
+        records += _measure("swiglu_backward_quant_fp8", {"M": m, "K": k},
+                            functools.partial(swiglu_backward_impls, m=m, k=k), x, ref, swiglu_backward_bytes(m, k))
         del x, ref
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -107,8 +107,10 @@ TORCH_LIBRARY(deepseek_ops, m) {
   m.def("grouped_fp8_gemm_masked_out(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor masked_m,"
         " int expected_m, Tensor(a!) out) -> ()");
   // FP8 training (backward): operands quantized 1x128 along the token axis for the weight gradient;
-  // dgrad reads the forward's FP8 weight [N, K] with its 128x128 block scales.
+  // dgrad reads the forward's FP8 weight [N, K] with its 128x128 block scales; the SwiGLU backward
+  // writes both quantized operands of the gate/up projection's backward.
   m.def("transpose_quant_fp8(Tensor x) -> (Tensor, Tensor)");
+  m.def("swiglu_backward_quant_fp8(Tensor dact, Tensor h, bool transposed) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("fp8_gemm_wgrad(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor? c) -> Tensor");
   m.def("k_grouped_fp8_gemm_wgrad(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor group_offsets,"
         " Tensor? c) -> Tensor");

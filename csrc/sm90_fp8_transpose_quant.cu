@@ -7,7 +7,7 @@
 //   row is not a whole number of 16-byte vectors);
 // - store: 4 lanes per 32-bit word column read its 128 tokens down the tile, reduce the amax of
 //   each channel in it, and write the channel's 128 e4m3 bytes as 16-byte stores (a store
-//   instruction: 8 channel rows, 64 contiguous bytes each).
+//   instruction: 8 channel rows, 64 contiguous bytes each; csrc/fp8_transpose_tile.cuh).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -15,7 +15,7 @@
 #include <type_traits>
 
 #include "common.h"
-#include "fp8_recipe.cuh"
+#include "fp8_transpose_tile.cuh"
 #include "memory.cuh"
 #include "sm90_fp8_transpose_quant.h"
 
@@ -23,42 +23,15 @@ namespace dso {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTileTokens = 128;  // one scale group along the token axis
-constexpr int kRowWords = 64;     // 256 bytes of channels a token row
+constexpr int kRowWords = 64;  // 256 bytes of channels a token row
 constexpr int kRowChunks = kRowWords / 4;
-constexpr int kLanesPerColumn = 4;  // a word column's 128 tokens: 2 x 16 per lane
 // NOTE: 4 resident CTAs (64 registers a thread) keep one CTA's loads in flight while another quantizes.
 constexpr int kMinCtasPerSm = 4;
-static_assert(kThreads / 32 * (32 / kLanesPerColumn) == kRowWords, "one thread group per word column");
+using transpose_tile::kLanesPerColumn;
+using transpose_tile::kTileTokens;
+static_assert(kThreads / kLanesPerColumn == kRowWords, "one thread group per word column");
 
-// Word (row, word) of the tile. NOTE: the store phase reads one word column in 4 rows 16 apart
-// across a warp's lanes (8 columns x 4 rows); XOR-ing the word index with 8 x (row / 16 mod 4) puts
-// those rows on distinct banks, and keeps each 16-byte chunk of a row contiguous and aligned.
-__device__ __forceinline__ int smem_word(int row, int word) { return row * kRowWords + (word ^ (((row >> 4) & 3) << 3)); }
-
-// Channel e of the channels packed in a 32-bit word of the tile, as a float (exact).
-template <typename T>
-__device__ __forceinline__ float channel_of(uint32_t word, int e) {
-  if constexpr (std::is_same_v<T, float>) {
-    return __uint_as_float(word);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __uint_as_float(e == 0 ? word << 16 : word & 0xffff0000u);
-  } else {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(e == 0 ? word : word >> 16)));
-  }
-}
-
-// max(acc, |word|) channel by channel, the channels kept packed (abs and max are exact in any format).
-template <typename T>
-__device__ __forceinline__ uint32_t abs_max_packed(uint32_t acc, uint32_t word) {
-  if constexpr (std::is_same_v<T, float>) {
-    return __float_as_uint(fmaxf(__uint_as_float(acc), fabsf(__uint_as_float(word))));
-  } else {
-    using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-    const T2 m = __hmax2(*reinterpret_cast<const T2*>(&acc), __habs2(*reinterpret_cast<const T2*>(&word)));
-    return *reinterpret_cast<const uint32_t*>(&m);
-  }
-}
+__device__ __forceinline__ int smem_word(int row, int word) { return transpose_tile::smem_word<kRowWords>(row, word); }
 
 // kVec16: every token row is a whole number of 16-byte vectors (C * sizeof(T) % 16 == 0).
 template <typename T, bool kVec16>
@@ -108,49 +81,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) sm90_transpose_quant_
   load_tile<T, kVec16>(x, smem_tile, first_token, first_channel, num_tokens, num_channels);
   __syncthreads();
 
-  // This thread: word column `word`, tokens [16 q, 16 q + 16) and [64 + 16 q, 80 + 16 q) of the tile.
-  const int lane_idx = threadIdx.x % 32;
-  const int word = threadIdx.x / 32 * (32 / kLanesPerColumn) + lane_idx / kLanesPerColumn;
-  const int quarter = lane_idx % kLanesPerColumn;
-  uint32_t words[2][16];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-#pragma unroll
-    for (int i = 0; i < 16; ++i) words[half][i] = smem_tile[smem_word(64 * half + 16 * quarter + i, word)];
-  }
-  uint32_t amax = 0;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-#pragma unroll
-    for (int i = 0; i < 16; ++i) amax = abs_max_packed<T>(amax, words[half][i]);
-  }
-#pragma unroll
-  for (int mask = kLanesPerColumn / 2; mask > 0; mask >>= 1) {
-    amax = abs_max_packed<T>(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
-  }
-
-  const int64_t t_pad = num_token_tiles * kTileTokens;
-#pragma unroll
-  for (int e = 0; e < kChannelsPerWord; ++e) {
-    const int64_t channel = first_channel + word * kChannelsPerWord + e;
-    if (channel >= num_channels) continue;
-    const float scale = fp8_scale_from_amax(channel_of<T>(amax, e));
-    const float inv_scale = fp8_inverse_scale(scale);
-    uint8_t* row_out = x_t + channel * t_pad + first_token + 16 * quarter;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      uint32_t packed[4];  // 16 tokens' e4m3 bytes, the first token in the low byte
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint32_t* w = words[half] + 4 * i;
-        const uint32_t lo = fp8_quantize_x2(channel_of<T>(w[0], e), channel_of<T>(w[1], e), inv_scale);
-        const uint32_t hi = fp8_quantize_x2(channel_of<T>(w[2], e), channel_of<T>(w[3], e), inv_scale);
-        packed[i] = lo | hi << 16;
-      }
-      ptx::st_cs_v4(row_out + 64 * half, make_int4(packed[0], packed[1], packed[2], packed[3]));
-    }
-    if (quarter == 0) scales[channel * num_token_tiles + token_tile_idx] = scale;
-  }
+  // This thread: tokens [16 q, 16 q + 16) and [64 + 16 q, 80 + 16 q) of word column threadIdx.x / 4.
+  const int word = threadIdx.x / kLanesPerColumn;
+  transpose_tile::quantize_store_column<T, kRowWords>(smem_tile, word, first_channel + word * kChannelsPerWord,
+                                                      num_channels, token_tile_idx, num_token_tiles * kTileTokens,
+                                                      num_token_tiles, x_t, scales);
 }
 
 template <typename T>

@@ -1,11 +1,13 @@
 // CUDA adapters of the FP8 quantization ops (schemas in registration.cpp; kernels in sm90_fp8_quant.cu and,
-// for transpose_quant_fp8, sm90_fp8_transpose_quant.cu).
+// for transpose_quant_fp8 and swiglu_backward_quant_fp8, sm90_fp8_transpose_quant.cu and
+// sm90_fp8_swiglu_backward_quant.cu).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common.h"
 #include "sm90_fp8_quant.h"
+#include "sm90_fp8_swiglu_backward_quant.h"
 #include "sm90_fp8_transpose_quant.h"
 #include "torch_utils.h"
 
@@ -123,6 +125,30 @@ std::tuple<at::Tensor, at::Tensor> transpose_quant_fp8_cuda(const at::Tensor& x_
   return {x_t, scales};
 }
 
+// dact [M, K], h [M, 2K] (gate | up) of one dtype -> (dh_fp8 [M, 2K] e4m3, scales fp32 [M, 2K / 128], dh_t
+// [2K, M_pad] e4m3, scales fp32 [2K, M_pad / 128]), M_pad = M rounded up to 128 (0 unless transposed).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_backward_quant_fp8_cuda(const at::Tensor& dact_arg,
+                                                                                          const at::Tensor& h_arg,
+                                                                                          bool transposed) {
+  constexpr const char* op = "swiglu_backward_quant_fp8";
+  check_quant_input(op, "h", h_arg, 256);
+  dso::check_operand(op, "dact", dact_arg, h_arg.device(), h_arg.scalar_type(), {h_arg.size(0), h_arg.size(1) / 2});
+  const c10::cuda::CUDAGuard guard(h_arg.device());
+  const at::Tensor dact = dso::dense_aligned16(dact_arg), h = dso::dense_aligned16(h_arg);
+  const int64_t m = h.size(0), k2 = h.size(1), t_pad = transposed ? dso::align_up<int64_t>(m, 128) : 0;
+  const auto fp8 = h.options().dtype(at::kFloat8_e4m3fn), fp32 = h.options().dtype(at::kFloat);
+  auto dh_fp8 = at::empty({m, k2}, fp8);
+  auto dh_scales = at::empty({m, k2 / 128}, fp32);
+  auto dh_t = at::empty({k2, t_pad}, fp8);
+  auto dh_t_scales = at::empty({k2, t_pad / 128}, fp32);
+  if (m > 0) {
+    dso::launch_swiglu_backward_quant_fp8(dact.data_ptr(), h.data_ptr(), float_kind(h), dh_fp8.data_ptr(),
+                                          dh_scales.data_ptr<float>(), dh_t.data_ptr(), dh_t_scales.data_ptr<float>(),
+                                          m, k2 / 2, transposed, dso::current_stream());
+  }
+  return {dh_fp8, dh_scales, dh_t, dh_t_scales};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(deepseek_ops, CUDA, m) {
@@ -131,4 +157,5 @@ TORCH_LIBRARY_IMPL(deepseek_ops, CUDA, m) {
   m.impl("per_block_quant_fp8", &per_block_quant_fp8_cuda);
   m.impl("dequant_fp8_block", &dequant_fp8_block_cuda);
   m.impl("transpose_quant_fp8", &transpose_quant_fp8_cuda);
+  m.impl("swiglu_backward_quant_fp8", &swiglu_backward_quant_fp8_cuda);
 }

@@ -11,9 +11,9 @@ from deepseek_ops.constants import FP8_MAX, FP8_SCALE_FLOOR, GROUPED_GEMM_ALIGNM
 from deepseek_ops.gemm import fp8_gemm, fp8_linear, grouped_fp8_gemm_contiguous, grouped_fp8_gemm_masked
 from deepseek_ops.mla import get_mla_metadata, mla_cache_append, mla_decode, quantize_mla_kv
 from deepseek_ops.quant import dequant_fp8_block, per_block_quant_fp8, per_token_group_quant_fp8, silu_mul_quant_fp8
-from deepseek_ops.linear_autograd import grouped_fp8_linear
+from deepseek_ops.linear_autograd import grouped_fp8_linear, grouped_fp8_linear_swiglu
 from deepseek_ops.train_ops import (fp8_gemm_dgrad, fp8_gemm_wgrad, grouped_fp8_gemm_dgrad_contiguous,
-                                    k_grouped_fp8_gemm_wgrad, transpose_quant_fp8)
+                                    k_grouped_fp8_gemm_wgrad, swiglu_backward_quant_fp8, transpose_quant_fp8)
 from deepseek_ops import ep
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "grouped_fp8_gemm_dgrad_contiguous",
     "grouped_fp8_gemm_masked",
     "grouped_fp8_linear",
+    "grouped_fp8_linear_swiglu",
     "k_grouped_fp8_gemm_wgrad",
     "mla_cache_append",
     "mla_decode",
@@ -41,5 +42,6 @@ __all__ = [
     "per_token_group_quant_fp8",
     "quantize_mla_kv",
     "silu_mul_quant_fp8",
+    "swiglu_backward_quant_fp8",
     "transpose_quant_fp8",
 ]

@@ -383,6 +383,28 @@ def transpose_quant_fp8(x: torch.Tensor):
     return per_token_group_quant_fp8(padded, 128, False, False)
 
 
+
+def swiglu_backward(dact: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """dh = [dgate | dup] [M, 2K] in h's dtype: what autograd of act = (silu(gate.float()) * up.float()).to(h.dtype)
+    gives for h = [gate | up] [M, 2K] and dact [M, K], op by op (silu_backward of dact * up; dact * silu(gate))."""
+    gate, up = h.float().chunk(2, dim=-1)
+    d = dact.float()
+    dgate = torch.ops.aten.silu_backward(d * up, gate)
+    dup = d * torch.nn.functional.silu(gate)
+    return torch.cat([dgate, dup], dim=-1).to(h.dtype)
+
+
+def swiglu_backward_quant_fp8(dact: torch.Tensor, h: torch.Tensor, transposed: bool):
+    """dh = swiglu_backward(dact, h) quantized for the gate/up projection's backward GEMMs:
+    per_token_group_quant_fp8(dh, 128) (the dgrad operand) and, if `transposed`, transpose_quant_fp8(dh)
+    (the wgrad operand; else empty [2K, 0] tensors)."""
+    dh = swiglu_backward(dact, h)
+    dh_fp8, dh_scales = per_token_group_quant_fp8(dh, 128, False, False)
+    if transposed:
+        return (dh_fp8, dh_scales, *transpose_quant_fp8(dh))
+    channels = dh.shape[1]
+    return dh_fp8, dh_scales, dh.new_empty((channels, 0), dtype=FP8), dh.new_empty((channels, 0), dtype=torch.float32)
+
 def fp8_gemm_wgrad(a, a_scales, b, b_scales, c=None):
     """dW = (a * a_scales) @ (b * b_scales)^T (+ c) in float64, fp32 out: a [N, T] (dy^T) and
     b [K, T] (x^T), both scaled per 1 x 128 along T."""

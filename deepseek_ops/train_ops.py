@@ -8,11 +8,16 @@ For y = x @ W^T with x [T, K] and W [N, K] (128 x 128 block scales), given dy [T
   then fp8_gemm_wgrad (fp32 out, optional c added);
 - the MoE experts: k_grouped_fp8_gemm_wgrad (each expert's tokens a contiguous, 128-aligned range
   of the token axis, one call for all experts) and grouped_fp8_gemm_dgrad_contiguous (the grouped
-  GEMM's rows, each against its expert's weight).
+  GEMM's rows, each against its expert's weight);
+- the SwiGLU between an MLP's stacked gate/up projection and its down projection:
+  swiglu_backward_quant_fp8 turns the activation's gradient into both FP8 operands of the gate/up
+  projection's backward (its dy = [dgate | dup], 1 x 128 along channels and along tokens) in one pass.
 
 Kernels: the CPU kernel of each op is its reference (deepseek_ops.reference). CUDA kernels (the CUDA
 build, csrc/):
 - transpose_quant_fp8: one pass, bit-identical to the reference (csrc/sm90_fp8_transpose_quant.cu);
+- swiglu_backward_quant_fp8: one pass over dact and h, bit-identical to the reference run on the GPU
+  (csrc/sm90_fp8_swiglu_backward_quant.cu);
 - fp8_gemm_dgrad and grouped_fp8_gemm_dgrad_contiguous: the NT FP8 GEMMs (fp8_gemm,
   grouped_fp8_gemm_contiguous) on W^T, which a byte-transpose kernel writes on every call
   (csrc/sm90_fp8_dgrad.cu, csrc/torch_train.cpp). Every shape these functions accept runs there;
@@ -30,13 +35,18 @@ import torch
 from deepseek_ops import reference
 from deepseek_ops._checks import (FLOAT_DTYPES, FP8, aligned16, can_read_values, check_choice, check_cuda_arch,
                                   check_dim, check_multiple, check_same_device, check_shape, check_tensor)
+<<<<<<< HEAD
 from deepseek_ops.constants import FP8_GEMM_K_MULTIPLE, FP8_GEMM_N_MULTIPLE, GROUPED_GEMM_ALIGNMENT
+=======
+from deepseek_ops.constants import FP8_GEMM_K_MULTIPLE, GROUPED_GEMM_ALIGNMENT
+>>>>>>> swiglu22
 from deepseek_ops.gemm import _m_indices_from_offsets
 
 _ops = torch.ops.deepseek_ops
 
 _REFERENCES = {
     "transpose_quant_fp8": reference.transpose_quant_fp8,
+    "swiglu_backward_quant_fp8": reference.swiglu_backward_quant_fp8,
     "fp8_gemm_wgrad": reference.fp8_gemm_wgrad,
     "k_grouped_fp8_gemm_wgrad": reference.k_grouped_fp8_gemm_wgrad,
     "fp8_gemm_dgrad": reference.fp8_gemm_dgrad,
@@ -75,6 +85,27 @@ def transpose_quant_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     check_tensor("x", x, dtype=FLOAT_DTYPES, ndim=2)
     check_cuda_arch(x, "transpose_quant_fp8")
     return dispatch("transpose_quant_fp8", x.device, x.contiguous())
+
+
+def swiglu_backward_quant_fp8(dact: torch.Tensor, h: torch.Tensor, transposed: bool = True
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of act = (silu(gate.float()) * up.float()).to(h.dtype), quantized for the backward
+    GEMMs of the projection that made h = [gate | up], in one pass over dact and h.
+
+    dact: [M, K] gradient of act; h: [M, 2K] gate columns then up columns, K a multiple of 128, both
+    bf16/fp16/fp32 of one dtype. With dh = [dgate | dup] [M, 2K] as autograd of that line gives it
+    (fp32 math, rounded to h's dtype; never written to memory), returns
+    - dh_fp8 [M, 2K] e4m3, dh_scales fp32 [M, 2K / 128]: per_token_group_quant_fp8(dh, 128), the dy
+      of fp8_gemm_dgrad / grouped_fp8_gemm_dgrad_contiguous;
+    - dh_t [2K, M_pad] e4m3, dh_t_scales fp32 [2K, M_pad / 128]: transpose_quant_fp8(dh), the dy^T of
+      fp8_gemm_wgrad / k_grouped_fp8_gemm_wgrad; [2K, 0] each unless `transposed` (no weight gradient).
+    """
+    check_tensor("dact", dact, dtype=FLOAT_DTYPES, ndim=2)
+    check_tensor("h", h, dtype=dact.dtype, ndim=2, device=dact.device)
+    check_multiple("h", h.shape[1], 256, "2K (h.shape[1]: gate and up, K a multiple of 128)")
+    check_shape("dact", dact, (h.shape[0], h.shape[1] // 2))
+    check_cuda_arch(h, "swiglu_backward_quant_fp8")
+    return dispatch("swiglu_backward_quant_fp8", h.device, aligned16(dact), aligned16(h), transposed)
 
 
 def fp8_gemm_wgrad(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
@@ -192,6 +223,17 @@ def _transpose_quant_fake(x):
     return x.new_empty((c, t_pad), dtype=FP8), x.new_empty((c, t_pad // 128), dtype=torch.float32)
 
 
+def _swiglu_backward_quant_fake(dact, h, transposed):
+    torch._check(h.dim() == 2 and h.shape[1] % 256 == 0,
+                 lambda: f"swiglu_backward_quant_fp8: h [M, 2K] with 2K a multiple of 256, got {h.shape}")
+    torch._check(dact.shape == (h.shape[0], h.shape[1] // 2),
+                 lambda: f"swiglu_backward_quant_fp8: dact {dact.shape} does not match h {h.shape}")
+    m, k2 = h.shape
+    t_pad = (m + 127) // 128 * 128 if transposed else 0
+    return (h.new_empty((m, k2), dtype=FP8), h.new_empty((m, k2 // 128), dtype=torch.float32),
+            h.new_empty((k2, t_pad), dtype=FP8), h.new_empty((k2, t_pad // 128), dtype=torch.float32))
+
+
 def _wgrad_fake(a, a_scales, b, b_scales, c=None):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.float32)
 
@@ -208,7 +250,8 @@ def _grouped_dgrad_fake(dy, dy_scales, w, w_scales, m_indices):
     return dy.new_empty((dy.shape[0], w.shape[2]), dtype=torch.bfloat16)
 
 
-for _name, _fake in [("transpose_quant_fp8", _transpose_quant_fake), ("fp8_gemm_wgrad", _wgrad_fake),
+for _name, _fake in [("transpose_quant_fp8", _transpose_quant_fake),
+                     ("swiglu_backward_quant_fp8", _swiglu_backward_quant_fake), ("fp8_gemm_wgrad", _wgrad_fake),
                      ("k_grouped_fp8_gemm_wgrad", _k_grouped_wgrad_fake), ("fp8_gemm_dgrad", _dgrad_fake),
                      ("grouped_fp8_gemm_dgrad_contiguous", _grouped_dgrad_fake)]:
     torch.library.impl(f"deepseek_ops::{_name}", "CPU")(_REFERENCES[_name])

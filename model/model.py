@@ -364,13 +364,16 @@ class Gate(nn.Module):
                      a.num_experts_per_tok, a.norm_topk_prob, a.routed_scaling_factor)
 
 
-def _grouped_fp8_linear_train(rows: torch.Tensor, master: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _grouped_fp8_linear_train(rows: torch.Tensor, master: torch.Tensor, offsets: torch.Tensor,
+                              swiglu: bool = False) -> torch.Tensor:
     """rows [M, in] through expert g's master weight [E, out, in] (out a multiple of 128: no scale
-    block straddles two experts), quantized per 128 x 128 block this call; dW reaches `master`."""
+    block straddles two experts), quantized per 128 x 128 block this call; dW reaches `master`.
+    swiglu: master is [gate | up] and the result silu(gate) * up [M, out / 2] (its backward fused)."""
     num_experts, out_features, in_features = master.shape
     w_fp8, w_scale = deepseek_ops.per_block_quant_fp8(master.detach().reshape(num_experts * out_features, in_features))
     w_scale = w_scale.view(num_experts, out_features // FP8_BLOCK, -1)  # [E, out / 128, in / 128]
-    return deepseek_ops.grouped_fp8_linear(rows, w_fp8.view(master.shape), w_scale, offsets, master_weight=master)
+    linear = deepseek_ops.grouped_fp8_linear_swiglu if swiglu else deepseek_ops.grouped_fp8_linear
+    return linear(rows, w_fp8.view(master.shape), w_scale, offsets, master_weight=master)
 
 
 class RemoteExpert(nn.Module):
@@ -470,8 +473,7 @@ class MoE(nn.Module):
             0, row_of, torch.arange(n * k, device=x.device) // k)  # [M]; padding rows read row n, zero
         rows = F.pad(x, (0, 0, 0, 1))[token_of_row]  # [M, D]
         w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])  # [E, 2I, D]
-        gate, up = _grouped_fp8_linear_train(rows, w13, offsets).chunk(2, dim=-1)  # [M, I] each
-        act = (F.silu(gate.float()) * up.float()).to(gate.dtype)
+        act = _grouped_fp8_linear_train(rows, w13, offsets, swiglu=True)  # [M, I]: silu(gate) * up
         w2 = torch.stack([e.down_proj.weight for e in self.experts])  # [E, D, I]
         y = _grouped_fp8_linear_train(act, w2, offsets)[row_of].view(n, k, -1)  # [N, K, D]
         return (y.float() * weights.unsqueeze(-1)).sum(1).to(x.dtype)

@@ -31,6 +31,8 @@ SASS_REQUIREMENTS: Dict[str, List[str]] = {
     "sm90_transpose_quant_fp8_kernel": [STG_128],
     "sm90_transpose_quant_fp8_kernelI13__nv_bfloat16Lb1E": [LDG_128, r"STS\.128"],
     "sm90_transpose_fp8_kernel": [LDG_128, STG_128, r"PRMT"],
+    # SwiGLU backward: 16-byte loads of dact, gate and up, 16-byte e4m3 stores both ways, 16-byte tile writes.
+    "sm90_swiglu_backward_quant_fp8_kernel": [LDG_128, STG_128, r"STS\.128"],
     "sm90_zero_ungrouped_rows_kernel": [STG_128],
     # MLA decode, template <kFp8>: wgmma S and PV, TMA page loads (bf16) / bulk copies (fp8), mbarriers.
     "sm90_mla_decode_kernelILb0E": [r"HGMMA\.64x64x16\.F32\.BF16", r"HGMMA\.64x256x16\.F32\.BF16",

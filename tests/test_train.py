@@ -193,10 +193,10 @@ def test_ddp_two_processes_match_one_process():
 
 
 def test_fp8_grouped_experts_match_the_expert_loop():
-    # MoE in FP8 training: the grouped path (two grouped_fp8_linear over expert-contiguous rows) against
-    # the loop over experts (each Linear through fp8_linear), the same FP8 weights. Not bit for bit: the
-    # grouped GEMM writes h in bf16 (the loop in x's dtype, fp32 here), which moves the activation's
-    # 1 x 128 quantization of some elements (measured calc_diff ~1e-4 to 4e-4).
+    # MoE in FP8 training: the grouped path (grouped_fp8_linear_swiglu then grouped_fp8_linear over
+    # expert-contiguous rows) against the loop over experts (each Linear through fp8_linear), the same FP8
+    # weights. Not bit for bit: the grouped GEMM writes h in bf16 (the loop in x's dtype, fp32 here), which
+    # moves the activation's 1 x 128 quantization of some elements (measured calc_diff ~1e-4 to 4e-4).
     model = training_model(ARGS, "fp8", "cpu", seed=int(torch.randint(0, 2**30, ())))
     moe = model.main_layers[1].mlp
     assert moe.fp8_training
