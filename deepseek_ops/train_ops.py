@@ -35,11 +35,7 @@ import torch
 from deepseek_ops import reference
 from deepseek_ops._checks import (FLOAT_DTYPES, FP8, aligned16, can_read_values, check_choice, check_cuda_arch,
                                   check_dim, check_multiple, check_same_device, check_shape, check_tensor)
-<<<<<<< HEAD
 from deepseek_ops.constants import FP8_GEMM_K_MULTIPLE, FP8_GEMM_N_MULTIPLE, GROUPED_GEMM_ALIGNMENT
-=======
-from deepseek_ops.constants import FP8_GEMM_K_MULTIPLE, GROUPED_GEMM_ALIGNMENT
->>>>>>> swiglu22
 from deepseek_ops.gemm import _m_indices_from_offsets
 
 _ops = torch.ops.deepseek_ops
