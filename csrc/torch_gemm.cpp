@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 
 #include "common.h"
 #include "sm90_fp8_gemm.h"
@@ -156,11 +157,11 @@ at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, const 
   return out;
 }
 
-// dW = (a * a_scales) @ (b * b_scales)^T (+ c): a [m, t] and b [n, t] e4m3, both scaled 1 x 128 along t
-// (transpose_quant_fp8's operands, t the tokens); fp32 out [m, n].
-at::Tensor fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
-                               const at::Tensor& b_scales, const std::optional<at::Tensor>& c) {
-  constexpr const char* op = "fp8_gemm_wgrad";
+// The operands of both weight-gradient ops: a [m, t] and b [n, t] e4m3, both scaled 1 x 128 along t
+// (transpose_quant_fp8's outputs, t the tokens). Returns (m, t, n).
+std::tuple<int64_t, int64_t, int64_t> check_wgrad_operands(const char* op, const at::Tensor& a,
+                                                           const at::Tensor& a_scales, const at::Tensor& b,
+                                                           const at::Tensor& b_scales) {
   const at::Device dev = a.device();
   TORCH_CHECK(dev.is_cuda(), op, ": a must be a CUDA tensor, got ", dev);
   dso::check_operand(op, "a", a, dev, kFp8, {-1, -1});
@@ -171,26 +172,43 @@ at::Tensor fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& a_scales, 
   TORCH_CHECK(n % 16 == 0, op, ": b's rows must be a multiple of 16, got ", n);
   dso::check_operand(op, "a_scales", a_scales, dev, at::kFloat, {m, t / 128});
   dso::check_operand(op, "b_scales", b_scales, dev, at::kFloat, {n, t / 128});
-  if (c.has_value()) {
-    dso::check_operand(op, "c", *c, dev, at::kFloat, {m, n});
-    dso::check_dense16(op, "c", *c);
-  }
   check_k_major(op, "a", a);
   check_k_major(op, "b", b);
-  const c10::cuda::CUDAGuard guard(dev);
+  return {m, t, n};
+}
+
+// Launches a weight-gradient GEMM (t > 0) into out, with both operands' scales in the N-major layout.
+void launch_wgrad(dso::GemmType type, const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                  const at::Tensor& b_scales, const std::optional<at::Tensor>& c, at::Tensor& out,
+                  int64_t num_groups, const int32_t* k_block_offsets) {
+  const auto [sfa, sfa_ld] = gemm_m_major_scales(a_scales);
+  const auto [sfb, sfb_ld] = gemm_m_major_scales(b_scales);  // per row of b, as a's per row of a
+  dso::Fp8GemmProblem p = gemm_problem(type, a, sfa, sfa_ld, b, sfb, out);
+  p.b_scales_ld = sfb_ld;
+  p.m = a.size(0);
+  p.num_groups = num_groups;
+  p.k_block_offsets = k_block_offsets;
+  if (c.has_value()) {
+    p.c = c->data_ptr<float>();
+    p.ldc = b.size(0);  // c is dense [(G,) m, n]
+  }
+  dso::launch_sm90_fp8_gemm(p, dso::current_stream());
+}
+
+// dW = (a * a_scales) @ (b * b_scales)^T (+ c), fp32 [m, n].
+at::Tensor fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                               const at::Tensor& b_scales, const std::optional<at::Tensor>& c) {
+  constexpr const char* op = "fp8_gemm_wgrad";
+  const auto [m, t, n] = check_wgrad_operands(op, a, a_scales, b, b_scales);
+  if (c.has_value()) {
+    dso::check_operand(op, "c", *c, a.device(), at::kFloat, {m, n});
+    dso::check_dense16(op, "c", *c);
+  }
+  const c10::cuda::CUDAGuard guard(a.device());
   auto out = at::empty({m, n}, a.options().dtype(at::kFloat));
   if (m == 0 || n == 0) return out;
   if (t == 0) return c.has_value() ? out.copy_(*c) : out.zero_();
-  const auto [sfa, sfa_ld] = gemm_m_major_scales(a_scales);
-  const auto [sfb, sfb_ld] = gemm_m_major_scales(b_scales);  // per row of b, in the same N-major layout
-  dso::Fp8GemmProblem p = gemm_problem(dso::GemmType::kWgrad, a, sfa, sfa_ld, b, sfb, out);
-  p.b_scales_ld = sfb_ld;
-  p.m = m;
-  if (c.has_value()) {
-    p.c = c->data_ptr<float>();
-    p.ldc = c->stride(0);
-  }
-  dso::launch_sm90_fp8_gemm(p, dso::current_stream());
+  launch_wgrad(dso::GemmType::kWgrad, a, a_scales, b, b_scales, c, out, 1, nullptr);
   return out;
 }
 
@@ -201,16 +219,8 @@ at::Tensor k_grouped_fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& 
                                          const at::Tensor& b_scales, const at::Tensor& group_offsets,
                                          const std::optional<at::Tensor>& c) {
   constexpr const char* op = "k_grouped_fp8_gemm_wgrad";
+  const auto [m, t, n] = check_wgrad_operands(op, a, a_scales, b, b_scales);
   const at::Device dev = a.device();
-  TORCH_CHECK(dev.is_cuda(), op, ": a must be a CUDA tensor, got ", dev);
-  dso::check_operand(op, "a", a, dev, kFp8, {-1, -1});
-  const int64_t m = a.size(0), t = a.size(1);
-  dso::check_operand(op, "b", b, dev, kFp8, {-1, t});
-  const int64_t n = b.size(0);
-  TORCH_CHECK(t % 128 == 0, op, ": T (a.shape[1]) must be a multiple of 128, got ", t);
-  TORCH_CHECK(n % 16 == 0, op, ": b's rows must be a multiple of 16, got ", n);
-  dso::check_operand(op, "a_scales", a_scales, dev, at::kFloat, {m, t / 128});
-  dso::check_operand(op, "b_scales", b_scales, dev, at::kFloat, {n, t / 128});
   TORCH_CHECK(group_offsets.device() == dev && group_offsets.dim() == 1 && group_offsets.size(0) >= 2 &&
                   (group_offsets.scalar_type() == at::kInt || group_offsets.scalar_type() == at::kLong),
               op, ": group_offsets must be int32/int64 [G + 1] with G >= 1 on ", dev);
@@ -219,25 +229,13 @@ at::Tensor k_grouped_fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& 
     dso::check_operand(op, "c", *c, dev, at::kFloat, {groups, m, n});
     dso::check_dense16(op, "c", *c);
   }
-  check_k_major(op, "a", a);
-  check_k_major(op, "b", b);
   const c10::cuda::CUDAGuard guard(dev);
   auto out = at::empty({groups, m, n}, a.options().dtype(at::kFloat));
   if (m == 0 || n == 0) return out;
   if (t == 0) return c.has_value() ? out.copy_(*c) : out.zero_();
   const auto k_block_offsets = at::floor_divide(group_offsets, 128).to(at::kInt).contiguous();
-  const auto [sfa, sfa_ld] = gemm_m_major_scales(a_scales);
-  const auto [sfb, sfb_ld] = gemm_m_major_scales(b_scales);
-  dso::Fp8GemmProblem p = gemm_problem(dso::GemmType::kKGroupedWgrad, a, sfa, sfa_ld, b, sfb, out);
-  p.b_scales_ld = sfb_ld;
-  p.m = m;
-  p.num_groups = groups;
-  p.k_block_offsets = k_block_offsets.data_ptr<int32_t>();
-  if (c.has_value()) {
-    p.c = c->data_ptr<float>();
-    p.ldc = n;
-  }
-  dso::launch_sm90_fp8_gemm(p, dso::current_stream());
+  launch_wgrad(dso::GemmType::kKGroupedWgrad, a, a_scales, b, b_scales, c, out, groups,
+               k_block_offsets.data_ptr<int32_t>());
   return out;
 }
 
