@@ -18,7 +18,8 @@ Data-parallel through torch.distributed: `torchrun --nproc-per-node N -m model.t
 CPU, nccl on CUDA) runs DDP; each rank takes its rows of the same global batch, so the losses
 match one process's. A step whose loss or gradient is not finite is skipped with a warning and
 counted. Checkpoints are HF-format folders (model.checkpoint.save_checkpoint; load_checkpoint reads
-them).
+them) with the training state beside the weights (TRAINING_STATE_FILE): `--resume DIR` continues
+the run from one, bit for bit as if it had not stopped.
 """
 import argparse
 import dataclasses
@@ -35,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from model.config import ModelArgs, preset
 from model.data import Batches, load_tokens
 from model.kernel_fallbacks import grouped_experts_fallback
@@ -47,6 +48,9 @@ BIAS_UPDATE_SPEED = 1e-3
 PRECISIONS = ("bf16", "fp8")
 # Linears kept in high precision, as in DeepSeek-V3's FP8 checkpoints.
 HIGH_PRECISION_LINEARS = ("lm_head", "eh_proj")
+TRAINING_STATE_FILE = "training_state.pt"  # beside the HF-format weights; the HF loader reads no other files
+# TrainConfig fields a resumed run may change: none of them moves the weights or the losses.
+RESUME_FREE_FIELDS = ("eval_every", "eval_batches", "save_every", "out_dir")
 
 
 @dataclasses.dataclass
@@ -262,18 +266,74 @@ class Trainer:
             losses.append(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:-1].flatten()))
         return float(self._mean(torch.stack(losses).mean()))
 
+    @property
+    def steps_done(self) -> int:
+        """Steps taken (skipped ones included), which is also the index of the next batch."""
+        return self.scheduler.last_epoch
+
     def save(self, path: Path) -> None:
-        if self.rank == 0:
-            save_checkpoint(self.model, path)
+        """The HF-format checkpoint plus TRAINING_STATE_FILE beside it: everything else the next step
+        depends on. The batches need only the step: Batches draws each from (seed, step) alone."""
+        if self.rank != 0:
+            return
+        save_checkpoint(self.model, path)
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        torch.save({"train_config": dataclasses.asdict(self.cfg), "step": self.steps_done,
+                    "skipped_steps": self.skipped_steps, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "rng": rng}, Path(path) / TRAINING_STATE_FILE)
+
+    def load(self, path: Path) -> None:
+        """Continues the run save() wrote to `path`: its weights (the expert biases among them), the
+        optimizer and schedule, the step and the RNG. The model config and every TrainConfig field
+        but RESUME_FREE_FIELDS must be this trainer's; any mismatch raises before anything changes."""
+        path = Path(path)
+        state_file = path / TRAINING_STATE_FILE
+        if not state_file.exists():
+            raise CheckpointError(f"resume from {path}: no {TRAINING_STATE_FILE}; the folder holds no training "
+                                  "state (Trainer.save writes it beside the weights)")
+        args, saved_args = self.model.args, read_config(path)
+        differ = [f"{f.name}: checkpoint {getattr(saved_args, f.name)!r}, this run {getattr(args, f.name)!r}"
+                  for f in dataclasses.fields(ModelArgs) if getattr(saved_args, f.name) != getattr(args, f.name)]
+        if differ:
+            raise CheckpointError(f"resume from {path}: the model config differs: {'; '.join(differ)}")
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        ours = dataclasses.asdict(self.cfg)
+        differ = [f"{name}: checkpoint {value!r}, this run {ours.get(name)!r}"
+                  for name, value in state["train_config"].items()
+                  if name not in RESUME_FREE_FIELDS and value != ours.get(name)]
+        if differ:
+            raise CheckpointError(f"resume from {path}: the training config differs: {'; '.join(differ)} "
+                                  f"(only {', '.join(RESUME_FREE_FIELDS)} may change on resume)")
+        loaded = load_checkpoint(path, args=args, device=self.device, mtp=bool(args.num_nextn_predict_layers))
+        # Into the trainer's own parameters: the optimizer and DDP hold these tensors.
+        self.model.load_state_dict(loaded.state_dict())
+        self.model.prepare()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped_steps = state["skipped_steps"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        assert self.steps_done == state["step"], (self.steps_done, state["step"])
 
 
-def train(args: ModelArgs, cfg: TrainConfig, device="cpu", progress: bool = True) -> Dict[str, list]:
-    """Runs cfg.steps steps; returns the history (per-step losses, validation losses by step)."""
+def train(args: ModelArgs, cfg: TrainConfig, device="cpu", progress: bool = True,
+          resume: Optional[Path] = None) -> Dict[str, list]:
+    """Runs cfg.steps steps, or with `resume` (a folder Trainer.save wrote) the steps after the
+    checkpoint's; returns the history of the steps run (per-step losses, validation losses by step)."""
     trainer = Trainer(args, cfg, device)
+    if resume is not None:
+        trainer.load(resume)
+        if trainer.steps_done >= cfg.steps:
+            raise ValueError(f"resume from {resume}: the checkpoint is at step {trainer.steps_done} of "
+                             f"{cfg.steps}: no step left to run")
     train_batches = Batches(load_tokens("train", cfg.max_files), cfg.batch_size, cfg.seq_len, cfg.seed)
     val_batches = Batches(load_tokens("validation", cfg.max_files), cfg.batch_size, cfg.seq_len, cfg.seed + 1)
     history = {"loss": [], "main": [], "mtp": [], "validation": [], "skipped_steps": 0}
-    bar = tqdm(range(cfg.steps), disable=not progress or trainer.rank != 0, dynamic_ncols=True)
+    bar = tqdm(range(trainer.steps_done, cfg.steps), initial=trainer.steps_done, total=cfg.steps,
+               disable=not progress or trainer.rank != 0, dynamic_ncols=True)
     for step in bar:
         start = time.perf_counter()
         out = trainer.step(train_batches.local_batch(step, trainer.rank, trainer.world_size))
@@ -304,6 +364,8 @@ def main(argv=None):
     for field in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(defaults, field))
     parser.add_argument("--out-dir", default=None, help="HF-format checkpoints go to OUT_DIR/step-N")
+    parser.add_argument("--resume", default=None, help="continue from a checkpoint folder (OUT_DIR/step-N) "
+                        "of a run with the same options (evaluation and saving may differ)")
     opts = parser.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(TrainConfig)
                          if hasattr(opts, f.name)})
@@ -314,7 +376,7 @@ def main(argv=None):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
     args = preset(opts.preset, dtype="float32", fp8=False)
-    history = train(args, cfg, device)
+    history = train(args, cfg, device, resume=opts.resume)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"final loss {history['loss'][-1]:.4f}; skipped steps {history['skipped_steps']}; validation "
               f"{history['validation'][-1][1] if history['validation'] else float('nan'):.4f}")

@@ -1,7 +1,7 @@
 """model/train.py and model/data.py on CPU: the objective and the bias update against hand-computed
 values, the data split, a few steps in bf16 and fp8, a skipped non-finite step, checkpoints the
-loader reads, FP8 gradients against the dequantized model, and 2-process DDP (gloo) against one
-process on the same global batch."""
+loader reads, resuming from one bit for bit, FP8 gradients against the dequantized model, and
+2-process DDP (gloo) against one process on the same global batch."""
 import dataclasses
 import math
 
@@ -11,12 +11,12 @@ import torch.distributed as dist
 
 from deepseek_ops import dequant_fp8_block, per_block_quant_fp8
 from deepseek_ops.testing import calc_diff
-from model.checkpoint import load_checkpoint
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import preset
 from model.data import BOS, EOS, Batches, load_tokens, stdlib_files
 from model.model import MLP
-from model.train import (TrainConfig, Trainer, lr_factor, main, objective, sequence_balance_loss, training_model,
-                         update_expert_bias)
+from model.train import (TRAINING_STATE_FILE, TrainConfig, Trainer, lr_factor, main, objective,
+                         sequence_balance_loss, training_model, update_expert_bias)
 
 from ep_workers import run_ranks
 
@@ -129,6 +129,74 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(loaded(tokens)[0], trainer.model(tokens)[0])
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, trainer.model.state_dict()[name]), name
+
+
+# ---- resuming ------------------------------------------------------------------------------------
+
+STEP_OUTPUTS = ("loss", "main", "mtp", "grad_norm", "load_spread")
+
+
+def _run(trainer, batches, stop):
+    outs = []
+    for step in range(trainer.steps_done, stop):
+        out = trainer.step(batches.local_batch(step))
+        outs.append([out[key] for key in STEP_OUTPUTS])
+    return outs
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_resume_continues_bit_for_bit(tmp_path, precision):
+    # fp32 master weights are what training allows (training_model), so the comparison is in fp32:
+    # the same CPU ops on the same values in the same order give the same bits.
+    cfg = dataclasses.replace(CFG, steps=5, warmup_steps=2, precision=precision)
+    stop_at = 2
+    batches = _batches(cfg)
+    uninterrupted = Trainer(ARGS, cfg)
+    want = _run(uninterrupted, batches, cfg.steps)
+
+    first = Trainer(ARGS, cfg)
+    assert _run(first, batches, stop_at) == want[:stop_at]
+    first.save(tmp_path)
+    rng = torch.get_rng_state()
+    torch.manual_seed(int(torch.randint(0, 2**30, ())) + 1)  # the resumed run must restore the RNG
+    resumed = Trainer(ARGS, cfg)
+    resumed.load(tmp_path)
+    assert resumed.steps_done == stop_at and torch.equal(torch.get_rng_state(), rng)
+    assert _run(resumed, batches, cfg.steps) == want[stop_at:]
+    expected = uninterrupted.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():  # the expert biases included
+        assert torch.equal(tensor, expected[name]), name
+    assert any(gate.e_score_correction_bias.abs().sum() > 0 for gate in resumed.stats.gates)
+
+
+def test_resume_errors(tmp_path):
+    trainer = Trainer(ARGS, CFG)
+    trainer.step(_batches(CFG).local_batch(0))
+    save_checkpoint(trainer.model, tmp_path / "weights-only")
+    with pytest.raises(CheckpointError, match=f"no {TRAINING_STATE_FILE}"):
+        Trainer(ARGS, CFG).load(tmp_path / "weights-only")
+    trainer.save(tmp_path / "full")
+    with pytest.raises(CheckpointError, match="training config differs: lr: checkpoint 0.001, this run 0.002"):
+        Trainer(ARGS, dataclasses.replace(CFG, lr=2e-3)).load(tmp_path / "full")
+    with pytest.raises(CheckpointError, match="model config differs: n_routed_experts: checkpoint 8, this run 16"):
+        Trainer(dataclasses.replace(ARGS, n_routed_experts=16), CFG).load(tmp_path / "full")
+    fresh = Trainer(ARGS, dataclasses.replace(CFG, eval_every=7, out_dir=str(tmp_path)))  # free to change
+    fresh.load(tmp_path / "full")
+    assert fresh.steps_done == 1
+
+
+def test_command_line_resume(tmp_path):
+    options = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--warmup-steps", "1", "--max-files", "2",
+               "--eval-every", "0", "--precision", "bf16", "--device", "cpu"]
+    main(options + ["--save-every", "1", "--out-dir", str(tmp_path / "whole")])
+    main(options + ["--resume", str(tmp_path / "whole" / "step-1"), "--out-dir", str(tmp_path / "resumed")])
+    whole = load_checkpoint(tmp_path / "whole" / "step-2").state_dict()
+    for name, tensor in load_checkpoint(tmp_path / "resumed" / "step-2").state_dict().items():
+        assert torch.equal(tensor, whole[name]), name
+    state = torch.load(tmp_path / "resumed" / "step-2" / TRAINING_STATE_FILE, weights_only=True)
+    assert state["step"] == 2
+    with pytest.raises(ValueError, match="at step 2 of 2: no step left"):
+        main(options + ["--resume", str(tmp_path / "whole" / "step-2")])
 
 
 def test_fp8_mlp_gradients_match_dequantized_model():
