@@ -29,6 +29,14 @@ def _assert_margins_intact(whole: torch.Tensor, what: str):
     assert bad.numel() == 0, f"{what}: {bad.numel()} canary bytes written outside the output (first at {bad[:4]})"
 
 
+def _assert_matches_reference(q, kv, table, seqlens, causal, out, lse):
+    """mla_decode's out and lse (scale 0.1) against the CPU reference on the same inputs."""
+    want = torch.empty(*out.shape, dtype=torch.bfloat16)
+    want_lse = reference.mla_decode(q.cpu(), kv.cpu(), table.cpu(), seqlens.cpu(), 0.1, causal, None, None, want)
+    assert calc_diff(out.cpu(), want) < 1e-5
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(want_lse))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_mla_decode_garbage_pages_and_lengths(causal):
@@ -43,10 +51,7 @@ def test_gpu_mla_decode_garbage_pages_and_lengths(causal):
     out, whole = _canaried((batch, s_q, h_q, 512), torch.bfloat16)
     lse = ops.mla_decode(q, kv, table, seqlens, 0.1, causal, tile_sched, split_offsets, out)
     _assert_margins_intact(whole, "mla_decode out")
-    want = torch.empty(batch, s_q, h_q, 512, dtype=torch.bfloat16)
-    want_lse = reference.mla_decode(q.cpu(), kv.cpu(), table.cpu(), seqlens.cpu(), 0.1, causal, None, None, want)
-    assert calc_diff(out.cpu(), want) < 1e-5
-    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(want_lse))
+    _assert_matches_reference(q, kv, table, seqlens, causal, out, lse)
 
 
 @pytest.mark.gpu
@@ -81,10 +86,7 @@ def test_gpu_mla_decode_garbage_metadata(fp8):
     out, whole = _canaried((batch, s_q, h_q, 512), torch.bfloat16)
     lse = ops.mla_decode(q, kv, table, seqlens, 0.1, True, *good, out)
     _assert_margins_intact(whole, "mla_decode out")
-    want = torch.empty(batch, s_q, h_q, 512, dtype=torch.bfloat16)
-    want_lse = reference.mla_decode(q.cpu(), kv.cpu(), table.cpu(), seqlens.cpu(), 0.1, True, None, None, want)
-    assert calc_diff(out.cpu(), want) < 1e-5
-    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(want_lse))
+    _assert_matches_reference(q, kv, table, seqlens, True, out, lse)
 
 
 @pytest.mark.gpu

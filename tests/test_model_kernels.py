@@ -52,19 +52,27 @@ def test_every_layer_matches_on_the_same_input(device):
     assert calc_diff(ref_logits, ker_logits) < 1e-3
 
 
+def _decode_case(model, device, s_q: int):
+    """12 requests of mixed lengths, 130-token prompts and s_q new tokens each: (lengths, block_table,
+    num_blocks, prompts, new).
+
+    NOTE: 12 requests, not 3: an FP8 activation rounding that flips between two computations (bf16
+    inputs that differ in the last bit) moves one request's logits by ~1e-3; over 3 requests that
+    failed a 1e-3 bound in ~4% of random draws (CPU, tiny model), over 12 the worst of 60 draws was 4e-4."""
+    lengths = torch.tensor([5, 70, 130, 1, 64, 65, 100, 20, 128, 33, 90, 7], device=device)
+    batch = lengths.numel()
+    block_table, num_blocks = allocate_block_table(batch, 140, device, torch.Generator().manual_seed(0))
+    prompts = torch.randint(0, model.args.vocab_size, (batch, 130), device=device)
+    new = torch.randint(0, model.args.vocab_size, (batch, s_q), device=device)
+    return lengths, block_table, num_blocks, prompts, new
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("s_q", [1, 2])
 def test_paged_decode_matches(device, s_q):
     """mla_cache_append + mla_decode (kernels) against the reference cache and attention."""
     ref, ker = _pair(device)
-    # NOTE: 12 requests, not 3: an FP8 activation rounding that flips between the backends (their
-    # bf16 inputs differ in the last bit) moves one request's logits by ~1e-3; over 3 requests that
-    # failed the bound in ~4% of random draws (CPU, tiny model), over 12 the worst of 60 draws was 4e-4.
-    lengths = torch.tensor([5, 70, 130, 1, 64, 65, 100, 20, 128, 33, 90, 7], device=device)
-    batch = lengths.numel()
-    block_table, num_blocks = allocate_block_table(batch, 140, device, torch.Generator().manual_seed(0))
-    prompts = torch.randint(0, ref.args.vocab_size, (batch, 130), device=device)
-    new = torch.randint(0, ref.args.vocab_size, (batch, s_q), device=device)
+    lengths, block_table, num_blocks, prompts, new = _decode_case(ref, device, s_q)
     with torch.no_grad():
         outs = []
         for model in (ref, ker):
@@ -86,11 +94,7 @@ def test_fp8_cache_decode_close_to_bf16_cache(device, s_q):
     """The same prompts prefilled into a bf16 and an FP8 (uint8, power-of-two scales) latent cache,
     then one decode step on each."""
     _, ker = _pair(device)
-    lengths = torch.tensor([5, 70, 130, 1, 64, 65, 100, 20, 128, 33, 90, 7], device=device)
-    batch = lengths.numel()
-    block_table, num_blocks = allocate_block_table(batch, 140, device, torch.Generator().manual_seed(0))
-    prompts = torch.randint(0, ker.args.vocab_size, (batch, 130), device=device)
-    new = torch.randint(0, ker.args.vocab_size, (batch, s_q), device=device)
+    lengths, block_table, num_blocks, prompts, new = _decode_case(ker, device, s_q)
     outs = []
     with torch.no_grad():
         for dtype in (torch.bfloat16, torch.uint8):

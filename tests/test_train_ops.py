@@ -429,10 +429,10 @@ def test_cuda_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_n, cluster
     out = deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales)
     assert out.shape == (n, k) and out.dtype == torch.float32
     assert_written(out)
-    ref = reference.fp8_gemm_wgrad(a.cpu(), a_scales.cpu(), b.cpu(), b_scales.cpu())
+    ref = reference.fp8_gemm_wgrad(a, a_scales, b, b_scales)  # float64 math on the GPU
     assert calc_diff(out, ref) < CALC_DIFF_BOUND
     with_c = deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c)
-    assert calc_diff(with_c, ref.double() + c.double().cpu()) < CALC_DIFF_BOUND
+    assert calc_diff(with_c, ref.double() + c.double()) < CALC_DIFF_BOUND
     assert_bitwise_equal(deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales), out)  # fixed sum order
 
 
@@ -444,10 +444,11 @@ def test_cuda_fp8_gemm_wgrad_heuristic_and_views():
     b, b_scales = deepseek_ops.transpose_quant_fp8(x)
     c = torch.randn(512, 384, device="cuda").t()
     out = deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c)
-    ref = reference.fp8_gemm_wgrad(a.cpu(), a_scales.cpu(), b.cpu(), b_scales.cpu(), c.cpu())
+    ref = reference.fp8_gemm_wgrad(a, a_scales, b, b_scales, c)
     assert calc_diff(out, ref) < CALC_DIFF_BOUND
-    # Against the unquantized product: e4m3 rounding of both operands (~2^-5 each, relative) dominates.
-    assert calc_diff(out, dy.double().t() @ x.double() + c.double()) < 1e-2
+    # Against the unquantized product: e4m3 rounding of both operands dominates (~7e-4 for these shapes
+    # through the CPU reference); a wrong operand or transpose is ~1.
+    assert calc_diff(out, dy.double().t() @ x.double() + c.double()) < 3e-3
 
 
 K_GROUPED_WGRAD_CONFIGS = fp8_gemm_tile_configs("k_grouped_wgrad", torch.float32)
@@ -469,8 +470,7 @@ def test_cuda_k_grouped_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_
     out = deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets, c)
     assert out.shape == c.shape and out.dtype == torch.float32
     assert_written(out)
-    ref = reference.k_grouped_fp8_gemm_wgrad(a.cpu(), a_scales.cpu(), b.cpu(), b_scales.cpu(), group_offsets.cpu(),
-                                             c.cpu())
+    ref = reference.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets, c)
     for g in range(len(offsets) - 1):
         assert calc_diff(out[g], ref[g]) < CALC_DIFF_BOUND, f"expert {g} (tokens {offsets[g]}..{offsets[g + 1]})"
         if offsets[g] == offsets[g + 1]:
@@ -488,15 +488,17 @@ def test_cuda_k_grouped_fp8_gemm_wgrad_without_c_and_garbage_offsets():
     a, a_scales = _cuda_token_scaled(128, 512)
     b, b_scales = _cuda_token_scaled(256, 512)
     out = deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, torch.tensor([0, 384, 512], device="cuda"))
-    ref = reference.k_grouped_fp8_gemm_wgrad(a.cpu(), a_scales.cpu(), b.cpu(), b_scales.cpu(),
-                                             torch.tensor([0, 384, 512]))
+    ref = reference.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, torch.tensor([0, 384, 512]))
     assert calc_diff(out, ref) < CALC_DIFF_BOUND
     # Offsets the public function cannot read without a sync (CUDA) and the raw op does not check: out of
-    # range and decreasing. The kernel clamps them; nothing is read or written out of bounds.
+    # range and decreasing. The kernel clamps each group's K blocks into [0, 4), then to begin <= end:
+    # group 0 gets all of them, groups 1 and 2 none (zeros); nothing is read or written out of bounds.
     bad = torch.tensor([-1024, 1 << 20, 128, 0], device="cuda")
     out = torch.ops.deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, bad, None)
-    torch.cuda.synchronize()
     assert out.shape == (3, 128, 256)
+    whole = reference.fp8_gemm_wgrad(a, a_scales, b, b_scales)
+    assert calc_diff(out[0], whole) < CALC_DIFF_BOUND
+    assert_bitwise_equal(out[1:], torch.zeros(2, 128, 256, device="cuda"), "clamped to no K blocks")
 
 
 @pytest.mark.gpu
