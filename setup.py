@@ -35,11 +35,18 @@ def _extension():
     if os.environ.get("DEEPSEEK_OPS_NO_CUDA") == "1":
         with_cuda = False
     cxx = ["-O3", "-std=c++20"]
+    # Some toolchains (the CUDA image's /opt/gcc among them) link libstdc++ statically into the
+    # extension. Python's -Bsymbolic-functions then binds its functions locally while its data
+    # (the locale facet ids) still resolves to the process's shared libstdc++: formatting a number
+    # through our own ostream (c10::str in every TORCH_CHECK message) read a foreign facet table and
+    # crashed. Hiding the static archives' symbols keeps that copy self-consistent; with a shared
+    # libstdc++ there is nothing static to hide.
+    link = ["-Wl,--exclude-libs,ALL"]
     if not with_cuda:
         print("deepseek_ops: no CUDA toolkit found (or a CPU-only torch): building the "
               "reference-only extension; CUDA ops will raise until rebuilt with CUDA.")
         return CppExtension("deepseek_ops._C", ["csrc/registration.cpp"],
-                            extra_compile_args={"cxx": cxx})
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
             "-Xptxas=-v" if os.environ.get("DEEPSEEK_OPS_PTXAS_VERBOSE") == "1" else "-Xptxas=-O3",
             *_arch_flags()]
@@ -47,7 +54,7 @@ def _extension():
     return CUDAExtension("deepseek_ops._C", sources,
                          include_dirs=[os.path.join(ROOT, "ptx"), os.path.join(ROOT, "csrc")],
                          define_macros=[("DSO_WITH_CUDA", "1")],
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
 
 
 setup(

@@ -3,8 +3,9 @@
 Model: the grpo-h200 preset with random float weights, saved by model/checkpoint.py in HF format.
 Ours (impl deepseek_ops): the rollout sampler of model/grpo_rollout.py, backend "kernels" with FP8
 linears quantized from those weights (fp8_linear, grouped FP8 expert GEMMs, mla_decode on the bf16
-paged cache) through model/generate.py. Peer (transformers): DeepseekV3ForCausalLM.from_pretrained
-of the same folder in bf16, `generate(do_sample=True)` with the same temperature 1, no top-k / top-p,
+paged cache) through model/generate.py, the decode step replayed from a CUDA graph as GRPO's
+rollouts do (model/decode_graph.py; captured at the first call of a shape, then reused). Peer
+(transformers): DeepseekV3ForCausalLM.from_pretrained of the same folder in bf16, `generate(do_sample=True)` with the same temperature 1, no top-k / top-p,
 exactly new_tokens per row (neither side stops at eos: ours is called without eos_id, so every
 rollout decodes the full length). Rows: B prompts x G samples of prompt_len random byte tokens.
 
@@ -26,7 +27,7 @@ from deepseek_ops.testing import calc_diff
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import preset
 from model.generate import allocate_block_table, generate, prefill
-from model.grpo_rollout import build_sampler
+from model.grpo_rollout import build_sampler, uses_cuda_graph
 from model.model import random_model
 
 # (B, G, prompt_len, new_tokens): a GRPO step of the arithmetic task, and longer answers.
@@ -55,7 +56,7 @@ def rollout_fns(ours, theirs, prompts: torch.Tensor, group: int, new_tokens: int
     prompt_lists = rows.tolist()
 
     def ours_fn():
-        return generate(ours, prompt_lists, new_tokens, temperature=1.0, seed=0)
+        return generate(ours, prompt_lists, new_tokens, temperature=1.0, seed=0, cuda_graph=uses_cuda_graph(ours))
 
     def theirs_fn():
         with torch.no_grad():

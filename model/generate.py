@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from model.checkpoint import load_checkpoint
 from model.config import DTYPES, PAGE_SIZE, PRESETS, preset
+from model.decode_graph import graphed_decode
 from model.model import Transformer, random_model
 
 
@@ -184,15 +185,21 @@ def _check_prompts(prompts: List[List[int]], max_new_tokens: int, capacity: int,
 def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, use_mtp: bool = False, compile: bool = False, progress: bool = False,
              seed: Optional[int] = None, shuffle_pages: bool = True, eos_id: Optional[int] = None,
-             stop_check_every: int = STOP_CHECK_EVERY) -> Tuple[List[List[int]], Dict[str, float]]:
+             stop_check_every: int = STOP_CHECK_EVERY, cuda_graph: bool = False) -> Tuple[List[List[int]], Dict[str, float]]:
     """Generates max_new_tokens after each prompt. Returns the new tokens per prompt and stats
     (tokens_per_s; with use_mtp, acceptance_rate = accepted drafts / verify steps).
+
+    cuda_graph: replay the decode step from a CUDA graph (model/decode_graph.py; a model on CUDA,
+    without expert parallelism); the tokens are those of the eager step.
 
     With eos_id, decoding stops once every row has produced eos_id (seen every stop_check_every
     tokens; with use_mtp every verify step, whose tokens the host holds anyway): each row is then
     a prefix, holding its first eos_id, of the row generate returns without eos_id."""
     check_request(model, prompts, max_new_tokens, temperature, use_mtp, eos_id, stop_check_every)
     device = model.model.embed_tokens.weight.device
+    if cuda_graph and (device.type != "cuda" or compile or model.ep_group is not None):
+        raise ValueError(f"argument 'cuda_graph': needs a model on CUDA (got {device}), compile=False (got {compile}) "
+                         f"and no expert parallelism (ep_group {'set' if model.ep_group is not None else 'None'})")
     generator = torch.Generator(device)  # pages and samples: one seeded stream on the model's device
     if seed is not None:
         generator.manual_seed(seed)
@@ -206,6 +213,8 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
         tokens[b, :len(p)] = torch.tensor(p)
     tokens = tokens.to(device)
     decode = torch.compile(decode_one_token, fullgraph=True, dynamic=False) if compile else decode_one_token
+    if cuda_graph:
+        decode = graphed_decode(model)
 
     start = time.perf_counter()
     bar = Progress(max_new_tokens * batch, progress)
@@ -311,6 +320,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="weight dtype (default: the checkpoint's, or the preset's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the decode step")
+    parser.add_argument("--cuda-graph", action="store_true", help="replay the decode step from a CUDA graph")
     parser.add_argument("--seed", type=int, default=0, help="random weights and sampling (default: %(default)s)")
     return parser
 

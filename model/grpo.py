@@ -32,6 +32,7 @@ import dataclasses
 import json
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -107,9 +108,11 @@ def update_policy(policy: Transformer, optimizer: torch.optim.Optimizer, params,
 
 def run_grpo(policy: Transformer, reference: Transformer, sampler: Transformer, task: ArithmeticTask,
              held_out: List[Problem], cfg: GRPOConfig, log: Optional[Callable[[Dict], None]] = None,
-             progress: bool = True, reward_fn: Optional[RewardFn] = None) -> List[Dict[str, float]]:
+             progress: bool = True, reward_fn: Optional[RewardFn] = None,
+             deadline: Optional[float] = None) -> List[Dict[str, float]]:
     """Trains the policy in place (the sampler follows it). Returns one record per step.
-    reward_fn: (problem, response token ids) -> float; default the task's reward."""
+    reward_fn: (problem, response token ids) -> float; default the task's reward.
+    deadline: a time.monotonic() value; the step that ends past it is the last, and is evaluated."""
     params = trainable_parameters(policy)
     for p in reference.parameters():
         p.requires_grad_(False)
@@ -132,12 +135,15 @@ def run_grpo(policy: Transformer, reference: Transformer, sampler: Transformer, 
         record = {"step": step, "reward": batch.rewards.mean().item(), "accuracy": batch.correct.float().mean().item(),
                   **stats, "response_len": sum(map(len, batch.responses)) / len(batch.responses),
                   "rollout_tokens_per_s": batch.tokens_per_s, **totals}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        last = step == cfg.steps or (deadline is not None and time.monotonic() > deadline)
+        if step % cfg.eval_every == 0 or last:
             record["heldout_acc"] = greedy_accuracy(sampler, task, held_out)
         history.append(record)
         if log is not None:
             log(record)
         bar.update(record)
+        if last:
+            break
     bar.close()
     return history
 
@@ -203,6 +209,9 @@ def _parser() -> argparse.ArgumentParser:
                    "--rollout-backend kernels, else the policy's)")
     p.add_argument("--init", type=Path, help="starting policy checkpoint (skips the warm-up)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="wall-clock budget of the whole run: the warm-up or GRPO step that ends past it is "
+                        "the last (evaluated, saved, plotted as at the end)")
     task = p.add_argument_group("task")
     task.add_argument("--min-digits", type=int, default=2)
     task.add_argument("--max-digits", type=int, default=4)
@@ -233,6 +242,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     opts = _parser().parse_args(argv)
+    deadline = None if opts.time_budget_s is None else time.monotonic() + opts.time_budget_s
     torch.manual_seed(opts.seed)
     out: Path = opts.out
     out.mkdir(parents=True, exist_ok=True)
@@ -251,7 +261,7 @@ def main(argv=None) -> None:
     if opts.init is None:
         warm = WarmupConfig(opts.warmup_lr, opts.warmup_batch, opts.warmup_max_steps, opts.warmup_eval_every,
                             opts.warmup_target, seed=opts.seed)
-        _, summary["warmup"] = supervised_warmup(policy, sampler, task, held_out, warm)
+        _, summary["warmup"] = supervised_warmup(policy, sampler, task, held_out, warm, deadline=deadline)
         start = out / "start"
         save_checkpoint(policy, start)
     reference = load_checkpoint(start, "reference", device=opts.device, dtype=opts.policy_dtype).dequantize_()
@@ -267,7 +277,7 @@ def main(argv=None) -> None:
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
                        file=sys.stderr)
 
-        history = run_grpo(policy, reference, sampler, task, held_out, cfg, log)
+        history = run_grpo(policy, reference, sampler, task, held_out, cfg, log, deadline=deadline)
     save_checkpoint(policy, out / "policy")
     plot_history(history, out / "grpo_curves.png", start_accuracy)
     final_accuracy = history[-1]["heldout_acc"]

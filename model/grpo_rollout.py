@@ -52,6 +52,13 @@ def build_sampler(policy: Transformer, backend: str, fp8: bool, dtype: str) -> T
     return sync_weights(policy, sampler)
 
 
+def uses_cuda_graph(sampler: Transformer) -> bool:
+    """Whether generation replays the decode step from a CUDA graph: the kernels backend on CUDA with
+    every op on its kernel (a reference fallback may read values on the host, which a capture forbids)."""
+    return (sampler.backend == "kernels" and sampler.model.embed_tokens.weight.is_cuda
+            and sampler.ep_group is None and not sampler.kernel_fallbacks())
+
+
 @torch.no_grad()
 def sync_weights(policy: Transformer, sampler: Transformer) -> Transformer:
     """Copies the policy's float weights into the sampler, quantizing the sampler's FP8 linears."""
@@ -132,7 +139,7 @@ def rollout(sampler: Transformer, task: ArithmeticTask, problems: List[Problem],
     prompts = [task.encode_prompt(p) for p in problems_n]
     start = time.perf_counter()
     sampled, _ = generate(sampler, prompts, task.max_response_tokens, temperature=temperature, seed=seed,
-                          eos_id=task.eos_id)
+                          eos_id=task.eos_id, cuda_graph=uses_cuda_graph(sampler))
     seconds = time.perf_counter() - start
     responses = [cut_at_eos(s, task.eos_id) for s in sampled]
     rewards, failures = safe_rewards(reward_fn or task.reward, problems_n, responses)
@@ -151,6 +158,6 @@ def greedy_accuracy(model: Transformer, task: ArithmeticTask, problems: List[Pro
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
         outputs, _ = generate(model, [task.encode_prompt(p) for p in chunk], task.max_response_tokens,
-                              eos_id=task.eos_id)
+                              eos_id=task.eos_id, cuda_graph=uses_cuda_graph(model))
         correct += sum(task.parse_answer(cut_at_eos(o, task.eos_id)) == p.answer for p, o in zip(chunk, outputs))
     return correct / max(len(problems), 1)

@@ -7,7 +7,8 @@ starts right gets no reward signal in its groups; one that is already right has 
 """
 import dataclasses
 import random
-from typing import Callable, Dict, List, Tuple
+import time
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -39,9 +40,11 @@ def trainable_parameters(model: Transformer) -> List[nn.Parameter]:
 
 
 def supervised_warmup(policy: Transformer, sampler: Transformer, task: ArithmeticTask, held_out: List[Problem],
-                      cfg: WarmupConfig, log: Callable[[str], None] = print) -> Tuple[float, List[Dict[str, float]]]:
+                      cfg: WarmupConfig, log: Callable[[str], None] = print,
+                      deadline: Optional[float] = None) -> Tuple[float, List[Dict[str, float]]]:
     """Trains the policy in place; returns the last held-out greedy accuracy (of the sampler, synced
-    from the policy) and the evaluation history."""
+    from the policy) and the evaluation history. deadline: a time.monotonic() value; the step that
+    ends past it is the last, and is evaluated."""
     params = trainable_parameters(policy)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng, exclude = random.Random(cfg.seed), frozenset(held_out)
@@ -62,13 +65,17 @@ def supervised_warmup(policy: Transformer, sampler: Transformer, task: Arithmeti
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         losses.append(loss.item())
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
             accuracy = greedy_accuracy(sync_weights(policy, sampler), task, held_out)
             history.append({"step": step, "loss": sum(losses) / len(losses), "heldout_acc": accuracy,
                             "skipped_steps": skipped})
             log(f"warm-up step {step:5d}  loss {history[-1]['loss']:.4f}  held-out greedy accuracy {accuracy:.3f}")
             losses = []
             if accuracy >= cfg.target_accuracy:
+                return accuracy, history
+            if out_of_time:
+                log(f"warm-up: out of time at step {step}, below the target accuracy {cfg.target_accuracy}")
                 return accuracy, history
     log(f"warm-up: max_steps {cfg.max_steps} reached below the target accuracy {cfg.target_accuracy}")
     return accuracy, history

@@ -454,7 +454,10 @@ class MoE(nn.Module):
     def experts_grouped_fp8(self, x, weights, indices):
         """Experts as two grouped FP8 GEMMs over the expert-contiguous rows of ep.dispatch."""
         ep = deepseek_ops.ep
-        recv = ep.dispatch(self._quantize(x), indices, weights, num_experts=len(self.experts))
+        # Sized exactly (one host sync) when eager; for the worst case (no sync) while a CUDA graph is
+        # captured, where a sync is not allowed. The rows' results are the same either way.
+        recv = ep.dispatch(self._quantize(x), indices, weights, num_experts=len(self.experts),
+                           exact=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         y = self._expert_gemms(*recv.recv_x, recv.recv_topk_idx)  # rows grouped by expert
         return ep.combine(y, recv.handle, weights).to(x.dtype)  # [N, D]: sum_k w[n, k] * y[row(n, k)]
 
@@ -703,8 +706,13 @@ class Transformer(nn.Module):
                                  f"mla_decode, got backend {self.backend!r}"
                                  + (f" ({mla_decode_fallback(self.args)})" if self.backend == "kernels" else ""))
             width = MLA_FP8_TOKEN_BYTES
+        shape = (num_blocks, PAGE_SIZE, 1, width)
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = torch.zeros(num_blocks, PAGE_SIZE, 1, width, dtype=dtype, device=device)
+            cache = layer.self_attn.kv_cache
+            if cache is not None and cache.shape == shape and cache.dtype == dtype and cache.device == device:
+                cache.zero_()  # in place: a captured decode graph (model/decode_graph.py) stays valid
+            else:
+                layer.self_attn.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     def prepare(self) -> "Transformer":
         """Derived weights the backend needs (call after weights change): the kernels backend stacks

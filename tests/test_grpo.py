@@ -4,6 +4,7 @@ steps, and the bad-input errors."""
 import json
 import math
 import random
+import time
 
 import pytest
 import torch
@@ -370,3 +371,16 @@ def test_cli_run_writes_log_plot_and_checkpoint(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_heldout_acc"] == lines[-1]["heldout_acc"]
     assert (out / "grpo_curves.png").stat().st_size > 0 and (out / "policy" / "config.json").exists()
+
+
+def test_deadline_ends_grpo_and_warmup_after_one_evaluated_step(task):
+    policy, reference = random_model(small_args(), seed=9), random_model(small_args(), seed=9)
+    sampler = build_sampler(policy, "reference", fp8=False, dtype="float32")
+    held_out, past = task.held_out(4, 0), time.monotonic() - 1.0
+    cfg = GRPOConfig(steps=5, prompts_per_step=2, group_size=2, eval_every=10)
+    history = run_grpo(policy, reference, sampler, task, held_out, cfg, progress=False, deadline=past)
+    assert [r["step"] for r in history] == [1] and "heldout_acc" in history[0]
+    warm = WarmupConfig(batch_size=4, max_steps=50, eval_every=20, target_accuracy=2.0)
+    logged = []
+    _, evaluations = supervised_warmup(policy, sampler, task, held_out, warm, log=logged.append, deadline=past)
+    assert [h["step"] for h in evaluations] == [1] and "out of time at step 1" in logged[-1]

@@ -1,0 +1,83 @@
+"""The decode step replayed from a CUDA graph (model/decode_graph.py): the same tokens as the eager
+step, one capture reused across generate calls of one shape, a new capture when the model's tensors
+move or the shape changes; on CPU, what decides reuse."""
+import pytest
+import torch
+
+from model.config import preset
+from model.decode_graph import tensor_addresses
+from model.generate import generate
+from model.model import Transformer, random_model
+
+
+def _kernels_model(device):
+    args = preset("tiny", dtype="bfloat16", fp8=True)
+    ref = random_model(args, device=device)
+    with torch.device(device):
+        model = Transformer(args, "kernels")
+    model.load_state_dict(ref.state_dict())
+    return model.prepare()
+
+
+def _prompts(vocab, lengths, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def test_setup_cache_reuses_a_same_size_cache_in_place():
+    model = random_model(preset("tiny"))
+    model.setup_cache(3)
+    cache = model.model.layers[0].self_attn.kv_cache
+    cache.fill_(1.0)
+    model.setup_cache(3)
+    assert model.model.layers[0].self_attn.kv_cache is cache and not cache.any()
+    model.setup_cache(4)
+    assert model.model.layers[0].self_attn.kv_cache.shape[0] == 4
+
+
+def test_tensor_addresses_see_derived_weights_and_new_caches():
+    model = random_model(preset("tiny"))
+    model.setup_cache(2)
+    before = tensor_addresses(model)
+    model.setup_cache(2)
+    assert tensor_addresses(model) == before  # reused cache: a captured graph stays valid
+    model.prepare()  # re-derives rope_freqs: a graph captured before must not replay
+    assert tensor_addresses(model) != before
+    model.setup_cache(5)
+    assert len({a for a, _, _ in tensor_addresses(model)} - {a for a, _, _ in before}) >= 1
+
+
+def test_cuda_graph_needs_a_cuda_model():
+    model = random_model(preset("tiny"))
+    with pytest.raises(ValueError, match="'cuda_graph': needs a model on CUDA"):
+        generate(model, [[1, 2]], 3, cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_graph_replay_samples_what_eager_decoding_samples():
+    model = _kernels_model("cuda")
+    vocab = model.args.vocab_size
+    prompts = _prompts(vocab, (3, 70, 1, 20, 64, 9), seed=0)
+    eager, _ = generate(model, prompts, 40, temperature=1.0, seed=11)
+    graphed, _ = generate(model, prompts, 40, temperature=1.0, seed=11, cuda_graph=True)
+    assert graphed == eager
+    graph = model._decode_graph
+    # Same shapes: the capture is replayed, not redone, and follows the new inputs.
+    prompts2 = _prompts(vocab, (5, 2, 66, 30, 1, 12), seed=1)
+    assert generate(model, prompts2, 40, temperature=1.0, seed=12, cuda_graph=True)[0] == \
+        generate(model, prompts2, 40, temperature=1.0, seed=12)[0]
+    assert model._decode_graph is graph
+    # New derived weights (prepare re-stacks the experts): captured again, with the new weights.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dtype == torch.bfloat16:
+                p.mul_(1.5)
+    model.prepare()
+    graphed, _ = generate(model, prompts, 40, temperature=1.0, seed=13, cuda_graph=True)
+    assert model._decode_graph is not graph
+    assert graphed == generate(model, prompts, 40, temperature=1.0, seed=13)[0]
+    # Another batch size: another capture.
+    small = prompts[:2]
+    graph = model._decode_graph
+    assert generate(model, small, 8, cuda_graph=True)[0] == generate(model, small, 8)[0]
+    assert model._decode_graph is not graph
