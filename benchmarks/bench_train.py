@@ -34,9 +34,10 @@ per 1 x 128 along N, so training keeps that projection in bf16 (model/train.py).
 Checks before timing: the GEMMs against the float64 reference of the same quantized operands (calc_diff
 < CALC_DIFF_BOUND, peers too); the training linear's y, dx and dW against float64 autograd of the
 weight each impl multiplies (ours the quantized master, bf16 the master; < GRAD_CALC_DIFF_BOUND); the
-layer's output and gradients (its own contribution: y - x, dx - dy, and every non-expert weight's
-gradient) against the same layer in fp32 without autocast (< LAYER_CALC_DIFF_BOUND: FP8 rounding
-through several linears, and an expert choice that a near tie flips). `error` is the largest of them.
+layer's output and gradients (its own contribution: y - x, dx - dy, and the gradient of every weight
+but the routed experts' and the router's) against the same layer in fp32 without autocast
+(< LAYER_CALC_DIFF_BOUND: FP8 rounding through several linears, and expert choices that near ties
+flip). `error` is the largest of them.
 Ours failing raises; a peer failing, or not importable, is left out with a printed line.
 Every impl is timed in two rounds, the second in reversed order (timing.time_rounds); ops under ~50 us
 by graph replay over copies of the inputs (transpose_quant_fp8), the others with an L2 flush before each run.
@@ -295,9 +296,9 @@ def measure_train_layer() -> List[Record]:
     model = training_model(layer_args(), "bf16", "cuda", seed=None)  # initialized on the GPU
     fp8_modules = fp8_training_modules(model)
     layer = model.main_layers[0]
-    # Gradients compared: every weight's but the routed experts' (their float64 copies would take 11 GB) and the
-    # router's, which an expert choice flipped by a near tie moves a lot (calc_diff up to ~1.5e-2 on the
-    # tiny preset's 128 tokens; the other gradients stay under ~5e-3 there).
+    # Gradients compared: every weight's but the routed experts' (their float64 copies would take 11 GB)
+    # and the router's, which an expert choice flipped by a near tie moves a lot (calc_diff up to ~1.5e-2
+    # on the tiny preset's 128 tokens; the other gradients stay under ~5e-3 there).
     checked = [p for name, p in layer.named_parameters()
                if p.requires_grad and ".experts." not in name and not name.endswith("mlp.gate.weight")]
     ctx = model.context(LAYER_BATCH, LAYER_SEQ, "cuda")
