@@ -1,5 +1,6 @@
-"""FP8 quantization: per_token_group_quant_fp8, silu_mul_quant_fp8, per_block_quant_fp8,
-transpose_quant_fp8 and swiglu_backward_quant_fp8 against PyTorch.
+"""FP8 quantization: per_token_group_quant_fp8, silu_mul_quant_fp8, per_block_quant_fp8 and
+swiglu_backward_quant_fp8 against PyTorch (transpose_quant_fp8, measured with these helpers on the
+training shapes: benchmarks/bench_train.py).
 
 Peers: `torch` is the reference implementation (deepseek_ops.reference) run eagerly on the GPU
 tensors, `torch_compile` the same function through torch.compile; for transpose_quant_fp8 and
@@ -27,9 +28,6 @@ BLOCK_SHAPES = [(7168, 16384)]  # (N, K): one DeepSeek-V3 weight
 # (M, K) of silu_mul_quant_fp8 (input [M, 2K]): a 4096-token prefill's routed-expert rows (4096 x top-8),
 # expert intermediate size 2048.
 SILU_MUL_SHAPES = [(32768, 2048)]
-# (M, K) = (tokens, channels) of transpose_quant_fp8: a full-width layer's 4096-token input (hidden 7168)
-# and its routed-expert rows (4096 x top-8, expert intermediate size 2048).
-TRANSPOSE_QUANT_SHAPES = [(4096, 7168), (32768, 2048)]
 # (M, K) of swiglu_backward_quant_fp8 (dact [M, K], h [M, 2K]): the routed-expert rows of a 4096-token
 # step (4096 x top-8), expert intermediate size 2048.
 SWIGLU_BACKWARD_SHAPES = [(32768, 2048)]
@@ -132,8 +130,8 @@ def swiglu_backward_impls(x: torch.Tensor, m: int, k: int) -> Dict[str, Callable
             COPY: lambda: dst.copy_(src)}
 
 
-def _measure(kernel: str, shape: dict, make_impls: Callable[[torch.Tensor], dict], x: torch.Tensor, ref,
-             bytes_moved: int) -> List[Record]:
+def measure_bitwise(kernel: str, shape: dict, make_impls: Callable[[torch.Tensor], dict], x: torch.Tensor, ref,
+                    bytes_moved: int) -> List[Record]:
     """Checks ours bitwise against the reference (raises if not), then times every impl (short ones
     over copies of x)."""
     records = []
@@ -156,30 +154,26 @@ def run(quick: bool = False, device: str = "cuda") -> List[Record]:
     for m, k in TOKEN_GROUP_SHAPES[:1] if quick else TOKEN_GROUP_SHAPES:
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
         ref = reference.per_token_group_quant_fp8(x, GROUP, False, False)
-        records += _measure("per_token_group_quant_fp8", {"M": m, "K": k}, token_group_impls, x, ref,
-                            token_group_bytes(m, k))
+        records += measure_bitwise("per_token_group_quant_fp8", {"M": m, "K": k}, token_group_impls, x, ref,
+                                   token_group_bytes(m, k))
         del x, ref
     for m, k in SILU_MUL_SHAPES:
         h = torch.randn(m, 2 * k, device=device, dtype=torch.bfloat16)
         ref = reference.silu_mul_quant_fp8(h, False, False)
-        records += _measure("silu_mul_quant_fp8", {"M": m, "K": k}, silu_mul_impls, h, ref, silu_mul_bytes(m, k))
+        records += measure_bitwise("silu_mul_quant_fp8", {"M": m, "K": k}, silu_mul_impls, h, ref,
+                                   silu_mul_bytes(m, k))
         del h, ref
     for n, k in BLOCK_SHAPES:
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
         ref = reference.per_block_quant_fp8(w, 128, False)
-        records += _measure("per_block_quant_fp8", {"M": n, "K": k}, block_impls, w, ref, block_bytes(n, k))
+        records += measure_bitwise("per_block_quant_fp8", {"M": n, "K": k}, block_impls, w, ref, block_bytes(n, k))
         del w, ref
-    for t, c in TRANSPOSE_QUANT_SHAPES[:1] if quick else TRANSPOSE_QUANT_SHAPES:
-        x = torch.randn(t, c, device=device, dtype=torch.bfloat16)
-        ref = reference.transpose_quant_fp8(x)
-        records += _measure("transpose_quant_fp8", {"M": t, "K": c}, transpose_quant_impls, x, ref,
-                            transpose_quant_bytes(t, c))
-        del x, ref
     for m, k in SWIGLU_BACKWARD_SHAPES:
         x = torch.randn(3 * m * k, device=device, dtype=torch.bfloat16)
         ref = reference.swiglu_backward_quant_fp8(*_swiglu_operands(x, m, k), True)
-        records += _measure("swiglu_backward_quant_fp8", {"M": m, "K": k},
-                            functools.partial(swiglu_backward_impls, m=m, k=k), x, ref, swiglu_backward_bytes(m, k))
+        records += measure_bitwise("swiglu_backward_quant_fp8", {"M": m, "K": k},
+                                   functools.partial(swiglu_backward_impls, m=m, k=k), x, ref,
+                                   swiglu_backward_bytes(m, k))
         del x, ref
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -210,11 +204,3 @@ def test_per_block_quant_fp8(benchmark):
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     _pytest_bench(benchmark, lambda: deepseek_ops.per_block_quant_fp8(w, 128),
                   reference.per_block_quant_fp8(w, 128, False), block_bytes(n, k))
-
-
-@pytest.mark.gpu
-def test_transpose_quant_fp8(benchmark):
-    t, c = TRANSPOSE_QUANT_SHAPES[0]
-    x = torch.randn(t, c, device="cuda", dtype=torch.bfloat16)
-    _pytest_bench(benchmark, lambda: deepseek_ops.transpose_quant_fp8(x), reference.transpose_quant_fp8(x),
-                  transpose_quant_bytes(t, c))

@@ -32,36 +32,69 @@ def _import(name: str):
         return None
 
 
-def _deepgemm(a_scales, out_shape, device, launch) -> Optional[Callable[[], torch.Tensor]]:
-    """A DeepGEMM call writing a preallocated bf16 output; its TMA-aligned a-scale layout is made once
-    (a no-op on our M-major scales)."""
+def _deepgemm(scales, make_out, launch) -> Optional[Callable[[], torch.Tensor]]:
+    """A DeepGEMM call writing a preallocated output (make_out()); the TMA-aligned MN-major layout of each
+    of `scales` is made once (a no-op on our M-major activation scales), launch(dg, *those, d)."""
     dg = _import("deep_gemm")
     if dg is None:
         return None
-    sfa = dg.get_mn_major_tma_aligned_tensor(a_scales)
-    d = torch.empty(*out_shape, device=device, dtype=torch.bfloat16)
+    aligned = [dg.get_mn_major_tma_aligned_tensor(s) for s in scales]
+    d = make_out()
 
     def call():
-        launch(dg, sfa, d)
+        launch(dg, *aligned, d)
         return d
 
     return call
 
 
+def _bf16_out(*shape, device) -> Callable[[], torch.Tensor]:
+    return lambda: torch.empty(*shape, device=device, dtype=torch.bfloat16)
+
+
 def deepgemm_fp8_gemm_fn(a, a_scales, b, b_scales) -> Optional[Callable[[], torch.Tensor]]:
-    return _deepgemm(a_scales, (a.shape[0], b.shape[0]), a.device,
+    return _deepgemm([a_scales], _bf16_out(a.shape[0], b.shape[0], device=a.device),
                      lambda dg, sfa, d: dg.fp8_gemm_nt((a, sfa), (b, b_scales), d))
 
 
 def deepgemm_contiguous_fn(a, a_scales, b, b_scales, m_indices) -> Optional[Callable[[], torch.Tensor]]:
-    return _deepgemm(a_scales, (a.shape[0], b.shape[1]), a.device,
+    return _deepgemm([a_scales], _bf16_out(a.shape[0], b.shape[1], device=a.device),
                      lambda dg, sfa, d: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, b_scales), d, m_indices))
 
 
 def deepgemm_masked_fn(a3, a_scales3, b, b_scales, masked_m, expected_m) -> Optional[Callable[[], torch.Tensor]]:
-    return _deepgemm(a_scales3, (a3.shape[0], a3.shape[1], b.shape[1]), a3.device,
+    return _deepgemm([a_scales3], _bf16_out(a3.shape[0], a3.shape[1], b.shape[1], device=a3.device),
                      lambda dg, sfa, d: dg.m_grouped_fp8_gemm_nt_masked((a3, sfa), (b, b_scales), d, masked_m,
                                                                         expected_m))
+
+
+# The weight gradients (1D1D: both operands scaled per row and per 128 tokens, fp32 out). DeepGEMM's
+# sm90 1D1D kernels only accumulate (c required, fp32 d): d is a copy of c, passed as c too, so every
+# call adds the product into it in place (its native form, with no c -> d copy); the first call's d is
+# c + product, which is what gets checked.
+
+def deepgemm_wgrad_fn(a, a_scales, b, b_scales, c) -> Optional[Callable[[], torch.Tensor]]:
+    """fp8_gemm_nt with recipe (1, 1, 128) on fp8_gemm_wgrad's operands: a [N, T], b [K, T] (T-major)."""
+    return _deepgemm([a_scales, b_scales], c.clone,
+                     lambda dg, sfa, sfb, d: dg.fp8_gemm_nt((a, sfa), (b, sfb), d, c=d, recipe=(1, 1, 128)))
+
+
+def deepgemm_k_grouped_wgrad_fn(a, a_scales, b, b_scales, group_offsets, c) -> Optional[Callable[[], torch.Tensor]]:
+    """k_grouped_fp8_gemm_nt_contiguous on k_grouped_fp8_gemm_wgrad's operands. Its sm90 kernel reads each
+    group's operands as one whole K-major block ([N, T_g], then the next group's): those copies of a and
+    b are made once here, as its own transpose-quantization would write them; the scales are ours
+    ([N, sum_T / 128], each group's 128-token blocks in order, its layout too)."""
+    if _import("deep_gemm") is None:
+        return None
+    offsets = group_offsets.tolist()
+    ranges = list(zip(offsets, offsets[1:]))
+    ks = [hi - lo for lo, hi in ranges]
+    a_groups = torch.cat([a[:, lo:hi].flatten() for lo, hi in ranges])  # [sum_g N * T_g]
+    b_groups = torch.cat([b[:, lo:hi].flatten() for lo, hi in ranges])
+    layout = torch.tensor(ks, dtype=torch.int32, device=a.device)
+    return _deepgemm([a_scales, b_scales], c.clone,
+                     lambda dg, sfa, sfb, d: dg.k_grouped_fp8_gemm_nt_contiguous((a_groups, sfa), (b_groups, sfb), d,
+                                                                                 ks, layout, c=d))
 
 
 def flashmla_decode_fn(q, kv, block_table, seqlens, scale, causal) -> Optional[Callable[[], torch.Tensor]]:

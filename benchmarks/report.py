@@ -91,23 +91,33 @@ def results_stem(gpu: str, commit: str, when: datetime.datetime) -> str:
     return f"{gpu.replace(' ', '_')}-{when:%Y%m%d}-{commit}"
 
 
-def write_json(records: Sequence[Record], ceilings: Dict[str, float],
-               directory: Path = RESULTS_DIR) -> Path:
-    """Writes benchmarks/results/<gpu>-<yyyymmdd>-<commit>.json and returns its path."""
+def report_payload(records: Sequence[Record], ceilings: Dict[str, float], **header) -> dict:
+    """The JSON document of README "Output". Its header (gpu, commit, date, torch, cuda) describes this
+    process unless given: a report of measurements made elsewhere passes theirs."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    gpu, commit = gpu_name(), git_commit()
-    payload = {"gpu": gpu, "commit": commit, "date": now.isoformat(timespec="seconds"),
-               "torch": torch.__version__, "cuda": torch.version.cuda,
-               "ceilings": dict(ceilings), "records": [r.to_dict() for r in records]}
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{results_stem(gpu, commit, now)}.json"
+    header = {"gpu": gpu_name(), "commit": git_commit(), "date": now.isoformat(timespec="seconds"),
+              "torch": torch.__version__, "cuda": torch.version.cuda, **header}
+    return {**header, "ceilings": dict(ceilings), "records": [r.to_dict() for r in records]}
+
+
+def write_json(records: Sequence[Record], ceilings: Dict[str, float], directory: Path = RESULTS_DIR,
+               path: Optional[Path] = None, **header) -> Path:
+    """Writes report_payload(records, ceilings, **header) to `path`, by default
+    benchmarks/results/<gpu>-<yyyymmdd>-<commit>.json, and returns the path."""
+    payload = report_payload(records, ceilings, **header)
+    if path is None:
+        when = datetime.datetime.fromisoformat(payload["date"])
+        path = Path(directory) / f"{results_stem(payload['gpu'], payload['commit'], when)}.json"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
 
 
 def datasheet_peak_tflops(kernel: str) -> float:
     """FP8 dense peak for kernels whose MMAs take FP8 operands, bf16 dense peak otherwise."""
-    return FP8_PEAK_TFLOPS if "fp8_gemm" in kernel or kernel.startswith("moe_layer") else BF16_PEAK_TFLOPS
+    fp8 = "fp8_gemm" in kernel or kernel.startswith(("moe_layer", "fp8_linear"))
+    return FP8_PEAK_TFLOPS if fp8 else BF16_PEAK_TFLOPS
 
 
 def _fmt(value: Optional[float], spec: str) -> str:

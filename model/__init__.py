@@ -1,6 +1,6 @@
 """A thin DeepSeek-V3 on deepseek_ops (nanoGPT / gpt-fast style).
 
-    model/config.py      ModelArgs (HF config.json field names), presets "tiny" and "deepseek-v3",
+    model/config.py      ModelArgs (HF config.json field names), presets ("tiny", "deepseek-v3", ...),
                          from_hf_config / to_hf_config
     model/model.py       the architecture, top to bottom: MLA (q-LoRA or plain q, kv-LoRA, decoupled
                          RoPE with YaRN), dense SwiGLU and DeepSeekMoE layers, the MTP module;
@@ -13,6 +13,9 @@
                          self-speculative decoding; `python -m model.generate --help`
     model/train.py       pre-training: next-token + MTP loss, auxiliary-loss-free balancing, AdamW on
                          fp32 masters, bf16 or FP8 (deepseek_ops.fp8_linear), DDP; `python -m model.train`
+    model/train_history.py  a run's record (history.json: per-step losses and times, validation)
+    model/train_report.py   FP8 against bf16 from two runs' histories: plot, relative difference,
+                         the train_step benchmark records; `python -m model.train_report`
     model/data.py        the corpus: Python's standard library sources as bytes, split by file
 
 Quick start (CPU, random tiny model):

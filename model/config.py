@@ -136,6 +136,20 @@ PRESETS: Dict[str, ModelArgs] = {
         qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
         n_group=4, topk_group=2, rope_factor=1.0, max_position_embeddings=256, num_nextn_predict_layers=0,
         bos_token_id=256, eos_token_id=257, dtype="bfloat16", fp8=True),
+    # The FP8-against-bf16 training experiment on one H200 (model/train.py): 150.5M parameters, 75.0M
+    # active per token (tests/test_train.py counts them). DeepSeek-V3's layout (MLA with q and kv LoRA
+    # and decoupled RoPE; one dense layer, then MoE with a shared expert and 16 fine-grained routed
+    # experts, group-limited top-4; one MTP module) with every width a multiple of 128, so that every
+    # linear but the head and eh_proj trains in FP8. The MLA latent is therefore 384 + 128 (kv_a_proj's
+    # 512 outputs) instead of V3's 512 + 64 (576, which the FP8 backward cannot take): mla_decode does
+    # not serve this model; training does not need it. Byte tokens + bos/eos in a 384-entry vocabulary
+    # (model/data.py); fp32 masters, as training keeps them.
+    "train-h200": ModelArgs(
+        vocab_size=384, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=256, num_hidden_layers=8,
+        first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=384, kv_lora_rank=384, qk_nope_head_dim=128,
+        qk_rope_head_dim=128, v_head_dim=128, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+        n_group=4, topk_group=2, rope_factor=1.0, max_position_embeddings=2048, num_nextn_predict_layers=1,
+        bos_token_id=256, eos_token_id=257, dtype="float32", fp8=False),
 }
 
 

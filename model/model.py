@@ -364,8 +364,8 @@ class Gate(nn.Module):
                      a.num_experts_per_tok, a.norm_topk_prob, a.routed_scaling_factor)
 
 
-def _grouped_fp8_linear_train(rows: torch.Tensor, master: torch.Tensor, offsets: torch.Tensor,
-                              swiglu: bool = False) -> torch.Tensor:
+def grouped_fp8_linear_train(rows: torch.Tensor, master: torch.Tensor, offsets: torch.Tensor,
+                             swiglu: bool = False) -> torch.Tensor:
     """rows [M, in] through expert g's master weight [E, out, in] (out a multiple of 128: no scale
     block straddles two experts), quantized per 128 x 128 block this call; dW reaches `master`.
     swiglu: master is [gate | up] and the result silu(gate) * up [M, out / 2] (its backward fused)."""
@@ -476,9 +476,9 @@ class MoE(nn.Module):
             0, row_of, torch.arange(n * k, device=x.device) // k)  # [M]; padding rows read row n, zero
         rows = F.pad(x, (0, 0, 0, 1))[token_of_row]  # [M, D]
         w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])  # [E, 2I, D]
-        act = _grouped_fp8_linear_train(rows, w13, offsets, swiglu=True)  # [M, I]: silu(gate) * up
+        act = grouped_fp8_linear_train(rows, w13, offsets, swiglu=True)  # [M, I]: silu(gate) * up
         w2 = torch.stack([e.down_proj.weight for e in self.experts])  # [E, D, I]
-        y = _grouped_fp8_linear_train(act, w2, offsets)[row_of].view(n, k, -1)  # [N, K, D]
+        y = grouped_fp8_linear_train(act, w2, offsets)[row_of].view(n, k, -1)  # [N, K, D]
         return (y.float() * weights.unsqueeze(-1)).sum(1).to(x.dtype)
 
     def experts_parallel(self, x, weights, indices):

@@ -19,7 +19,26 @@ CPU, nccl on CUDA) runs DDP; each rank takes its rows of the same global batch, 
 match one process's. A step whose loss or gradient is not finite is skipped with a warning and
 counted. Checkpoints are HF-format folders (model.checkpoint.save_checkpoint; load_checkpoint reads
 them) with the training state beside the weights (TRAINING_STATE_FILE): `--resume DIR` continues
-the run from one, bit for bit as if it had not stopped.
+the run from one (or from the latest in a run's --out-dir), bit for bit as if it had not stopped.
+`--time-budget-s` stops a run cleanly after the step that ends past the budget (validation,
+checkpoint and history written), so that a long run can go on in later, short commands. The run's
+history (model.train_history: per-step losses and wall times, validation losses by step) goes to
+--out-dir/history.json, continued across --resume.
+
+The FP8-against-bf16 experiment (DeepSeek-V3's report: FP8 training loss within 0.25% of bf16), on
+one H200 with the CUDA build: preset train-h200 (model/config.py, every linear but the head and
+eh_proj in FP8), 16384 tokens a step, the same seed and data order for both runs:
+    python -m model.train --preset train-h200 --precision bf16 --steps 2000 --batch-size 32 --seq-len 512 \\
+        --lr 6e-4 --warmup-steps 100 --eval-every 100 --eval-batches 8 --time-budget-s 200 --out-dir runs/bf16
+    python -m model.train --preset train-h200 --precision fp8 --steps 2000 --batch-size 32 --seq-len 512 \\
+        --lr 6e-4 --warmup-steps 100 --eval-every 100 --eval-batches 8 --time-budget-s 200 --out-dir runs/fp8
+Each command stops after about 200 s of training (plus the last step, the validation and the
+checkpoint, a few seconds); the same command with `--resume runs/bf16` (`runs/fp8`) added continues
+the run from its latest checkpoint, until --steps. Then
+    python -m model.train_report runs/bf16 runs/fp8
+plots both runs' training and validation curves, prints the validation losses at the last step
+both runs evaluated and their relative difference, and writes the train_step benchmark records
+(median step time, final validation loss) as benchmarks/results/<gpu>-<date>-<commit>-train_step.json.
 """
 import argparse
 import dataclasses
@@ -41,6 +60,7 @@ from model.config import ModelArgs, preset
 from model.data import Batches, load_tokens
 from model.kernel_fallbacks import grouped_experts_fallback
 from model.model import Gate, Linear, MoE, Transformer, random_model
+from model.train_history import HISTORY_FILE, TrainHistory, load_history
 
 MTP_WEIGHT = 0.3
 BALANCE_ALPHA = 1e-4
@@ -50,7 +70,7 @@ PRECISIONS = ("bf16", "fp8")
 HIGH_PRECISION_LINEARS = ("lm_head", "eh_proj")
 TRAINING_STATE_FILE = "training_state.pt"  # beside the HF-format weights; the HF loader reads no other files
 # TrainConfig fields a resumed run may change: none of them moves the weights or the losses.
-RESUME_FREE_FIELDS = ("eval_every", "eval_batches", "save_every", "out_dir")
+RESUME_FREE_FIELDS = ("eval_every", "eval_batches", "save_every", "out_dir", "time_budget_s")
 
 
 @dataclasses.dataclass
@@ -71,6 +91,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end (when out_dir is set)
     out_dir: Optional[str] = None
     max_files: Optional[int] = None  # the first N files of each split (tests, quick runs)
+    time_budget_s: Optional[float] = None  # stop after the step that ends past this many seconds (see train)
 
 
 # ---- the objective ------------------------------------------------------------------------------
@@ -168,9 +189,24 @@ class TrainStep(nn.Module):
 
 # ---- model and optimizer ------------------------------------------------------------------------
 
-def training_model(args: ModelArgs, precision: str, device, seed: int) -> Transformer:
+def fp8_training_modules(model: Transformer) -> List[nn.Module]:
+    """What --precision fp8 runs in FP8: every Linear whose shape the FP8 training GEMMs take (K and N
+    multiples of 128) but HIGH_PRECISION_LINEARS, and every MoE whose routed experts can run as
+    grouped FP8 linears (local experts, shapes the grouped GEMMs take). Each has an fp8_training flag."""
+    modules = []
+    for name, module in model.named_modules():
+        if (isinstance(module, Linear) and not name.endswith(HIGH_PRECISION_LINEARS)
+                and module.in_features % 128 == 0 and module.out_features % 128 == 0):
+            modules.append(module)
+        elif isinstance(module, MoE) and module.ep_group is None and grouped_experts_fallback(model.args) is None:
+            modules.append(module)
+    return modules
+
+
+def training_model(args: ModelArgs, precision: str, device, seed: Optional[int]) -> Transformer:
     """A random model with fp32 master weights, every parameter trainable except the expert biases
-    (zero, updated by update_expert_bias); --precision fp8 routes the FP8-able linears through FP8."""
+    (zero, updated by update_expert_bias); --precision fp8 routes fp8_training_modules through FP8.
+    seed None: initialized on the device (fast for large models; not reproducible across devices)."""
     if precision not in PRECISIONS:
         raise ValueError(f"argument 'precision': expected one of {PRECISIONS}, got {precision!r}")
     if args.fp8 or args.dtype != "float32":
@@ -182,12 +218,8 @@ def training_model(args: ModelArgs, precision: str, device, seed: int) -> Transf
         if name.endswith("e_score_correction_bias"):
             param.data.zero_()
     if precision == "fp8":
-        for name, module in model.named_modules():
-            if (isinstance(module, Linear) and not name.endswith(HIGH_PRECISION_LINEARS)
-                    and module.in_features % 128 == 0 and module.out_features % 128 == 0):
-                module.fp8_training = True
-            elif isinstance(module, MoE) and module.ep_group is None and grouped_experts_fallback(args) is None:
-                module.fp8_training = True  # routed experts as grouped FP8 linears
+        for module in fp8_training_modules(model):
+            module.fp8_training = True
     return model
 
 
@@ -229,6 +261,14 @@ class Trainer:
             dist.all_reduce(value)
             value /= self.world_size
         return value
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any data-parallel rank (every rank must take the same branch)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def step(self, batch: torch.Tensor) -> Dict[str, float]:
         """One optimizer step on this rank's rows [B / world, S + 2]; returns the global losses."""
@@ -319,35 +359,97 @@ class Trainer:
         assert self.steps_done == state["step"], (self.steps_done, state["step"])
 
 
+def latest_checkpoint(path: Path) -> Path:
+    """`path` itself if it holds a training state, else its step-N folder with the largest N that does
+    (a run's --out-dir); else `path` (Trainer.load then says what is missing)."""
+    path = Path(path)
+    if (path / TRAINING_STATE_FILE).exists():
+        return path
+    steps = [(int(p.name[len("step-"):]), p) for p in path.glob("step-*")
+             if p.name[len("step-"):].isdigit() and (p / TRAINING_STATE_FILE).exists()]
+    return max(steps)[1] if steps else path
+
+
+def _resumed_history(checkpoint: Path, step: int, fresh: TrainHistory) -> TrainHistory:
+    """The history saved beside the checkpoint (up to its step), or `fresh` when there is none."""
+    if not (checkpoint / HISTORY_FILE).exists():
+        warnings.warn(f"resume from {checkpoint}: no {HISTORY_FILE}; the history starts at step {step + 1}",
+                      stacklevel=3)
+        return fresh
+    history = load_history(checkpoint)
+    if history.last_step != step:
+        raise CheckpointError(f"resume from {checkpoint}: its {HISTORY_FILE} ends at step {history.last_step}, "
+                              f"the training state at step {step}")
+    return history
+
+
 def train(args: ModelArgs, cfg: TrainConfig, device="cpu", progress: bool = True,
-          resume: Optional[Path] = None) -> Dict[str, list]:
-    """Runs cfg.steps steps, or with `resume` (a folder Trainer.save wrote) the steps after the
-    checkpoint's; returns the history of the steps run (per-step losses, validation losses by step)."""
+          resume: Optional[Path] = None, preset_name: Optional[str] = None) -> TrainHistory:
+    """Runs cfg.steps steps, or with `resume` (a checkpoint folder Trainer.save wrote, or a run's
+    --out-dir: its latest checkpoint) the steps after the checkpoint's; returns the run's history
+    (model.train_history: every step since step 1, resumed sessions included).
+
+    cfg.time_budget_s: the run stops after the first step that ends that many seconds after train()
+    began (model building and data loading count), then evaluates (if eval_every), saves a
+    checkpoint (if out_dir) and writes the history, so that --resume continues it; leave room for
+    that last step, the evaluation and the save. With out_dir, the history is written to
+    out_dir/HISTORY_FILE at every evaluation and save (the last step always saves), and beside each
+    checkpoint.
+    """
+    started = time.perf_counter()
+    deadline = None if cfg.time_budget_s is None else started + cfg.time_budget_s
     trainer = Trainer(args, cfg, device)
+    history = TrainHistory(preset_name, dataclasses.asdict(cfg), sum(p.numel() for p in trainer.model.parameters()))
     if resume is not None:
+        resume = latest_checkpoint(resume)
         trainer.load(resume)
         if trainer.steps_done >= cfg.steps:
             raise ValueError(f"resume from {resume}: the checkpoint is at step {trainer.steps_done} of "
                              f"{cfg.steps}: no step left to run")
+        history = _resumed_history(resume, trainer.steps_done, history)
     train_batches = Batches(load_tokens("train", cfg.max_files), cfg.batch_size, cfg.seq_len, cfg.seed)
     val_batches = Batches(load_tokens("validation", cfg.max_files), cfg.batch_size, cfg.seq_len, cfg.seed + 1)
-    history = {"loss": [], "main": [], "mtp": [], "validation": [], "skipped_steps": 0}
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    history.begin_session(trainer.steps_done + 1, trainer.device)
+
+    def write_history(folder: Path, stopped_by: Optional[str] = None):
+        if trainer.rank == 0:
+            history.update_session(time.perf_counter() - started, stopped_by)
+            history.save(folder / HISTORY_FILE)
+
     bar = tqdm(range(trainer.steps_done, cfg.steps), initial=trainer.steps_done, total=cfg.steps,
                disable=not progress or trainer.rank != 0, dynamic_ncols=True)
+    stopped_by = None
     for step in bar:
         start = time.perf_counter()
         out = trainer.step(train_batches.local_batch(step, trainer.rank, trainer.world_size))
-        tokens_per_s = cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
-        for key in ("loss", "main", "mtp"):
-            history[key].append(out[key])
-        bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}", load_spread=f"{out['load_spread']:.2f}")
-        last = step + 1 == cfg.steps
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-            history["validation"].append((step + 1, trainer.evaluate(val_batches)))
-            bar.write(f"step {step + 1}: validation loss {history['validation'][-1][1]:.4f}")
-        if cfg.out_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last):
-            trainer.save(Path(cfg.out_dir) / f"step-{step + 1}")
-    history["skipped_steps"] = trainer.skipped_steps
+        step_s = time.perf_counter() - start
+        history.add_step(step + 1, out, step_s)
+        history.skipped_steps = trainer.skipped_steps
+        bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{cfg.batch_size * cfg.seq_len / step_s:.0f}",
+                        load_spread=f"{out['load_spread']:.2f}")
+        if step + 1 == cfg.steps:
+            stopped_by = "steps"
+        elif deadline is not None and trainer.any_rank(time.perf_counter() >= deadline):
+            stopped_by = "time_budget"
+        evaluate = bool(cfg.eval_every) and ((step + 1) % cfg.eval_every == 0 or stopped_by is not None)
+        if evaluate:
+            history.add_validation(step + 1, trainer.evaluate(val_batches))
+            bar.write(f"step {step + 1}: validation loss {history.validation[-1][1]:.4f}")
+        save = out_dir is not None and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or stopped_by is not None)
+        if save:
+            checkpoint = out_dir / f"step-{step + 1}"
+            trainer.save(checkpoint)
+            write_history(checkpoint, stopped_by)
+        if out_dir is not None and (evaluate or save):
+            write_history(out_dir, stopped_by)
+        if stopped_by is not None:
+            break
+    bar.close()
+    if stopped_by == "time_budget" and trainer.rank == 0:
+        print(f"time budget of {cfg.time_budget_s:g} s reached after step {history.last_step} of {cfg.steps}"
+              + (f"; continue with --resume {cfg.out_dir}" if cfg.out_dir else ""), flush=True)
+    history.update_session(time.perf_counter() - started, stopped_by)
     return history
 
 
@@ -361,11 +463,13 @@ def main(argv=None):
     for field in ("steps", "batch_size", "seq_len", "warmup_steps", "seed", "eval_every", "eval_batches",
                   "save_every", "max_files"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
-    for field in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
+    for field in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "time_budget_s"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(defaults, field))
-    parser.add_argument("--out-dir", default=None, help="HF-format checkpoints go to OUT_DIR/step-N")
-    parser.add_argument("--resume", default=None, help="continue from a checkpoint folder (OUT_DIR/step-N) "
-                        "of a run with the same options (evaluation and saving may differ)")
+    parser.add_argument("--out-dir", default=None, help=f"HF-format checkpoints go to OUT_DIR/step-N, the "
+                        f"history to OUT_DIR/{HISTORY_FILE}")
+    parser.add_argument("--resume", default=None, help="continue from a checkpoint folder (OUT_DIR/step-N), or "
+                        "the latest one of OUT_DIR, of a run with the same options (evaluation, saving and "
+                        "the time budget may differ)")
     opts = parser.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(TrainConfig)
                          if hasattr(opts, f.name)})
@@ -376,10 +480,12 @@ def main(argv=None):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
     args = preset(opts.preset, dtype="float32", fp8=False)
-    history = train(args, cfg, device, resume=opts.resume)
+    history = train(args, cfg, device, resume=opts.resume, preset_name=opts.preset)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"final loss {history['loss'][-1]:.4f}; skipped steps {history['skipped_steps']}; validation "
-              f"{history['validation'][-1][1] if history['validation'] else float('nan'):.4f}")
+        print(f"step {history.last_step} of {cfg.steps}: final loss {history.steps[-1]['loss']:.4f}; skipped steps "
+              f"{history.skipped_steps}; validation "
+              f"{history.validation[-1][1] if history.validation else float('nan'):.4f}; median step "
+              f"{history.median_step_ms():.1f} ms")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,5 +1,7 @@
 """Benchmark report plumbing (CPU): JSON schema, file naming, tables, plot, module discovery."""
 import datetime
+import importlib
+import inspect
 import json
 
 import pytest
@@ -69,6 +71,21 @@ def test_bench_modules_discovered_and_failures_reported():
     assert bench_main._selected(["bench_quant", "bench_x"], ["quant"]) == ["bench_quant"]
     records, failures = bench_main.run_modules(["bench_no_such_module"], quick=True)
     assert records == [] and [name for name, _ in failures] == ["bench_no_such_module"]
+
+
+def test_every_bench_module_imports_without_a_gpu():
+    # `python -m benchmarks` imports them on the GPU machine, where a broken import costs a run.
+    for name in bench_main.bench_modules():
+        module = importlib.import_module(f"benchmarks.{name}")
+        assert "quick" in inspect.signature(module.run).parameters, name
+
+
+def test_json_at_a_given_path_with_the_header_of_another_machine(tmp_path):
+    path = report.write_json(sample_records(), {}, path=tmp_path / "sub" / "x.json", gpu="NVIDIA H200",
+                             commit="abc1234")
+    data = json.loads(path.read_text())
+    assert (data["gpu"], data["commit"], data["ceilings"]) == ("NVIDIA H200", "abc1234", {})
+    assert len(data["records"]) == len(sample_records())
 
 
 def test_peer_failing_the_reference_check_is_skipped_and_ours_raises(capsys):

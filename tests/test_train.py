@@ -1,6 +1,7 @@
 """model/train.py and model/data.py on CPU: the objective and the bias update against hand-computed
 values, the data split, a few steps in bf16 and fp8, a skipped non-finite step, checkpoints the
-loader reads, resuming from one bit for bit, FP8 gradients against the dequantized model, and
+loader reads, resuming from one bit for bit, the time budget and the run history across a resume,
+FP8 gradients against the dequantized model, the train-h200 preset's size and FP8 coverage, and
 2-process DDP (gloo) against one process on the same global batch."""
 import dataclasses
 import math
@@ -14,9 +15,11 @@ from deepseek_ops.testing import calc_diff
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import preset
 from model.data import BOS, EOS, Batches, load_tokens, stdlib_files
-from model.model import MLP
-from model.train import (TRAINING_STATE_FILE, TrainConfig, Trainer, lr_factor, main, objective,
-                         sequence_balance_loss, training_model, update_expert_bias)
+from model.model import MLP, Linear, MoE, Transformer
+from model.train import (HIGH_PRECISION_LINEARS, TRAINING_STATE_FILE, TrainConfig, Trainer, fp8_training_modules,
+                         lr_factor, main, objective, sequence_balance_loss, train, training_model,
+                         update_expert_bias)
+from model.train_history import HISTORY_FILE, load_history
 
 from ep_workers import run_ranks
 
@@ -199,6 +202,67 @@ def test_command_line_resume(tmp_path):
         main(options + ["--resume", str(tmp_path / "whole" / "step-2")])
 
 
+def test_time_budget_stops_cleanly_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, capsys):
+    options = ["--steps", "3", "--batch-size", "2", "--seq-len", "16", "--warmup-steps", "1", "--max-files", "2",
+               "--eval-every", "2", "--eval-batches", "1", "--precision", "bf16", "--device", "cpu"]
+    main(options + ["--out-dir", str(tmp_path / "whole")])
+    main(options + ["--out-dir", str(tmp_path / "split"), "--time-budget-s", "0"])  # stops after the first step
+    assert "time budget of 0 s reached after step 1 of 3" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == [HISTORY_FILE, "step-1"]
+    stopped = load_history(tmp_path / "split")
+    assert stopped.last_step == 1 and [s for s, _ in stopped.validation] == [1]  # evaluated at the stop
+    assert stopped.sessions[0]["stopped_by"] == "time_budget"
+    beside_checkpoint = load_history(tmp_path / "split" / "step-1")
+    assert (beside_checkpoint.steps, beside_checkpoint.validation) == (stopped.steps, stopped.validation)
+    assert beside_checkpoint.sessions[0]["stopped_by"] == "time_budget"
+    main(options + ["--out-dir", str(tmp_path / "split"), "--resume", str(tmp_path / "split")])  # its latest checkpoint
+
+    whole = load_checkpoint(tmp_path / "whole" / "step-3").state_dict()
+    for name, tensor in load_checkpoint(tmp_path / "split" / "step-3").state_dict().items():
+        assert torch.equal(tensor, whole[name]), name
+    want, got = load_history(tmp_path / "whole"), load_history(tmp_path / "split")
+    assert [s["step"] for s in got.steps] == [1, 2, 3]
+    for a, b in zip(got.steps, want.steps):
+        assert {k: a[k] for k in STEP_OUTPUTS} == {k: b[k] for k in STEP_OUTPUTS}
+        assert a["time_s"] > 0
+    assert want.validation == [[2, got.validation[1][1]], [3, got.validation[2][1]]]
+    assert [(s["first_step"], s["last_step"], s["stopped_by"]) for s in got.sessions] == \
+        [(1, 1, "time_budget"), (2, 3, "steps")]
+    data = got.to_dict()
+    assert (data["preset"], data["precision"], data["tokens_per_step"]) == ("tiny", "bf16", 32)
+    assert data["train_config"]["steps"] == 3 and data["parameters"] == sum(
+        t.numel() for t in load_checkpoint(tmp_path / "whole" / "step-3").parameters())
+
+
+def test_resume_without_a_saved_history_starts_the_record_at_its_step(tmp_path):
+    cfg = dataclasses.replace(CFG, steps=2, out_dir=str(tmp_path), time_budget_s=0.0)
+    assert train(ARGS, cfg, progress=False).last_step == 1
+    (tmp_path / "step-1" / HISTORY_FILE).unlink()
+    with pytest.warns(UserWarning, match=f"no {HISTORY_FILE}; the history starts at step 2"):
+        history = train(ARGS, dataclasses.replace(cfg, time_budget_s=None), progress=False, resume=tmp_path)
+    assert [s["step"] for s in history.steps] == [2] and history.sessions[0]["first_step"] == 2
+
+
+def test_train_h200_preset_size_and_fp8_coverage():
+    args = preset("train-h200")
+    with torch.device("meta"):
+        model = Transformer(args)
+    total = sum(p.numel() for p in model.parameters())
+    assert total == 150_500_224  # the number its docstring states
+    fp8 = {id(m) for m in fp8_training_modules(model)}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            assert module.in_features % 128 == 0 and module.out_features % 128 == 0, name
+            assert (id(module) in fp8) != name.endswith(HIGH_PRECISION_LINEARS), name
+        elif isinstance(module, MoE):
+            assert id(module) in fp8, name
+    experts = args.n_routed_experts
+    per_expert = 3 * args.hidden_size * args.moe_intermediate_size
+    moe_layers = args.num_hidden_layers - args.first_k_dense_replace + args.num_nextn_predict_layers
+    active = total - moe_layers * (experts - args.num_experts_per_tok) * per_expert
+    assert active == 75_002_752
+
+
 def test_fp8_mlp_gradients_match_dequantized_model():
     # The FP8 training path of a SwiGLU block against fp32 autograd of the block with the weights the
     # FP8 forward multiplies (each master weight quantized and dequantized per 128 x 128 block). One
@@ -248,9 +312,14 @@ def _ddp_worker(rank, world_size, cfgs, expected):
         assert losses[0] == pytest.approx(want[0], rel=1e-6), f"{cfg.precision} rank {rank}: {losses} vs {want}"
         assert losses == pytest.approx(want, rel=DDP_LOSS_REL[cfg.precision]), \
             f"{cfg.precision} rank {rank}: {losses} vs one process {want}"
+    # The time budget: every rank stops after the same step, whichever rank's deadline passes (here only
+    # rank 0's); a rank that went on alone would wait in DDP's all-reduce forever.
+    budget = 0.0 if rank == 0 else 1e9
+    history = train(ARGS, dataclasses.replace(cfgs[0], steps=3, time_budget_s=budget), progress=False)
+    assert history.last_step == 1 and history.sessions[-1]["stopped_by"] == "time_budget", rank
 
 
-def test_ddp_two_processes_match_one_process():
+def test_ddp_two_processes_match_one_process_and_stop_together():
     cfgs = [dataclasses.replace(CFG, steps=2, precision=precision) for precision in DDP_LOSS_REL]
     expected = {}
     for cfg in cfgs:
