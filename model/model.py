@@ -424,7 +424,10 @@ class MoE(nn.Module):
         elif self.fp8_training:
             y = self.experts_grouped_fp8_train(x, weights, indices)
         elif self.backend == "kernels" and self.w13 is not None:
-            y = self.experts_grouped_fp8(x, weights, indices)
+            # Sized exactly (one host sync) when eager; for the worst case (no sync) while a CUDA graph is
+            # captured, where a sync is not allowed.
+            y = self.experts_grouped_fp8(x, weights, indices,
+                                         exact=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         elif torch.compiler.is_compiling():
             y = self.experts_dense(x, weights, indices)
         else:
@@ -451,13 +454,11 @@ class MoE(nn.Module):
             y = y + expert(x).float() * combine[:, expert_idx, None]
         return y.to(x.dtype)
 
-    def experts_grouped_fp8(self, x, weights, indices):
-        """Experts as two grouped FP8 GEMMs over the expert-contiguous rows of ep.dispatch."""
+    def experts_grouped_fp8(self, x, weights, indices, exact: bool = True):
+        """Experts as two grouped FP8 GEMMs over the expert-contiguous rows of ep.dispatch (exact: its
+        row count; the rows' results are the same either way)."""
         ep = deepseek_ops.ep
-        # Sized exactly (one host sync) when eager; for the worst case (no sync) while a CUDA graph is
-        # captured, where a sync is not allowed. The rows' results are the same either way.
-        recv = ep.dispatch(self._quantize(x), indices, weights, num_experts=len(self.experts),
-                           exact=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+        recv = ep.dispatch(self._quantize(x), indices, weights, num_experts=len(self.experts), exact=exact)
         y = self._expert_gemms(*recv.recv_x, recv.recv_topk_idx)  # rows grouped by expert
         return ep.combine(y, recv.handle, weights).to(x.dtype)  # [N, D]: sum_k w[n, k] * y[row(n, k)]
 

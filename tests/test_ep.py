@@ -83,7 +83,8 @@ def test_local_dispatch_combine_cpu(num_tokens, num_experts, topk, alignment, ex
     x = torch.randn(num_tokens, 64).to(torch.bfloat16)
     res = ep.dispatch(x, topk_idx, weights, num_experts=num_experts, alignment=alignment, exact=exact)
     pairs, starts, total = python_permute(topk_idx, num_experts, alignment)
-    num_rows = total if exact else num_tokens * topk_idx.shape[1] + num_experts * (alignment - 1)
+    worst = num_tokens * topk_idx.shape[1] + num_experts * (alignment - 1)  # then up to a multiple of alignment
+    num_rows = total if exact else -(-worst // alignment) * alignment
     assert res.recv_x.shape == (num_rows, 64) and res.recv_topk_idx.shape == (num_rows,)
     expected_m = torch.full((num_rows,), -1, dtype=torch.int32)
     for e, plist in pairs.items():
@@ -357,7 +358,7 @@ def test_gpu_permute_bitwise(num_tokens, hidden, num_experts, topk, alignment, f
     x_scales = None
     if fp8 and hidden % 128 == 0:
         x, x_scales = deepseek_ops.per_token_group_quant_fp8(x, 128)
-    worst = num_tokens * topk + num_experts * (alignment - 1)
+    worst = -(-(num_tokens * topk + num_experts * (alignment - 1)) // alignment) * alignment
     _check_permute_against_reference(x, x_scales, topk_idx, weights, num_experts, alignment, worst)
     exact = ep.dispatch(x if x_scales is None else (x, x_scales), topk_idx, weights, num_experts=num_experts,
                         alignment=alignment).handle.num_rows
@@ -696,8 +697,8 @@ def test_ipc_backend_host_logic_emulated(monkeypatch, exact):
                 x, topk_idx, weights = ep_workers.make_inputs(round_seed, rank, case)
                 res = backends[rank]._dispatch(x, None, topk_idx, weights, exact)
                 assert res.handle.synced == exact
-                if not exact:  # the worst case: every received slot's pairs, each group padded
-                    assert res.recv_x.shape[0] == w * max_tokens * case["topk"] + 4 * (8 - 1)
+                if not exact:  # the worst case: every received slot's pairs, each group padded, in whole groups
+                    assert res.recv_x.shape[0] == -(-(w * max_tokens * case["topk"] + 4 * (8 - 1)) // 8) * 8
                 want = ep_workers.expected_rows(round_seed, rank, w, case)
                 for e in range(4):
                     rows = (res.recv_topk_idx == e).nonzero().flatten().tolist()

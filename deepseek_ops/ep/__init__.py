@@ -102,8 +102,8 @@ def dispatch(x: XInput, topk_idx: torch.Tensor, topk_weights: Optional[torch.Ten
     Returns DispatchResult(recv_x, recv_topk_idx = m_indices, recv_topk_weights,
     num_recv_tokens_per_expert, handle) (see DispatchResult). alignment: rows per group multiple
     (default: the grouped GEMM's). exact=True syncs once to size recv_x exactly; exact=False sizes it
-    for the worst case (T*topk + num_experts*(alignment-1) rows, the tail is padding) and never syncs:
-    the variant for CUDA graphs and decode. It never reads topk_idx on the host, so out-of-range
+    for the worst case (T*topk + num_experts*(alignment-1) rows, rounded up to a multiple of
+    alignment; the tail is padding) and never syncs: the variant for CUDA graphs and decode. It never reads topk_idx on the host, so out-of-range
     experts are not reported there: they are skipped like -1 (never a write past the buffer).
     """
     _check_experts(num_experts, 1)

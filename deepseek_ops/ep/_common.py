@@ -41,8 +41,10 @@ class LocalHandle:
 
 
 def worst_case_rows(num_tokens: int, topk: int, num_local_experts: int, alignment: int) -> int:
-    """Rows the contiguous layout can need: every pair plus (alignment - 1) padding per expert."""
-    return num_tokens * topk + num_local_experts * (alignment - 1)
+    """Rows the contiguous layout can need: every pair plus (alignment - 1) padding per expert, rounded
+    up to a multiple of alignment as every exact layout is (the grouped GEMM takes only such row counts)."""
+    rows = num_tokens * topk + num_local_experts * (alignment - 1)
+    return -(-rows // alignment) * alignment
 
 
 def split_x(x: XInput) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
