@@ -65,7 +65,7 @@ setup(
     python_requires=">=3.9",
     # torch: the README pins the version CI tests (2.14.1); the extension compiles against whichever
     # torch is installed, so this is the oldest the code could run with, not a tested range.
-    install_requires=["torch>=2.4", "safetensors"],
+    install_requires=["torch>=2.4", "safetensors", "tqdm"],  # tqdm: the progress bars of model/
     extras_require={
         # tests and benchmarks; transformers: the model's parity tests (DeepseekV3ForCausalLM, its eager
         # experts in float64), pinned to the version those tests pass with.

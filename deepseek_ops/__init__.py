@@ -2,9 +2,8 @@
 
 Every op is a torch op under torch.ops.deepseek_ops with a CUDA kernel (sm_90a), a CPU kernel
 (the reference in deepseek_ops.reference) and a fake kernel for torch.compile. The functions
-here validate their arguments and dispatch to those ops. Of the FP8 training backward ops
-(deepseek_ops.train_ops), the weight-gradient GEMMs have no CUDA kernel yet: on a GPU they run the
-reference.
+here validate their arguments and dispatch to those ops, the FP8 training backward ops
+(deepseek_ops.train_ops) included.
 """
 from deepseek_ops._extension import build_summary, cuda_kernels_built
 from deepseek_ops.constants import FP8_MAX, FP8_SCALE_FLOOR, GROUPED_GEMM_ALIGNMENT, MLA_PAGE_SIZE

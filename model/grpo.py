@@ -21,10 +21,14 @@ slowly (1-2 digit additions need hundreds of warm-up steps), hence an easy task 
     python -m model.grpo --out /tmp/grpo-cpu --ops + --min-digits 1 --max-digits 2 \\
         --warmup-target 0.05 --steps 20 --eval-size 200
 The H200 experiment (policy trains in fp32 on the reference backend; rollouts and evaluation run the
-kernels backend with FP8 linears, refreshed from the policy after every step):
+kernels backend with FP8 linears, refreshed from the policy after every step, the decode step replayed
+from a CUDA graph), within one device command's time:
     python -m model.grpo --preset grpo-h200 --device cuda --rollout-backend kernels --rollout-fp8 \\
-        --out runs/grpo-h200 --steps 300 --prompts-per-step 64 --group-size 8 --eval-size 1000
-and its rollout throughput against transformers' generate (record grpo_rollout):
+        --ops + --min-digits 2 --max-digits 3 --warmup-batch 512 --out runs/grpo-h200 --steps 5000 \\
+        --prompts-per-step 64 --group-size 8 --eval-every 20 --eval-size 500 --time-budget-s 500
+--warmup-batch 512 because a warm-up step at the default 64 leaves the GPU mostly idle (a 50M model;
+benchmarks/RESULTS.md has the run that measured it). The rollout throughput against transformers'
+generate (record grpo_rollout):
     python -m benchmarks --only grpo_rollout
 """
 import argparse
