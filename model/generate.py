@@ -185,7 +185,8 @@ def _check_prompts(prompts: List[List[int]], max_new_tokens: int, capacity: int,
 def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, use_mtp: bool = False, compile: bool = False, progress: bool = False,
              seed: Optional[int] = None, shuffle_pages: bool = True, eos_id: Optional[int] = None,
-             stop_check_every: int = STOP_CHECK_EVERY, cuda_graph: bool = False) -> Tuple[List[List[int]], Dict[str, float]]:
+             stop_check_every: int = STOP_CHECK_EVERY,
+             cuda_graph: bool = False) -> Tuple[List[List[int]], Dict[str, float]]:
     """Generates max_new_tokens after each prompt. Returns the new tokens per prompt and stats
     (tokens_per_s; with use_mtp, acceptance_rate = accepted drafts / verify steps).
 

@@ -103,8 +103,9 @@ def dispatch(x: XInput, topk_idx: torch.Tensor, topk_weights: Optional[torch.Ten
     num_recv_tokens_per_expert, handle) (see DispatchResult). alignment: rows per group multiple
     (default: the grouped GEMM's). exact=True syncs once to size recv_x exactly; exact=False sizes it
     for the worst case (T*topk + num_experts*(alignment-1) rows, rounded up to a multiple of
-    alignment; the tail is padding) and never syncs: the variant for CUDA graphs and decode. It never reads topk_idx on the host, so out-of-range
-    experts are not reported there: they are skipped like -1 (never a write past the buffer).
+    alignment; the tail is padding) and never syncs: the variant for CUDA graphs and decode. It
+    never reads topk_idx on the host, so out-of-range experts are not reported there: they are
+    skipped like -1 (never a write past the buffer).
     """
     _check_experts(num_experts, 1)
     alignment = GROUPED_GEMM_ALIGNMENT if alignment is None else alignment
