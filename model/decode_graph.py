@@ -9,9 +9,10 @@ reads lives where it lived at the capture:
 - the step's inputs (tokens, cache_seqlens, block_table) are static buffers each call copies into,
   and a new input shape captures again;
 - the model's tensors (parameters, buffers, caches, derived weights) are compared by address,
-  shape and dtype once per generate call (`graphed_decode`): prepare() re-deriving weights, a new
-  setup_cache(), or moving the model captures again. Same-size caches are reused in place
-  (Transformer.setup_cache), so GRPO's rollouts of one batch size replay one graph.
+  shape and dtype once per generate call (`graphed_decode`): a replaced tensor, a cache of a new
+  size or a moved model captures again. Weights copied in place, derived weights refreshed in place
+  by prepare() (model.set_derived) and same-size caches (Transformer.setup_cache) keep their
+  addresses, so GRPO's rollouts of one batch size replay one graph across weight updates.
 
 The step must not read values on the host while it is captured: the one-GPU expert dispatch sizes
 its rows for the worst case there instead of syncing (MoE.experts_grouped_fp8), and the expert-

@@ -386,6 +386,19 @@ def _ep_rank_and_size(group) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+@torch.no_grad()
+def set_derived(module: nn.Module, name: str, value: Optional[torch.Tensor]) -> None:
+    """Sets a tensor derived from the weights: in place when the one there has the same shape, dtype
+    and device, so that a captured decode graph (model/decode_graph.py), which reads it by address,
+    sees the new values and stays valid."""
+    old = getattr(module, name)
+    if (value is not None and old is not None and old.shape == value.shape and old.dtype == value.dtype
+            and old.device == value.device):
+        old.copy_(value)
+    else:
+        setattr(module, name, value)
+
+
 class MoE(nn.Module):
     """Routed experts + shared experts. With ep_group (torch.distributed, several ranks), rank r
     holds experts [r * E/R, (r + 1) * E/R) and tokens travel through deepseek_ops.ep.Buffer."""
@@ -534,11 +547,11 @@ class MoE(nn.Module):
             return
         if grouped_experts_fallback(self.args):
             return
-        self.w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
-        self.w13_scale = torch.stack([torch.cat([e.gate_proj.weight_scale_inv, e.up_proj.weight_scale_inv])
-                                      for e in experts])
-        self.w2 = torch.stack([e.down_proj.weight for e in experts])
-        self.w2_scale = torch.stack([e.down_proj.weight_scale_inv for e in experts])
+        set_derived(self, "w13", torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts]))
+        set_derived(self, "w13_scale", torch.stack([torch.cat([e.gate_proj.weight_scale_inv,
+                                                               e.up_proj.weight_scale_inv]) for e in experts]))
+        set_derived(self, "w2", torch.stack([e.down_proj.weight for e in experts]))
+        set_derived(self, "w2_scale", torch.stack([e.down_proj.weight_scale_inv for e in experts]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -718,11 +731,12 @@ class Transformer(nn.Module):
     def prepare(self) -> "Transformer":
         """Derived weights the backend needs (call after weights change): the kernels backend stacks
         FP8 experts and dequantizes kv_b once (the absorbed projections need it dense)."""
-        self.rope_freqs = rope_frequencies(self.args).to(self.model.embed_tokens.weight.device)
+        set_derived(self, "rope_freqs", rope_frequencies(self.args).to(self.model.embed_tokens.weight.device))
         if self.backend == "kernels":
             for layer in self.model.layers:
                 attn = layer.self_attn
-                attn.wkv_b_dense = attn.kv_b_proj.dense_weight(torch.bfloat16) if attn.kv_b_proj.is_fp8 else None
+                set_derived(attn, "wkv_b_dense",
+                            attn.kv_b_proj.dense_weight(torch.bfloat16) if attn.kv_b_proj.is_fp8 else None)
                 if isinstance(layer.mlp, MoE):
                     layer.mlp.prepare_kernels()
         return self

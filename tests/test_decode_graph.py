@@ -35,16 +35,31 @@ def test_setup_cache_reuses_a_same_size_cache_in_place():
     assert model.model.layers[0].self_attn.kv_cache.shape[0] == 4
 
 
-def test_tensor_addresses_see_derived_weights_and_new_caches():
+def test_prepare_refreshes_derived_weights_in_place():
+    # GRPO re-derives the sampler's weights every step: in place, its captured graph stays valid.
+    model = _kernels_model("cpu")
+    model.setup_cache(2)
+    before = tensor_addresses(model)
+    moe = next(layer.mlp for layer in model.main_layers if getattr(layer.mlp, "w13", None) is not None)
+    expert = moe.experts[0].gate_proj
+    with torch.no_grad():
+        raw = expert.weight.view(torch.uint8)
+        raw.copy_(torch.roll(raw, 1, 0))
+    model.prepare()
+    assert tensor_addresses(model) == before
+    assert torch.equal(moe.w13[0, :expert.out_features].view(torch.uint8), expert.weight.view(torch.uint8))
+
+
+def test_tensor_addresses_see_moved_tensors_and_new_caches():
     model = random_model(preset("tiny"))
     model.setup_cache(2)
     before = tensor_addresses(model)
     model.setup_cache(2)
     assert tensor_addresses(model) == before  # reused cache: a captured graph stays valid
-    model.prepare()  # re-derives rope_freqs: a graph captured before must not replay
-    assert tensor_addresses(model) != before
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone(), requires_grad=False)
+    assert tensor_addresses(model) != before  # a graph captured before must not replay
     model.setup_cache(5)
-    assert len({a for a, _, _ in tensor_addresses(model)} - {a for a, _, _ in before}) >= 1
+    assert len({a for a, _, _ in tensor_addresses(model)} - {a for a, _, _ in before}) >= 2
 
 
 def test_cuda_graph_needs_a_cuda_model():
@@ -67,15 +82,21 @@ def test_graph_replay_samples_what_eager_decoding_samples():
     assert generate(model, prompts2, 40, temperature=1.0, seed=12, cuda_graph=True)[0] == \
         generate(model, prompts2, 40, temperature=1.0, seed=12)[0]
     assert model._decode_graph is graph
-    # New derived weights (prepare re-stacks the experts): captured again, with the new weights.
+    # New weights, derived ones refreshed in place by prepare (as GRPO's sampler after each step): the
+    # same graph replays them.
     with torch.no_grad():
         for p in model.parameters():
-            if p.dtype == torch.bfloat16:
-                p.mul_(1.5)
+            raw = p.view(torch.uint8) if p.dtype == torch.float8_e4m3fn else p
+            raw.copy_(torch.roll(raw, 1, 0))
     model.prepare()
     graphed, _ = generate(model, prompts, 40, temperature=1.0, seed=13, cuda_graph=True)
-    assert model._decode_graph is not graph
+    assert model._decode_graph is graph
     assert graphed == generate(model, prompts, 40, temperature=1.0, seed=13)[0]
+    # A tensor that moved: captured again.
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone(), requires_grad=False)
+    graphed, _ = generate(model, prompts, 40, temperature=1.0, seed=14, cuda_graph=True)
+    assert model._decode_graph is not graph
+    assert graphed == generate(model, prompts, 40, temperature=1.0, seed=14)[0]
     # Another batch size: another capture.
     small = prompts[:2]
     graph = model._decode_graph
