@@ -39,7 +39,7 @@ from model.config import FP8_BLOCK, PAGE_SIZE, ModelArgs, preset, yarn_mscale
 from model.kernel_fallbacks import fp8_linear_fallback, grouped_experts_fallback, mla_decode_fallback
 
 BACKENDS = ("reference", "kernels")
-ATTN_IMPLS = ("absorbed", "naive")
+ATTN_IMPLS = ("absorbed", "naive", "sdpa")
 FP8 = torch.float8_e4m3fn
 
 
@@ -292,8 +292,14 @@ class MLA(nn.Module):
                 k_pos = torch.arange(cache.shape[1], device=x.device)[None]  # [1, T]
             else:
                 k_pos = ctx.positions
-            attend = absorbed_attention if self.attn_impl == "absorbed" else naive_attention
-            o = attend(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, causal_mask(ctx.positions, k_pos), self.softmax_scale)
+            if self.attn_impl == "sdpa":
+                # A plain causal forward (training) gives SDPA no mask: its flash kernel then runs.
+                mask = None if ctx.contiguous and not ctx.decode else causal_mask(ctx.positions, k_pos)
+                o = sdpa_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, self.softmax_scale)
+            else:
+                attend = absorbed_attention if self.attn_impl == "absorbed" else naive_attention
+                o = attend(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, causal_mask(ctx.positions, k_pos),
+                           self.softmax_scale)
         return self.o_proj(o.reshape(b, s, self.num_heads * self.dv))  # [B, S, H * dv] -> [B, S, D]
 
     def _write_cache(self, ctx: AttnContext, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
@@ -612,7 +618,8 @@ class DeepseekV3Model(nn.Module):
 
 class Transformer(nn.Module):
     """DeepSeek-V3 for causal LM. `backend` ("reference" | "kernels") and `attn_impl`
-    ("absorbed" | "naive", reference attention only) are fixed at construction. ep_group: a
+    ("absorbed" | "naive" | "sdpa", reference attention only; sdpa: F.scaled_dot_product_attention,
+    which training uses so that no [B, H, S, T] scores are stored) are fixed at construction. ep_group: a
     torch.distributed group to shard the routed experts over (every rank runs the whole model on
     its own tokens; MoE layers exchange tokens with deepseek_ops.ep); None: one process.
 

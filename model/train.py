@@ -212,7 +212,7 @@ def training_model(args: ModelArgs, precision: str, device, seed: Optional[int])
     if args.fp8 or args.dtype != "float32":
         raise ValueError(f"training keeps fp32 master weights: expected ModelArgs(dtype='float32', fp8=False), "
                          f"got dtype={args.dtype!r}, fp8={args.fp8}")
-    model = random_model(args, device=device, seed=seed)
+    model = random_model(args, attn_impl="sdpa", device=device, seed=seed)
     for name, param in model.named_parameters():
         param.requires_grad_(not name.endswith("e_score_correction_bias"))
         if name.endswith("e_score_correction_bias"):

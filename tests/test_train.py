@@ -126,7 +126,7 @@ def test_checkpoint_round_trip(tmp_path):
     trainer = Trainer(ARGS, CFG)
     trainer.step(_batches(CFG).local_batch(0))
     trainer.save(tmp_path)
-    loaded = load_checkpoint(tmp_path)
+    loaded = load_checkpoint(tmp_path, attn_impl=trainer.model.attn_impl)
     tokens = torch.randint(0, ARGS.vocab_size, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(tokens)[0], trainer.model(tokens)[0])
