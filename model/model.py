@@ -329,7 +329,26 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter_dim, dim, dt, fp8, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj.fp8_training and self.up_proj.fp8_training and self.down_proj.fp8_training:
+            return self.forward_fp8_training(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_fp8_training(self, x: torch.Tensor) -> torch.Tensor:
+        """FP8 training as the routed experts run: gate and up as one FP8 linear whose SwiGLU, and its
+        backward, are fused into the quantization the down projection consumes (one group of rows,
+        padded to the grouped GEMM's alignment)."""
+        shape = x.shape
+        if torch.is_autocast_enabled(x.device.type):  # the dtype the float linears get, as Linear.forward
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        rows = x.reshape(-1, shape[-1])
+        m = rows.shape[0]
+        padded = m + -m % deepseek_ops.GROUPED_GEMM_ALIGNMENT
+        rows = F.pad(rows, (0, 0, 0, padded - m))
+        offsets = torch.tensor([0, padded], device=x.device)
+        w13 = torch.cat([self.gate_proj.weight, self.up_proj.weight])[None]  # [1, 2I, D]
+        act = grouped_fp8_linear_train(rows, w13, offsets, swiglu=True)  # [M', I]: silu(gate) * up
+        y = grouped_fp8_linear_train(act, self.down_proj.weight[None], offsets)[:m]  # [M, D]
+        return y.view(*shape[:-1], y.shape[-1])
 
 
 def route(scores: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,

@@ -11,8 +11,10 @@ and every linear whose shape the FP8 training GEMMs take (K and N multiples of 1
 eh_proj, nor the embedding and the router, which are no Linear) quantizes its master weight per
 128 x 128 block each call and runs deepseek_ops.fp8_linear, forward and backward in FP8
 (deepseek_ops.linear_autograd); the routed experts run as two grouped FP8 linears
-(MoE.experts_grouped_fp8_train). kv_b_proj stays in autocast's dtype: absorbed attention reads its
-weight directly, not through Linear.forward.
+(MoE.experts_grouped_fp8_train), and so do the dense SwiGLU blocks (the dense layers' MLP and the
+shared experts, as one group: MLP.forward_fp8_training), their SwiGLU and its backward fused into
+the FP8 quantization. kv_b_proj stays in autocast's dtype: attention reads its weight directly, not
+through Linear.forward.
 
 Data-parallel through torch.distributed: `torchrun --nproc-per-node N -m model.train` (gloo on
 CPU, nccl on CUDA) runs DDP; each rank takes its rows of the same global batch, so the losses

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 
 from deepseek_ops import dequant_fp8_block, per_block_quant_fp8
@@ -355,6 +356,29 @@ def test_fp8_grouped_experts_match_the_expert_loop():
             assert calc_diff(g, l) < GROUPED_VS_LOOP_BOUND
 
 
+def test_fp8_mlp_fused_swiglu_matches_linear_by_linear():
+    # A dense SwiGLU block in FP8 training runs as the routed experts do (one group: gate | up with the
+    # SwiGLU fused, then down) against its three FP8 Linears one by one: the same FP8 weights, the
+    # activation formed in fp32 and rounded once instead of in x's dtype (as in the expert test above).
+    mlp = MLP(256, 384, ARGS, "reference")
+    for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        linear.weight.data = torch.randn_like(linear.weight) / linear.weight.shape[1] ** 0.5
+        linear.weight.requires_grad_()
+        linear.fp8_training = True
+    x = torch.randn(3, 70, 256)
+    x_fused, x_split = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fused = mlp(x_fused)
+    y_split = mlp.down_proj(F.silu(mlp.gate_proj(x_split)) * mlp.up_proj(x_split))
+    assert y_fused.shape == y_split.shape == x.shape
+    assert calc_diff(y_fused.detach(), y_split.detach()) < GROUPED_VS_LOOP_BOUND
+    dy = torch.randn_like(y_split)
+    params = list(mlp.parameters())
+    fused = torch.autograd.grad(y_fused, [x_fused] + params, dy)
+    split = torch.autograd.grad(y_split, [x_split] + params, dy)
+    for f, s in zip(fused, split):
+        assert calc_diff(f, s) < GROUPED_VS_LOOP_BOUND
+
+
 def test_fp8_mlp_training_torch_compile_cpu():
     mlp = MLP(256, 256, ARGS, "reference")
     for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
@@ -362,9 +386,10 @@ def test_fp8_mlp_training_torch_compile_cpu():
         linear.weight.requires_grad_()
         linear.fp8_training = True
     x = torch.randn(2, 40, 256)
+    dy = torch.randn(2, 40, 256)  # the output's gradient, exactly: compiled arithmetic rounds no differently
 
     def loss(x):
-        return mlp(x).square().mean()
+        return (mlp(x) * dy).sum()
 
     params = list(mlp.parameters())
     eager = torch.autograd.grad(loss(x), params)
