@@ -82,8 +82,8 @@ GROUPED_LINEAR_SHAPES = [(8, 4096, 4096, 7168), (8, 4096, 7168, 2048)]
 GRAD_CALC_DIFF_BOUND = 1e-3  # one FP8 linear against float64 autograd (tests/test_train_ops.py)
 LAYER_CALC_DIFF_BOUND = 1e-2
 # The timed layer: 32 routed experts instead of V3's 256, whose fp32 master weights and gradients
-# alone would take ~90 GB; 4096 tokens as 4 sequences of 1024 (the training model's attention
-# materializes [B, H, S, S] fp32 scores: 8.6 GB a copy for one 4096-token sequence).
+# alone would take ~90 GB; 4096 tokens as 4 sequences of 1024, the shape of the recorded figures
+# (benchmarks/RESULTS.md).
 LAYER_EXPERTS = 32
 LAYER_BATCH, LAYER_SEQ = 4, 1024
 TORCH_BF16 = "torch_bf16"
