@@ -46,8 +46,13 @@ std::vector<int64_t> fp8_gemm_tile_configs() {
           configs.insert(configs.end(), {static_cast<int>(type), out_fp32, block_m, block_n, cluster});
         }
       };
-      for (const int block_m : {64, 128}) {
-        for (const int block_n : dso::gemm::kBlockNs) add(block_m, block_n, 1);
+      if (type == dso::GemmType::kWgrad || type == dso::GemmType::kKGroupedWgrad) {
+        for (const int block_n : dso::gemm::kWgrad64BlockNs) add(64, block_n, 1);
+        for (const int block_n : dso::gemm::kWgradBlockNs) add(128, block_n, 1);
+      } else {
+        for (const int block_m : {64, 128}) {
+          for (const int block_n : dso::gemm::kBlockNs) add(block_m, block_n, 1);
+        }
       }
       for (const int cluster : {1, 2}) {
         for (const int block_n : dso::gemm::kWideBlockNs) add(256, block_n, cluster);

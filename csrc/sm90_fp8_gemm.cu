@@ -14,7 +14,8 @@
 //   - an epilogue per warpgroup: bf16 output goes through swizzled shared memory (stmatrix) and TMA
 //     stores that run on while the warpgroup starts its next tile; rows the contract leaves untouched
 //     (masked tails, contiguous padding) take bounded 16-byte stores instead. fp32 output (with the
-//     optional addend c) uses padded shared memory and 16-byte stores.
+//     optional addend c) uses padded shared memory and 16-byte stores; weight gradients instead load
+//     their tile of c by TMA while the tile's K loop runs, add in shared memory and store by TMA.
 #include <cuda.h>
 #include <cuda_bf16.h>
 
@@ -62,9 +63,9 @@ struct Kernel {
   static_assert(kClusterSize == 1 || (kClusterSize == 2 && kType == GemmType::kNormal),
                 "clusters of two CTAs (sharing A) serve the dense layout");
   static constexpr bool kBScalesPerRow = kType == GemmType::kWgrad || kType == GemmType::kKGroupedWgrad;
-  // Weight gradients promote with two accumulators in flight (kOverlapPromotion): one pass, BLOCK_N <= 128.
-  static_assert(!kBScalesPerRow || (kOutFp32 && BLOCK_M <= 128 && BLOCK_N <= 128),
-                "weight gradients: fp32 output, tiles of <= 128 x 128");
+  // Weight gradients: one pass per warpgroup, fp32 output staged in 32-column atoms (kWgradAtomCols).
+  static_assert(!kBScalesPerRow || (kOutFp32 && BLOCK_M <= 128 && BLOCK_N % kWgradAtomCols == 0 && BLOCK_N <= 192),
+                "weight gradients: fp32 output, tiles of <= 128 x 192 with BLOCK_N a multiple of 32");
   using Mma = ptx::Wgmma<__nv_fp8_e4m3, BLOCK_N>;
   static constexpr int kNumConsumerWarpgroups = num_consumer_warpgroups(BLOCK_M);
   static constexpr int kNumConsumerThreads = kNumConsumerWarpgroups * kWarpgroupThreads;
@@ -202,16 +203,19 @@ __device__ __forceinline__ void promote(float (&final_acc)[kNumAccum], const flo
 
 // Weight gradients: final_acc += acc * a_scale[row] * b_scale[column], B's scales of the K block read
 // from the stage (columns 8 j + 2 (lane % 4) + {0, 1} of the fragment).
+// NOTE: multiplied in this order so that each product waits for its accumulator element; with the
+// scale products first, ptxas hoisted all of them after the last K block and spilled (128 x 128,
+// k-grouped).
 template <int kNumAccum>
 __device__ __forceinline__ void promote_per_column(float (&final_acc)[kNumAccum], const float (&acc)[kNumAccum],
                                                    float sa_lo, float sa_hi, const float* smem_sfb, int lane_idx) {
 #pragma unroll
   for (int j = 0; j < kNumAccum / 4; ++j) {
     const float2 sb = *reinterpret_cast<const float2*>(smem_sfb + j * 8 + (lane_idx % 4) * 2);
-    final_acc[4 * j + 0] += acc[4 * j + 0] * (sa_lo * sb.x);
-    final_acc[4 * j + 1] += acc[4 * j + 1] * (sa_lo * sb.y);
-    final_acc[4 * j + 2] += acc[4 * j + 2] * (sa_hi * sb.x);
-    final_acc[4 * j + 3] += acc[4 * j + 3] * (sa_hi * sb.y);
+    final_acc[4 * j + 0] += (acc[4 * j + 0] * sa_lo) * sb.x;
+    final_acc[4 * j + 1] += (acc[4 * j + 1] * sa_lo) * sb.y;
+    final_acc[4 * j + 2] += (acc[4 * j + 2] * sa_hi) * sb.x;
+    final_acc[4 * j + 3] += (acc[4 * j + 3] * sa_hi) * sb.y;
   }
 }
 
@@ -367,6 +371,86 @@ __device__ __forceinline__ void store_tile(const CUtensorMap* tmap_d, const Gemm
   }
 }
 
+// Weight gradients (fp32 output, optional addend c): a warpgroup's rows of the tile are staged in
+// BLOCK_N / kWgradAtomCols atoms [kWgRows][32 floats] with the 128-byte swizzle, each one TMA box of the
+// 3-D maps of c and d ([groups][m][n]: the edges clip a group's last row block at m and the last
+// column block at n). c lands in the atoms while the tile's K loop runs, so its latency is hidden;
+// the epilogue adds the results in place and stores the atoms by TMA, which runs on while the
+// warpgroup starts its next tile.
+template <int kWgRows>
+constexpr int kWgradAtomBytes = kWgRows * kWgradAtomCols * 4;
+
+// Atoms of the tile with columns < n (the others are neither loaded nor stored).
+template <int BLOCK_N>
+__device__ __forceinline__ int wgrad_num_atoms(const GemmParams& p, const Tile& tile) {
+  return min(BLOCK_N, p.n - tile.n_block_idx * BLOCK_N + kWgradAtomCols - 1) / kWgradAtomCols;
+}
+
+// One thread of a warpgroup that has rows in the tile, p.c given: c's tile -> the staging atoms.
+template <int BLOCK_N, int kWgRows>
+__device__ __forceinline__ void load_c_tile_async(const CUtensorMap* tmap_c, const GemmParams& p, const Tile& tile,
+                                                  uint8_t* smem_d, uint64_t* c_full, int consumer_wg_idx) {
+  const int num_atoms = wgrad_num_atoms<BLOCK_N>(p, tile);
+  ptx::tma_store_wait_read<0>();  // the previous tile's stores (issued by this thread) have read the atoms
+  ptx::mbarrier_arrive_expect_tx(c_full, num_atoms * kWgradAtomBytes<kWgRows>);
+  for (int atom = 0; atom < num_atoms; ++atom) {
+    ptx::tma_load_3d(smem_d + atom * kWgradAtomBytes<kWgRows>, tmap_c, c_full,
+                     tile.n_block_idx * BLOCK_N + atom * kWgradAtomCols, tile.a_row + consumer_wg_idx * kWgRows,
+                     tile.group_idx);
+  }
+}
+
+// The epilogue of one consumer warpgroup's rows: final_acc (+ c, loaded by load_c_tile_async) -> d.
+template <int BLOCK_N, int kWgRows, int kNumAccum>
+__device__ __forceinline__ void store_tile_wgrad(const CUtensorMap* tmap_d, const GemmParams& p, const Tile& tile,
+                                                 const float (&final_acc)[kNumAccum], uint8_t* smem_d,
+                                                 uint64_t* c_full, uint32_t& c_phase, int consumer_wg_idx,
+                                                 int thread_idx) {
+  if (tile.num_rows <= consumer_wg_idx * kWgRows) return;  // no rows of this warpgroup: nothing loaded
+  const uint32_t barrier_id = 1 + consumer_wg_idx;
+  const bool add_c = p.c != nullptr;
+  if (add_c) {
+    ptx::mbarrier_wait(c_full, c_phase);
+    c_phase ^= 1;
+  } else {
+    // The previous tile's TMA stores have read the atoms (its issuing thread waits, the barrier tells all).
+    if (thread_idx == 0) ptx::tma_store_wait_read<0>();
+    ptx::named_barrier_sync(barrier_id, kWarpgroupThreads);
+  }
+  // Fragment rows r and r + 8, columns 8 j + 2 (lane % 4) + {0, 1}: a float2 at a time. A warp's 8 rows
+  // x 4 lanes then cover each 16-byte chunk position of the 128-byte rows twice (the swizzle XORs the
+  // chunk with row % 8): two wavefronts, no conflicts.
+  const int lane_idx = thread_idx % 32;
+  const int row = (thread_idx / 32) * 16 + lane_idx / 4;
+#pragma unroll
+  for (int j = 0; j < BLOCK_N / 8; ++j) {
+    const int col = j * 8 + (lane_idx % 4) * 2;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float2* staged = reinterpret_cast<float2*>(
+          smem_d + swizzled_chunk_offset<128, kWgRows>(row + 8 * half, col / 4) + (col % 4) * 4);
+      float2 v = make_float2(final_acc[4 * j + 2 * half], final_acc[4 * j + 2 * half + 1]);
+      if (add_c) {
+        const float2 c = *staged;
+        v.x += c.x;
+        v.y += c.y;
+      }
+      *staged = v;
+    }
+  }
+  ptx::fence_proxy_async_shared();  // st.shared -> TMA (async proxy) reads
+  ptx::named_barrier_sync(barrier_id, kWarpgroupThreads);
+  if (thread_idx == 0) {
+    const int num_atoms = wgrad_num_atoms<BLOCK_N>(p, tile);
+    for (int atom = 0; atom < num_atoms; ++atom) {
+      ptx::tma_store_3d(tmap_d, smem_d + atom * kWgradAtomBytes<kWgRows>,
+                        tile.n_block_idx * BLOCK_N + atom * kWgradAtomCols, tile.a_row + consumer_wg_idx * kWgRows,
+                        tile.group_idx);
+    }
+    ptx::tma_store_commit();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Consumers: the pipeline.
 
@@ -507,15 +591,23 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
     // busy with the other warpgroup's passes meanwhile.
     for (int k_block_idx = 0; k_block_idx < num_k_blocks; ++k_block_idx) {
       ring.wait_full();
-      PassScales s[kNumPasses];
-#pragma unroll
-      for (int pass = 0; pass < kNumPasses; ++pass) s[pass] = ring.scales(ring.issue_stage, pass, k_block_idx);
-#pragma unroll
-      for (int pass = 0; pass < kNumPasses; ++pass) {
-        ring.issue(acc0, pass);
+      if constexpr (K::kBScalesPerRow) {
+        // One pass; the promotion reads B's scales from the stage, so the stage is released after it.
+        ring.issue(acc0, 0);
         ptx::warpgroup::wgmma_wait_group<0>();
-        if (pass == kNumPasses - 1) ring.release_oldest();
-        promote<kNumFirstGroups>(final_acc[pass], acc0, s[pass]);
+        ring.promote_per_column_from(ring.issue_stage, 0, final_acc[0], acc0);
+        ring.release_oldest();
+      } else {
+        PassScales s[kNumPasses];
+#pragma unroll
+        for (int pass = 0; pass < kNumPasses; ++pass) s[pass] = ring.scales(ring.issue_stage, pass, k_block_idx);
+#pragma unroll
+        for (int pass = 0; pass < kNumPasses; ++pass) {
+          ring.issue(acc0, pass);
+          ptx::warpgroup::wgmma_wait_group<0>();
+          if (pass == kNumPasses - 1) ring.release_oldest();
+          promote<kNumFirstGroups>(final_acc[pass], acc0, s[pass]);
+        }
       }
       ring.next_issue_stage();
     }
@@ -523,8 +615,8 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
 }
 
 template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32, int kClusterSize>
-__device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmParams& p, uint8_t* smem,
-                                        const SmemLayout& layout, uint64_t* full, uint64_t* empty) {
+__device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const CUtensorMap* tmap_c, const GemmParams& p,
+                                        uint8_t* smem, const SmemLayout& layout, uint64_t* full, uint64_t* empty) {
   using K = Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>;
   const int consumer_wg_idx = threadIdx.x / kWarpgroupThreads;
   const int thread_idx = threadIdx.x % kWarpgroupThreads;
@@ -532,6 +624,8 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
   uint8_t* smem_d = smem + layout.d_offset(consumer_wg_idx);
   float* smem_sfb = reinterpret_cast<float*>(smem + layout.sfb_offset(consumer_wg_idx));
   uint8_t* smem_row_ok = smem + layout.row_ok_offset(consumer_wg_idx);
+  uint64_t* c_full = reinterpret_cast<uint64_t*>(smem + layout.c_barrier_offset(consumer_wg_idx));
+  uint32_t c_phase = 0;
   const uint32_t barrier_id = 1 + consumer_wg_idx;
   ConsumerRing<K> ring{layout,
                        smem,
@@ -559,6 +653,11 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
     ring.sfb = smem_sfb + sfb_buffer * layout.sfb_floats_per_buffer();
     ring.peer_half = tile.multicast;
     ring.k_count = tile.k_count;
+    if constexpr (K::kBScalesPerRow) {
+      if (p.c != nullptr && thread_idx == 0 && tile.num_rows > consumer_wg_idx * K::kWgRows) {
+        load_c_tile_async<BLOCK_N, K::kWgRows>(tmap_c, p, tile, smem_d, c_full, consumer_wg_idx);
+      }
+    }
 #pragma unroll
     for (int pass = 0; pass < K::kNumPasses; ++pass) {
 #pragma unroll
@@ -582,8 +681,13 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const GemmPar
                                    thread_idx);
     }
 
-    store_tile<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(tmap_d, p, layout, tile, final_acc, smem_d,
-                                                                   smem_row_ok, consumer_wg_idx, thread_idx);
+    if constexpr (K::kBScalesPerRow) {
+      store_tile_wgrad<BLOCK_N, K::kWgRows>(tmap_d, p, tile, final_acc[0], smem_d, c_full, c_phase, consumer_wg_idx,
+                                            thread_idx);
+    } else {
+      store_tile<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(tmap_d, p, layout, tile, final_acc, smem_d,
+                                                                     smem_row_ok, consumer_wg_idx, thread_idx);
+    }
 
     tile = next_tile;
     has_tile = has_next;
@@ -597,7 +701,8 @@ template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32, int kClusterS
 __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>::kNumThreads, 1)
     sm90_fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
                          const __grid_constant__ CUtensorMap tmap_sfa, const __grid_constant__ CUtensorMap tmap_sfb,
-                         const __grid_constant__ CUtensorMap tmap_d, const GemmParams p, int num_stages) {
+                         const __grid_constant__ CUtensorMap tmap_d, const __grid_constant__ CUtensorMap tmap_c,
+                         const GemmParams p, int num_stages) {
   using K = Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>;
   extern __shared__ __align__(1024) uint8_t smem[];
   const SmemLayout layout = K::layout(num_stages, p.num_k_blocks);
@@ -613,7 +718,13 @@ __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClu
     ptx::tma_prefetch_descriptor(&tmap_b);
     ptx::tma_prefetch_descriptor(&tmap_sfa);
     if constexpr (K::kBScalesPerRow) ptx::tma_prefetch_descriptor(&tmap_sfb);
-    if constexpr (!kOutFp32) ptx::tma_prefetch_descriptor(&tmap_d);
+    if constexpr (!kOutFp32 || K::kBScalesPerRow) ptx::tma_prefetch_descriptor(&tmap_d);
+    if constexpr (K::kBScalesPerRow) {
+      if (p.c != nullptr) ptx::tma_prefetch_descriptor(&tmap_c);
+      for (int wg = 0; wg < K::kNumConsumerWarpgroups; ++wg) {
+        ptx::mbarrier_init(reinterpret_cast<uint64_t*>(smem + layout.c_barrier_offset(wg)), 1);
+      }
+    }
     for (int s = 0; s < num_stages; ++s) {
       ptx::mbarrier_init(&full[s], 1);
       // Every consumer warp of the cluster's CTAs, once per CTA (see consume's release).
@@ -636,7 +747,7 @@ __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClu
     }
   } else {
     if constexpr (kReallocateRegisters) ptx::warpgroup::setmaxnreg_inc<kConsumerRegs>();
-    consume<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(&tmap_d, p, smem, layout, full, empty);
+    consume<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(&tmap_d, &tmap_c, p, smem, layout, full, empty);
   }
 }
 
@@ -664,7 +775,7 @@ bool verbose() {
 }
 
 struct LaunchArgs {
-  CUtensorMap tmap_a, tmap_b, tmap_sfa, tmap_sfb, tmap_d;
+  CUtensorMap tmap_a, tmap_b, tmap_sfa, tmap_sfb, tmap_d, tmap_c;
   GemmParams params;
   Fp8GemmConfig config;
   cudaStream_t stream;
@@ -713,7 +824,7 @@ void launch_kernel(const LaunchArgs& args) {
     }
   }
   DSO_CUDA_CHECK(cudaLaunchKernelEx(&launch, kernel, args.tmap_a, args.tmap_b, args.tmap_sfa, args.tmap_sfb,
-                                    args.tmap_d, args.params, args.config.num_stages));
+                                    args.tmap_d, args.tmap_c, args.params, args.config.num_stages));
 }
 
 template <GemmType kType, bool kOutFp32, int BLOCK_M, int kClusterSize, int... BLOCK_Ns>
@@ -751,12 +862,12 @@ bool dispatch(const LaunchArgs& args, GemmType type, bool out_fp32) {
               (block_m == 128 && dispatch_block_n<GemmType::kGroupedMasked, false, 128, 1, DSO_GEMM_BLOCK_NS>(args)));
     case GemmType::kWgrad:
       return out_fp32 &&
-             ((block_m == 64 && dispatch_block_n<GemmType::kWgrad, true, 64, 1, DSO_GEMM_WGRAD_BLOCK_NS>(args)) ||
+             ((block_m == 64 && dispatch_block_n<GemmType::kWgrad, true, 64, 1, DSO_GEMM_WGRAD_64_BLOCK_NS>(args)) ||
               (block_m == 128 && dispatch_block_n<GemmType::kWgrad, true, 128, 1, DSO_GEMM_WGRAD_BLOCK_NS>(args)));
     case GemmType::kKGroupedWgrad:
       return out_fp32 &&
              ((block_m == 64 &&
-               dispatch_block_n<GemmType::kKGroupedWgrad, true, 64, 1, DSO_GEMM_WGRAD_BLOCK_NS>(args)) ||
+               dispatch_block_n<GemmType::kKGroupedWgrad, true, 64, 1, DSO_GEMM_WGRAD_64_BLOCK_NS>(args)) ||
               (block_m == 128 &&
                dispatch_block_n<GemmType::kKGroupedWgrad, true, 128, 1, DSO_GEMM_WGRAD_BLOCK_NS>(args)));
   }
@@ -773,6 +884,10 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
   // 16-byte aligned.
   if (reinterpret_cast<uintptr_t>(p.d) % 16 != 0 || (p.ldd * (p.d_fp32 ? 4 : 2)) % 16 != 0) {
     throw std::runtime_error("deepseek_ops: launch_sm90_fp8_gemm needs d and its row stride 16-byte aligned");
+  }
+  // NOTE: the same for c, read in 16-byte chunks (fp32 output) or by TMA (weight gradients).
+  if (p.c != nullptr && (reinterpret_cast<uintptr_t>(p.c) % 16 != 0 || (p.ldc * 4) % 16 != 0)) {
+    throw std::runtime_error("deepseek_ops: launch_sm90_fp8_gemm needs c and its row stride 16-byte aligned");
   }
   LaunchArgs args;
   args.config = select_sm90_fp8_gemm_config(p);
@@ -796,11 +911,23 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
                                          p.b_scales_ld, block_n, 1, CU_TENSOR_MAP_SWIZZLE_NONE, "b_scales");
   }
   args.tmap_d = {};
-  if (!p.d_fp32) {
+  args.tmap_c = {};
+  const int wg_rows = block_m / gemm::num_consumer_warpgroups(block_m);
+  if (wgrad) {
+    // d and c as [groups][m][n] in boxes of one staging atom [wg_rows][32 floats] (store_tile_wgrad).
+    auto fp32_map = [&](const float* base, int64_t ld, const char* what) {
+      const TensorMapShape shape{3, static_cast<uint64_t>(p.n), static_cast<uint64_t>(p.m), static_cast<uint64_t>(ld),
+                                 gemm::kWgradAtomCols, static_cast<uint32_t>(wg_rows),
+                                 static_cast<uint64_t>(p.num_groups), static_cast<uint64_t>(p.m * ld), 1};
+      return cached_tensor_map(base, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, shape, CU_TENSOR_MAP_SWIZZLE_128B, what);
+    };
+    args.tmap_d = fp32_map(static_cast<const float*>(p.d), p.ldd, "d");
+    if (p.c != nullptr) args.tmap_c = fp32_map(p.c, p.ldc, "c");
+  } else if (!p.d_fp32) {
     // Each consumer warpgroup stores its rows in boxes of one swizzle atom's columns.
     const int swizzle = gemm::d_swizzle_bytes(block_n);
     args.tmap_d = cached_tensor_map_2d(p.d, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.n, a_rows, p.ldd, swizzle / 2,
-                                     block_m / gemm::num_consumer_warpgroups(block_m), swizzle_mode(swizzle), "d");
+                                     wg_rows, swizzle_mode(swizzle), "d");
   }
   args.params = GemmParams{p.b_scales,
                            p.d,

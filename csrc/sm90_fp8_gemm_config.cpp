@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -72,7 +73,10 @@ int64_t num_tile_pairs(const Fp8GemmProblem& p, int block_m, int block_n) {
 // H100 (benchmarks/ab_fp8_gemm.py, per-wave time of each against 128 x 128), with the scale boundary
 // resolved at compile time; 256 x 64 was not measured (ranked below 256 x 96). 128 x 128 and 256-row
 // tiles promote while the tensor cores run (two accumulators, or the other warpgroup's passes).
-double mma_efficiency(int block_m, int block_n) {
+// Weight-gradient tiles wider than 128 (one accumulator, a scale per column) have not been timed: they
+// rank low and run only when forced (DSO_FP8_GEMM_CONFIG).
+double mma_efficiency(GemmType type, int block_m, int block_n) {
+  if ((type == GemmType::kWgrad || type == GemmType::kKGroupedWgrad) && block_n > 128) return 0.5;
   struct Measured {
     int block_n;
     double block_m64, block_m128, block_m256;
@@ -106,7 +110,7 @@ double estimate_seconds(const Fp8GemmProblem& p, int block_m, int block_n, int n
   const double waves = static_cast<double>(ceil_div<int64_t>(tiles, num_sms));
   // k-grouped wgrad: the groups share the K blocks, a tile contracts over its group's (on average 1 / G).
   const double tile_k = k_grouped ? static_cast<double>(p.k) / p.num_groups : static_cast<double>(p.k);
-  const double compute = 2.0 * block_m * block_n * tile_k / (kSmFlops * mma_efficiency(block_m, block_n));
+  const double compute = 2.0 * block_m * block_n * tile_k / (kSmFlops * mma_efficiency(p.type, block_m, block_n));
   const int64_t total_rows = p.type == GemmType::kGroupedMasked ? rows * p.num_groups : p.m;
   const int64_t out_rows = k_grouped ? p.m * p.num_groups : total_rows;
   const int64_t b_groups = p.type == GemmType::kGroupedContiguous || p.type == GemmType::kGroupedMasked ? p.num_groups
@@ -162,9 +166,14 @@ struct ShapeKeyHash {
 Fp8GemmConfig heuristic_tile(const Fp8GemmProblem& p, const DeviceInfo& info) {
   Fp8GemmConfig config;
   double best = 0.0;
+  const bool wgrad = p.type == GemmType::kWgrad || p.type == GemmType::kKGroupedWgrad;
+  // Tiles wider than N only add columns to skip, but the narrowest width a layout has serves any N.
+  auto min_of = [](const auto& widths) { return *std::min_element(std::begin(widths), std::end(widths)); };
+  const int narrowest = wgrad ? std::min(min_of(gemm::kWgradBlockNs), min_of(gemm::kWgrad64BlockNs))
+                              : min_of(gemm::kBlockNs);
   auto consider = [&](int block_m, int block_n) {
     if (!gemm::variant_instantiated(p.type, p.d_fp32, block_m, block_n, 1)) return;
-    if (block_n > align_up<int64_t>(p.n, 16) && block_n != 16) return;
+    if (block_n > align_up<int64_t>(p.n, 16) && block_n != narrowest) return;
     if (max_stages(p, block_m, block_n, info.max_smem) < 3) return;
     const double t = estimate_seconds(p, block_m, block_n, info.num_sms);
     // Ties: the first, i.e. the smaller BLOCK_M and BLOCK_N, wins.
@@ -174,6 +183,11 @@ Fp8GemmConfig heuristic_tile(const Fp8GemmProblem& p, const DeviceInfo& info) {
       config.block_n = block_n;
     }
   };
+  if (wgrad) {
+    for (const int block_n : gemm::kWgrad64BlockNs) consider(64, block_n);
+    for (const int block_n : gemm::kWgradBlockNs) consider(128, block_n);
+    return config;
+  }
   for (const int block_m : {64, 128}) {
     for (const int block_n : gemm::kBlockNs) consider(block_m, block_n);
   }

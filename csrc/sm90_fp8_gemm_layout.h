@@ -33,10 +33,14 @@ constexpr int d_swizzle_bytes(int block_n) {
 
 constexpr int align_1024(int bytes) { return (bytes + 1023) / 1024 * 1024; }
 
+// Weight gradients (B scaled per row) stage fp32 output in atoms of 32 columns: TMA boxes
+// [wg_rows][32 floats] of c and d with the 128-byte swizzle.
+constexpr int kWgradAtomCols = 32;
+
 // [stages x A tile][stages x B tile][stages x A scales][stages x B scales: per-row B scales only][per
 // warpgroup: D staging][per warpgroup: 2 x B block scales of the tile][per warpgroup: a flag per
-// row][full, empty barriers]. A and B tiles and D atoms start on 1024-byte boundaries (128-byte
-// swizzle atoms).
+// row][full, empty barriers][per warpgroup: the barrier of its c tile (weight gradients)]. A and B
+// tiles and D atoms start on 1024-byte boundaries (128-byte swizzle atoms).
 struct SmemLayout {
   int block_m, block_n;
   bool out_fp32;
@@ -52,10 +56,12 @@ struct SmemLayout {
   DSO_HOST_DEVICE constexpr int stage_tx_bytes() const {
     return a_bytes() + b_bytes() + sfa_bytes() + sfb_stage_bytes();
   }
-  // fp32 output: rows padded by 16 bytes (the 8 rows a warp writes at once land on distinct banks).
+  // fp32 output: rows padded by 16 bytes (the 8 rows a warp writes at once land on distinct banks);
+  // weight gradients: swizzled atoms of kWgradAtomCols columns, unpadded.
   DSO_HOST_DEVICE constexpr int d_fp32_row_bytes() const { return block_n * 4 + 16; }
   DSO_HOST_DEVICE constexpr int d_bytes_per_warpgroup() const {
-    return out_fp32 ? wg_rows() * d_fp32_row_bytes() : align_1024(wg_rows() * block_n * 2);
+    return b_scales_per_row ? wg_rows() * block_n * 4
+                            : out_fp32 ? wg_rows() * d_fp32_row_bytes() : align_1024(wg_rows() * block_n * 2);
   }
   DSO_HOST_DEVICE constexpr int sfb_floats_per_buffer() const { return b_scales_per_row ? 0 : 2 * num_k_blocks; }
 
@@ -79,7 +85,10 @@ struct SmemLayout {
     return sfb_offset(num_warpgroups()) + warpgroup * wg_rows();
   }
   DSO_HOST_DEVICE constexpr int barrier_offset() const { return (row_ok_offset(num_warpgroups()) + 7) / 8 * 8; }
-  DSO_HOST_DEVICE constexpr int total_bytes() const { return barrier_offset() + 2 * num_stages * 8; }
+  DSO_HOST_DEVICE constexpr int c_barrier_offset(int warpgroup) const {
+    return barrier_offset() + 2 * num_stages * 8 + warpgroup * 8;
+  }
+  DSO_HOST_DEVICE constexpr int total_bytes() const { return c_barrier_offset(num_warpgroups()); }
 };
 
 }  // namespace dso::gemm

@@ -13,9 +13,14 @@
 #ifndef DSO_GEMM_WIDE_BLOCK_NS
 #define DSO_GEMM_WIDE_BLOCK_NS 64, 96, 112, 128
 #endif
-// Widths of weight-gradient tiles (fp32 output, B scaled per row): weight dims are multiples of 128.
+// Widths of weight-gradient tiles (fp32 output, B scaled per row), multiples of the 32-column staging
+// atom: of 128-row tiles, and of 64-row tiles (one consumer warpgroup: no other warpgroup's wgmma hides
+// the promotion of a tile wider than 128).
 #ifndef DSO_GEMM_WGRAD_BLOCK_NS
-#define DSO_GEMM_WGRAD_BLOCK_NS 64, 128
+#define DSO_GEMM_WGRAD_BLOCK_NS 64, 128, 160, 192
+#endif
+#ifndef DSO_GEMM_WGRAD_64_BLOCK_NS
+#define DSO_GEMM_WGRAD_64_BLOCK_NS 64, 128
 #endif
 
 namespace dso::gemm {
@@ -23,6 +28,7 @@ namespace dso::gemm {
 constexpr int kBlockNs[] = {DSO_GEMM_BLOCK_NS};
 constexpr int kWideBlockNs[] = {DSO_GEMM_WIDE_BLOCK_NS};
 constexpr int kWgradBlockNs[] = {DSO_GEMM_WGRAD_BLOCK_NS};
+constexpr int kWgrad64BlockNs[] = {DSO_GEMM_WGRAD_64_BLOCK_NS};
 
 template <int kSize>
 constexpr bool contains(const int (&values)[kSize], int value) {
@@ -32,14 +38,18 @@ constexpr bool contains(const int (&values)[kSize], int value) {
   return false;
 }
 
+// Weight-gradient tiles (fp32 output): 64 and 128 rows, of their own widths.
+constexpr bool wgrad_variant_instantiated(int block_m, int block_n) {
+  return block_m == 128 ? contains(kWgradBlockNs, block_n) : block_m == 64 && contains(kWgrad64BlockNs, block_n);
+}
+
 // Contiguous groups are 128-row aligned, so that layout has 128-row tiles only; fp32 output and the
 // grouped layouts have no 256-row tiles; the masked layout takes the same 64/128-row tiles as dense.
-// Clusters of two CTAs sharing A serve the dense 256-row tiles. Weight gradients: fp32 output, 64- and
-// 128-row tiles of their own widths.
+// Clusters of two CTAs sharing A serve the dense 256-row tiles.
 constexpr bool variant_instantiated(GemmType type, bool out_fp32, int block_m, int block_n, int cluster_size) {
   if (cluster_size != 1 && (cluster_size != 2 || block_m != 256)) return false;
   if (type == GemmType::kWgrad || type == GemmType::kKGroupedWgrad) {
-    return out_fp32 && (block_m == 64 || block_m == 128) && contains(kWgradBlockNs, block_n);
+    return out_fp32 && wgrad_variant_instantiated(block_m, block_n);
   }
   if (block_m == 256) return type == GemmType::kNormal && !out_fp32 && contains(kWideBlockNs, block_n);
   if (!contains(kBlockNs, block_n)) return false;

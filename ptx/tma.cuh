@@ -20,6 +20,18 @@ __device__ __forceinline__ void tma_load_2d(void* smem_dst, const CUtensorMap* t
       : "memory");
 }
 
+// The same for a 3-D tensor map: the box at (inner, outer, depth).
+__device__ __forceinline__ void tma_load_3d(void* smem_dst, const CUtensorMap* tmap, uint64_t* bar, int32_t inner,
+                                            int32_t outer, int32_t depth) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  const uint32_t mbar = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}],"
+      " [%2];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(mbar), "r"(inner), "r"(outer), "r"(depth)
+      : "memory");
+}
+
 // The same with an L2 eviction policy for the lines it reads (see cache_policy.cuh).
 __device__ __forceinline__ void tma_load_2d(void* smem_dst, const CUtensorMap* tmap, uint64_t* bar, int32_t inner,
                                             int32_t outer, uint64_t l2_policy) {
@@ -59,6 +71,16 @@ __device__ __forceinline__ void tma_store_2d(const CUtensorMap* tmap, const void
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
                    reinterpret_cast<uint64_t>(tmap)),
                "r"(src), "r"(inner), "r"(outer)
+               : "memory");
+}
+
+// The same for a 3-D tensor map: the box at (inner, outer, depth).
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* tmap, const void* smem_src, int32_t inner,
+                                             int32_t outer, int32_t depth) {
+  const uint32_t src = static_cast<uint32_t>(__cvta_generic_to_shared(smem_src));
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(tmap)),
+               "r"(src), "r"(inner), "r"(outer), "r"(depth)
                : "memory");
 }
 

@@ -417,10 +417,13 @@ WGRAD_CONFIGS = fp8_gemm_tile_configs("wgrad", torch.float32)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_m,block_n,cluster", WGRAD_CONFIGS)
-@pytest.mark.parametrize("n,k,tokens", [(48, 16, 128), (200, 2112, 640), (128, 7168, 1024), (1, 128, 4096)])
+@pytest.mark.parametrize("n,k,tokens", [(48, 16, 128), (200, 2112, 640), (128, 7168, 1024), (1, 128, 4096),
+                                        (1000, 7168, 256)])
 def test_cuda_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_n, cluster, n, k, tokens):
-    # Partial row and column tiles (48 x 16, 200 x 2112 in 128-wide tiles), one K block and many: B's
-    # per-row scales are loaded per stage and applied per column, so a wrong column or K block shows.
+    # Partial row and column tiles (48 x 16, 200 x 2112 in 128-wide tiles; 48 rows leave the second
+    # warpgroup of a 128-row tile none), one K block and many: B's per-row scales are loaded per stage and
+    # applied per column, so a wrong column or K block shows. 1000 x 7168 gives every CTA several tiles:
+    # c's staging buffer and its barrier are reused tile after tile.
     gemm_config(block_m, block_n, cluster=cluster)
     a, a_scales = _cuda_token_scaled(n, tokens)
     b, b_scales = _cuda_token_scaled(k, tokens)
@@ -451,17 +454,35 @@ def test_cuda_fp8_gemm_wgrad_heuristic_and_views():
     assert calc_diff(out, dy.double().t() @ x.double() + c.double()) < 3e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [16, 48])
+def test_cuda_wgrad_heuristic_narrow_k(k):
+    # K (the gradient's columns) narrower than every weight-gradient tile: the heuristic keeps the
+    # narrowest one as a candidate instead of finding none.
+    a, a_scales = _cuda_token_scaled(200, 384)
+    b, b_scales = _cuda_token_scaled(k, 384)
+    out = deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales)
+    assert calc_diff(out, reference.fp8_gemm_wgrad(a, a_scales, b, b_scales)) < CALC_DIFF_BOUND
+    offsets = torch.tensor([0, 128, 384], device="cuda")
+    out = deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, offsets)
+    ref = reference.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, offsets)
+    assert all(calc_diff(out[g], ref[g]) < CALC_DIFF_BOUND for g in range(2))
+
+
 K_GROUPED_WGRAD_CONFIGS = fp8_gemm_tile_configs("k_grouped_wgrad", torch.float32)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_m,block_n,cluster", K_GROUPED_WGRAD_CONFIGS)
 @pytest.mark.parametrize("offsets", [[0, 256, 256, 640, 768], [0, 0, 128, 1024, 1024], [0, 128]])
-def test_cuda_k_grouped_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_n, cluster, offsets):
+@pytest.mark.parametrize("n,k", [(200, 2112), (48, 336), (1000, 2112)])
+def test_cuda_k_grouped_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_n, cluster, offsets, n, k):
     # Experts with no tokens first, in the middle and last (they give c[g]: no K block runs), one
-    # 128-token expert, several K blocks; partial row and column tiles (200 x 2112).
+    # 128-token expert, several K blocks; partial row and column tiles whose rows end at a group's
+    # boundary (200 x 2112; 48 x 336, where a 128-row tile's second warpgroup has no rows); several tiles
+    # per CTA (1000 x 2112).
     gemm_config(block_m, block_n, cluster=cluster)
-    n, k, tokens = 200, 2112, offsets[-1]
+    tokens = offsets[-1]
     a, a_scales = _cuda_token_scaled(n, tokens)
     b, b_scales = _cuda_token_scaled(k, tokens)
     group_offsets = torch.tensor(offsets, device="cuda")
@@ -470,11 +491,18 @@ def test_cuda_k_grouped_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_
     out = deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets, c)
     assert out.shape == c.shape and out.dtype == torch.float32
     assert_written(out)
+    _poison_cuda_allocator(8 * c.numel() + 1024)
+    without_c = deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets)
+    assert_written(without_c)
     ref = reference.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets, c)
+    ref_without_c = reference.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets)
     for g in range(len(offsets) - 1):
         assert calc_diff(out[g], ref[g]) < CALC_DIFF_BOUND, f"expert {g} (tokens {offsets[g]}..{offsets[g + 1]})"
         if offsets[g] == offsets[g + 1]:
             assert_bitwise_equal(out[g], c[g], f"expert {g} has no tokens")
+            assert_bitwise_equal(without_c[g], torch.zeros_like(c[g]), f"expert {g} has no tokens, no c")
+        else:
+            assert calc_diff(without_c[g], ref_without_c[g]) < CALC_DIFF_BOUND, f"expert {g} without c"
     # The dense op on one expert's token range gives the same bits (same tiles, same K blocks in order).
     g = max(range(len(offsets) - 1), key=lambda i: offsets[i + 1] - offsets[i])
     lo, hi = offsets[g], offsets[g + 1]
