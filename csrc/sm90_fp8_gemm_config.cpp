@@ -73,10 +73,15 @@ int64_t num_tile_pairs(const Fp8GemmProblem& p, int block_m, int block_n) {
 // H100 (benchmarks/ab_fp8_gemm.py, per-wave time of each against 128 x 128), with the scale boundary
 // resolved at compile time; 256 x 64 was not measured (ranked below 256 x 96). 128 x 128 and 256-row
 // tiles promote while the tensor cores run (two accumulators, or the other warpgroup's passes).
-// Weight-gradient tiles wider than 128 (one accumulator, a scale per column) have not been timed: they
-// rank low and run only when forced (DSO_FP8_GEMM_CONFIG).
+// Weight-gradient tiles (one accumulator, a scale per row and per column): 128 x 160 and 128 x 192 per
+// wave against 128 x 128 at many waves, one A/B run on an H100 (benchmarks/ab_wgrad.py: (7168, 16384)
+// and 8 x (4096, 7168) k-grouped, c accumulated).
 double mma_efficiency(GemmType type, int block_m, int block_n) {
-  if ((type == GemmType::kWgrad || type == GemmType::kKGroupedWgrad) && block_n > 128) return 0.5;
+  if (type == GemmType::kWgrad || type == GemmType::kKGroupedWgrad) {
+    if (block_n == 160) return 0.99;
+    if (block_n == 192) return 1.05;
+    if (block_n > 128) return 0.5;
+  }
   struct Measured {
     int block_n;
     double block_m64, block_m128, block_m256;
