@@ -191,8 +191,9 @@ def save_checkpoint(model: Transformer, path: Union[str, Path], max_shard_bytes:
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        # safetensors refuses tensors that share memory: the MTP copies of embed/head are cloned.
-        shared = tensor.data_ptr() in seen
+        # safetensors refuses tensors that share memory: the MTP copies of embed/head, and FP8 training's
+        # expert masters (slices of one stack, model/master_stack.py), are cloned.
+        shared = tensor.data_ptr() in seen or tensor.untyped_storage().nbytes() > nbytes
         seen.add(tensor.data_ptr())
         shards[-1][key] = (tensor.clone() if shared else tensor).contiguous().cpu()
         size += nbytes

@@ -37,6 +37,7 @@ from deepseek_ops import reference as ops_ref
 from deepseek_ops.constants import MLA_FP8_TOKEN_BYTES
 from model.config import FP8_BLOCK, PAGE_SIZE, ModelArgs, preset, yarn_mscale
 from model.kernel_fallbacks import fp8_linear_fallback, grouped_experts_fallback, mla_decode_fallback
+from model.master_stack import stacked_master
 
 BACKENDS = ("reference", "kernels")
 ATTN_IMPLS = ("absorbed", "naive", "sdpa")
@@ -345,7 +346,7 @@ class MLP(nn.Module):
         padded = m + -m % deepseek_ops.GROUPED_GEMM_ALIGNMENT
         rows = F.pad(rows, (0, 0, 0, padded - m))
         offsets = torch.arange(2, device=x.device) * padded  # [0, M']: made on the device, no host copy
-        w13 = torch.cat([self.gate_proj.weight, self.up_proj.weight])[None]  # [1, 2I, D]
+        w13 = stacked_master(self, "_w13_master", [[self.gate_proj.weight, self.up_proj.weight]])  # [1, 2I, D]
         act = grouped_fp8_linear_train(rows, w13, offsets, swiglu=True)  # [M', I]: silu(gate) * up
         y = grouped_fp8_linear_train(act, self.down_proj.weight[None], offsets)[:m]  # [M, D]
         return y.view(*shape[:-1], y.shape[-1])
@@ -502,7 +503,8 @@ class MoE(nn.Module):
 
     def experts_grouped_fp8_train(self, x, weights, indices):
         """Training: the experts as two differentiable grouped FP8 linears over expert-contiguous rows
-        (each expert's rows padded to GROUPED_GEMM_ALIGNMENT), on the stacked fp32 master weights."""
+        (each expert's rows padded to GROUPED_GEMM_ALIGNMENT), on the stacked fp32 master weights
+        (model/master_stack.py: stacked once, not per call)."""
         n, k = indices.shape
         flat = indices.reshape(-1)  # [N * K] expert of each (token, k) pair
         order = torch.argsort(flat, stable=True)  # pairs grouped by expert, (token, k) order kept
@@ -514,9 +516,10 @@ class MoE(nn.Module):
         token_of_row = torch.full((int(offsets[-1]),), n, device=x.device).scatter_(
             0, row_of, torch.arange(n * k, device=x.device) // k)  # [M]; padding rows read row n, zero
         rows = F.pad(x, (0, 0, 0, 1))[token_of_row]  # [M, D]
-        w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])  # [E, 2I, D]
+        w13 = stacked_master(self, "_w13_master",
+                             [[e.gate_proj.weight, e.up_proj.weight] for e in self.experts])  # [E, 2I, D]
         act = grouped_fp8_linear_train(rows, w13, offsets, swiglu=True)  # [M, I]: silu(gate) * up
-        w2 = torch.stack([e.down_proj.weight for e in self.experts])  # [E, D, I]
+        w2 = stacked_master(self, "_w2_master", [[e.down_proj.weight] for e in self.experts])  # [E, D, I]
         y = grouped_fp8_linear_train(act, w2, offsets)[row_of].view(n, k, -1)  # [N, K, D]
         return (y.float() * weights.unsqueeze(-1)).sum(1).to(x.dtype)
 
