@@ -24,11 +24,12 @@ The H200 experiment (policy trains in fp32 on the reference backend; rollouts an
 kernels backend with FP8 linears, refreshed from the policy after every step, the decode step replayed
 from a CUDA graph), within one device command's time:
     python -m model.grpo --preset grpo-h200 --device cuda --rollout-backend kernels --rollout-fp8 \\
-        --ops + --min-digits 2 --max-digits 3 --warmup-batch 512 --out runs/grpo-h200 --steps 5000 \\
-        --prompts-per-step 64 --group-size 8 --eval-every 20 --eval-size 500 --time-budget-s 500
---warmup-batch 512 because at the default 64 a warm-up step of this 50M model took 58 ms on an H100
-and reached 3.8% accuracy in 190 s (benchmarks/RESULTS.md); that 512 learns faster per second is
-expected, not yet measured. The rollout throughput against transformers' generate (record grpo_rollout):
+        --ops + --min-digits 2 --max-digits 3 --warmup-batch 512 --warmup-eval-every 50 --lr 3e-5 \\
+        --out runs/grpo-h200 --steps 5000 --prompts-per-step 64 --group-size 8 --eval-every 10 \\
+        --eval-size 500 --time-budget-s 519
+--warmup-batch 512: the warm-up reaches its 15% target in about a minute on an H100, where batch 64
+took 190 s to reach 3.8%; GRPO at lr 3e-5 ended higher than at 1e-4 (benchmarks/RESULTS.md).
+The rollout throughput against transformers' generate (record grpo_rollout):
     python -m benchmarks --only grpo_rollout
 """
 import argparse
@@ -86,12 +87,13 @@ def update_policy(policy: Transformer, optimizer: torch.optim.Optimizer, params,
                   advantages: torch.Tensor, ref_logp: torch.Tensor, cfg: GRPOConfig) -> Dict[str, float]:
     """cfg.inner_steps optimisation steps on one rollout batch; advantages [N], ref_logp [N, L - 1].
     Returns the means over the applied steps and `skipped_steps` (non-finite loss or gradient norm)."""
-    with torch.no_grad():
-        old_logp = token_logprobs(policy, batch.tokens, cfg.temperature)  # the policy that sampled
+    old_logp = None  # the policy that sampled: the first inner step's, before any update
     applied: List[Dict[str, float]] = []
     skipped = 0
     for _ in range(cfg.inner_steps):
         logp = token_logprobs(policy, batch.tokens, cfg.temperature)
+        if old_logp is None:
+            old_logp = logp.detach()
         loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, batch.mask, cfg.clip_eps, cfg.beta,
                                 cfg.aggregation)
         optimizer.zero_grad(set_to_none=True)

@@ -384,3 +384,19 @@ def test_deadline_ends_grpo_and_warmup_after_one_evaluated_step(task):
     logged = []
     _, evaluations = supervised_warmup(policy, sampler, task, held_out, warm, log=logged.append, deadline=past)
     assert [h["step"] for h in evaluations] == [1] and "out of time at step 1" in logged[-1]
+
+
+def test_update_policy_ratios_start_from_the_sampling_policy(task):
+    """The first inner step's ratio is exactly 1 (the old log-probs are that step's own, the policy
+    that sampled), the second sees the first's update."""
+    policy = random_model(small_args(), seed=7)
+    params = trainable_parameters(policy)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    batch = rollout(policy, task, task.sample(2, random.Random(1)), 2, seed=1)
+    with torch.no_grad():
+        ref_logp = token_logprobs(policy, batch.tokens)
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    one = update_policy(policy, optimizer, params, batch, advantages, ref_logp, GRPOConfig(inner_steps=1))
+    assert one["ratio"] == 1.0 and one["clip_frac"] == 0.0
+    two = update_policy(policy, optimizer, params, batch, advantages, ref_logp, GRPOConfig(inner_steps=2))
+    assert two["ratio"] != 1.0
