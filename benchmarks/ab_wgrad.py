@@ -6,12 +6,12 @@ development tool).
 
 Shapes as benchmarks/bench_train.py's quick set (M = 4096 tokens; (N, K) of the weight; k-grouped: G
 experts of M tokens each). Per shape: fp8_gemm_wgrad / k_grouped_fp8_gemm_wgrad under every config
-(forced through DSO_FP8_GEMM_CONFIG, "auto" = the heuristic's pick), with c (as the bench and
-DeepGEMM, which only accumulates) and, named "<config> no-c", without c (as training calls them), and
-DeepGEMM's sm90 1D1D kernels; each checked against the float64 reference first, then timed by the
-protocol (timing.time_rounds: two rounds, the second reversed, L2 flushed before each run), then the
-mean SM clock and energy per call of each over ~0.3 s of back-to-back calls (NVML). Prints one line
-per shape and the geomean of DeepGEMM's time / ours per config.
+(forced through DSO_FP8_GEMM_CONFIG, "auto" = the heuristic's pick), called as MODES says (with c into
+a new d; "<config> in-place", accumulating into c as DeepGEMM does; "<config> no-c", as training calls
+them), and DeepGEMM's sm90 1D1D kernels; each checked against the float64 reference first, then timed
+by the protocol (timing.time_rounds: two rounds, the second reversed, L2 flushed before each run), then
+the mean SM clock and energy per call of each over ~0.3 s of back-to-back calls (NVML). Prints one line
+per shape and the geomean of DeepGEMM's time / ours per config and mode.
 """
 import argparse
 import math
@@ -46,7 +46,7 @@ def dense_case(n: int, k: int):
     ref = reference.fp8_gemm_wgrad(a, a_scales, b, b_scales).double()
     ref_c = ref + c.double()
     return (f"fp8_gemm_wgrad (M {TOKENS}, N {n}, K {k})", 2.0 * TOKENS * n * k,
-            lambda with_c: (lambda: deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c if with_c else None)),
+            lambda mode: _ours(mode, c, lambda **kw: deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, **kw)),
             deepgemm_wgrad_fn(a, a_scales, b, b_scales, c),
             lambda with_c, out: calc_diff(out, ref_c if with_c else ref))
 
@@ -63,9 +63,22 @@ def k_grouped_case(groups: int, rows: int, n: int, k: int):
         return max(calc_diff(out[g], ref[g].double() + (c[g].double() if with_c else 0)) for g in range(groups))
 
     return (f"k_grouped_fp8_gemm_wgrad (G {groups}, M {rows}, N {n}, K {k})", 2.0 * tokens * n * k,
-            lambda with_c: (lambda: deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, offsets,
-                                                                          c if with_c else None)),
+            lambda mode: _ours(mode, c, lambda **kw: deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales,
+                                                                                        offsets, **kw)),
             deepgemm_k_grouped_wgrad_fn(a, a_scales, b, b_scales, offsets, c), error_of)
+
+
+# How ours is called: "c" reads c and writes a new d; "in-place" accumulates into a copy of c (c = out,
+# added by TMA reduce-add, as DeepGEMM's c = d; the first call, the checked one, gives c + dW);
+# "no-c" writes dW alone, as training calls it.
+MODES = {"c": "", "in-place": " in-place", "no-c": " no-c"}
+
+
+def _ours(mode: str, c: torch.Tensor, wgrad: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
+    if mode == "in-place":
+        acc = c.clone()
+        return lambda: wgrad(c=acc, out=acc)
+    return lambda: wgrad(c=c if mode == "c" else None)
 
 
 def measure(case, configs: List[str], without_c: bool, ratios: Dict[str, List[float]]):
@@ -73,9 +86,11 @@ def measure(case, configs: List[str], without_c: bool, ratios: Dict[str, List[fl
     impls: Dict[str, Callable[[], torch.Tensor]] = {}
     with_c_of: Dict[str, bool] = {}
     for config in configs:
-        for with_c in (True, False) if without_c else (True,):
-            name = config if with_c else f"{config} no-c"
-            impls[name], with_c_of[name] = with_config(config, ours(with_c)), with_c
+        for mode, suffix in MODES.items():
+            if mode == "no-c" and not without_c:
+                continue
+            name = config + suffix
+            impls[name], with_c_of[name] = with_config(config, ours(mode)), mode != "no-c"
     if deepgemm is not None:
         impls[DEEPGEMM], with_c_of[DEEPGEMM] = deepgemm, True
     checked = {}
@@ -107,7 +122,7 @@ def measure(case, configs: List[str], without_c: bool, ratios: Dict[str, List[fl
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--configs", default="auto,128x128,128x160,128x192")
+    parser.add_argument("--configs", default="auto,128x128")
     parser.add_argument("--dense", default=",".join(f"{n}:{k}" for n, k in QUICK_WEIGHTS))
     parser.add_argument("--k-grouped", default=",".join(":".join(map(str, s)) for s in QUICK_K_GROUPED_SHAPES))
     parser.add_argument("--no-without-c", action="store_true", help="time ours with c only")

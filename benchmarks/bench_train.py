@@ -7,10 +7,11 @@ Records (shape keys: M tokens or rows, N, K the weight [N, K], as the forward GE
                             in the quick set: it compiles per shape) and copy (a copy of the same bytes:
                             x<copy> is our fraction of copy bandwidth, goal >= 0.8). Shapes: the inputs and
                             output gradients whose transposes the layer's weight gradients contract.
-  fp8_gemm_wgrad            dW = dy^T x + c, fp32 [N, K] (c: the gradient so far, accumulated into), its
-                            operands transpose_quant_fp8 of dy [M, N] and x [M, K]; peer deepgemm:
-                            fp8_gemm_nt with recipe (1, 1, 128), its sm90 1D1D kernel, in place (c = d).
-  k_grouped_fp8_gemm_wgrad  G experts' dW [G, N, K] + c in one launch, each over its M contiguous tokens
+  fp8_gemm_wgrad            dW = dy^T x + c, fp32 [N, K] (c: the gradient so far, accumulated into in place:
+                            ours with out=c), its operands transpose_quant_fp8 of dy [M, N] and x [M, K];
+                            peer deepgemm: fp8_gemm_nt with recipe (1, 1, 128), its sm90 1D1D kernel, in
+                            place (c = d).
+  k_grouped_fp8_gemm_wgrad  G experts' dW [G, N, K] + c (in place) in one launch, each over its M contiguous tokens
                             (shape G, M per expert, N, K); peer deepgemm: k_grouped_fp8_gemm_nt_contiguous,
                             its operands in its per-expert K-major layout (made once, outside the timing).
   fp8_linear_train          forward + backward (dx and dW) of one training linear on an fp32 master weight,
@@ -157,14 +158,15 @@ def measure_wgrad(m: int, n: int, k: int) -> List[Record]:
     b, b_scales = _token_scaled(m, k)  # x^T [K, M]
     c = torch.randn(n, k, device="cuda")
     ref = reference.fp8_gemm_wgrad(a, a_scales, b, b_scales, c).double()
-    impls = {OURS: lambda: deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c),
+    acc = c.clone()  # accumulated in place, as DeepGEMM's c=d (the first call, checked, gives c + dW)
+    impls = {OURS: lambda: deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c=acc, out=acc),
              "deepgemm": deepgemm_wgrad_fn(a, a_scales, b, b_scales, c)}
     impls = {impl: fn for impl, fn in impls.items() if fn is not None}
     records = _check_and_time("fp8_gemm_wgrad", {"M": m, "N": n, "K": k}, impls, lambda _, out: calc_diff(out, ref),
                               CALC_DIFF_BOUND, 2.0 * m * n * k, wgrad_bytes(1, m, n, k))
     print(f"fp8_gemm_wgrad {(m, n, k)}: host overhead {host_overhead_us(impls[OURS]):.1f} us per eager call",
           flush=True)
-    del a, b, c, ref, impls
+    del a, b, c, acc, ref, impls
     torch.cuda.empty_cache()
     return records
 
@@ -176,7 +178,8 @@ def measure_k_grouped_wgrad(num_groups: int, rows: int, n: int, k: int) -> List[
     offsets = torch.arange(0, tokens + 1, rows, device="cuda", dtype=torch.int32)
     c = torch.randn(num_groups, n, k, device="cuda")
     ref = reference.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, offsets, c)
-    impls = {OURS: lambda: deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, offsets, c),
+    acc = c.clone()  # accumulated in place, as DeepGEMM's c=d
+    impls = {OURS: lambda: deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, offsets, c=acc, out=acc),
              "deepgemm": deepgemm_k_grouped_wgrad_fn(a, a_scales, b, b_scales, offsets, c)}
     impls = {impl: fn for impl, fn in impls.items() if fn is not None}
 

@@ -119,6 +119,10 @@ TORCH_LIBRARY(deepseek_ops, m) {
   m.def("fp8_gemm_wgrad(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor? c) -> Tensor");
   m.def("k_grouped_fp8_gemm_wgrad(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor group_offsets,"
         " Tensor? c) -> Tensor");
+  // The same into out; c may be out itself (accumulate in place).
+  m.def("fp8_gemm_wgrad_out(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor? c, Tensor(a!) out) -> ()");
+  m.def("k_grouped_fp8_gemm_wgrad_out(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor group_offsets,"
+        " Tensor? c, Tensor(a!) out) -> ()");
   m.def("fp8_gemm_dgrad(Tensor dy, Tensor dy_scales, Tensor w, Tensor w_scales, ScalarType out_dtype) -> Tensor");
   m.def("grouped_fp8_gemm_dgrad_contiguous(Tensor dy, Tensor dy_scales, Tensor w, Tensor w_scales,"
         " Tensor m_indices) -> Tensor");

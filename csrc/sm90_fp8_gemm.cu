@@ -376,7 +376,8 @@ __device__ __forceinline__ void store_tile(const CUtensorMap* tmap_d, const Gemm
 // 3-D maps of c and d ([groups][m][n]: the edges clip a group's last row block at m and the last
 // column block at n). c lands in the atoms while the tile's K loop runs, so its latency is hidden;
 // the epilogue adds the results in place and stores the atoms by TMA, which runs on while the
-// warpgroup starts its next tile.
+// warpgroup starts its next tile. When c is d (accumulating in place), nothing is loaded: the atoms
+// hold the results alone and TMA adds them into d.
 template <int kWgRows>
 constexpr int kWgradAtomBytes = kWgRows * kWgradAtomCols * 4;
 
@@ -386,7 +387,13 @@ __device__ __forceinline__ int wgrad_num_atoms(const GemmParams& p, const Tile& 
   return min(BLOCK_N, p.n - tile.n_block_idx * BLOCK_N + kWgradAtomCols - 1) / kWgradAtomCols;
 }
 
-// One thread of a warpgroup that has rows in the tile, p.c given: c's tile -> the staging atoms.
+// c is d itself (an in-place accumulation): the epilogue adds the tile into d by TMA reduce-add (at L2)
+// instead of loading c into the atoms first, so the SMs never read c.
+__device__ __forceinline__ bool wgrad_reduces_into_d(const GemmParams& p) {
+  return p.c != nullptr && static_cast<const void*>(p.c) == p.d && p.ldc == p.ldd;
+}
+
+// One thread of a warpgroup that has rows in the tile, p.c given (not d): c's tile -> the staging atoms.
 template <int BLOCK_N, int kWgRows>
 __device__ __forceinline__ void load_c_tile_async(const CUtensorMap* tmap_c, const GemmParams& p, const Tile& tile,
                                                   uint8_t* smem_d, uint64_t* c_full, int consumer_wg_idx) {
@@ -408,7 +415,8 @@ __device__ __forceinline__ void store_tile_wgrad(const CUtensorMap* tmap_d, cons
                                                  int thread_idx) {
   if (tile.num_rows <= consumer_wg_idx * kWgRows) return;  // no rows of this warpgroup: nothing loaded
   const uint32_t barrier_id = 1 + consumer_wg_idx;
-  const bool add_c = p.c != nullptr;
+  const bool reduce = wgrad_reduces_into_d(p);
+  const bool add_c = p.c != nullptr && !reduce;
   if (add_c) {
     ptx::mbarrier_wait(c_full, c_phase);
     c_phase ^= 1;
@@ -443,9 +451,12 @@ __device__ __forceinline__ void store_tile_wgrad(const CUtensorMap* tmap_d, cons
   if (thread_idx == 0) {
     const int num_atoms = wgrad_num_atoms<BLOCK_N>(p, tile);
     for (int atom = 0; atom < num_atoms; ++atom) {
-      ptx::tma_store_3d(tmap_d, smem_d + atom * kWgradAtomBytes<kWgRows>,
-                        tile.n_block_idx * BLOCK_N + atom * kWgradAtomCols, tile.a_row + consumer_wg_idx * kWgRows,
-                        tile.group_idx);
+      const int col = tile.n_block_idx * BLOCK_N + atom * kWgradAtomCols, row = tile.a_row + consumer_wg_idx * kWgRows;
+      if (reduce) {
+        ptx::tma_reduce_add_3d(tmap_d, smem_d + atom * kWgradAtomBytes<kWgRows>, col, row, tile.group_idx);
+      } else {
+        ptx::tma_store_3d(tmap_d, smem_d + atom * kWgradAtomBytes<kWgRows>, col, row, tile.group_idx);
+      }
     }
     ptx::tma_store_commit();
   }
@@ -654,7 +665,8 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const CUtenso
     ring.peer_half = tile.multicast;
     ring.k_count = tile.k_count;
     if constexpr (K::kBScalesPerRow) {
-      if (p.c != nullptr && thread_idx == 0 && tile.num_rows > consumer_wg_idx * K::kWgRows) {
+      if (p.c != nullptr && !wgrad_reduces_into_d(p) && thread_idx == 0 &&
+          tile.num_rows > consumer_wg_idx * K::kWgRows) {
         load_c_tile_async<BLOCK_N, K::kWgRows>(tmap_c, p, tile, smem_d, c_full, consumer_wg_idx);
       }
     }

@@ -1,6 +1,7 @@
 // CUDA adapters of the FP8 GEMM ops, fp8_gemm_wgrad included (schemas in registration.cpp; kernels in
 // sm90_fp8_gemm.cu).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -195,29 +196,49 @@ void launch_wgrad(dso::GemmType type, const at::Tensor& a, const at::Tensor& a_s
   dso::launch_sm90_fp8_gemm(p, dso::current_stream());
 }
 
-// dW = (a * a_scales) @ (b * b_scales)^T (+ c), fp32 [m, n].
-at::Tensor fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
-                               const at::Tensor& b_scales, const std::optional<at::Tensor>& c) {
+// c and out of a weight-gradient op: fp32, dense; out contiguous and 16-byte aligned (the kernel writes
+// it by TMA). c may be out itself (accumulate in place: the kernel adds into it at L2, reading nothing
+// of it) or lie elsewhere, but not overlap it otherwise.
+void check_wgrad_c_out(const char* op, const std::optional<at::Tensor>& c, const at::Tensor& out,
+                       std::initializer_list<int64_t> shape, const at::Device dev) {
+  dso::check_operand(op, "out", out, dev, at::kFloat, shape);
+  dso::check_dense16(op, "out", out);
+  if (!c.has_value()) return;
+  dso::check_operand(op, "c", *c, dev, at::kFloat, shape);
+  dso::check_dense16(op, "c", *c);
+  const bool same = c->data_ptr() == out.data_ptr();
+  TORCH_CHECK(same || at::get_overlap_status(*c, out) == at::MemOverlapStatus::No,
+              op, ": c must be out itself or not overlap it");
+}
+
+// dW = (a * a_scales) @ (b * b_scales)^T (+ c) -> out, fp32 [m, n].
+void fp8_gemm_wgrad_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                             const at::Tensor& b_scales, const std::optional<at::Tensor>& c, at::Tensor& out) {
   constexpr const char* op = "fp8_gemm_wgrad";
   const auto [m, t, n] = check_wgrad_operands(op, a, a_scales, b, b_scales);
-  if (c.has_value()) {
-    dso::check_operand(op, "c", *c, a.device(), at::kFloat, {m, n});
-    dso::check_dense16(op, "c", *c);
-  }
+  check_wgrad_c_out(op, c, out, {m, n}, a.device());
   const c10::cuda::CUDAGuard guard(a.device());
-  auto out = at::empty({m, n}, a.options().dtype(at::kFloat));
-  if (m == 0 || n == 0) return out;
-  if (t == 0) return c.has_value() ? out.copy_(*c) : out.zero_();
+  if (m == 0 || n == 0) return;
+  if (t == 0) {
+    c.has_value() ? out.copy_(*c) : out.zero_();
+    return;
+  }
   launch_wgrad(dso::GemmType::kWgrad, a, a_scales, b, b_scales, c, out, 1, nullptr);
+}
+
+at::Tensor fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                               const at::Tensor& b_scales, const std::optional<at::Tensor>& c) {
+  auto out = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kFloat));
+  fp8_gemm_wgrad_out_cuda(a, a_scales, b, b_scales, c, out);
   return out;
 }
 
 // The weight gradients of all experts: out[g] = fp8_gemm_wgrad over the tokens [group_offsets[g],
 // group_offsets[g + 1]) (+ c[g]), fp32 [G, m, n]. The offsets (multiples of 128, checked by the public
 // function where it can read them) become K-block offsets; the kernel clamps them.
-at::Tensor k_grouped_fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
-                                         const at::Tensor& b_scales, const at::Tensor& group_offsets,
-                                         const std::optional<at::Tensor>& c) {
+void k_grouped_fp8_gemm_wgrad_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                                       const at::Tensor& b_scales, const at::Tensor& group_offsets,
+                                       const std::optional<at::Tensor>& c, at::Tensor& out) {
   constexpr const char* op = "k_grouped_fp8_gemm_wgrad";
   const auto [m, t, n] = check_wgrad_operands(op, a, a_scales, b, b_scales);
   const at::Device dev = a.device();
@@ -225,17 +246,25 @@ at::Tensor k_grouped_fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& 
                   (group_offsets.scalar_type() == at::kInt || group_offsets.scalar_type() == at::kLong),
               op, ": group_offsets must be int32/int64 [G + 1] with G >= 1 on ", dev);
   const int64_t groups = group_offsets.size(0) - 1;
-  if (c.has_value()) {
-    dso::check_operand(op, "c", *c, dev, at::kFloat, {groups, m, n});
-    dso::check_dense16(op, "c", *c);
-  }
+  check_wgrad_c_out(op, c, out, {groups, m, n}, dev);
   const c10::cuda::CUDAGuard guard(dev);
-  auto out = at::empty({groups, m, n}, a.options().dtype(at::kFloat));
-  if (m == 0 || n == 0) return out;
-  if (t == 0) return c.has_value() ? out.copy_(*c) : out.zero_();
+  if (m == 0 || n == 0) return;
+  if (t == 0) {
+    c.has_value() ? out.copy_(*c) : out.zero_();
+    return;
+  }
   const auto k_block_offsets = at::floor_divide(group_offsets, 128).to(at::kInt).contiguous();
   launch_wgrad(dso::GemmType::kKGroupedWgrad, a, a_scales, b, b_scales, c, out, groups,
                k_block_offsets.data_ptr<int32_t>());
+}
+
+at::Tensor k_grouped_fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                                         const at::Tensor& b_scales, const at::Tensor& group_offsets,
+                                         const std::optional<at::Tensor>& c) {
+  TORCH_CHECK(group_offsets.dim() == 1 && group_offsets.size(0) >= 2,
+              "k_grouped_fp8_gemm_wgrad: group_offsets must be [G + 1] with G >= 1");
+  auto out = at::empty({group_offsets.size(0) - 1, a.size(0), b.size(0)}, a.options().dtype(at::kFloat));
+  k_grouped_fp8_gemm_wgrad_out_cuda(a, a_scales, b, b_scales, group_offsets, c, out);
   return out;
 }
 
@@ -310,4 +339,6 @@ TORCH_LIBRARY_IMPL(deepseek_ops, CUDA, m) {
   m.impl("grouped_fp8_gemm_masked_out", &grouped_fp8_gemm_masked_out_cuda);
   m.impl("fp8_gemm_wgrad", &fp8_gemm_wgrad_cuda);
   m.impl("k_grouped_fp8_gemm_wgrad", &k_grouped_fp8_gemm_wgrad_cuda);
+  m.impl("fp8_gemm_wgrad_out", &fp8_gemm_wgrad_out_cuda);
+  m.impl("k_grouped_fp8_gemm_wgrad_out", &k_grouped_fp8_gemm_wgrad_out_cuda);
 }

@@ -414,6 +414,10 @@ def fp8_gemm_wgrad(a, a_scales, b, b_scales, c=None):
     return d.float()
 
 
+def fp8_gemm_wgrad_out(a, a_scales, b, b_scales, c, out):
+    out.copy_(fp8_gemm_wgrad(a, a_scales, b, b_scales, c))
+
+
 def k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets, c=None):
     """out[g] = fp8_gemm_wgrad over the token range [group_offsets[g], group_offsets[g+1]) (+ c[g]):
     a [N, sum_T], b [K, sum_T], out fp32 [G, N, K]. An empty range gives c[g] (or zeros)."""
@@ -426,6 +430,10 @@ def k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets, c=None):
         out[g] = fp8_gemm_wgrad(a[:, lo:hi], a_scales[:, blocks], b[:, lo:hi], b_scales[:, blocks],
                                 None if c is None else c[g])
     return out
+
+
+def k_grouped_fp8_gemm_wgrad_out(a, a_scales, b, b_scales, group_offsets, c, out):
+    out.copy_(k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets, c))
 
 
 def fp8_gemm_dgrad(dy, dy_scales, w, w_scales, out_dtype):

@@ -36,7 +36,7 @@ from deepseek_ops import reference
 from deepseek_ops._checks import (FLOAT_DTYPES, FP8, aligned16, can_read_values, check_choice, check_cuda_arch,
                                   check_dim, check_multiple, check_same_device, check_shape, check_tensor)
 from deepseek_ops.constants import FP8_GEMM_K_MULTIPLE, FP8_GEMM_N_MULTIPLE, GROUPED_GEMM_ALIGNMENT
-from deepseek_ops.gemm import _m_indices_from_offsets
+from deepseek_ops.gemm import _check_out, _m_indices_from_offsets, _out_fake
 
 _ops = torch.ops.deepseek_ops
 
@@ -45,6 +45,8 @@ _REFERENCES = {
     "swiglu_backward_quant_fp8": reference.swiglu_backward_quant_fp8,
     "fp8_gemm_wgrad": reference.fp8_gemm_wgrad,
     "k_grouped_fp8_gemm_wgrad": reference.k_grouped_fp8_gemm_wgrad,
+    "fp8_gemm_wgrad_out": reference.fp8_gemm_wgrad_out,
+    "k_grouped_fp8_gemm_wgrad_out": reference.k_grouped_fp8_gemm_wgrad_out,
     "fp8_gemm_dgrad": reference.fp8_gemm_dgrad,
     "grouped_fp8_gemm_dgrad_contiguous": reference.grouped_fp8_gemm_dgrad_contiguous,
 }
@@ -104,25 +106,53 @@ def swiglu_backward_quant_fp8(dact: torch.Tensor, h: torch.Tensor, transposed: b
     return dispatch("swiglu_backward_quant_fp8", h.device, aligned16(dact), aligned16(h), transposed)
 
 
+def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
+    """[first, last + 1) of the bytes a strided (non-negative strides) non-empty tensor covers."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _check_wgrad_c_out(c: Optional[torch.Tensor], out: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
+    """c and out of a weight-gradient op (their devices checked by the caller); returns c as the kernel
+    reads it. out: contiguous, 16-byte aligned (written by TMA). c may be out itself, to accumulate in
+    place (the kernel then adds into it at L2 and never reads it), or lie apart from it."""
+    if out is not None:
+        _check_out("out", out, shape, torch.float32, out.device)
+    if c is None:
+        return None
+    check_tensor("c", c, dtype=torch.float32)
+    check_shape("c", c, shape)
+    if out is not None and not torch.compiler.is_compiling() and c.numel() > 0:
+        if c.data_ptr() == out.data_ptr() and c.stride() == out.stride():
+            return c  # out's memory: accumulate in place
+        (c_lo, c_hi), (out_lo, out_hi) = _byte_span(c), _byte_span(out)
+        if c_lo < out_hi and out_lo < c_hi:
+            raise ValueError("argument 'c': overlaps 'out' without being it; pass c=out to accumulate in place, "
+                             "or a c apart from out")
+    return aligned16(c)  # a c apart from out: the kernel reads it densely
+
+
 def fp8_gemm_wgrad(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
-                   c: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   c: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dW = (a * a_scales) @ (b * b_scales)^T (+ c), fp32 [N, K].
 
     a: [N, T] float8_e4m3fn, dy^T; b: [K, T] float8_e4m3fn, x^T, K a multiple of 16; both from
     transpose_quant_fp8 (scales fp32 [N, T/128] and [K, T/128], T a multiple of 128). c: optional
-    fp32 [N, K], added (the gradient accumulated so far).
+    fp32 [N, K], added (the gradient accumulated so far). out: optional fp32 [N, K] contiguous buffer
+    for the result; c=out accumulates in place (as DeepGEMM's c=d), which the GPU kernel does without
+    reading c (TMA reduce-add). Returns dW (`out` when given).
     """
     _check_token_scaled("a", a, a_scales, "a_scales")
     _check_token_scaled("b", b, b_scales, "b_scales")
     check_dim("b", b, 1, a.shape[1], "T, as a.shape[1]")
     check_multiple("b", b.shape[0], FP8_GEMM_N_MULTIPLE, "K (b.shape[0], the gradient's columns)")
-    check_same_device(a=a, a_scales=a_scales, b=b, b_scales=b_scales, c=c)
-    if c is not None:
-        check_tensor("c", c, dtype=torch.float32)
-        check_shape("c", c, (a.shape[0], b.shape[0]))
-        c = aligned16(c)  # the kernel reads it densely
+    check_same_device(a=a, a_scales=a_scales, b=b, b_scales=b_scales, c=c, out=out)
+    c = _check_wgrad_c_out(c, out, (a.shape[0], b.shape[0]))
     check_cuda_arch(a, "fp8_gemm_wgrad")
-    return dispatch("fp8_gemm_wgrad", a.device, a, a_scales, b, b_scales, c)
+    if out is None:
+        return dispatch("fp8_gemm_wgrad", a.device, a, a_scales, b, b_scales, c)
+    dispatch("fp8_gemm_wgrad_out", a.device, a, a_scales, b, b_scales, c, out)
+    return out
 
 
 def check_group_offsets(group_offsets: torch.Tensor, num_rows: int, rows_name: str):
@@ -142,28 +172,30 @@ def check_group_offsets(group_offsets: torch.Tensor, num_rows: int, rows_name: s
 
 
 def k_grouped_fp8_gemm_wgrad(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
-                             group_offsets: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             group_offsets: torch.Tensor, c: Optional[torch.Tensor] = None,
+                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The weight gradients of all MoE experts in one call: out[g] = fp8_gemm_wgrad over tokens
     [group_offsets[g], group_offsets[g+1]) (+ c[g]).
 
     a: [N, sum_T] e4m3 (dy^T), b: [K, sum_T] e4m3 (x^T), scaled 1 x 128 along tokens as for
     fp8_gemm_wgrad; group_offsets: int32/int64 [G + 1], from 0 to sum_T, each a multiple of
     GROUPED_GEMM_ALIGNMENT (an expert with no tokens is an empty range); K a multiple of 16. c:
-    optional fp32 [G, N, K].
-    Returns fp32 [G, N, K].
+    optional fp32 [G, N, K]; out: optional fp32 [G, N, K] buffer, c=out accumulating in place, as
+    fp8_gemm_wgrad.
+    Returns fp32 [G, N, K] (`out` when given).
     """
     _check_token_scaled("a", a, a_scales, "a_scales")
     _check_token_scaled("b", b, b_scales, "b_scales")
     check_dim("b", b, 1, a.shape[1], "sum_T, as a.shape[1]")
     check_multiple("b", b.shape[0], FP8_GEMM_N_MULTIPLE, "K (b.shape[0], the gradients' columns)")
     check_group_offsets(group_offsets, a.shape[1], "sum_T = a.shape[1]")
-    check_same_device(a=a, a_scales=a_scales, b=b, b_scales=b_scales, group_offsets=group_offsets, c=c)
-    if c is not None:
-        check_tensor("c", c, dtype=torch.float32)
-        check_shape("c", c, (group_offsets.shape[0] - 1, a.shape[0], b.shape[0]))
-        c = aligned16(c)  # the kernel reads it densely
+    check_same_device(a=a, a_scales=a_scales, b=b, b_scales=b_scales, group_offsets=group_offsets, c=c, out=out)
+    c = _check_wgrad_c_out(c, out, (group_offsets.shape[0] - 1, a.shape[0], b.shape[0]))
     check_cuda_arch(a, "k_grouped_fp8_gemm_wgrad")
-    return dispatch("k_grouped_fp8_gemm_wgrad", a.device, a, a_scales, b, b_scales, group_offsets, c)
+    if out is None:
+        return dispatch("k_grouped_fp8_gemm_wgrad", a.device, a, a_scales, b, b_scales, group_offsets, c)
+    dispatch("k_grouped_fp8_gemm_wgrad_out", a.device, a, a_scales, b, b_scales, group_offsets, c, out)
+    return out
 
 
 def _check_dgrad_operands(dy, dy_scales, w, w_scales, grouped: bool):
@@ -249,6 +281,7 @@ def _grouped_dgrad_fake(dy, dy_scales, w, w_scales, m_indices):
 for _name, _fake in [("transpose_quant_fp8", _transpose_quant_fake),
                      ("swiglu_backward_quant_fp8", _swiglu_backward_quant_fake), ("fp8_gemm_wgrad", _wgrad_fake),
                      ("k_grouped_fp8_gemm_wgrad", _k_grouped_wgrad_fake), ("fp8_gemm_dgrad", _dgrad_fake),
-                     ("grouped_fp8_gemm_dgrad_contiguous", _grouped_dgrad_fake)]:
+                     ("grouped_fp8_gemm_dgrad_contiguous", _grouped_dgrad_fake),
+                     ("fp8_gemm_wgrad_out", _out_fake), ("k_grouped_fp8_gemm_wgrad_out", _out_fake)]:
     torch.library.impl(f"deepseek_ops::{_name}", "CPU")(_REFERENCES[_name])
     torch.library.register_fake(f"deepseek_ops::{_name}")(_fake)

@@ -84,6 +84,18 @@ __device__ __forceinline__ void tma_store_3d(const CUtensorMap* tmap, const void
                : "memory");
 }
 
+// PTX ISA 9.7.9.27 (cp.reduce.async.bulk.tensor, .add): adds the 3-D box at (inner, outer, depth) of
+// shared memory into global memory element by element (the add happens at L2; the SM reads nothing
+// of the destination), as one bulk async-group member. Clipped and awaited as tma_store_3d.
+__device__ __forceinline__ void tma_reduce_add_3d(const CUtensorMap* tmap, const void* smem_src, int32_t inner,
+                                                  int32_t outer, int32_t depth) {
+  const uint32_t src = static_cast<uint32_t>(__cvta_generic_to_shared(smem_src));
+  asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(tmap)),
+               "r"(src), "r"(inner), "r"(outer), "r"(depth)
+               : "memory");
+}
+
 // PTX ISA 9.7.9.25.6.1 (cp.async.bulk.commit_group): closes the bulk async-group of the stores so far.
 __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 

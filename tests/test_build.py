@@ -42,14 +42,15 @@ SASS_REQUIREMENTS: Dict[str, List[str]] = {
     # FP8 GEMMs (mangled sm90_fp8_gemm_kernel<BLOCK_M, BLOCK_N, GemmType, fp32 output>): e4m3 wgmma and
     # TMA tile loads; bf16 output through stmatrix and TMA stores (the grouped layouts also keep 16-byte
     # stores for tiles with rows they must not write); fp32 output through 16-byte stores; weight
-    # gradients (GemmType 3 and 4) load c and store d by TMA through 3-D tensor maps ([groups][m][n]).
+    # gradients (GemmType 3 and 4) load c and store d by TMA through 3-D tensor maps ([groups][m][n]), or
+    # add into d by TMA reduce when c is d.
     "sm90_fp8_gemm_kernel": [r"QGMMA\.64x\d+x32\.F32\.E4M3\.E4M3", r"UTMALDG\.2D"],
     "GemmTypeE0ELb0E": [r"STSM", r"UTMASTG"],
     "GemmTypeE1ELb0E": [r"STSM", r"UTMASTG", STG_128],
     "GemmTypeE2ELb0E": [r"STSM", r"UTMASTG", STG_128],
     "GemmTypeE0ELb1E": [STG_128],
-    "GemmTypeE3ELb1E": [r"UTMALDG\.3D", r"UTMASTG\.3D"],
-    "GemmTypeE4ELb1E": [r"UTMALDG\.3D", r"UTMASTG\.3D"],
+    "GemmTypeE3ELb1E": [r"UTMALDG\.3D", r"UTMASTG\.3D", r"UTMAREDG\.3D\.ADD"],
+    "GemmTypeE4ELb1E": [r"UTMALDG\.3D", r"UTMASTG\.3D", r"UTMAREDG\.3D\.ADD"],
     # EP count: the last block's ticket is a GPU-scope acq_rel atomic (L1 invalidated after it), handed
     # to the block by a barrier reduction.
     "sm90_ep_count_kernel": [r"ATOMG\.E\.ADD\.S32\.STRONG\.GPU", r"CCTL\.IVALL", r"BAR\.RED\.OR"],

@@ -81,6 +81,30 @@ def test_k_grouped_fp8_gemm_wgrad():
     assert_bitwise_equal(out[1], c[1], "empty expert")
 
 
+def test_wgrad_out_and_in_place_accumulation():
+    # out= receives the result; c=out accumulates in place (DeepGEMM's c=d), c apart from out is read.
+    n, k, tokens = 128, 256, 384
+    a, a_scales = token_scaled(n, tokens)
+    b, b_scales = token_scaled(k, tokens)
+    c = torch.randn(n, k)
+    expected = deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c)
+    acc = c.clone()
+    assert deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c=acc, out=acc) is acc
+    assert_bitwise_equal(acc, expected)
+    out = torch.full((n, k), float("nan"))
+    deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c, out=out)
+    assert_bitwise_equal(out, expected)
+    offsets = torch.tensor([0, 128, 128, 384])
+    cg = torch.randn(3, n, k)
+    expected = deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, offsets, cg)
+    acc = cg.clone()
+    assert deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, offsets, c=acc, out=acc) is acc
+    assert_bitwise_equal(acc, expected)
+    out = torch.full((3, n, k), float("nan"))
+    deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, offsets, out=out)
+    assert_bitwise_equal(out, deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, offsets))
+
+
 # ---- dgrad, grouped dgrad ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
@@ -119,6 +143,10 @@ def test_train_ops_opcheck_cpu():
     opcheck_fp8_safe(ops.fp8_gemm_wgrad.default, (a, a_scales, b, b_scales, torch.randn(32, 16)))
     offsets = torch.tensor([0, 128, 256])
     opcheck_fp8_safe(ops.k_grouped_fp8_gemm_wgrad.default, (a, a_scales, b, b_scales, offsets, None))
+    opcheck_fp8_safe(ops.fp8_gemm_wgrad_out.default, (a, a_scales, b, b_scales, torch.randn(32, 16),
+                                                      torch.empty(32, 16)), mutated=(5,))
+    opcheck_fp8_safe(ops.k_grouped_fp8_gemm_wgrad_out.default, (a, a_scales, b, b_scales, offsets, None,
+                                                                torch.empty(2, 32, 16)), mutated=(6,))
     dy, dy_scales = token_scaled(5, 128)
     w, w_scales = block_weight(128, 256)
     opcheck_fp8_safe(ops.fp8_gemm_dgrad.default, (dy, dy_scales, w, w_scales, torch.float32))
@@ -284,6 +312,18 @@ def test_train_ops_reject_bad_inputs():
         deepseek_ops.fp8_gemm_wgrad(a, a_scales[:, :1], b, b_scales)
     with pytest.raises(ValueError, match="argument 'c': expected shape"):
         deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, torch.zeros(16, 32))
+    with pytest.raises(ValueError, match="argument 'out': expected shape"):
+        deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, out=torch.zeros(16, 32))
+    with pytest.raises(ValueError, match="argument 'out': expected dtype"):
+        deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, out=torch.zeros(32, 16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="argument 'out'.*contiguous"):
+        deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, out=torch.zeros(16, 32).t())
+    buffer = torch.zeros(33 * 16)
+    with pytest.raises(ValueError, match="argument 'c': overlaps 'out' without being it"):
+        deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c=buffer[16:].view(32, 16), out=buffer[:512].view(32, 16))
+    with pytest.raises(ValueError, match="argument 'c': overlaps 'out' without being it"):
+        deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, torch.tensor([0, 256]),
+                                              c=buffer[16:].view(1, 32, 16), out=buffer[:512].view(1, 32, 16))
     with pytest.raises(ValueError, match=r"argument 'b': K \(b.shape\[0\], the gradient's columns\) must be"):
         deepseek_ops.fp8_gemm_wgrad(a, a_scales, b[:8], b_scales[:8])
     with pytest.raises(ValueError, match="argument 'group_offsets': every offset must be a multiple of 128"):
@@ -437,6 +477,18 @@ def test_cuda_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_n, cluster
     with_c = deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c)
     assert calc_diff(with_c, ref.double() + c.double()) < CALC_DIFF_BOUND
     assert_bitwise_equal(deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales), out)  # fixed sum order
+    _assert_out_and_in_place(lambda **kw: deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, **kw), c, with_c)
+
+
+def _assert_out_and_in_place(wgrad, c, with_c):
+    """wgrad(c=, out=) against with_c = wgrad(c): into a poisoned out; accumulated in place (c=out), where
+    TMA adds at L2: the same fp32 sums, but an atomic float add may flush a subnormal to zero."""
+    out = torch.full_like(c, float("nan"))
+    assert wgrad(c=c, out=out) is out
+    assert_bitwise_equal(out, with_c)
+    acc = c.clone()
+    assert wgrad(c=acc, out=acc) is acc
+    torch.testing.assert_close(acc, with_c, rtol=0, atol=torch.finfo(torch.float32).tiny)
 
 
 @pytest.mark.gpu
@@ -503,6 +555,8 @@ def test_cuda_k_grouped_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_
             assert_bitwise_equal(without_c[g], torch.zeros_like(c[g]), f"expert {g} has no tokens, no c")
         else:
             assert calc_diff(without_c[g], ref_without_c[g]) < CALC_DIFF_BOUND, f"expert {g} without c"
+    _assert_out_and_in_place(
+        lambda **kw: deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets, **kw), c, out)
     # The dense op on one expert's token range gives the same bits (same tiles, same K blocks in order).
     g = max(range(len(offsets) - 1), key=lambda i: offsets[i + 1] - offsets[i])
     lo, hi = offsets[g], offsets[g + 1]
