@@ -84,7 +84,7 @@ __device__ __forceinline__ void tma_store_3d(const CUtensorMap* tmap, const void
                : "memory");
 }
 
-// PTX ISA 9.7.9.27 (cp.reduce.async.bulk.tensor, .add): adds the 3-D box at (inner, outer, depth) of
+// PTX ISA, cp.reduce.async.bulk.tensor (.add): adds the 3-D box at (inner, outer, depth) of
 // shared memory into global memory element by element (the add happens at L2; the SM reads nothing
 // of the destination), as one bulk async-group member. Clipped and awaited as tma_store_3d.
 __device__ __forceinline__ void tma_reduce_add_3d(const CUtensorMap* tmap, const void* smem_src, int32_t inner,
