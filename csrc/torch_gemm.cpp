@@ -233,6 +233,14 @@ at::Tensor fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& a_scales, 
   return out;
 }
 
+// G, the experts of k_grouped_fp8_gemm_wgrad: group_offsets int32/int64 [G + 1], G >= 1, on dev.
+int64_t k_grouped_wgrad_groups(const at::Tensor& group_offsets, const at::Device dev) {
+  TORCH_CHECK(group_offsets.device() == dev && group_offsets.dim() == 1 && group_offsets.size(0) >= 2 &&
+                  (group_offsets.scalar_type() == at::kInt || group_offsets.scalar_type() == at::kLong),
+              "k_grouped_fp8_gemm_wgrad: group_offsets must be int32/int64 [G + 1] with G >= 1 on ", dev);
+  return group_offsets.size(0) - 1;
+}
+
 // The weight gradients of all experts: out[g] = fp8_gemm_wgrad over the tokens [group_offsets[g],
 // group_offsets[g + 1]) (+ c[g]), fp32 [G, m, n]. The offsets (multiples of 128, checked by the public
 // function where it can read them) become K-block offsets; the kernel clamps them.
@@ -242,10 +250,7 @@ void k_grouped_fp8_gemm_wgrad_out_cuda(const at::Tensor& a, const at::Tensor& a_
   constexpr const char* op = "k_grouped_fp8_gemm_wgrad";
   const auto [m, t, n] = check_wgrad_operands(op, a, a_scales, b, b_scales);
   const at::Device dev = a.device();
-  TORCH_CHECK(group_offsets.device() == dev && group_offsets.dim() == 1 && group_offsets.size(0) >= 2 &&
-                  (group_offsets.scalar_type() == at::kInt || group_offsets.scalar_type() == at::kLong),
-              op, ": group_offsets must be int32/int64 [G + 1] with G >= 1 on ", dev);
-  const int64_t groups = group_offsets.size(0) - 1;
+  const int64_t groups = k_grouped_wgrad_groups(group_offsets, dev);
   check_wgrad_c_out(op, c, out, {groups, m, n}, dev);
   const c10::cuda::CUDAGuard guard(dev);
   if (m == 0 || n == 0) return;
@@ -261,9 +266,8 @@ void k_grouped_fp8_gemm_wgrad_out_cuda(const at::Tensor& a, const at::Tensor& a_
 at::Tensor k_grouped_fp8_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                                          const at::Tensor& b_scales, const at::Tensor& group_offsets,
                                          const std::optional<at::Tensor>& c) {
-  TORCH_CHECK(group_offsets.dim() == 1 && group_offsets.size(0) >= 2,
-              "k_grouped_fp8_gemm_wgrad: group_offsets must be [G + 1] with G >= 1");
-  auto out = at::empty({group_offsets.size(0) - 1, a.size(0), b.size(0)}, a.options().dtype(at::kFloat));
+  const int64_t groups = k_grouped_wgrad_groups(group_offsets, a.device());
+  auto out = at::empty({groups, a.size(0), b.size(0)}, a.options().dtype(at::kFloat));
   k_grouped_fp8_gemm_wgrad_out_cuda(a, a_scales, b, b_scales, group_offsets, c, out);
   return out;
 }

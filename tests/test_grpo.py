@@ -327,13 +327,20 @@ def test_grpo_steps_learn_the_reward(task):
     assert even_after > even_before + 0.05, (even_before, even_after)  # the advantage's sign is right
 
 
-def test_nan_loss_step_is_skipped(task):
-    policy = random_model(small_args(), seed=6)
+def _update_setup(task, seed: int, lr: float):
+    """A small policy, its AdamW, one rollout of 2 problems x 2 samples and the policy's own log-probs
+    as the reference's: (policy, params, optimizer, batch, ref_logp)."""
+    policy = random_model(small_args(), seed=seed)
     params = trainable_parameters(policy)
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    batch = rollout(policy, task, task.sample(2, random.Random(0)), 2, seed=0)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    batch = rollout(policy, task, task.sample(2, random.Random(seed)), 2, seed=seed)
     with torch.no_grad():
         ref_logp = token_logprobs(policy, batch.tokens)
+    return policy, params, optimizer, batch, ref_logp
+
+
+def test_nan_loss_step_is_skipped(task):
+    policy, params, optimizer, batch, ref_logp = _update_setup(task, seed=6, lr=1e-3)
     before = weights_of(policy)
     cfg = GRPOConfig(inner_steps=3)
     stats = update_policy(policy, optimizer, params, batch, torch.full((4,), float("nan")), ref_logp, cfg)
@@ -389,12 +396,7 @@ def test_deadline_ends_grpo_and_warmup_after_one_evaluated_step(task):
 def test_update_policy_ratios_start_from_the_sampling_policy(task):
     """The first inner step's ratio is exactly 1 (the old log-probs are that step's own, the policy
     that sampled), the second sees the first's update."""
-    policy = random_model(small_args(), seed=7)
-    params = trainable_parameters(policy)
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    batch = rollout(policy, task, task.sample(2, random.Random(1)), 2, seed=1)
-    with torch.no_grad():
-        ref_logp = token_logprobs(policy, batch.tokens)
+    policy, params, optimizer, batch, ref_logp = _update_setup(task, seed=7, lr=1e-2)
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
     one = update_policy(policy, optimizer, params, batch, advantages, ref_logp, GRPOConfig(inner_steps=1))
     assert one["ratio"] == 1.0 and one["clip_frac"] == 0.0
