@@ -3,8 +3,8 @@
 Model: the grpo-h200 preset with random float weights, saved by model/checkpoint.py in HF format.
 Ours (impl deepseek_ops): the rollout sampler of model/grpo_rollout.py, backend "kernels" with FP8
 linears quantized from those weights (fp8_linear, grouped FP8 expert GEMMs, mla_decode on the bf16
-paged cache) through model/generate.py, the decode step replayed from a CUDA graph as GRPO's
-rollouts do (model/decode_graph.py; captured at the first call of a shape, then reused). Peer
+paged cache) through model/generate.py, the prefill and decode steps replayed from CUDA graphs as
+GRPO's rollouts do (model/step_graphs.py; captured at the first call of a shape, then reused). Peer
 (transformers): DeepseekV3ForCausalLM.from_pretrained of the same folder in bf16, `generate(do_sample=True)` with the same temperature 1, no top-k / top-p,
 exactly new_tokens per row (neither side stops at eos: ours is called without eos_id, so every
 rollout decodes the full length). Rows: B prompts x G samples of prompt_len random byte tokens.

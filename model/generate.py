@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from model.checkpoint import load_checkpoint
 from model.config import DTYPES, PAGE_SIZE, PRESETS, preset
-from model.decode_graph import graphed_decode
+from model.step_graphs import GraphedSteps
 from model.model import Transformer, random_model
 
 
@@ -190,8 +190,8 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
     """Generates max_new_tokens after each prompt. Returns the new tokens per prompt and stats
     (tokens_per_s; with use_mtp, acceptance_rate = accepted drafts / verify steps).
 
-    cuda_graph: replay the decode step from a CUDA graph (model/decode_graph.py; a model on CUDA,
-    without expert parallelism); the tokens are those of the eager step.
+    cuda_graph: replay the prefill and decode steps from CUDA graphs (model/step_graphs.py; a model
+    on CUDA, without expert parallelism); the tokens are those of the eager steps.
 
     With eos_id, decoding stops once every row has produced eos_id (seen every stop_check_every
     tokens; with use_mtp every verify step, whose tokens the host holds anyway): each row is then
@@ -213,12 +213,14 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
     # much as a short rollout's decode steps at GRPO's 512 prompts.
     tokens = torch.tensor([list(p) + [0] * (max_prompt - len(p)) for p in prompts], dtype=torch.long).to(device)
     decode = torch.compile(decode_one_token, fullgraph=True, dynamic=False) if compile else decode_one_token
+    first_step = prefill
     if cuda_graph:
-        decode = graphed_decode(model)
+        steps = GraphedSteps(model)
+        first_step, decode = steps.graphed(prefill), steps.graphed(decode_one_token)
 
     start = time.perf_counter()
     bar = Progress(max_new_tokens * batch, progress)
-    logits, hidden = prefill(model, tokens, block_table)
+    logits, hidden = first_step(model, tokens, block_table)
     last = (lengths - 1)[:, None]  # [B, 1]
     next_token = sample(logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1]))[:, 0],
                         temperature, top_p, generator)  # [B]

@@ -21,8 +21,8 @@ slowly (1-2 digit additions need hundreds of warm-up steps), hence an easy task 
     python -m model.grpo --out /tmp/grpo-cpu --ops + --min-digits 1 --max-digits 2 \\
         --warmup-target 0.05 --steps 20 --eval-size 200
 The H200 experiment (policy trains in fp32 on the reference backend; rollouts and evaluation run the
-kernels backend with FP8 linears, refreshed from the policy after every step, the decode step replayed
-from a CUDA graph), within one device command's time:
+kernels backend with FP8 linears, refreshed from the policy after every step, the prefill and decode
+steps replayed from CUDA graphs), within one device command's time:
     python -m model.grpo --preset grpo-h200 --device cuda --rollout-backend kernels --rollout-fp8 \\
         --ops + --min-digits 2 --max-digits 3 --warmup-batch 512 --warmup-eval-every 50 --lr 3e-5 \\
         --out runs/grpo-h200 --steps 5000 --prompts-per-step 64 --group-size 8 --eval-every 10 \\

@@ -53,8 +53,9 @@ def build_sampler(policy: Transformer, backend: str, fp8: bool, dtype: str) -> T
 
 
 def uses_cuda_graph(sampler: Transformer) -> bool:
-    """Whether generation replays the decode step from a CUDA graph: the kernels backend on CUDA with
-    every op on its kernel (a reference fallback may read values on the host, which a capture forbids)."""
+    """Whether generation replays its prefill and decode steps from CUDA graphs: the kernels backend on
+    CUDA with every op on its kernel (a reference fallback may read values on the host, which a capture
+    forbids)."""
     return (sampler.backend == "kernels" and sampler.model.embed_tokens.weight.is_cuda
             and sampler.ep_group is None and not sampler.kernel_fallbacks())
 

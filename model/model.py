@@ -415,7 +415,7 @@ def _ep_rank_and_size(group) -> Tuple[int, int]:
 @torch.no_grad()
 def set_derived(module: nn.Module, name: str, value: Optional[torch.Tensor]) -> None:
     """Sets a tensor derived from the weights: in place when the one there has the same shape, dtype
-    and device, so that a captured decode graph (model/decode_graph.py), which reads it by address,
+    and device, so that a captured step graph (model/step_graphs.py), which reads it by address,
     sees the new values and stays valid."""
     old = getattr(module, name)
     if (value is not None and old is not None and old.shape == value.shape and old.dtype == value.dtype
@@ -753,7 +753,7 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             cache = layer.self_attn.kv_cache
             if cache is not None and cache.shape == shape and cache.dtype == dtype and cache.device == device:
-                cache.zero_()  # in place: a captured decode graph (model/decode_graph.py) stays valid
+                cache.zero_()  # in place: a captured step graph (model/step_graphs.py) stays valid
             else:
                 layer.self_attn.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
 
