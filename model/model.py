@@ -735,7 +735,10 @@ class Transformer(nn.Module):
 
     # --- state -----------------------------------------------------------------------------------
     def setup_cache(self, num_blocks: int, dtype: Optional[torch.dtype] = None) -> None:
-        """Allocates every layer's paged latent cache [num_blocks, 64, 1, R + dr] (zeros).
+        """Allocates every layer's paged latent cache [num_blocks, 64, 1, R + dr] (zeros). A cache of at
+        least num_blocks pages (same width, dtype and device) is zeroed and kept instead: captured step
+        graphs (model/step_graphs.py) read it by address, so generate calls of smaller batches (GRPO's
+        evaluation between its rollouts) keep them valid. The memory is that of the largest call.
 
         dtype torch.uint8: the packed FP8 cache of deepseek_ops.mla_decode, [num_blocks, 64, 1, 656]
         (kernels backend with mla_decode only: the latents are quantized as they are written).
@@ -752,8 +755,9 @@ class Transformer(nn.Module):
         shape = (num_blocks, PAGE_SIZE, 1, width)
         for layer in self.model.layers:
             cache = layer.self_attn.kv_cache
-            if cache is not None and cache.shape == shape and cache.dtype == dtype and cache.device == device:
-                cache.zero_()  # in place: a captured step graph (model/step_graphs.py) stays valid
+            if (cache is not None and cache.shape[0] >= num_blocks and cache.shape[1:] == shape[1:]
+                    and cache.dtype == dtype and cache.device == device):
+                cache.zero_()  # every page: the kernels clamp a bad page id into the cache, which reads zeros
             else:
                 layer.self_attn.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
 

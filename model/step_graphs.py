@@ -11,10 +11,10 @@ reads lives where it lived at the capture:
   each call copies into; each (step, input shapes) has its own graph, the last MAX_GRAPHS kept, so
   GRPO's rollouts and its held-out evaluation (other batch sizes) do not capture again in turn;
 - the model's tensors (parameters, buffers, caches, derived weights) are compared by address,
-  shape and dtype once per generate call (`GraphedSteps`): a replaced tensor, a cache of a new size
-  or a moved model drops every graph. Weights copied in place, derived weights refreshed in place
-  by prepare() (model.set_derived) and same-size caches (Transformer.setup_cache) keep their
-  addresses, so GRPO's graphs replay across weight updates.
+  shape and dtype once per generate call (`GraphedSteps`): a replaced tensor, a larger cache or a
+  moved model drops every graph. Weights copied in place, derived weights refreshed in place
+  by prepare() (model.set_derived) and caches large enough for the call (Transformer.setup_cache)
+  keep their addresses, so GRPO's graphs replay across weight updates.
 
 A step must not read values on the host while it is captured: the one-GPU expert dispatch sizes its
 rows for the worst case there instead of syncing (MoE.experts_grouped_fp8), and the expert-parallel

@@ -25,13 +25,14 @@ def _prompts(vocab, lengths, seed):
     return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
-def test_setup_cache_reuses_a_same_size_cache_in_place():
+def test_setup_cache_reuses_a_large_enough_cache_in_place():
     model = random_model(preset("tiny"))
     model.setup_cache(3)
     cache = model.model.layers[0].self_attn.kv_cache
-    cache.fill_(1.0)
-    model.setup_cache(3)
-    assert model.model.layers[0].self_attn.kv_cache is cache and not cache.any()
+    for num_blocks in (3, 2):
+        cache.fill_(1.0)
+        model.setup_cache(num_blocks)
+        assert model.model.layers[0].self_attn.kv_cache is cache and not cache.any()
     model.setup_cache(4)
     assert model.model.layers[0].self_attn.kv_cache.shape[0] == 4
 
