@@ -28,7 +28,8 @@ import torch
 from model.model import Transformer
 
 # Graphs kept per model. Each holds a private memory pool (its step's activations), so this bounds
-# their memory; GRPO uses 4 (prefill and decode of the rollout batch and of the evaluation batch).
+# their memory; GRPO uses 6 (prefill and decode of its rollout batch and of its evaluation's two
+# chunk sizes, 256 and the rest).
 MAX_GRAPHS = 8
 
 StepFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
