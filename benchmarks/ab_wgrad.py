@@ -2,7 +2,7 @@
 development tool).
 
   python -m benchmarks.ab_wgrad [--configs auto,128x128,128x160,128x192] [--dense N:K,...]
-                                [--k-grouped G:M:N:K,...] [--no-without-c]
+                                [--k-grouped G:M:N:K,...] [--no-without-c] [--in-place-paths]
 
 Shapes as benchmarks/bench_train.py's quick set (M = 4096 tokens; (N, K) of the weight; k-grouped: G
 experts of M tokens each). Per shape: fp8_gemm_wgrad / k_grouped_fp8_gemm_wgrad under every config
@@ -69,25 +69,36 @@ def k_grouped_case(groups: int, rows: int, n: int, k: int):
 
 
 # How ours is called: "c" reads c and writes a new d; "in-place" accumulates into a copy of c (c = out,
-# added by TMA reduce-add, as DeepGEMM's c = d; the first call, the checked one, gives c + dW);
+# as DeepGEMM's c = d; the first call, the checked one, gives c + dW), by the path the heuristic picks
+# or ("in-place load" / "in-place reduce", with --in-place-paths) forced by DSO_FP8_GEMM_IN_PLACE;
 # "no-c" writes dW alone, as training calls it.
-MODES = {"c": "", "in-place": " in-place", "no-c": " no-c"}
+MODES = {"c": "", "in-place": " in-place", "in-place-load": " in-place load", "in-place-reduce": " in-place reduce",
+         "no-c": " no-c"}
+IN_PLACE_PATH = "DSO_FP8_GEMM_IN_PLACE"
 
 
 def _ours(mode: str, c: torch.Tensor, wgrad: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
-    if mode == "in-place":
+    if mode.startswith("in-place"):
         acc = c.clone()
-        return lambda: wgrad(c=acc, out=acc)
+        path = mode.partition("in-place-")[2]
+
+        def call():
+            if path:
+                os.environ[IN_PLACE_PATH] = path
+            else:
+                os.environ.pop(IN_PLACE_PATH, None)
+            return wgrad(c=acc, out=acc)
+        return call
     return lambda: wgrad(c=c if mode == "c" else None)
 
 
-def measure(case, configs: List[str], without_c: bool, ratios: Dict[str, List[float]]):
+def measure(case, configs: List[str], without_c: bool, in_place_paths: bool, ratios: Dict[str, List[float]]):
     label, flops, ours, deepgemm, error_of = case
     impls: Dict[str, Callable[[], torch.Tensor]] = {}
     with_c_of: Dict[str, bool] = {}
     for config in configs:
         for mode, suffix in MODES.items():
-            if mode == "no-c" and not without_c:
+            if (mode == "no-c" and not without_c) or (mode.startswith("in-place-") and not in_place_paths):
                 continue
             name = config + suffix
             impls[name], with_c_of[name] = with_config(config, ours(mode)), mode != "no-c"
@@ -117,6 +128,7 @@ def measure(case, configs: List[str], without_c: bool, ratios: Dict[str, List[fl
             extra = f" {ratio:.3f}x dg"
         line.append(f"{name}: {ms * 1e3:.1f} us {flops / ms / 1e9:.0f} TF {clock:.0f} MHz {mj:.1f} mJ{extra}")
     os.environ.pop("DSO_FP8_GEMM_CONFIG", None)
+    os.environ.pop(IN_PLACE_PATH, None)
     print(" | ".join(line), flush=True)
 
 
@@ -126,13 +138,15 @@ def main():
     parser.add_argument("--dense", default=",".join(f"{n}:{k}" for n, k in QUICK_WEIGHTS))
     parser.add_argument("--k-grouped", default=",".join(":".join(map(str, s)) for s in QUICK_K_GROUPED_SHAPES))
     parser.add_argument("--no-without-c", action="store_true", help="time ours with c only")
+    parser.add_argument("--in-place-paths", action="store_true",
+                        help="also time both in-place paths forced (DSO_FP8_GEMM_IN_PLACE=load / reduce)")
     args = parser.parse_args()
     configs = args.configs.split(",")
     parse = lambda spec: [tuple(int(v) for v in s.split(":")) for s in spec.split(",") if s]  # noqa: E731
     ratios: Dict[str, List[float]] = {}
     cases = [(dense_case, s) for s in parse(args.dense)] + [(k_grouped_case, s) for s in parse(args.k_grouped)]
     for make, shape in cases:
-        measure(make(*shape), configs, not args.no_without_c, ratios)
+        measure(make(*shape), configs, not args.no_without_c, args.in_place_paths, ratios)
         torch.cuda.empty_cache()
     for name, r in ratios.items():
         print(f"{name}: geomean {math.exp(sum(map(math.log, r)) / len(r)):.3f}x DeepGEMM over {len(r)} shapes")

@@ -387,13 +387,13 @@ __device__ __forceinline__ int wgrad_num_atoms(const GemmParams& p, const Tile& 
   return min(BLOCK_N, p.n - tile.n_block_idx * BLOCK_N + kWgradAtomCols - 1) / kWgradAtomCols;
 }
 
-// c is d itself (an in-place accumulation): the epilogue adds the tile into d by TMA reduce-add (at L2)
-// instead of loading c into the atoms first, so the SMs never read c.
-__device__ __forceinline__ bool wgrad_reduces_into_d(const GemmParams& p) {
-  return p.c != nullptr && static_cast<const void*>(p.c) == p.d && p.ldc == p.ldd;
-}
+// c is d itself (an in-place accumulation) and the host chose reduce-add: the epilogue adds the tile
+// into d by TMA reduce-add (at L2) instead of loading c into the atoms first, so the SMs never read c.
+// Otherwise c == d takes the load path, which is safe: only this tile reads or writes its region of d.
+__device__ __forceinline__ bool wgrad_reduces_into_d(const GemmParams& p) { return p.reduce_c_into_d; }
 
-// One thread of a warpgroup that has rows in the tile, p.c given (not d): c's tile -> the staging atoms.
+// One thread of a warpgroup that has rows in the tile, p.c given and not reduced into d: c's tile -> the
+// staging atoms.
 template <int BLOCK_N, int kWgRows>
 __device__ __forceinline__ void load_c_tile_async(const CUtensorMap* tmap_c, const GemmParams& p, const Tile& tile,
                                                   uint8_t* smem_d, uint64_t* c_full, int consumer_wg_idx) {
@@ -952,12 +952,14 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
                            static_cast<int>(p.n),
                            static_cast<int>(num_k_blocks),
                            static_cast<int>(p.num_groups),
-                           p.k_block_offsets};
+                           p.k_block_offsets,
+                           args.config.reduce_c_into_d};
   if (verbose()) {
     std::fprintf(stderr, "deepseek_ops fp8 gemm: type %d m %lld n %lld k %lld groups %lld -> BLOCK_M %d BLOCK_N %d "
-                 "stages %d cluster %d ctas %d\n", static_cast<int>(p.type), static_cast<long long>(p.m),
+                 "stages %d cluster %d ctas %d%s\n", static_cast<int>(p.type), static_cast<long long>(p.m),
                  static_cast<long long>(p.n), static_cast<long long>(p.k), static_cast<long long>(p.num_groups),
-                 block_m, block_n, args.config.num_stages, args.config.cluster_size, args.config.num_ctas);
+                 block_m, block_n, args.config.num_stages, args.config.cluster_size, args.config.num_ctas,
+                 args.config.reduce_c_into_d ? " in-place reduce-add" : "");
   }
   if (!dispatch(args, p.type, p.d_fp32)) {
     throw std::runtime_error("deepseek_ops: no fp8 gemm kernel instantiated for BLOCK_M=" + std::to_string(block_m) +

@@ -60,6 +60,10 @@ struct Fp8GemmConfig {
   int num_stages = 0;
   int cluster_size = 1;  // 2: pairs of CTAs share A through TMA multicast (dense)
   int num_ctas = 0;
+  // Weight gradients with c == d (accumulated in place): add each tile into d by TMA reduce-add (true),
+  // or load c's tile into shared memory first and store the sum (false). Chosen per call
+  // (reduce_c_into_d in csrc/sm90_fp8_gemm_config.cpp) unless DSO_FP8_GEMM_IN_PLACE=reduce|load forces it.
+  bool reduce_c_into_d = false;
 };
 
 // The configuration launch_sm90_fp8_gemm would use (no launch).

@@ -33,6 +33,7 @@ struct GemmParams {
   int num_k_blocks;
   int num_groups;
   const int32_t* k_block_offsets;  // k-grouped wgrad
+  bool reduce_c_into_d;            // weight gradients, c == d: Fp8GemmConfig::reduce_c_into_d
 };
 
 struct Tile {

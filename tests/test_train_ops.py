@@ -459,7 +459,7 @@ WGRAD_CONFIGS = fp8_gemm_tile_configs("wgrad", torch.float32)
 @pytest.mark.parametrize("block_m,block_n,cluster", WGRAD_CONFIGS)
 @pytest.mark.parametrize("n,k,tokens", [(48, 16, 128), (200, 2112, 640), (128, 7168, 1024), (1, 128, 4096),
                                         (1000, 7168, 256)])
-def test_cuda_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_n, cluster, n, k, tokens):
+def test_cuda_fp8_gemm_wgrad_every_config(gemm_config, monkeypatch, block_m, block_n, cluster, n, k, tokens):
     # Partial row and column tiles (48 x 16, 200 x 2112 in 128-wide tiles; 48 rows leave the second
     # warpgroup of a 128-row tile none), one K block and many: B's per-row scales are loaded per stage and
     # applied per column, so a wrong column or K block shows. 1000 x 7168 gives every CTA several tiles:
@@ -477,18 +477,26 @@ def test_cuda_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_n, cluster
     with_c = deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, c)
     assert calc_diff(with_c, ref.double() + c.double()) < CALC_DIFF_BOUND
     assert_bitwise_equal(deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales), out)  # fixed sum order
-    _assert_out_and_in_place(lambda **kw: deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, **kw), c, with_c)
+    _assert_out_and_in_place(lambda **kw: deepseek_ops.fp8_gemm_wgrad(a, a_scales, b, b_scales, **kw), c, with_c,
+                             monkeypatch)
 
 
-def _assert_out_and_in_place(wgrad, c, with_c):
-    """wgrad(c=, out=) against with_c = wgrad(c): into a poisoned out; accumulated in place (c=out), where
-    TMA adds at L2: the same fp32 sums, but an atomic float add may flush a subnormal to zero."""
+def _assert_out_and_in_place(wgrad, c, with_c, monkeypatch):
+    """wgrad(c=, out=) against with_c = wgrad(c): into a poisoned out; accumulated in place (c=out) by
+    both paths. The load path adds c in registers as with_c does: the same bits. Reduce-add adds at L2:
+    the same fp32 sums, but an atomic float add may flush a subnormal to zero."""
     out = torch.full_like(c, float("nan"))
     assert wgrad(c=c, out=out) is out
     assert_bitwise_equal(out, with_c)
-    acc = c.clone()
-    assert wgrad(c=acc, out=acc) is acc
-    torch.testing.assert_close(acc, with_c, rtol=0, atol=torch.finfo(torch.float32).tiny)
+    for path in ["load", "reduce"]:
+        monkeypatch.setenv("DSO_FP8_GEMM_IN_PLACE", path)
+        acc = c.clone()
+        assert wgrad(c=acc, out=acc) is acc
+        if path == "load":
+            assert_bitwise_equal(acc, with_c, "in place, load path")
+        else:
+            torch.testing.assert_close(acc, with_c, rtol=0, atol=torch.finfo(torch.float32).tiny)
+    monkeypatch.delenv("DSO_FP8_GEMM_IN_PLACE")
 
 
 @pytest.mark.gpu
@@ -504,6 +512,15 @@ def test_cuda_fp8_gemm_wgrad_heuristic_and_views():
     # Against the unquantized product: e4m3 rounding of both operands dominates (~7e-4 for these shapes
     # through the CPU reference); a wrong operand or transpose is ~1.
     assert calc_diff(out, dy.double().t() @ x.double() + c.double()) < 3e-3
+
+
+@pytest.mark.gpu
+def test_cuda_wgrad_in_place_path_override_rejects_other_values(monkeypatch):
+    a, a_scales = _cuda_token_scaled(128, 128)
+    acc = torch.zeros(128, 128, device="cuda")
+    monkeypatch.setenv("DSO_FP8_GEMM_IN_PLACE", "sideways")
+    with pytest.raises(RuntimeError, match="DSO_FP8_GEMM_IN_PLACE must be reduce or load, got sideways"):
+        deepseek_ops.fp8_gemm_wgrad(a, a_scales, a, a_scales, c=acc, out=acc)
 
 
 @pytest.mark.gpu
@@ -528,7 +545,8 @@ K_GROUPED_WGRAD_CONFIGS = fp8_gemm_tile_configs("k_grouped_wgrad", torch.float32
 @pytest.mark.parametrize("block_m,block_n,cluster", K_GROUPED_WGRAD_CONFIGS)
 @pytest.mark.parametrize("offsets", [[0, 256, 256, 640, 768], [0, 0, 128, 1024, 1024], [0, 128]])
 @pytest.mark.parametrize("n,k", [(200, 2112), (48, 336), (1000, 2112)])
-def test_cuda_k_grouped_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_n, cluster, offsets, n, k):
+def test_cuda_k_grouped_fp8_gemm_wgrad_every_config(gemm_config, monkeypatch, block_m, block_n, cluster, offsets, n,
+                                                    k):
     # Experts with no tokens first, in the middle and last (they give c[g]: no K block runs), one
     # 128-token expert, several K blocks; partial row and column tiles whose rows end at a group's
     # boundary (200 x 2112; 48 x 336, where a 128-row tile's second warpgroup has no rows); several tiles
@@ -556,7 +574,8 @@ def test_cuda_k_grouped_fp8_gemm_wgrad_every_config(gemm_config, block_m, block_
         else:
             assert calc_diff(without_c[g], ref_without_c[g]) < CALC_DIFF_BOUND, f"expert {g} without c"
     _assert_out_and_in_place(
-        lambda **kw: deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets, **kw), c, out)
+        lambda **kw: deepseek_ops.k_grouped_fp8_gemm_wgrad(a, a_scales, b, b_scales, group_offsets, **kw), c, out,
+        monkeypatch)
     # The dense op on one expert's token range gives the same bits (same tiles, same K blocks in order).
     g = max(range(len(offsets) - 1), key=lambda i: offsets[i + 1] - offsets[i])
     lo, hi = offsets[g], offsets[g + 1]
