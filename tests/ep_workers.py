@@ -53,8 +53,12 @@ def run_ranks(fn: Callable, world_size: int, *args, pg_backend: str = "gloo", ki
     """Runs fn(rank, world_size, *args) in world_size spawned processes; re-raises a rank's failure.
     pg_backend: the process group's ("nccl" needs a GPU per rank). killed_ranks: ranks that SIGKILL
     themselves on purpose; every other rank must finish its checks."""
+    # Ranks fork from a server process that imported this module (torch, deepseek_ops) and fn's once:
+    # a spawned rank spent seconds on those imports, most of each multi-process test's time. The server
+    # never touches CUDA, so each rank initializes its own context as a spawned one would.
+    mp.set_forkserver_preload([__name__, fn.__module__])
     context = mp.start_processes(_entry, args=(world_size, free_port(), fn, args, pg_backend), nprocs=world_size,
-                                 join=False, start_method="spawn")
+                                 join=False, start_method="forkserver")
     try:
         if not killed_ranks:
             while not context.join():
@@ -144,6 +148,7 @@ def check_exchange(rank: int, world_size: int, seed: int, case: dict):
         assert_bitwise_equal(got.cpu(), want, "layout")
 
     epr = case["experts"] // world_size
+    sent = [make_inputs(seed, src, case)[0] for src in range(world_size)]  # every rank's rows, redrawn once
     for exact in (True, False):
         res = buffer.dispatch(x, topk_idx, weights, exact=exact)
         m_indices = res.recv_topk_idx.cpu()
@@ -155,7 +160,7 @@ def check_exchange(rank: int, world_size: int, seed: int, case: dict):
             assert got == want[e], f"rank {rank} expert {e}: rows from {got[:8]}, expected {want[e][:8]}"
             assert int(res.num_recv_tokens_per_expert[e]) == len(want[e])
             for r, (src, t) in zip(rows.tolist(), want[e]):
-                assert torch.equal(recv_x[r].view(torch.int16), make_inputs(seed, src, case)[0][t].view(torch.int16))
+                assert torch.equal(recv_x[r].view(torch.int16), sent[src][t].view(torch.int16))
         starts = [int(r[0]) for r in ((m_indices == e).nonzero().flatten() for e in range(epr)) if r.numel()]
         assert all(s % buffer.alignment == 0 for s in starts), f"groups not aligned: {starts}"
         y = apply_experts(res.recv_x, res.recv_topk_idx, rank * epr)
@@ -172,13 +177,13 @@ def check_exchange(rank: int, world_size: int, seed: int, case: dict):
     recv_fp8, recv_scales = (t.cpu() for t in res.recv_x)
     m_indices = res.recv_topk_idx.cpu()
     want = expected_rows(seed, rank, world_size, case)
+    sent_fp8 = [per_token_group_quant_fp8(rows.float(), 128)[0] for rows in sent]
     for e in range(epr):
         rows = (m_indices == e).nonzero().squeeze(1)
         got = [divmod(int(recv_scales[r, 0]) - 1, 1000) for r in rows]
         assert got == want[e], f"rank {rank} fp8 expert {e}: rows from {got[:8]}, expected {want[e][:8]}"
         for r, (src, t) in zip(rows.tolist(), want[e]):
-            src_fp8, _ = per_token_group_quant_fp8(make_inputs(seed, src, case)[0].float(), 128)
-            assert torch.equal(recv_fp8[r].view(torch.uint8), src_fp8[t].view(torch.uint8))
+            assert torch.equal(recv_fp8[r].view(torch.uint8), sent_fp8[src][t].view(torch.uint8))
     buffer.close()
 
 
@@ -203,6 +208,14 @@ def check_bad_input(rank: int, world_size: int, seed: int, case: dict):
     out = buffer.combine(y, res.handle, weights)
     assert_bitwise_equal(out, reference.moe_dense(x, topk_idx, weights, expert_fn), "combine after errors")
     _expect_value_error(lambda: buffer.combine(y[:, :-8] if rank == 0 else y, res.handle, weights), "'y'", rank)
+
+
+def check_errors_raise_on_every_rank(rank: int, world_size: int, seed: int, case: dict):
+    """check_bad_input, check_too_many_tokens (case["exact"]) and check_layout_agreement (case["differ"],
+    case["message"]) in one group of ranks: each starts from its own Buffer."""
+    check_bad_input(rank, world_size, seed, case)
+    check_too_many_tokens(rank, world_size, seed, case)
+    check_layout_agreement(rank, world_size, seed, case)
 
 
 def check_layout_agreement(rank: int, world_size: int, seed: int, case: dict):
