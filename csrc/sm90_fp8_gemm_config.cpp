@@ -234,9 +234,9 @@ Fp8GemmConfig complete(Fp8GemmConfig config, const Fp8GemmProblem& p, const Devi
 // Tokens per group (a weight gradient's contraction, k / groups) from which an in-place accumulation
 // adds its tiles into d by TMA reduce-add rather than loading c first. Both move c once through DRAM;
 // reduce-add keeps it out of the SMs but serializes the read-modify-write at L2, which costs where the
-// output's traffic is the whole cost. One A/B run on an H100 (benchmarks/ab_wgrad.py, in place against
-// DeepGEMM): reduce-add was 2-12% faster at 4096 tokens per group (dense and 8 experts), the load path
-// 9% faster at 1024 (32 experts, N 7168, K 2048).
+// output's traffic is the whole cost. Both paths forced in one A/B run on an H100 (benchmarks/ab_wgrad.py
+// --in-place-paths, N 7168, K 2048): at 2048 tokens per group reduce-add was 4% faster, at 1024 the load
+// path 7% faster; at 4096 (dense and 8 experts) reduce-add led by up to 4%.
 constexpr int64_t kReduceMinTokensPerGroup = 2048;
 
 bool reduce_c_into_d(const Fp8GemmProblem& p) {
