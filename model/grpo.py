@@ -50,7 +50,7 @@ from model.config import preset
 from model.grpo_loss import AGGREGATIONS, SEQ_MEAN_TOKEN_MEAN, group_advantages, grpo_loss
 from model.grpo_rollout import RewardFn, Rollout, build_sampler, greedy_accuracy, rollout, sync_weights, token_logprobs
 from model.grpo_warmup import WarmupConfig, supervised_warmup, trainable_parameters
-from model.model import Transformer, random_model
+from model.model import Transformer, random_model, use_batched_experts
 
 
 @dataclasses.dataclass
@@ -258,6 +258,7 @@ def main(argv=None) -> None:
     else:
         args = preset(opts.preset, num_nextn_predict_layers=0, fp8=False, dtype=opts.policy_dtype)
         policy = random_model(args, "reference", device=opts.device, seed=opts.seed)
+    use_batched_experts(policy)  # the warm-up and GRPO train it: few launches and syncs per MoE layer
     task = ArithmeticTask(policy.args.bos_token_id, policy.args.eos_token_id, opts.min_digits, opts.max_digits,
                           opts.ops)
     held_out = task.held_out(opts.eval_size, opts.eval_seed)
@@ -270,7 +271,8 @@ def main(argv=None) -> None:
         _, summary["warmup"] = supervised_warmup(policy, sampler, task, held_out, warm, deadline=deadline)
         start = out / "start"
         save_checkpoint(policy, start)
-    reference = load_checkpoint(start, "reference", device=opts.device, dtype=opts.policy_dtype).dequantize_()
+    reference = use_batched_experts(load_checkpoint(start, "reference", device=opts.device,
+                                                    dtype=opts.policy_dtype).dequantize_())
     start_accuracy = greedy_accuracy(sync_weights(policy, sampler), task, held_out)
     print(f"starting policy: held-out greedy accuracy {start_accuracy:.3f} ({len(held_out)} problems)")
 

@@ -450,6 +450,7 @@ class MoE(nn.Module):
             self.shared_experts = MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size,
                                       args, backend)
         self.fp8_training = False  # FP8 training (model/train.py): experts_grouped_fp8_train
+        self.batched_experts = False  # float training on the GPU (use_batched_experts): experts_batched
         # kernels backend, FP8 experts: [E, 2I, D] (gate rows then up rows) and [E, D, I], set by prepare()
         for name in ("w13", "w13_scale", "w2", "w2_scale"):
             self.register_buffer(name, None, persistent=False)
@@ -469,6 +470,8 @@ class MoE(nn.Module):
                                          exact=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         elif torch.compiler.is_compiling():
             y = self.experts_dense(x, weights, indices)
+        elif self.batched_experts:
+            y = self.experts_batched(x, weights, indices)
         else:
             y = self.experts_loop(x, weights, indices)
         if self.args.n_shared_experts:
@@ -484,6 +487,27 @@ class MoE(nn.Module):
                 out = expert(x[token_idx]).float() * weights[token_idx, slot_idx, None]
                 y.index_add_(0, token_idx, out)
         return y.to(x.dtype)
+
+    def experts_batched(self, x, weights, indices):
+        """experts_loop's sum as batched matmuls over [E, C, D]: each expert's rows gathered in (token,
+        slot) order and padded to the busiest expert's count C. One host sync (C) and a few dozen ops a
+        layer instead of a sync and about ten ops per expert, which dominate a float training step on
+        the GPU. Float expert weights only (use_batched_experts checks)."""
+        n, k = indices.shape
+        flat = indices.flatten()
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, in order
+        counts = torch.bincount(flat, minlength=len(self.experts))
+        expert = flat[order]
+        row = torch.arange(n * k, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]  # within expert
+        token = order // k
+        padded = x.new_zeros(len(self.experts), int(counts.max()), x.shape[1])
+        padded[expert, row] = x[token]
+
+        def stacked(name):  # [E, out, in], differentiable into each expert's own weight
+            return torch.stack([getattr(e, name).weight for e in self.experts]).to(x.dtype)
+        hidden = F.silu(padded @ stacked("gate_proj").transpose(1, 2)) * (padded @ stacked("up_proj").transpose(1, 2))
+        out = (hidden @ stacked("down_proj").transpose(1, 2))[expert, row].float() * weights.flatten()[order, None]
+        return torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, out).to(x.dtype)
 
     def experts_dense(self, x, weights, indices):
         """The same sum with static shapes (for torch.compile): every expert on every token, weight 0 if unrouted."""
@@ -834,3 +858,14 @@ def random_model(args: Optional[ModelArgs] = None, backend: str = "reference", a
     with torch.device(device):
         model = Transformer(args or preset("tiny"), backend, attn_impl, ep_group=ep_group)
     return init_random_(model, seed)
+
+
+def use_batched_experts(model: nn.Module) -> nn.Module:
+    """Routes the model's MoE layers through MoE.experts_batched (the same sum as the per-expert loop, in
+    another order): for training float weights on the GPU. Raises for FP8 expert weights."""
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            if any(isinstance(m, Linear) and m.is_fp8 for m in module.experts.modules()):
+                raise ValueError(f"use_batched_experts: {name} holds FP8 expert weights; it batches float ones")
+            module.batched_experts = True
+    return model

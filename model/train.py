@@ -61,7 +61,7 @@ from model.checkpoint import CheckpointError, load_checkpoint, read_config, save
 from model.config import ModelArgs, preset
 from model.data import Batches, load_tokens
 from model.kernel_fallbacks import grouped_experts_fallback
-from model.model import Gate, Linear, MoE, Transformer, random_model
+from model.model import Gate, Linear, MoE, Transformer, random_model, use_batched_experts
 from model.train_history import HISTORY_FILE, TrainHistory, load_history
 
 MTP_WEIGHT = 0.3
@@ -219,6 +219,7 @@ def training_model(args: ModelArgs, precision: str, device, seed: Optional[int])
         param.requires_grad_(not name.endswith("e_score_correction_bias"))
         if name.endswith("e_score_correction_bias"):
             param.data.zero_()
+    use_batched_experts(model)  # float experts in few launches and one sync per layer; FP8 ones override it
     if precision == "fp8":
         for module in fp8_training_modules(model):
             module.fp8_training = True

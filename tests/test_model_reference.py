@@ -7,7 +7,7 @@ from deepseek_ops import reference as ops_ref
 from deepseek_ops.testing import calc_diff
 from model.config import preset
 from model.generate import allocate_block_table, decode_one_token, prefill
-from model.model import Linear, MoE, Transformer, random_model, route
+from model.model import Linear, MoE, Transformer, random_model, route, use_batched_experts
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,50 @@ def test_moe_loop_equals_dense_formulation(tiny):
     x = torch.randn(33, tiny.args.hidden_size)
     weights, indices = moe.gate(x)
     assert calc_diff(moe.experts_loop(x, weights, indices), moe.experts_dense(x, weights, indices)) < 1e-10
+
+
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_moe_batched_equals_loop_with_gradients(tokens):
+    # The same sum in another order: values and the gradients of x, the routing weights and every
+    # expert's weights agree to fp32 rounding. Routing every slot to expert 0 or 1 leaves the others
+    # with no rows (no gradient on the loop, zeros on the batched path).
+    model = random_model(preset("tiny"), seed=int(torch.randint(0, 2**30, ()))).requires_grad_(True)
+    moe = next(layer.mlp for layer in model.main_layers if isinstance(layer.mlp, MoE))
+    x = torch.randn(tokens, model.args.hidden_size)
+    weights, indices = moe.gate(x)
+    for idx in (indices, indices % 2):
+        outs, grads = [], []
+        for path in (moe.experts_loop, moe.experts_batched):
+            x_, w_ = x.clone().requires_grad_(), weights.detach().requires_grad_()
+            y = path(x_, w_, idx)
+            grads.append(torch.autograd.grad(y, [x_, w_] + list(moe.experts.parameters()), torch.ones_like(y),
+                                             allow_unused=True))
+            outs.append(y.detach())
+        assert calc_diff(outs[0], outs[1]) < 1e-12
+        for loop, batched in zip(*grads):
+            if loop is None:
+                assert batched is None or batched.abs().sum() == 0
+            else:
+                assert calc_diff(loop, batched) < 1e-12
+
+
+def test_moe_batched_no_tokens():
+    moe = next(layer.mlp for layer in random_model(preset("tiny"), seed=0).main_layers if isinstance(layer.mlp, MoE))
+    x = torch.randn(0, moe.args.hidden_size)
+    weights, indices = moe.gate(x)
+    assert torch.equal(moe.experts_batched(x, weights, indices), torch.zeros_like(x))
+
+
+def test_batched_experts_flag_routes_forward_and_rejects_fp8():
+    model = use_batched_experts(random_model(preset("tiny"), seed=0))
+    moe = next(layer.mlp for layer in model.main_layers if isinstance(layer.mlp, MoE))
+    assert moe.batched_experts
+    x = torch.randn(5, 3, model.args.hidden_size)
+    weights, indices = moe.gate(x.reshape(-1, x.shape[-1]))
+    expected = moe.experts_loop(x.reshape(-1, x.shape[-1]), weights, indices) + moe.shared_experts(x).reshape(15, -1)
+    assert calc_diff(moe(x).reshape(15, -1), expected) < 1e-12
+    with pytest.raises(ValueError, match="FP8 expert weights"):
+        use_batched_experts(random_model(preset("tiny", fp8=True, dtype="bfloat16"), seed=0))
 
 
 def test_bad_backend_arguments():

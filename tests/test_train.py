@@ -16,7 +16,7 @@ from deepseek_ops.testing import calc_diff
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import preset
 from model.data import BOS, EOS, Batches, load_tokens, stdlib_files
-from model.model import MLP, Linear, MoE, Transformer
+from model.model import MLP, Linear, MoE, Transformer, use_batched_experts
 from model.train import (HIGH_PRECISION_LINEARS, TRAINING_STATE_FILE, TrainConfig, Trainer, fp8_training_modules,
                          lr_factor, main, objective, sequence_balance_loss, train, training_model,
                          update_expert_bias)
@@ -127,7 +127,7 @@ def test_checkpoint_round_trip(tmp_path):
     trainer = Trainer(ARGS, CFG)
     trainer.step(_batches(CFG).local_batch(0))
     trainer.save(tmp_path)
-    loaded = load_checkpoint(tmp_path, attn_impl=trainer.model.attn_impl)
+    loaded = use_batched_experts(load_checkpoint(tmp_path, attn_impl=trainer.model.attn_impl))  # as training runs
     tokens = torch.randint(0, ARGS.vocab_size, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(tokens)[0], trainer.model(tokens)[0])
