@@ -862,10 +862,11 @@ def random_model(args: Optional[ModelArgs] = None, backend: str = "reference", a
 
 def use_batched_experts(model: nn.Module) -> nn.Module:
     """Routes the model's MoE layers through MoE.experts_batched (the same sum as the per-expert loop, in
-    another order): for training float weights on the GPU. Raises for FP8 expert weights."""
+    another order): for training float weights on the GPU. Raises for experts with FP8 weights or in FP8
+    training (experts_batched reads the float weights directly)."""
     for name, module in model.named_modules():
         if isinstance(module, MoE):
-            if any(isinstance(m, Linear) and m.is_fp8 for m in module.experts.modules()):
-                raise ValueError(f"use_batched_experts: {name} holds FP8 expert weights; it batches float ones")
+            if any(isinstance(m, Linear) and (m.is_fp8 or m.fp8_training) for m in module.experts.modules()):
+                raise ValueError(f"use_batched_experts: {name} has FP8 expert linears; it batches float ones")
             module.batched_experts = True
     return model

@@ -219,7 +219,8 @@ def training_model(args: ModelArgs, precision: str, device, seed: Optional[int])
         param.requires_grad_(not name.endswith("e_score_correction_bias"))
         if name.endswith("e_score_correction_bias"):
             param.data.zero_()
-    use_batched_experts(model)  # float experts in few launches and one sync per layer; FP8 ones override it
+    if precision == "bf16":
+        use_batched_experts(model)  # float experts in a few launches and one sync per MoE layer
     if precision == "fp8":
         for module in fp8_training_modules(model):
             module.fp8_training = True

@@ -50,7 +50,7 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, pg_
 
 
 def run_ranks(fn: Callable, world_size: int, *args, pg_backend: str = "gloo", killed_ranks: Sequence[int] = ()):
-    """Runs fn(rank, world_size, *args) in world_size spawned processes; re-raises a rank's failure.
+    """Runs fn(rank, world_size, *args) in world_size new processes; re-raises a rank's failure.
     pg_backend: the process group's ("nccl" needs a GPU per rank). killed_ranks: ranks that SIGKILL
     themselves on purpose; every other rank must finish its checks."""
     # Ranks fork from a server process that imported this module (torch, deepseek_ops) and fn's once:

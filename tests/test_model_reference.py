@@ -167,8 +167,12 @@ def test_batched_experts_flag_routes_forward_and_rejects_fp8():
     weights, indices = moe.gate(x.reshape(-1, x.shape[-1]))
     expected = moe.experts_loop(x.reshape(-1, x.shape[-1]), weights, indices) + moe.shared_experts(x).reshape(15, -1)
     assert calc_diff(moe(x).reshape(15, -1), expected) < 1e-12
-    with pytest.raises(ValueError, match="FP8 expert weights"):
+    with pytest.raises(ValueError, match="FP8 expert linears"):
         use_batched_experts(random_model(preset("tiny", fp8=True, dtype="bfloat16"), seed=0))
+    training = random_model(preset("tiny"), seed=0)
+    next(m for m in training.modules() if isinstance(m, MoE)).experts[0].down_proj.fp8_training = True
+    with pytest.raises(ValueError, match="FP8 expert linears"):
+        use_batched_experts(training)
 
 
 def test_bad_backend_arguments():
