@@ -55,7 +55,11 @@ def run_ranks(fn: Callable, world_size: int, *args, pg_backend: str = "gloo", ki
     themselves on purpose; every other rank must finish its checks."""
     # Ranks fork from a server process that imported this module (torch, deepseek_ops) and fn's once:
     # a spawned rank spent seconds on those imports, most of each multi-process test's time. The server
-    # never touches CUDA, so each rank initializes its own context as a spawned one would.
+    # never touches CUDA, so each rank initializes its own context as a spawned one would. It does not
+    # take the parent's sys.path (Python 3.11 ignores it), where pytest put this folder: PYTHONPATH does.
+    here = str(Path(__file__).resolve().parent)
+    if here not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     mp.set_forkserver_preload([__name__, fn.__module__])
     context = mp.start_processes(_entry, args=(world_size, free_port(), fn, args, pg_backend), nprocs=world_size,
                                  join=False, start_method="forkserver")
