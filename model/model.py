@@ -503,8 +503,12 @@ class MoE(nn.Module):
         padded = x.new_zeros(len(self.experts), int(counts.max()), x.shape[1])
         padded[expert, row] = x[token]
 
+        # The weights in the dtype the loop's F.linear computes in (autocast's, else x's), cast before
+        # the stack so the [E, out, in] copy is made once, in that dtype.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
         def stacked(name):  # [E, out, in], differentiable into each expert's own weight
-            return torch.stack([getattr(e, name).weight for e in self.experts]).to(x.dtype)
+            return torch.stack([getattr(e, name).weight.to(dtype) for e in self.experts])
         hidden = F.silu(padded @ stacked("gate_proj").transpose(1, 2)) * (padded @ stacked("up_proj").transpose(1, 2))
         out = (hidden @ stacked("down_proj").transpose(1, 2))[expert, row].float() * weights.flatten()[order, None]
         return torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, out).to(x.dtype)
