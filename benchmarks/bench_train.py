@@ -297,9 +297,9 @@ def layer_args():
 
 def measure_train_layer() -> List[Record]:
     model = training_model(layer_args(), "bf16", "cuda", seed=None)  # initialized on the GPU
-    # The bf16 peer runs the experts as the per-expert loop, the peer measured since session 11. Whether
-    # MoE.experts_batched (what training_model picks for bf16 runs) is faster at 32 full-width experts
-    # is not measured: until it is, the peer keeps the loop.
+    # The bf16 peer runs the experts as the per-expert loop: whether MoE.experts_batched (what
+    # training_model picks for bf16 runs) is faster for 32 full-width experts is not measured, and the
+    # peer must be the faster of the two.
     for module in model.modules():
         if isinstance(module, MoE):
             module.batched_experts = False
