@@ -11,10 +11,11 @@ is not finite is skipped and counted.
 The run: a random policy of the preset is trained supervised (model/grpo_warmup.py) until its
 held-out greedy accuracy reaches --warmup-target, saved (HF format) to OUT/start, and loaded again
 as the frozen reference; or --init CHECKPOINT gives both. Then GRPO. Written to OUT: grpo_log.jsonl
-(one line a step: mean reward, accuracy, KL, clip fraction, response length, rollout tokens/s,
-held-out accuracy every --eval-every steps), grpo_curves.png, summary.json, policy/ (the final
-checkpoint). Layout: model/arithmetic_task.py (task, reward), model/grpo_rollout.py (sampling,
-log-probs, weight sync), model/grpo_loss.py (the objective), model/grpo_warmup.py (starting policy).
+(one line a step: mean reward, accuracy, KL (mean and largest token), clip fraction, the largest
+policy-sampler log-prob gap, response length, rollout tokens/s, held-out accuracy every --eval-every
+steps), grpo_curves.png, summary.json, policy/ (the final checkpoint). Layout:
+model/arithmetic_task.py (task, reward), model/grpo_rollout.py (sampling, log-probs, weight sync),
+model/grpo_loss.py (the objective), model/grpo_warmup.py (starting policy).
 
 CPU (reference backend, the tiny preset): the whole pipeline runs, but 2 cores learn arithmetic
 slowly (1-2 digit additions need hundreds of warm-up steps), hence an easy task and a low target:
@@ -84,16 +85,24 @@ class GRPOConfig:
 
 
 def update_policy(policy: Transformer, optimizer: torch.optim.Optimizer, params, batch: Rollout,
-                  advantages: torch.Tensor, ref_logp: torch.Tensor, cfg: GRPOConfig) -> Dict[str, float]:
+                  advantages: torch.Tensor, ref_logp: torch.Tensor, cfg: GRPOConfig,
+                  sampler_logp: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """cfg.inner_steps optimisation steps on one rollout batch; advantages [N], ref_logp [N, L - 1].
-    Returns the means over the applied steps and `skipped_steps` (non-finite loss or gradient norm)."""
+    Returns the means over the applied steps (kl_max: the largest), `skipped_steps` (non-finite loss or
+    gradient norm), and with sampler_logp [N, L - 1] (the sampler's own log-probs of the batch)
+    `sampler_gap`: the largest |log p_policy - log p_sampler| over the response tokens, in nats. The
+    objective takes the policy's log-probs as those of the policy that sampled; an FP8 sampler draws
+    from a slightly different distribution, and this is how far apart they came on this batch."""
     old_logp = None  # the policy that sampled: the first inner step's, before any update
     applied: List[Dict[str, float]] = []
     skipped = 0
+    extra: Dict[str, float] = {}
     for _ in range(cfg.inner_steps):
         logp = token_logprobs(policy, batch.tokens, cfg.temperature)
         if old_logp is None:
             old_logp = logp.detach()
+            if sampler_logp is not None:
+                extra["sampler_gap"] = (old_logp - sampler_logp).abs().masked_fill(~batch.mask, 0.0).max().item()
         loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, batch.mask, cfg.clip_eps, cfg.beta,
                                 cfg.aggregation)
         optimizer.zero_grad(set_to_none=True)
@@ -109,7 +118,9 @@ def update_policy(policy: Transformer, optimizer: torch.optim.Optimizer, params,
         optimizer.step()
         applied.append({"loss": loss.item(), "grad_norm": grad_norm.item(), **stats})
     means = {k: sum(a[k] for a in applied) / len(applied) for k in applied[0]} if applied else {}
-    return {**means, "skipped_steps": skipped}
+    if applied:
+        means["kl_max"] = max(a["kl_max"] for a in applied)
+    return {**means, **extra, "skipped_steps": skipped}
 
 
 def run_grpo(policy: Transformer, reference: Transformer, sampler: Transformer, task: ArithmeticTask,
@@ -134,7 +145,8 @@ def run_grpo(policy: Transformer, reference: Transformer, sampler: Transformer, 
         advantages = group_advantages(batch.rewards.view(-1, cfg.group_size)).flatten()  # [N]
         with torch.no_grad():
             ref_logp = token_logprobs(reference, batch.tokens, cfg.temperature)
-        stats = update_policy(policy, optimizer, params, batch, advantages, ref_logp, cfg)
+            sampler_logp = token_logprobs(sampler, batch.tokens, cfg.temperature)
+        stats = update_policy(policy, optimizer, params, batch, advantages, ref_logp, cfg, sampler_logp)
         sync_weights(policy, sampler)
         totals["reward_failures"] += batch.reward_failures
         totals["skipped_steps"] += stats.pop("skipped_steps")

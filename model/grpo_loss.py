@@ -76,7 +76,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
               mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04,
               mode: str = SEQ_MEAN_TOKEN_MEAN) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The GRPO loss (scalar, differentiable in logp) and its statistics, token means over the mask:
-    kl (k3), clip_frac (share of tokens whose ratio was clipped), ratio."""
+    kl (k3), clip_frac (share of tokens whose ratio was clipped), ratio; and kl_max, the largest
+    token's k3 (a batch mean far above the median comes from a few tokens: this names their size)."""
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
         if t.shape != logp.shape:
             raise ValueError(f"argument {name!r}: expected shape {tuple(logp.shape)} (as logp), got {tuple(t.shape)}")
@@ -88,5 +89,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     with torch.no_grad():
         stats = {"kl": aggregate(kl, mask, TOKEN_MEAN).item(),
                  "clip_frac": aggregate(clipped.float(), mask, TOKEN_MEAN).item(),
-                 "ratio": aggregate(torch.exp(logp - old_logp), mask, TOKEN_MEAN).item()}
+                 "ratio": aggregate(torch.exp(logp - old_logp), mask, TOKEN_MEAN).item(),
+                 "kl_max": kl.masked_fill(~mask.bool(), 0.0).max().item()}
     return loss, stats

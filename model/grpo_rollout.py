@@ -101,7 +101,7 @@ def token_logprobs(model: Transformer, tokens: torch.Tensor, temperature: float 
     """tokens [N, L] -> log-probs [N, L - 1] fp32 of tokens[:, 1:] under softmax(logits / temperature),
     the distribution the sampler drew from (differentiable when the model's weights are)."""
     logits, _ = model(tokens[:, :-1])  # [N, L - 1, V]
-    logp = torch.log_softmax(logits / temperature, dim=-1)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # in fp32, as generate.sample draws
     return logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [N, L - 1]
 
 

@@ -117,7 +117,11 @@ def test_grpo_loss_hand_values():
     policy = [-1.2, -1.0, -0.5]
     assert loss.item() == pytest.approx(sum(p + 0.5 * k for p, k in zip(policy, kl)) / 3, rel=1e-5)
     assert stats["kl"] == pytest.approx(sum(kl) / 3, rel=1e-5)
+    assert stats["kl_max"] == pytest.approx(max(kl), rel=1e-5)
     assert stats["clip_frac"] == pytest.approx(1 / 3)
+    # the largest token, [1, 0], masked out: the next unmasked one, not a masked one ([1, 1]: 0.19)
+    _, stats = grpo_loss(logp, old, ref, adv, torch.tensor([[True, True], [False, False]]), 0.2, 0.5, TOKEN_MEAN)
+    assert stats["kl_max"] == pytest.approx(kl[0], rel=1e-5)
     with pytest.raises(ValueError, match="advantages"):
         grpo_loss(logp, old, ref, torch.ones(3), mask)
     with pytest.raises(ValueError, match="ref_logp"):
@@ -283,6 +287,24 @@ def test_fp8_sampler_follows_the_policy():
         sync_weights(sampler, policy)
 
 
+def test_update_policy_measures_the_fp8_sampler_gap(task):
+    """sampler_gap is the largest |log p_policy - log p_sampler| over response tokens: 0 against the
+    policy's own log-probs, > 0 (and the hand-computed value) against an FP8 sampler's."""
+    policy = random_model(small_args(hidden_size=128, moe_intermediate_size=128), seed=8)
+    params = trainable_parameters(policy)
+    batch = rollout(policy, task, task.sample(2, random.Random(8)), 2, seed=8)
+    sampler = build_sampler(policy, "reference", fp8=True, dtype="float32")
+    with torch.no_grad():
+        own, fp8 = token_logprobs(policy, batch.tokens), token_logprobs(sampler, batch.tokens)
+    expected = (own - fp8).abs()[batch.mask].max().item()
+    assert expected > 0
+    advantages, cfg = torch.tensor([1.0, -1.0, 1.0, -1.0]), GRPOConfig(inner_steps=1)
+    stats = update_policy(policy, torch.optim.AdamW(params, lr=0.0), params, batch, advantages, own, cfg, own)
+    assert stats["sampler_gap"] == 0.0
+    stats = update_policy(policy, torch.optim.AdamW(params, lr=0.0), params, batch, advantages, own, cfg, fp8)
+    assert stats["sampler_gap"] == pytest.approx(expected, rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +345,8 @@ def test_grpo_steps_learn_the_reward(task):
     for k, v in weights_of(sampler).items():
         torch.testing.assert_close(v, after[k])
     assert history[-1]["kl"] > 0  # the policy has moved away from the reference
+    assert all(r["kl_max"] >= r["kl"] for r in history)
+    assert all(r["sampler_gap"] < 1e-5 for r in history)  # a float32 sampler with the policy's weights
     even_after = even_first_token_prob(policy, task)
     assert even_after > even_before + 0.05, (even_before, even_after)  # the advantage's sign is right
 
