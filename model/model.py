@@ -425,6 +425,17 @@ def set_derived(module: nn.Module, name: str, value: Optional[torch.Tensor]) -> 
         setattr(module, name, value)
 
 
+def group_by_expert(indices: torch.Tensor, num_experts: int):
+    """The (token, slot) pairs of indices [N, K] grouped by expert, (token, slot) order kept within
+    each: (flat [N * K] expert of each pair, order [N * K] pairs in grouped order, counts [E] pairs per
+    expert, rank [N * K] each grouped pair's place within its expert)."""
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    rank = torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+    return flat, order, counts, rank
+
+
 class MoE(nn.Module):
     """Routed experts + shared experts. With ep_group (torch.distributed, several ranks), rank r
     holds experts [r * E/R, (r + 1) * E/R) and tokens travel through deepseek_ops.ep.Buffer."""
@@ -493,13 +504,9 @@ class MoE(nn.Module):
         slot) order and padded to the busiest expert's count C. One host sync (C) and a few dozen ops a
         layer instead of a sync and about ten ops per expert, which dominate a float training step on
         the GPU. Float expert weights only (use_batched_experts checks)."""
-        n, k = indices.shape
-        flat = indices.flatten()
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, in order
-        counts = torch.bincount(flat, minlength=len(self.experts))
-        expert = flat[order]
-        row = torch.arange(n * k, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]  # within expert
-        token = order // k
+        k = indices.shape[1]
+        flat, order, counts, row = group_by_expert(indices, len(self.experts))
+        expert, token = flat[order], order // k
         padded = x.new_zeros(len(self.experts), int(counts.max()), x.shape[1])
         padded[expert, row] = x[token]
 
@@ -534,12 +541,9 @@ class MoE(nn.Module):
         (each expert's rows padded to GROUPED_GEMM_ALIGNMENT), on the stacked fp32 master weights
         (model/master_stack.py: stacked once, not per call)."""
         n, k = indices.shape
-        flat = indices.reshape(-1)  # [N * K] expert of each (token, k) pair
-        order = torch.argsort(flat, stable=True)  # pairs grouped by expert, (token, k) order kept
-        counts = torch.bincount(flat, minlength=len(self.experts))  # [E]
+        flat, order, counts, rank_in_expert = group_by_expert(indices, len(self.experts))
         align = deepseek_ops.GROUPED_GEMM_ALIGNMENT
         offsets = F.pad(torch.cumsum((counts + align - 1) // align * align, 0), (1, 0))  # [E + 1]
-        rank_in_expert = torch.arange(n * k, device=x.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
         row_of = torch.empty_like(flat).scatter_(0, order, offsets[flat[order]] + rank_in_expert)  # [N * K]
         token_of_row = torch.full((int(offsets[-1]),), n, device=x.device).scatter_(
             0, row_of, torch.arange(n * k, device=x.device) // k)  # [M]; padding rows read row n, zero
