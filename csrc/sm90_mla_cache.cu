@@ -28,7 +28,8 @@ __device__ __forceinline__ void quantize_latent_lane(const __nv_bfloat16* src16,
   // A 128-group is 8 consecutive lanes.
 #pragma unroll
   for (int offset = 1; offset < 8; offset <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-  const float scale = fp8_scale_from_amax</*kUE8M0=*/true>(amax);  // the cache's scales are powers of two
+  // The cache's scales are powers of two, from the cache's own floor.
+  const float scale = fp8_scale_from_amax</*kUE8M0=*/true>(amax, kMlaFp8ScaleFloor);
   const float inv_scale = fp8_inverse_scale(scale);
   uint16_t pairs[8];
 #pragma unroll

@@ -21,6 +21,7 @@ constexpr int kMlaHeadDimV = 512;     // V = the first 512 latent entries of K
 constexpr int kMlaFp8TokenBytes = 656;
 constexpr int kMlaFp8ScalesOffset = kMlaHeadDimV;          // byte offset of the 4 fp32 scales
 constexpr int kMlaFp8RopeOffset = kMlaFp8ScalesOffset + 16;  // byte offset of the bf16 RoPE values
+constexpr float kMlaFp8ScaleFloor = 1e-4f;  // amax floor of the cache's scales: they span 2^-22 .. 2^120
 static_assert(kMlaFp8RopeOffset + (kMlaHeadDimQK - kMlaHeadDimV) * 2 == kMlaFp8TokenBytes,
               "a packed FP8 token is values, scales and RoPE with no padding");
 

@@ -1,13 +1,20 @@
 """Numbers the kernels, the references and the model share. The C++ side mirrors each one once:
-csrc/sm90_mla_cache.h (MLA cache geometry), csrc/fp8_recipe.cuh (FP8 recipe), and the grouped
-GEMM's BLOCK_M (csrc/sm90_fp8_gemm.cu) is the group alignment.
+csrc/sm90_mla_cache.h (MLA cache geometry and scale floor), csrc/fp8_recipe.cuh (FP8 recipe), and
+the grouped GEMM's BLOCK_M (csrc/sm90_fp8_gemm.cu) is the group alignment.
 """
 
 # The FP8 recipe (DeepSeek-V3): a group's scale is max(amax, FP8_SCALE_FLOOR) / FP8_MAX, an IEEE fp32
 # division; values are quantized as value * (1 / scale), the reciprocal and the product each rounded
 # to nearest in fp32, then rounded to nearest even (saturating) into e4m3.
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-FP8_SCALE_FLOOR = 1e-4  # an all-zero group still gets a positive scale
+# An all-zero group still gets a positive scale. The floor sits below any gradient's amax: the
+# backward quantizes activation gradients, whose 1 x 128 groups reach amax ~1e-6 even in the tiny
+# preset (a floor of 1e-4, the forward-only convention of DeepGEMM's tests, coarsened most of them and
+# cost FP8 training ~1.5% of loss on CPU; benchmarks/RESULTS.md). The product of two floor scales
+# (GEMM promotion multiplies a_scale * b_scale) stays a normal fp32.
+FP8_SCALE_FLOOR = 1e-12
+# The MLA FP8 cache keeps its own floor: its scale range, 2^-22 .. 2^120, is part of the cache format.
+MLA_FP8_SCALE_FLOOR = 1e-4
 
 # Rows of each group of grouped_fp8_gemm_contiguous's `a` start at a multiple of this (pad each group to it).
 GROUPED_GEMM_ALIGNMENT = 128

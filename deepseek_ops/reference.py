@@ -5,8 +5,8 @@ the documented tolerance for GEMMs and attention (computed here in float64).
 """
 import torch
 
-from deepseek_ops.constants import (FP8_MAX, FP8_SCALE_FLOOR, MLA_FP8_TOKEN_BYTES, MLA_HEAD_DIM_QK, MLA_HEAD_DIM_V,
-                                    MLA_PAGE_SIZE)
+from deepseek_ops.constants import (FP8_MAX, FP8_SCALE_FLOOR, MLA_FP8_SCALE_FLOOR, MLA_FP8_TOKEN_BYTES,
+                                    MLA_HEAD_DIM_QK, MLA_HEAD_DIM_V, MLA_PAGE_SIZE)
 
 FP8 = torch.float8_e4m3fn
 
@@ -20,10 +20,10 @@ def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(scale), power, scale)
 
 
-def _scale_from_amax(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
+def _scale_from_amax(amax: torch.Tensor, ue8m0: bool, floor: float = FP8_SCALE_FLOOR) -> torch.Tensor:
     # Tensor / tensor: an IEEE division on every device (CUDA torch turns "/ scalar" into a
     # multiply by the reciprocal, which can differ in the last bit).
-    scale = torch.clamp(amax, min=FP8_SCALE_FLOOR) / torch.full_like(amax, FP8_MAX)
+    scale = torch.clamp(amax, min=floor) / torch.full_like(amax, FP8_MAX)
     return round_scale_ue8m0(scale) if ue8m0 else scale
 
 
@@ -92,7 +92,7 @@ def quantize_mla_kv(kv: torch.Tensor) -> torch.Tensor:
     lead = kv.shape[:-1]
     flat = kv.reshape(-1, MLA_HEAD_DIM_QK)
     groups = flat[:, :MLA_HEAD_DIM_V].float().reshape(-1, 4, 128)
-    scales = _scale_from_amax(groups.abs().amax(dim=-1), ue8m0=True)  # [T, 4]
+    scales = _scale_from_amax(groups.abs().amax(dim=-1), ue8m0=True, floor=MLA_FP8_SCALE_FLOOR)  # [T, 4]
     values = _quantize(groups, scales.unsqueeze(-1)).reshape(-1, MLA_HEAD_DIM_V)
     packed = torch.cat([values.view(torch.uint8), scales.contiguous().view(torch.uint8),
                         flat[:, MLA_HEAD_DIM_V:].contiguous().view(torch.uint8)], dim=1)

@@ -26,7 +26,7 @@ def group_amax(x, group):
 
 
 def expected_scales(amax, ue8m0=False):
-    scale = (amax.clamp(min=1e-4) / 448.0).float()  # float64 quotient rounded once = IEEE fp32 division
+    scale = (amax.clamp(min=deepseek_ops.FP8_SCALE_FLOOR) / 448.0).float()  # float64 quotient rounded once = IEEE fp32 division
     if ue8m0:
         scale = torch.exp2(torch.ceil(torch.log2(scale.double()))).float()
     return scale
@@ -63,7 +63,7 @@ def test_token_group_scales_and_round_trip(dtype, group, m, k):
 def test_token_group_ue8m0_power_of_two_at_least_true_scale(dtype, group):
     x = random_rows(65, 512, dtype)
     q, s = deepseek_ops.per_token_group_quant_fp8(x, group, scale_fmt="ue8m0")
-    true_scale = group_amax(x, group).clamp(min=1e-4) / 448.0
+    true_scale = group_amax(x, group).clamp(min=deepseek_ops.FP8_SCALE_FLOOR) / 448.0
     assert torch.all(s.view(torch.int32) & 0x7FFFFF == 0), "ue8m0 scales must be powers of two"
     assert torch.all(s.double() >= true_scale) and torch.all(s.double() < 2 * true_scale)
     assert torch.equal(s, expected_scales(group_amax(x, group), ue8m0=True))
@@ -79,9 +79,19 @@ def test_ue8m0_exact_power_of_two_stays():
 
 
 def test_scale_floor():
-    x = (torch.rand(3, 256) * 2 - 1) * 1e-6  # amax far below the 1e-4 floor
+    x = (torch.rand(3, 256) * 2 - 1) * 1e-14  # amax far below the floor
     q, s = deepseek_ops.per_token_group_quant_fp8(x)
-    assert torch.all(s == torch.tensor(1e-4 / 448.0, dtype=torch.float32))
+    assert torch.all(s == torch.tensor(deepseek_ops.FP8_SCALE_FLOOR / 448.0, dtype=torch.float32))
+    assert_round_trip(x, q, s.repeat_interleave(128, 1))
+
+
+def test_gradient_sized_groups_get_their_own_scale():
+    """Activation gradients' 1 x 128 groups reach amax ~1e-6 (the tiny preset's backward): each is scaled
+    by its own amax, so its largest value maps to e4m3's 448, not to a floor's fraction of it."""
+    x = (torch.rand(3, 256) * 2 - 1) * 1e-6
+    q, s = deepseek_ops.per_token_group_quant_fp8(x)
+    assert torch.equal(s, expected_scales(group_amax(x, 128)))
+    assert torch.all(q.float().abs().reshape(3, 2, 128).amax(-1) == 448)
     assert_round_trip(x, q, s.repeat_interleave(128, 1))
 
 
