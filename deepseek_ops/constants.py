@@ -8,10 +8,12 @@ the grouped GEMM's BLOCK_M (csrc/sm90_fp8_gemm.cu) is the group alignment.
 # to nearest in fp32, then rounded to nearest even (saturating) into e4m3.
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # An all-zero group still gets a positive scale. The floor sits below any gradient's amax: the
-# backward quantizes activation gradients, whose 1 x 128 groups reach amax ~1e-6 even in the tiny
-# preset (a floor of 1e-4, the forward-only convention of DeepGEMM's tests, coarsened most of them and
-# cost FP8 training ~1.5% of loss on CPU; benchmarks/RESULTS.md). The product of two floor scales
-# (GEMM promotion multiplies a_scale * b_scale) stays a normal fp32.
+# backward quantizes activation gradients, whose 1 x 128 groups fall below 1e-4 (55% of them in the
+# tiny preset's first steps, the SwiGLU backward's at ~1e-5). With a floor of 1e-4, the forward-only
+# convention of DeepGEMM's tests, the floor set their scale, and gradients of 1e-9..1e-10 became e4m3
+# subnormals: fp8_linear's dx calc_diff 0.59 at 1e-10 against 3.4e-4 with this floor (the tiny run's
+# final loss did not move; benchmarks/RESULTS.md). The product of two floor scales (GEMM promotion
+# multiplies a_scale * b_scale) stays a normal fp32.
 FP8_SCALE_FLOOR = 1e-12
 # The MLA FP8 cache keeps its own floor: its scale range, 2^-22 .. 2^120, is part of the cache format.
 MLA_FP8_SCALE_FLOOR = 1e-4
