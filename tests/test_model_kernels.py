@@ -113,39 +113,44 @@ def test_fp8_cache_needs_mla_decode():
 
 
 # A kernels token that is not the reference's argmax must trail it by less than this many standard
-# deviations of the reference logits at that position. Flips that FP8 activation rounding causes on
-# the random tiny model are near-ties of the random weights (the worst one varies from run to run
-# and has trailed by more than 0.05 std); a wrong kernel moves far more tokens, and trips the 90%
-# exact bound.
+# deviations of the reference logits at that position. Flips that FP8 activation rounding causes are
+# near-ties of the reference (on the random tiny model the worst one varies from run to run and has
+# trailed by more than 0.05 std; on the trained one a prompt of random tokens can leave two successors
+# 0.03 std apart); a wrong kernel moves far more tokens, and trips the exact-token bound.
 NEAR_TIE_STD = 0.25
 
 
-@pytest.mark.gpu
-def test_greedy_64_tokens_are_reference_argmax():
-    """64 greedy tokens generated on the kernels, each checked against the reference's logits for
-    the same prefix (teacher forcing, so one near-tie cannot cascade into a different sequence):
-    the kernels' token is the reference's argmax, or within a near-tie of it (a random tiny model
-    has many: FP8 activation rounding can flip them)."""
-    ref, ker = _pair("cuda")
-    prompts = [torch.randint(0, ref.args.vocab_size, (n,)).tolist() for n in (1, 7, 33, 100)]
-    generated, _ = generate(ker, prompts, 64)
+def _judge_by_reference(ref, prompts, generated, device):
+    """Each generated token against the reference's logits for the same prefix (teacher forcing: one
+    near-tie cannot cascade into a different sequence). Returns (tokens that are the reference's
+    argmax, the largest gap of the others to the argmax in logit std)."""
     sequences = [p + g for p, g in zip(prompts, generated)]
     longest = max(map(len, sequences))
-    tokens = torch.zeros(len(sequences), longest, dtype=torch.long, device="cuda")
+    tokens = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)
     for b, seq in enumerate(sequences):
         tokens[b, :len(seq)] = torch.tensor(seq)
-    block_table, num_blocks = allocate_block_table(len(sequences), longest, "cuda")
+    block_table, num_blocks = allocate_block_table(len(sequences), longest, device)
     ref.setup_cache(num_blocks)
     with torch.no_grad():
         logits = prefill(ref, tokens, block_table)[0].double()
     exact, gaps = 0, []
     for b, (p, g) in enumerate(zip(prompts, generated)):
         step_logits = logits[b, len(p) - 1:len(p) - 1 + len(g)]  # the logits that chose g[i]
-        chosen = step_logits.gather(1, torch.tensor(g, device="cuda")[:, None])[:, 0]
+        chosen = step_logits.gather(1, torch.tensor(g, device=device)[:, None])[:, 0]
         gap = (step_logits.max(1).values - chosen) / step_logits.std(1)
         exact += int((gap == 0).sum())
         gaps.append(gap)
-    worst = float(torch.cat(gaps).max())
+    return exact, float(torch.cat(gaps).max())
+
+
+@pytest.mark.gpu
+def test_greedy_64_tokens_are_reference_argmax():
+    """64 greedy tokens generated on the kernels, each the reference's argmax for the same prefix or
+    within a near-tie of it (a random tiny model has many: FP8 activation rounding can flip them)."""
+    ref, ker = _pair("cuda")
+    prompts = [torch.randint(0, ref.args.vocab_size, (n,)).tolist() for n in (1, 7, 33, 100)]
+    generated, _ = generate(ker, prompts, 64)
+    exact, worst = _judge_by_reference(ref, prompts, generated, "cuda")
     assert exact >= 0.9 * 64 * len(prompts), f"{exact} of {64 * len(prompts)} tokens are the reference argmax"
     assert worst < NEAR_TIE_STD, f"a kernels token is {worst:.3g} logit std below the reference's best: not a near-tie"
 
@@ -154,20 +159,21 @@ def test_greedy_64_tokens_are_reference_argmax():
 @pytest.mark.parametrize("device", DEVICES)
 def test_greedy_64_tokens_free_running_on_a_trained_model(device, fp8):
     """The end-to-end greedy criterion, free-running, on weights with a trained model's margins (a
-    tiny model fitted to a Markov chain, tests/trained_tiny.py; FP8 and bf16 checkpoints of it;
-    random weights have near-ties that FP8 rounding flips): from several prompts, the kernels
-    backend's 64 greedy tokens equal the reference backend's at >= 95% of positions and in the
-    first 16 exactly, and follow the chain the model learned."""
+    tiny model fitted to a Markov chain, tests/trained_tiny.py; FP8 and bf16 checkpoints of it): from
+    several prompts, the kernels backend's 64 greedy tokens follow the chain the model learned, and
+    each is the reference backend's argmax for the same prefix (>= 95% of them) or within a near-tie
+    of it. Comparing with the reference's own free-running tokens instead would fail on the first
+    near-tie: the trained model still has some (FP8 rounding flipped a 0.03-std one after a prompt of
+    random tokens), and the two sequences part there."""
     ref, ker, successor = trained_pair(device, fp8)
     generator = torch.Generator().manual_seed(int(torch.randint(1 << 20, ())))
     prompts = [torch.randint(0, CHAIN_TOKENS, (n,), generator=generator).tolist() for n in (1, 7, 33, 100)]
-    ref_tokens, _ = generate(ref, prompts, 64)
-    ker_tokens, _ = generate(ker, prompts, 64)
-    for prompt, r, k in zip(prompts, ref_tokens, ker_tokens):
-        assert k[:16] == r[:16], f"prompt of {len(prompt)}: first 16 tokens {k[:16]} != reference {r[:16]}"
-        same = sum(a == b for a, b in zip(r, k))
-        assert same >= 0.95 * 64, f"prompt of {len(prompt)}: {same} of 64 tokens equal the reference's"
+    generated, _ = generate(ker, prompts, 64)
+    for prompt, k in zip(prompts, generated):
         assert chain_fraction(prompt[-1:] + k, successor) >= 0.9, f"prompt of {len(prompt)}: {k} leaves the chain"
+    exact, worst = _judge_by_reference(ref, prompts, generated, device)
+    assert exact >= 0.95 * 64 * len(prompts), f"{exact} of {64 * len(prompts)} tokens are the reference argmax"
+    assert worst < NEAR_TIE_STD, f"a kernels token is {worst:.3g} logit std below the reference's best: not a near-tie"
 
 
 @pytest.mark.parametrize("device", DEVICES)
