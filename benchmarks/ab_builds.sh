@@ -51,7 +51,7 @@ for name in "${names[@]}"; do
 done
 wait
 cat "$logs/peers.txt" 2>/dev/null
-export PYTHONPATH_PEERS=$root/.peers/DeepGEMM:$root/.peers/FlashMLA
+peers_path=$root/.peers/DeepGEMM:$root/.peers/FlashMLA
 
 order=("${names[@]}")
 for (( i=${#names[@]}-1; i>=0; i-- )); do order+=("${names[$i]}"); done
@@ -61,7 +61,7 @@ for name in "${order[@]}"; do
     continue
   fi
   echo "[$(elapsed)s] $name"
-  (cd "$root/.devout/ab/src/$name" && PYTHONPATH=$PWD:$PYTHONPATH_PEERS \
+  (cd "$root/.devout/ab/src/$name" && PYTHONPATH=$PWD:$peers_path \
      timeout $(( deadline - $(elapsed) + 30 )) bash -c "$command" 2>&1 | grep -v Warning | sed "s/^/$name | /")
 done
 echo "[$(elapsed)s] done"
