@@ -48,18 +48,20 @@ def test_expert_parallel_matches_one_process(tmp_path):
 
 def _uneven_worker(rank, world_size, seed):
     # Rank 1 has more tokens than the Buffer's first capacity (4096), rank 0 few: both must re-create
-    # it together, with the same capacity, or the collective construction waits forever.
+    # it together, with the same capacity, or the collective construction waits forever. Rank 1's
+    # 4100 tokens are 41 sequences of 100: the MoE counts tokens, and attention over one 4100-token
+    # sequence in bf16 took minutes on a CPU without bf16 matmul units (past the ranks' 100 s deadline).
     torch.manual_seed(seed + rank)
     full = random_model(preset("tiny", **ARGS), seed=seed)
     sharded = random_model(preset("tiny", **ARGS), seed=seed, ep_group=dist.group.WORLD)
     moe = sharded.main_layers[1].mlp
     with torch.no_grad():
-        for length in (16, 4100 if rank == 1 else 7, 16):
-            tokens = torch.randint(0, full.args.vocab_size, (1, length))
+        for batch, length in ((1, 16), (41, 100) if rank == 1 else (1, 7), (1, 16)):
+            tokens = torch.randint(0, full.args.vocab_size, (batch, length))
             expected, _ = full(tokens)
             got, _ = sharded(tokens)
             error = calc_diff(got.double(), expected.double())
-            assert error < 1e-4, f"length {length}: calc_diff {error:.3e}"
+            assert error < 1e-4, f"{batch} x {length} tokens: calc_diff {error:.3e}"
             capacities = [None] * world_size
             dist.all_gather_object(capacities, moe.ep_buffer.max_tokens_per_rank)
             assert len(set(capacities)) == 1 and capacities[0] >= 4096, capacities
