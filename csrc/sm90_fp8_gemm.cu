@@ -664,6 +664,15 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const CUtenso
     ring.sfb = smem_sfb + sfb_buffer * layout.sfb_floats_per_buffer();
     ring.peer_half = tile.multicast;
     ring.k_count = tile.k_count;
+    // Fetch the next tile's B scales into the other buffer now, so that they land under this tile's K
+    // loop and the next loop top does not wait for them. That buffer's readers (the previous tile's
+    // promotions) are done: the barrier above.
+    Tile next_tile;
+    const bool has_next = scheduler.next(next_tile);
+    if (has_next && !K::kBScalesPerRow) {
+      load_b_scales_async<BLOCK_N>(p, next_tile, smem_sfb + (sfb_buffer ^ 1) * layout.sfb_floats_per_buffer(),
+                                   thread_idx);
+    }
     if constexpr (K::kBScalesPerRow) {
       if (p.c != nullptr && !wgrad_reduces_into_d(p) && thread_idx == 0 &&
           tile.num_rows > consumer_wg_idx * K::kWgRows) {
@@ -683,14 +692,6 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const CUtenso
       with_first_groups<BLOCK_N>(min(BLOCK_N, 128 - first_col % 128) / 8, [&](auto first_groups) {
         k_loop<decltype(first_groups)::value>(ring, final_acc, acc0, acc1);
       });
-    }
-
-    // Fetch the next tile's B scales into the other buffer while this tile is stored.
-    Tile next_tile;
-    const bool has_next = scheduler.next(next_tile);
-    if (has_next && !K::kBScalesPerRow) {
-      load_b_scales_async<BLOCK_N>(p, next_tile, smem_sfb + (sfb_buffer ^ 1) * layout.sfb_floats_per_buffer(),
-                                   thread_idx);
     }
 
     if constexpr (K::kBScalesPerRow) {
