@@ -165,6 +165,36 @@ def test_wgmma_not_serialized():
             assert batched, f"{name}: every one of its {len(mmas)} wgmma waits for completion (serialized)"
 
 
+def _dead_uniform_moves(sass: str, window: int = 4) -> List[str]:
+    """`@!P R2UR ...` within `window` instructions after `PLOP3.LUT P, PT, PT, PT, PT, 0x80, 0x0` (P := true)
+    with nothing between writing P: a register -> uniform-register move that never runs."""
+    instructions = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", sass)
+    dead = []
+    for i, instruction in enumerate(instructions):
+        match = re.match(r"PLOP3\.LUT (P\d), PT, PT, PT, PT, 0x80, 0x0$", instruction)
+        if not match:
+            continue
+        pred = match.group(1)
+        for following in instructions[i + 1:i + 1 + window]:
+            if re.match(rf"@!{pred} R2UR\b", following):
+                dead.append(following)
+                break
+            if re.search(rf"^(@!?P\d )?\S+ {pred},", following) or re.search(rf"^\S+ \S+, {pred},", following):
+                break
+    return dead
+
+
+def test_no_dead_uniform_moves():
+    """A TMA coordinate taken from a value ptxas cannot prove warp-uniform (e.g. loaded from shared memory)
+    goes through a loop that moves it into a uniform register. For the first of several TMA stores of such
+    values, nvcc 13.0 emitted that move under a predicate set true just before, so it never ran and the
+    store took a stale column register (seen in a scheduler-warp GEMM build, whose H100 output had one
+    TMA-store atom per tile in the wrong place). Shuffled from lane 0 (__shfl_sync) first, such values
+    compile without the pattern."""
+    offenders = {name: moves for name, sass in sass_by_function().items() if (moves := _dead_uniform_moves(sass))}
+    assert not offenders, f"kernels with a move into a uniform register that never runs: {offenders}"
+
+
 def test_standalone_gemm_harness_compiles(tmp_path):
     """benchmarks/fp8_gemm_standalone.cu (no torch) stays in step with the GEMM launcher's header."""
     root = Path(__file__).resolve().parent.parent
