@@ -187,10 +187,9 @@ def _dead_uniform_moves(sass: str, window: int = 4) -> List[str]:
 def test_no_dead_uniform_moves():
     """A TMA coordinate taken from a value ptxas cannot prove warp-uniform (e.g. loaded from shared memory)
     goes through a loop that moves it into a uniform register. For the first of several TMA stores of such
-    values, nvcc 13.0 emitted that move under a predicate set true just before, so it never ran and the
-    store took a stale column register (seen in a scheduler-warp GEMM build, whose H100 output had one
-    TMA-store atom per tile in the wrong place). Shuffled from lane 0 (__shfl_sync) first, such values
-    compile without the pattern."""
+    values, nvcc 13.0 can emit that move under a predicate set true just before: it never runs and the
+    store takes a stale coordinate. Values shuffled from lane 0 (__shfl_sync) first compile without the
+    pattern (benchmarks/RESULTS.md, session 22)."""
     offenders = {name: moves for name, sass in sass_by_function().items() if (moves := _dead_uniform_moves(sass))}
     assert not offenders, f"kernels with a move into a uniform register that never runs: {offenders}"
 
