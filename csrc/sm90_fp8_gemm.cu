@@ -4,7 +4,8 @@
 // scheduler differs (sm90_fp8_gemm_scheduler.cuh). Per CTA (persistent, one per SM):
 //   - a producer warpgroup, one thread of which issues TMA loads of A [BLOCK_M x 128],
 //     B [BLOCK_N x 128] (128-byte swizzle) and A's scales [BLOCK_M] into a ring of stages
-//     guarded by full/empty mbarriers;
+//     guarded by full/empty mbarriers, and a scheduler warp that hands each tile, with B's block
+//     scales, to the consumers one tile ahead (a two-slot ring);
 //   - consumer warpgroups (one for BLOCK_M = 64, else two, each owning BLOCK_M / 2 rows as one or
 //     two 64-row wgmma passes): per 128-wide K block, 4 wgmma m64nBLOCK_Nk32 per pass into a fresh
 //     fp32 accumulator, then promotion on CUDA cores, final += acc * a_scale[row] * b_scale[column
@@ -28,7 +29,6 @@
 #include "barrier.cuh"
 #include "cache_policy.cuh"
 #include "common.h"
-#include "cp_async.cuh"
 #include "fence.cuh"
 #include "mbarrier.cuh"
 #include "sm90_fp8_gemm.h"
@@ -163,23 +163,56 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
 }
 
 // ---------------------------------------------------------------------------------------------
-// Consumers: promotion.
+// Scheduler warp: one warp of the producer warpgroup walks the tile sequence one tile ahead of the
+// consumers and hands each tile over in a slot of a two-slot ring (SmemLayout::tile_slot_offset),
+// with B's scales of the tile for every K block (block-scaled B): [2][num_k_blocks], row 0 for the
+// 128-column block holding the tile's first column, row 1 for the next block (clamped to the last
+// one). The consumers' tile transition then has no scheduling arithmetic and no scale loads on it.
+// After the last tile the warp writes a slot with valid == 0.
 
-// B's scales of a tile for every K block -> smem_sfb [2][num_k_blocks]: row 0 for the 128-column
-// block holding the tile's first column, row 1 for the next block (clamped to the last one).
-template <int BLOCK_N>
-__device__ __forceinline__ void load_b_scales_async(const GemmParams& p, const Tile& tile, float* smem_sfb,
-                                                    int thread_idx) {
+struct TileSlotHeader {
+  Tile tile;
+  int valid;
+};
+static_assert(sizeof(TileSlotHeader) <= kTileSlotHeaderBytes, "a tile slot's header holds the Tile");
+
+template <int BLOCK_M, int BLOCK_N, GemmType kType, int kClusterSize>
+__device__ __forceinline__ void schedule(const GemmParams& p, uint8_t* smem, const SmemLayout& layout,
+                                         uint64_t* tile_full, uint64_t* tile_empty) {
+  constexpr bool kBScalesPerRow = kType == GemmType::kWgrad || kType == GemmType::kKGroupedWgrad;
+  TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize> scheduler(p);
+  const int lane_idx = threadIdx.x % 32;
   const int num_n_scale_blocks = (p.n + 127) / 128;
-  const int first_block = tile.n_block_idx * BLOCK_N / 128;
-  const float* gmem_sfb = p.b_scales + static_cast<int64_t>(tile.group_idx) * num_n_scale_blocks * p.num_k_blocks;
-  for (int i = thread_idx; i < 2 * p.num_k_blocks; i += kWarpgroupThreads) {
-    const int which = i >= p.num_k_blocks;
-    const int n_scale_block = min(first_block + which, num_n_scale_blocks - 1);
-    ptx::cp_async_ca_4(smem_sfb + i, gmem_sfb + n_scale_block * p.num_k_blocks + (i - which * p.num_k_blocks));
+  int slot = 0;
+  uint32_t phase = 0;
+  while (true) {
+    Tile tile;
+    const bool valid = scheduler.next(tile);
+    ptx::mbarrier_wait(&tile_empty[slot], phase ^ 1);
+    uint8_t* slot_base = smem + layout.tile_slot_offset(slot);
+    if (lane_idx == 0) *reinterpret_cast<TileSlotHeader*>(slot_base) = TileSlotHeader{tile, valid};
+    if (valid && !kBScalesPerRow) {
+      float* smem_sfb = reinterpret_cast<float*>(slot_base + kTileSlotHeaderBytes);
+      const int first_block = tile.n_block_idx * BLOCK_N / 128;
+      const float* gmem_sfb = p.b_scales + static_cast<int64_t>(tile.group_idx) * num_n_scale_blocks * p.num_k_blocks;
+#pragma unroll 1  // the producer warpgroup's 40 registers: one load in flight per lane
+      for (int i = lane_idx; i < 2 * p.num_k_blocks; i += 32) {
+        const int which = i >= p.num_k_blocks;
+        const int n_scale_block = min(first_block + which, num_n_scale_blocks - 1);
+        smem_sfb[i] = __ldg(gmem_sfb + n_scale_block * p.num_k_blocks + (i - which * p.num_k_blocks));
+      }
+    }
+    ptx::mbarrier_arrive(&tile_full[slot]);  // every lane: each releases its own writes
+    if (!valid) return;
+    if (++slot == kNumTileSlots) {
+      slot = 0;
+      phase ^= 1;
+    }
   }
-  ptx::cp_async_commit();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Consumers: promotion.
 
 // Scales of one pass's two fragment rows (lo: row r, hi: row r + 8) for both B scale blocks.
 struct PassScales {
@@ -332,14 +365,13 @@ __device__ __forceinline__ void store_tile(const CUtensorMap* tmap_d, const Gemm
   const int num_rows = min(kWgRows, tile.num_rows - consumer_wg_idx * kWgRows);
   bool row_ok = true;
   if constexpr (kType == GemmType::kGroupedContiguous) {
-    if (thread_idx < kWgRows) {
-      row_ok = thread_idx < num_rows && __ldg(p.m_indices + first_row + thread_idx) == tile.group_idx;
-      smem_row_ok[thread_idx] = row_ok;
-    }
+    if (thread_idx < kWgRows) row_ok = thread_idx < num_rows && __ldg(p.m_indices + first_row + thread_idx) == tile.group_idx;
   }
-  // The previous tile's TMA stores have read smem_d (its issuing thread waits, the barrier tells all).
+  // The previous tile's TMA stores have read smem_d (its issuing thread waits, the barrier tells all),
+  // and every thread's reads of smem_d and of the row flags in the previous tile's store are done.
   if (thread_idx == 0) ptx::tma_store_wait_read<0>();
   const bool all_rows_ok = ptx::named_barrier_sync_and(barrier_id, kWarpgroupThreads, row_ok);
+  if (kType == GemmType::kGroupedContiguous && thread_idx < kWgRows) smem_row_ok[thread_idx] = row_ok;
   // TMA stores write whole boxes, clipped only at the tensor's edges: they serve the dense layout,
   // and grouped tiles whose rows all hold output. Others keep the rows the contract leaves untouched.
   const bool tma_store = !kOutFp32 && num_rows > 0 &&
@@ -479,7 +511,7 @@ struct ConsumerRing {
   int lane_idx;
   uint32_t rank;    // clusters: this CTA's rank
   int num_k_blocks;
-  const float* sfb = nullptr;  // the current tile's B scales [2 column blocks][num_k_blocks]
+  const float* sfb = nullptr;  // the current tile's B scales [2 column blocks][num_k_blocks] (its slot)
   int k_count = 0;             // the current tile's K blocks (all of them but for k-grouped wgrad)
   bool peer_half = false;      // clusters: the current tile's stages hold half of A from the peer
   // Two positions in the ring: the stage the next K block is issued from, and the next one to release.
@@ -627,17 +659,16 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
 
 template <int BLOCK_M, int BLOCK_N, GemmType kType, bool kOutFp32, int kClusterSize>
 __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const CUtensorMap* tmap_c, const GemmParams& p,
-                                        uint8_t* smem, const SmemLayout& layout, uint64_t* full, uint64_t* empty) {
+                                        uint8_t* smem, const SmemLayout& layout, uint64_t* full, uint64_t* empty,
+                                        uint64_t* tile_full, uint64_t* tile_empty) {
   using K = Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>;
   const int consumer_wg_idx = threadIdx.x / kWarpgroupThreads;
   const int thread_idx = threadIdx.x % kWarpgroupThreads;
   const int lane_idx = threadIdx.x % 32;
   uint8_t* smem_d = smem + layout.d_offset(consumer_wg_idx);
-  float* smem_sfb = reinterpret_cast<float*>(smem + layout.sfb_offset(consumer_wg_idx));
   uint8_t* smem_row_ok = smem + layout.row_ok_offset(consumer_wg_idx);
   uint64_t* c_full = reinterpret_cast<uint64_t*>(smem + layout.c_barrier_offset(consumer_wg_idx));
   uint32_t c_phase = 0;
-  const uint32_t barrier_id = 1 + consumer_wg_idx;
   ConsumerRing<K> ring{layout,
                        smem,
                        full,
@@ -651,28 +682,17 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const CUtenso
   float acc0[K::kNumAccum];
   float acc1[K::kNumAccum];
   float final_acc[K::kNumPasses][K::kNumAccum];
-  int sfb_buffer = 0;
-  TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize> scheduler(p);
-  Tile tile;
-  bool has_tile = scheduler.next(tile);
-  if (has_tile && !K::kBScalesPerRow) load_b_scales_async<BLOCK_N>(p, tile, smem_sfb, thread_idx);
-  while (has_tile) {
-    // B scales of this tile landed for every thread; the previous tile's reads of smem_d and of the
-    // row flags are done.
-    ptx::cp_async_wait<0>();
-    ptx::named_barrier_sync(barrier_id, kWarpgroupThreads);
-    ring.sfb = smem_sfb + sfb_buffer * layout.sfb_floats_per_buffer();
+  int slot = 0;
+  uint32_t slot_phase = 0;
+  while (true) {
+    ptx::mbarrier_wait(&tile_full[slot], slot_phase);
+    const uint8_t* slot_base = smem + layout.tile_slot_offset(slot);
+    const TileSlotHeader header = *reinterpret_cast<const TileSlotHeader*>(slot_base);
+    if (!header.valid) break;
+    const Tile tile = header.tile;
+    ring.sfb = reinterpret_cast<const float*>(slot_base + kTileSlotHeaderBytes);
     ring.peer_half = tile.multicast;
     ring.k_count = tile.k_count;
-    // Fetch the next tile's B scales into the other buffer now, so that they land under this tile's K
-    // loop and the next loop top does not wait for them. That buffer's readers (the previous tile's
-    // promotions) are done: the barrier above.
-    Tile next_tile;
-    const bool has_next = scheduler.next(next_tile);
-    if (has_next && !K::kBScalesPerRow) {
-      load_b_scales_async<BLOCK_N>(p, next_tile, smem_sfb + (sfb_buffer ^ 1) * layout.sfb_floats_per_buffer(),
-                                   thread_idx);
-    }
     if constexpr (K::kBScalesPerRow) {
       if (p.c != nullptr && !wgrad_reduces_into_d(p) && thread_idx == 0 &&
           tile.num_rows > consumer_wg_idx * K::kWgRows) {
@@ -694,6 +714,15 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const CUtenso
       });
     }
 
+    // This warp's reads of the slot (its B scales, in the promotions) are done: the scheduler warp may
+    // refill it.
+    __syncwarp();
+    if (lane_idx == 0) ptx::mbarrier_arrive(&tile_empty[slot]);
+    if (++slot == kNumTileSlots) {
+      slot = 0;
+      slot_phase ^= 1;
+    }
+
     if constexpr (K::kBScalesPerRow) {
       store_tile_wgrad<BLOCK_N, K::kWgRows>(tmap_d, p, tile, final_acc[0], smem_d, c_full, c_phase, consumer_wg_idx,
                                             thread_idx);
@@ -701,10 +730,6 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const CUtenso
       store_tile<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(tmap_d, p, layout, tile, final_acc, smem_d,
                                                                      smem_row_ok, consumer_wg_idx, thread_idx);
     }
-
-    tile = next_tile;
-    has_tile = has_next;
-    sfb_buffer ^= 1;
   }
   // Shared memory must outlive the reads of the last TMA stores.
   if (thread_idx == 0) ptx::tma_store_wait_read<0>();
@@ -721,6 +746,8 @@ __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClu
   const SmemLayout layout = K::layout(num_stages, p.num_k_blocks);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barrier_offset());
   uint64_t* empty = full + num_stages;
+  uint64_t* tile_full = empty + num_stages;
+  uint64_t* tile_empty = tile_full + kNumTileSlots;
   const bool is_producer = threadIdx.x >= K::kNumConsumerThreads;
 
   if (threadIdx.x == K::kNumConsumerThreads) {
@@ -743,6 +770,10 @@ __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClu
       // Every consumer warp of the cluster's CTAs, once per CTA (see consume's release).
       ptx::mbarrier_init(&empty[s], kClusterSize * K::kNumConsumerThreads / 32);
     }
+    for (int slot = 0; slot < kNumTileSlots; ++slot) {
+      ptx::mbarrier_init(&tile_full[slot], 32);                               // the scheduler warp's lanes
+      ptx::mbarrier_init(&tile_empty[slot], K::kNumConsumerThreads / 32);  // every consumer warp
+    }
     ptx::fence_mbarrier_init();
   }
   if constexpr (kClusterSize == 2) {
@@ -757,10 +788,13 @@ __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClu
     if (threadIdx.x == K::kNumConsumerThreads) {
       produce<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_sfb, p, smem, layout,
                                                                full, empty);
+    } else if (threadIdx.x / 32 == K::kNumConsumerThreads / 32 + 1) {
+      schedule<BLOCK_M, BLOCK_N, kType, kClusterSize>(p, smem, layout, tile_full, tile_empty);
     }
   } else {
     if constexpr (kReallocateRegisters) ptx::warpgroup::setmaxnreg_inc<kConsumerRegs>();
-    consume<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(&tmap_d, &tmap_c, p, smem, layout, full, empty);
+    consume<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(&tmap_d, &tmap_c, p, smem, layout, full, empty,
+                                                             tile_full, tile_empty);
   }
 }
 

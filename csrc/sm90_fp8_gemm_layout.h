@@ -13,6 +13,9 @@ namespace dso::gemm {
 constexpr int BLOCK_K = 128;  // one scale per 128 K: a K block is exactly one scale block
 constexpr int kWgmmaM = 64;   // rows of one wgmma; a warpgroup owns one or two such passes
 constexpr int kMaxStages = 10;
+// The scheduler warp runs one tile ahead of the consumers: tiles pass through a ring of two slots.
+constexpr int kNumTileSlots = 2;
+constexpr int kTileSlotHeaderBytes = 64;  // the Tile and its valid flag, 16-byte aligned scales after it
 
 constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
 
@@ -38,9 +41,10 @@ constexpr int align_1024(int bytes) { return (bytes + 1023) / 1024 * 1024; }
 constexpr int kWgradAtomCols = 32;
 
 // [stages x A tile][stages x B tile][stages x A scales][stages x B scales: per-row B scales only][per
-// warpgroup: D staging][per warpgroup: 2 x B block scales of the tile][per warpgroup: a flag per
-// row][full, empty barriers][per warpgroup: the barrier of its c tile (weight gradients)]. A and B
-// tiles and D atoms start on 1024-byte boundaries (128-byte swizzle atoms).
+// warpgroup: D staging][2 tile slots: the tile and its B block scales][per warpgroup: a flag per
+// row][full, empty barriers][tile full, tile empty barriers][per warpgroup: the barrier of its c tile
+// (weight gradients)]. A and B tiles and D atoms start on 1024-byte boundaries (128-byte swizzle
+// atoms).
 struct SmemLayout {
   int block_m, block_n;
   bool out_fp32;
@@ -63,8 +67,10 @@ struct SmemLayout {
     return b_scales_per_row ? wg_rows() * block_n * 4
                             : out_fp32 ? wg_rows() * d_fp32_row_bytes() : align_1024(wg_rows() * block_n * 2);
   }
-  DSO_HOST_DEVICE constexpr int sfb_floats_per_buffer() const { return b_scales_per_row ? 0 : 2 * num_k_blocks; }
-
+  // A tile slot: the tile (kTileSlotHeaderBytes) and, block-scaled B, its B scales [2 column blocks][num_k_blocks].
+  DSO_HOST_DEVICE constexpr int tile_slot_bytes() const {
+    return kTileSlotHeaderBytes + (b_scales_per_row ? 0 : 2 * num_k_blocks * 4);
+  }
   DSO_HOST_DEVICE constexpr int a_offset(int stage) const { return stage * a_bytes(); }
   DSO_HOST_DEVICE constexpr int b_offset(int stage) const { return num_stages * a_bytes() + stage * b_bytes(); }
   DSO_HOST_DEVICE constexpr int sfa_offset(int stage) const {
@@ -76,17 +82,17 @@ struct SmemLayout {
   DSO_HOST_DEVICE constexpr int d_offset(int warpgroup) const {
     return align_1024(num_stages * stage_tx_bytes()) + warpgroup * d_bytes_per_warpgroup();
   }
-  // Per warpgroup, two buffers (this tile, next tile) of [2 column blocks][num_k_blocks] floats.
-  DSO_HOST_DEVICE constexpr int sfb_offset(int warpgroup) const {
-    return d_offset(num_warpgroups()) + warpgroup * 2 * sfb_floats_per_buffer() * 4;
+  DSO_HOST_DEVICE constexpr int tile_slot_offset(int slot) const {
+    return d_offset(num_warpgroups()) + slot * tile_slot_bytes();
   }
   // Per warpgroup, one byte per row: whether the row belongs to the tile (contiguous layout).
   DSO_HOST_DEVICE constexpr int row_ok_offset(int warpgroup) const {
-    return sfb_offset(num_warpgroups()) + warpgroup * wg_rows();
+    return tile_slot_offset(kNumTileSlots) + warpgroup * wg_rows();
   }
+  // full[stages], empty[stages], tile_full[slots], tile_empty[slots]: 8 bytes each.
   DSO_HOST_DEVICE constexpr int barrier_offset() const { return (row_ok_offset(num_warpgroups()) + 7) / 8 * 8; }
   DSO_HOST_DEVICE constexpr int c_barrier_offset(int warpgroup) const {
-    return barrier_offset() + 2 * num_stages * 8 + warpgroup * 8;
+    return barrier_offset() + 2 * (num_stages + kNumTileSlots) * 8 + warpgroup * 8;
   }
   DSO_HOST_DEVICE constexpr int total_bytes() const { return c_barrier_offset(num_warpgroups()); }
 };
