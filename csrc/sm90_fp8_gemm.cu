@@ -176,6 +176,23 @@ struct TileSlotHeader {
 };
 static_assert(sizeof(TileSlotHeader) <= kTileSlotHeaderBytes, "a tile slot's header holds the Tile");
 
+// The same Tile in every lane, as lane 0's: values loaded from shared memory are not provably uniform,
+// and ptxas must move the tile's TMA-store coordinates into uniform registers. For such per-lane values it
+// emitted a first store whose column was never set (sm_90a, nvcc 13.0: wrong columns on the H100).
+__device__ __forceinline__ Tile warp_uniform(const Tile& t) {
+  Tile u;
+  u.m_block_idx = __shfl_sync(0xffffffffu, t.m_block_idx, 0);
+  u.n_block_idx = __shfl_sync(0xffffffffu, t.n_block_idx, 0);
+  u.group_idx = __shfl_sync(0xffffffffu, t.group_idx, 0);
+  u.row = __shfl_sync(0xffffffffu, t.row, 0);
+  u.a_row = __shfl_sync(0xffffffffu, t.a_row, 0);
+  u.k_begin = __shfl_sync(0xffffffffu, t.k_begin, 0);
+  u.k_count = __shfl_sync(0xffffffffu, t.k_count, 0);
+  u.num_rows = __shfl_sync(0xffffffffu, t.num_rows, 0);
+  u.multicast = __shfl_sync(0xffffffffu, static_cast<int>(t.multicast), 0) != 0;
+  return u;
+}
+
 template <int BLOCK_M, int BLOCK_N, GemmType kType, int kClusterSize>
 __device__ __forceinline__ void schedule(const GemmParams& p, uint8_t* smem, const SmemLayout& layout,
                                          uint64_t* tile_full, uint64_t* tile_empty) {
@@ -689,7 +706,7 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const CUtenso
     const uint8_t* slot_base = smem + layout.tile_slot_offset(slot);
     const TileSlotHeader header = *reinterpret_cast<const TileSlotHeader*>(slot_base);
     if (!header.valid) break;
-    const Tile tile = header.tile;
+    const Tile tile = warp_uniform(header.tile);
     ring.sfb = reinterpret_cast<const float*>(slot_base + kTileSlotHeaderBytes);
     ring.peer_half = tile.multicast;
     ring.k_count = tile.k_count;
