@@ -382,7 +382,9 @@ __device__ __forceinline__ void store_tile(const CUtensorMap* tmap_d, const Gemm
   const int num_rows = min(kWgRows, tile.num_rows - consumer_wg_idx * kWgRows);
   bool row_ok = true;
   if constexpr (kType == GemmType::kGroupedContiguous) {
-    if (thread_idx < kWgRows) row_ok = thread_idx < num_rows && __ldg(p.m_indices + first_row + thread_idx) == tile.group_idx;
+    if (thread_idx < kWgRows) {
+      row_ok = thread_idx < num_rows && __ldg(p.m_indices + first_row + thread_idx) == tile.group_idx;
+    }
   }
   // The previous tile's TMA stores have read smem_d (its issuing thread waits, the barrier tells all),
   // and every thread's reads of smem_d and of the row flags in the previous tile's store are done.
