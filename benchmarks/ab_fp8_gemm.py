@@ -5,7 +5,8 @@
 Per shape: every config (forced through DSO_FP8_GEMM_CONFIG, "auto" = the heuristic's pick) and
 DeepGEMM, each checked against the float64 reference, timed by the protocol (timing.time_rounds: two
 rounds, the second reversed), then the mean SM clock and energy per call of each over ~0.3 s of
-back-to-back calls (NVML). Prints one line per shape and the geomean of time ratios to DeepGEMM.
+back-to-back calls (NVML), and TFLOP/s per MHz of that clock. Prints one line per shape and the
+geomean of time ratios to DeepGEMM.
 --unchecked skips the check of our configs (DeepGEMM is still checked): for ablation builds whose
 output is wrong by design (a stage's loads or the promotion removed), timed to bound where time goes.
 """
@@ -74,7 +75,9 @@ def main():
                 if "deepgemm" in times and name != "deepgemm":
                     ratios[name].append(times["deepgemm"] / times[name])
                     extra = f" {times['deepgemm'] / times[name]:.3f}x dg"
-                line.append(f"{name}: {times[name] * 1e3:.1f} us {tflops:.0f} TF {clock:.0f} MHz {mj:.2f} mJ{extra}")
+                # TF per MHz of that clock: the work per cycle, which the 700 W cap's clock drift does not move.
+                line.append(f"{name}: {times[name] * 1e3:.1f} us {tflops:.0f} TF {clock:.0f} MHz "
+                            f"{tflops / clock:.3f} TF/MHz {mj:.2f} mJ{extra}")
             os.environ.pop("DSO_FP8_GEMM_CONFIG", None)
             print(" | ".join(line), flush=True)
             del inp, ref, copies
