@@ -46,7 +46,7 @@ std::vector<int64_t> fp8_gemm_tile_configs() {
           configs.insert(configs.end(), {static_cast<int>(type), out_fp32, block_m, block_n, cluster});
         }
       };
-      if (type == dso::GemmType::kWgrad || type == dso::GemmType::kKGroupedWgrad) {
+      if (dso::is_wgrad(type)) {
         for (const int block_n : dso::gemm::kWgrad64BlockNs) add(64, block_n, 1);
         for (const int block_n : dso::gemm::kWgradBlockNs) add(128, block_n, 1);
       } else {

@@ -62,7 +62,7 @@ struct Kernel {
   static_assert(!(BLOCK_M == 256 && kOutFp32), "fp32 output (and c) uses tiles of at most 128 rows");
   static_assert(kClusterSize == 1 || (kClusterSize == 2 && kType == GemmType::kNormal),
                 "clusters of two CTAs (sharing A) serve the dense layout");
-  static constexpr bool kBScalesPerRow = kType == GemmType::kWgrad || kType == GemmType::kKGroupedWgrad;
+  static constexpr bool kBScalesPerRow = is_wgrad(kType);
   // Weight gradients: one pass per warpgroup, fp32 output staged in 32-column atoms (kWgradAtomCols).
   static_assert(!kBScalesPerRow || (kOutFp32 && BLOCK_M <= 128 && BLOCK_N % kWgradAtomCols == 0 && BLOCK_N <= 192),
                 "weight gradients: fp32 output, tiles of <= 128 x 192 with BLOCK_N a multiple of 32");
@@ -196,7 +196,7 @@ __device__ __forceinline__ Tile warp_uniform(const Tile& t) {
 template <int BLOCK_M, int BLOCK_N, GemmType kType, int kClusterSize>
 __device__ __forceinline__ void schedule(const GemmParams& p, uint8_t* smem, const SmemLayout& layout,
                                          uint64_t* tile_full, uint64_t* tile_empty) {
-  constexpr bool kBScalesPerRow = kType == GemmType::kWgrad || kType == GemmType::kKGroupedWgrad;
+  constexpr bool kBScalesPerRow = is_wgrad(kType);
   TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize> scheduler(p);
   const int lane_idx = threadIdx.x % 32;
   const int num_n_scale_blocks = (p.n + 127) / 128;
@@ -961,7 +961,7 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
   const int block_m = args.config.block_m, block_n = args.config.block_n;
   const bool masked = p.type == GemmType::kGroupedMasked;
   const int64_t a_rows = masked ? p.num_groups * p.m : p.m;
-  const bool wgrad = p.type == GemmType::kWgrad || p.type == GemmType::kKGroupedWgrad;
+  const bool wgrad = is_wgrad(p.type);
   const int64_t b_rows = p.type == GemmType::kNormal || wgrad ? p.n : p.num_groups * p.n;
   const int64_t num_k_blocks = p.k / 128;
   // Clusters load A in halves (multicast to both CTAs of a pair, or both halves alone).

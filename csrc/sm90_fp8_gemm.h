@@ -15,6 +15,9 @@ enum class GemmType : int {
   kKGroupedWgrad = 4,      // kWgrad per group g over the K blocks [k_block_offsets[g], [g + 1]); d [groups, m, n]
 };
 
+// Weight gradients: B scaled 1 x 128 (per row) like A, fp32 output; the other types scale B per 128 x 128 block.
+constexpr bool is_wgrad(GemmType type) { return type == GemmType::kWgrad || type == GemmType::kKGroupedWgrad; }
+
 struct Fp8GemmProblem {
   GemmType type = GemmType::kNormal;
   // e4m3, K-major; row stride `lda` in elements (bytes), a multiple of 16. Masked: [groups * m, k].

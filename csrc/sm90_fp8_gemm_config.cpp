@@ -43,7 +43,7 @@ const DeviceInfo& device_info() {
 // changed no small-M time on the H200: bytes in flight do not limit them.
 int max_stages(const Fp8GemmProblem& p, int block_m, int block_n, int max_smem) {
   const int num_k_blocks = static_cast<int>(p.k / 128);
-  const bool b_scales_per_row = p.type == GemmType::kWgrad || p.type == GemmType::kKGroupedWgrad;
+  const bool b_scales_per_row = is_wgrad(p.type);
   int stages = 0;
   while (stages < kMaxStages &&
          SmemLayout{block_m, block_n, p.d_fp32, stages + 1, num_k_blocks, b_scales_per_row}.total_bytes() <= max_smem) {
@@ -77,7 +77,7 @@ int64_t num_tile_pairs(const Fp8GemmProblem& p, int block_m, int block_n) {
 // wave against 128 x 128 at many waves, one A/B run on an H100 (benchmarks/ab_wgrad.py: (7168, 16384)
 // and 8 x (4096, 7168) k-grouped, c accumulated).
 double mma_efficiency(GemmType type, int block_m, int block_n) {
-  if (type == GemmType::kWgrad || type == GemmType::kKGroupedWgrad) {
+  if (is_wgrad(type)) {
     if (block_n == 160) return 0.99;
     if (block_n == 192) return 1.05;
     if (block_n > 128) return 0.5;
@@ -171,7 +171,7 @@ struct ShapeKeyHash {
 Fp8GemmConfig heuristic_tile(const Fp8GemmProblem& p, const DeviceInfo& info) {
   Fp8GemmConfig config;
   double best = 0.0;
-  const bool wgrad = p.type == GemmType::kWgrad || p.type == GemmType::kKGroupedWgrad;
+  const bool wgrad = is_wgrad(p.type);
   // Tiles wider than N only add columns to skip, but the narrowest width a layout has serves any N.
   auto min_of = [](const auto& widths) { return *std::min_element(std::begin(widths), std::end(widths)); };
   const int narrowest = wgrad ? std::min(min_of(gemm::kWgradBlockNs), min_of(gemm::kWgrad64BlockNs))
@@ -240,7 +240,7 @@ Fp8GemmConfig complete(Fp8GemmConfig config, const Fp8GemmProblem& p, const Devi
 constexpr int64_t kReduceMinTokensPerGroup = 2048;
 
 bool reduce_c_into_d(const Fp8GemmProblem& p) {
-  const bool in_place = (p.type == GemmType::kWgrad || p.type == GemmType::kKGroupedWgrad) && p.c != nullptr &&
+  const bool in_place = is_wgrad(p.type) && p.c != nullptr &&
                         static_cast<const void*>(p.c) == p.d && p.ldc == p.ldd;
   if (!in_place) return false;
   const char* env = std::getenv("DSO_FP8_GEMM_IN_PLACE");

@@ -15,7 +15,7 @@ constexpr int kWgmmaM = 64;   // rows of one wgmma; a warpgroup owns one or two 
 constexpr int kMaxStages = 10;
 // The scheduler warp runs one tile ahead of the consumers: tiles pass through a ring of two slots.
 constexpr int kNumTileSlots = 2;
-constexpr int kTileSlotHeaderBytes = 64;  // the Tile and its valid flag, 16-byte aligned scales after it
+constexpr int kTileSlotHeaderBytes = 64;  // the Tile and its valid flag; the tile's B scales follow
 
 constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
 

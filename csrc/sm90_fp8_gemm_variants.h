@@ -48,7 +48,7 @@ constexpr bool wgrad_variant_instantiated(int block_m, int block_n) {
 // Clusters of two CTAs sharing A serve the dense 256-row tiles.
 constexpr bool variant_instantiated(GemmType type, bool out_fp32, int block_m, int block_n, int cluster_size) {
   if (cluster_size != 1 && (cluster_size != 2 || block_m != 256)) return false;
-  if (type == GemmType::kWgrad || type == GemmType::kKGroupedWgrad) {
+  if (is_wgrad(type)) {
     return out_fp32 && wgrad_variant_instantiated(block_m, block_n);
   }
   if (block_m == 256) return type == GemmType::kNormal && !out_fp32 && contains(kWideBlockNs, block_n);
