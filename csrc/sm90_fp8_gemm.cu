@@ -536,28 +536,45 @@ struct ConsumerRing {
   // Two positions in the ring: the stage the next K block is issued from, and the next one to release.
   int issue_stage = 0, release_stage = 0;
   uint32_t issue_phase = 0;
+  bool issue_stage_full = false;  // next_issue_stage's probe found issue_stage's data landed
 
-  __device__ __forceinline__ void wait_full() const { ptx::mbarrier_wait(&full[issue_stage], issue_phase); }
+  __device__ __forceinline__ void wait_full() const {
+    if (!issue_stage_full) ptx::mbarrier_wait(&full[issue_stage], issue_phase);
+  }
 
+  // Moves to the next stage and probes its full barrier without waiting. The loops call this before
+  // the promotion that precedes the next issue, so the barrier's round trip runs under the promotion's
+  // FFMAs instead of between them and the next wgmma (ptxas does not hoist the wait across the loop's
+  // back edge).
   __device__ __forceinline__ void next_issue_stage() {
     if (++issue_stage == layout.num_stages) {
       issue_stage = 0;
       issue_phase ^= 1;
     }
+    issue_stage_full = ptx::mbarrier_test_wait(&full[issue_stage], issue_phase);
+    set_descs();
+  }
+
+  // issue_stage's wgmma descriptors (A at this warpgroup's first row, and B), set when the stage becomes
+  // the next to issue, i.e. before the promotion that precedes the issue: no address arithmetic between
+  // the promotion and the wgmma.
+  uint64_t desc_a = 0, desc_b = 0;
+  __device__ __forceinline__ void set_descs() {
+    desc_a = ptx::make_smem_desc_sw128(smem + layout.a_offset(issue_stage) + a_row * BLOCK_K);
+    desc_b = ptx::make_smem_desc_sw128(smem + layout.b_offset(issue_stage));
   }
 
   // One pass (rows [64 pass, 64 pass + 64) of the warpgroup) of the K block in issue_stage: 4 wgmma
   // into acc, one group.
   __device__ __forceinline__ void issue(float (&acc)[kNumAccum], int pass) const {
-    const uint64_t desc_a =
-        ptx::make_smem_desc_sw128(smem + layout.a_offset(issue_stage) + (a_row + pass * kWgmmaM) * BLOCK_K);
-    const uint64_t desc_b = ptx::make_smem_desc_sw128(smem + layout.b_offset(issue_stage));
+    // A pass's rows start kWgmmaM rows (kWgmmaM * BLOCK_K bytes, >> 4 in the descriptor) further on.
+    const uint64_t pass_desc_a = desc_a + pass * (kWgmmaM * BLOCK_K >> 4);
     ptx::warpgroup::fence_accumulators(acc);
     ptx::warpgroup::wgmma_fence();
 #pragma unroll
     for (int k = 0; k < BLOCK_K / 32; ++k) {
       // 32 e4m3 = 32 bytes further along the swizzled 128-byte rows: start address += 32 >> 4.
-      K::Mma::mma(acc, desc_a + k * 2, desc_b + k * 2, k > 0);
+      K::Mma::mma(acc, pass_desc_a + k * 2, desc_b + k * 2, k > 0);
     }
     ptx::warpgroup::wgmma_commit_group();
     ptx::warpgroup::fence_accumulators(acc);
@@ -659,6 +676,7 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
         ptx::warpgroup::wgmma_wait_group<0>();
         ring.promote_per_column_from(ring.issue_stage, 0, final_acc[0], acc0);
         ring.release_oldest();
+        ring.next_issue_stage();
       } else {
         PassScales s[kNumPasses];
 #pragma unroll
@@ -667,11 +685,13 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
         for (int pass = 0; pass < kNumPasses; ++pass) {
           ring.issue(acc0, pass);
           ptx::warpgroup::wgmma_wait_group<0>();
-          if (pass == kNumPasses - 1) ring.release_oldest();
+          if (pass == kNumPasses - 1) {
+            ring.release_oldest();
+            ring.next_issue_stage();
+          }
           promote<kNumFirstGroups>(final_acc[pass], acc0, s[pass]);
         }
       }
-      ring.next_issue_stage();
     }
   }
 }
@@ -681,7 +701,8 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const CUtenso
                                         uint8_t* smem, const SmemLayout& layout, uint64_t* full, uint64_t* empty,
                                         uint64_t* tile_full, uint64_t* tile_empty) {
   using K = Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>;
-  const int consumer_wg_idx = threadIdx.x / kWarpgroupThreads;
+  // Warp-uniform (a shuffle from lane 0): the wgmma descriptors built from it stay in uniform registers.
+  const int consumer_wg_idx = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroupThreads, 0);
   const int thread_idx = threadIdx.x % kWarpgroupThreads;
   const int lane_idx = threadIdx.x % 32;
   uint8_t* smem_d = smem + layout.d_offset(consumer_wg_idx);
@@ -697,6 +718,7 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const CUtenso
                        lane_idx,
                        kClusterSize == 2 ? ptx::read_cluster_ctarank() : 0,
                        p.num_k_blocks};
+  ring.set_descs();
 
   float acc0[K::kNumAccum];
   float acc1[K::kNumAccum];

@@ -30,6 +30,23 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// PTX ISA 9.7.13.15.16 (mbarrier.test_wait): whether the phase of parity `parity` has completed, without
+// waiting (try_wait may suspend the thread); acquire semantics at CTA scope when it has.
+__device__ __forceinline__ bool mbarrier_test_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}"
+      : "=r"(done)
+      : "r"(addr), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // PTX ISA 9.7.13.15.13 (mbarrier.arrive): one arrival, release semantics at CTA scope.
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
