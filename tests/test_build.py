@@ -194,11 +194,12 @@ def test_no_dead_uniform_moves():
     assert not offenders, f"kernels with a move into a uniform register that never runs: {offenders}"
 
 
-def test_standalone_gemm_harness_compiles(tmp_path):
-    """benchmarks/fp8_gemm_standalone.cu (no torch) stays in step with the GEMM launcher's header."""
+@pytest.mark.parametrize("source", ["fp8_gemm_standalone.cu", "e4m3_dequant_micro.cu"])
+def test_standalone_harness_compiles(tmp_path, source):
+    """The no-torch harnesses in benchmarks/ compile (the GEMM one stays in step with the launcher's header)."""
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([_toolkit_tool("nvcc"), "-std=c++20", "--expt-relaxed-constexpr", "-gencode",
                           "arch=compute_90a,code=sm_90a", f"-I{root / 'ptx'}", f"-I{root / 'csrc'}", "-c",
-                          str(root / "benchmarks" / "fp8_gemm_standalone.cu"), "-o", str(tmp_path / "harness.o")],
+                          str(root / "benchmarks" / source), "-o", str(tmp_path / "harness.o")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"nvcc failed:\n{out.stderr[-4000:]}"
