@@ -12,8 +12,10 @@
 // Every variant is checked against fp32 on all 256 bytes (NaN bytes excluded) and scales 2^-22 .. 2^7.
 // Printed: ns per 64-token page (2048 chunks) for one SM, with 1, 3, 8 and 12 warps converting.
 //
+// Exit status 1 if a variant mismatches fp32.
+//
 // Build and run (from the repository root; any sm_90 GPU):
-//   nvcc -std=c++20 -O3 -gencode arch=compute_90a,code=sm_90a benchmarks/e4m3_dequant_micro.cu \
+//   nvcc -std=c++20 -O3 -gencode arch=compute_90a,code=sm_90a -Iptx -Icsrc benchmarks/e4m3_dequant_micro.cu \
 //        -o e4m3_dequant_micro && ./e4m3_dequant_micro
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,23 +25,12 @@
 #include <cstdio>
 #include <cstring>
 
-#define CHECK(x)                                                                           \
-  do {                                                                                     \
-    cudaError_t e = (x);                                                                   \
-    if (e != cudaSuccess) {                                                                \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__); \
-      return 1;                                                                            \
-    }                                                                                      \
-  } while (0)
+#include "common.h"
+#include "fp8.cuh"
 
 enum Variant { kFp32, kBits, kF16Bits, kF32Pack, kNumVariants };
 static const char* kNames[kNumVariants] = {"fp32", "bits", "f16bits", "f32pack"};
 
-__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint16_t packed) {
-  uint32_t halves;
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(halves) : "h"(packed));
-  return halves;
-}
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t x, uint32_t y) {
   const __nv_bfloat162 p = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&x), *reinterpret_cast<const __nv_bfloat162*>(&y));
   return *reinterpret_cast<const uint32_t*>(&p);
@@ -64,15 +55,16 @@ __device__ __forceinline__ void convert(const uint4 raw, float scale, uint32_t f
     } else {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint32_t halves = e4m3x2_to_f16x2(static_cast<uint16_t>(x >> (16 * h)));
+        const uint16_t pair = static_cast<uint16_t>(x >> (16 * h));
         if constexpr (V == kFp32) {
-          const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&halves));
+          const float2 v = dso::ptx::e4m3x2_to_float2(pair);
           out[2 * w + h] = pack_bf16x2(v.x * scale, v.y * scale);
         } else if constexpr (V == kF16Bits) {
+          const uint32_t halves = dso::ptx::cvt_e4m3x2_to_f16x2(pair);
           const uint32_t bits = ((halves & 0x7fff7fffu) >> 3) | (halves & 0x80008000u);
           out[2 * w + h] = bf16x2_mul(bits, f16);  // one factor: 2^(112 + k) is a bf16 for k <= 15
         } else {
-          const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&halves));
+          const float2 v = dso::ptx::e4m3x2_to_float2(pair);
           out[2 * w + h] = bf16x2_mul(pack_bf16x2(v.x, v.y), fk);
         }
       }
@@ -161,22 +153,26 @@ float time_variant(int warps, const uint4* input, uint32_t* sink, int num_sms) {
 
 int main() {
   int device = 0, num_sms = 0;
-  CHECK(cudaGetDevice(&device));
-  CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+  DSO_CUDA_CHECK(cudaGetDevice(&device));
+  DSO_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
   int* mismatches;
-  CHECK(cudaMallocManaged(&mismatches, kNumVariants * sizeof(int)));
+  DSO_CUDA_CHECK(cudaMallocManaged(&mismatches, kNumVariants * sizeof(int)));
   memset(mismatches, 0, kNumVariants * sizeof(int));
   check_kernel<<<1, 32>>>(mismatches);
-  CHECK(cudaDeviceSynchronize());
-  for (int v = 1; v < kNumVariants; ++v) std::printf("check %-8s %d mismatching words\n", kNames[v], mismatches[v]);
+  DSO_CUDA_CHECK(cudaDeviceSynchronize());
+  int total_mismatches = 0;
+  for (int v = 1; v < kNumVariants; ++v) {
+    std::printf("check %-8s %d mismatching words\n", kNames[v], mismatches[v]);
+    total_mismatches += mismatches[v];
+  }
 
   uint4* input;
   uint32_t* sink;
-  CHECK(cudaMalloc(&input, 8192));
-  CHECK(cudaMalloc(&sink, 4096));
+  DSO_CUDA_CHECK(cudaMalloc(&input, 8192));
+  DSO_CUDA_CHECK(cudaMalloc(&sink, 4096));
   uint8_t host[8192];
   for (int i = 0; i < 8192; ++i) host[i] = static_cast<uint8_t>((i * 37 + 11) & 0x7e);  // no NaN byte
-  CHECK(cudaMemcpy(input, host, 8192, cudaMemcpyHostToDevice));
+  DSO_CUDA_CHECK(cudaMemcpy(input, host, 8192, cudaMemcpyHostToDevice));
   std::printf("ns per 64-token page (2048 chunks of 16 values) on one SM:\n%-8s", "warps");
   const int warp_counts[] = {1, 3, 8, 12};
   for (int w : warp_counts) std::printf(" %8d", w);
@@ -195,6 +191,6 @@ int main() {
     }
     std::printf("\n");
   }
-  CHECK(cudaGetLastError());
-  return 0;
+  DSO_CUDA_CHECK(cudaGetLastError());
+  return total_mismatches == 0 ? 0 : 1;
 }
