@@ -537,6 +537,10 @@ struct ConsumerRing {
   int issue_stage = 0, release_stage = 0;
   uint32_t issue_phase = 0;
   bool issue_stage_full = false;  // next_issue_stage's probe found issue_stage's data landed
+  // issue_stage's wgmma descriptors (A at this warpgroup's first row, and B), set when the stage becomes
+  // the next to issue, i.e. before the promotion that precedes the issue: no address arithmetic between
+  // the promotion and the wgmma.
+  uint64_t desc_a = 0, desc_b = 0;
 
   __device__ __forceinline__ void wait_full() const {
     if (!issue_stage_full) ptx::mbarrier_wait(&full[issue_stage], issue_phase);
@@ -555,10 +559,6 @@ struct ConsumerRing {
     set_descs();
   }
 
-  // issue_stage's wgmma descriptors (A at this warpgroup's first row, and B), set when the stage becomes
-  // the next to issue, i.e. before the promotion that precedes the issue: no address arithmetic between
-  // the promotion and the wgmma.
-  uint64_t desc_a = 0, desc_b = 0;
   __device__ __forceinline__ void set_descs() {
     desc_a = ptx::make_smem_desc_sw128(smem + layout.a_offset(issue_stage) + a_row * BLOCK_K);
     desc_b = ptx::make_smem_desc_sw128(smem + layout.b_offset(issue_stage));
