@@ -1,8 +1,8 @@
 // Repro for compute-sanitizer racecheck of the MLA decode's shared row bases and row sums (issue 19), no
 // torch. racecheck reports RAW hazards between score_tile's row-base stores and rebase's loads (and the
 // row sums of write_results), which named barrier 1 (the 256 consumer threads) orders in program order.
-// A bare repro (one writer warpgroup, bar.sync 1, 256, two readers, a third warpgroup exiting) reported
-// none, so this one rebuilds the kernel's pattern and adds its other ingredients one variant at a time:
+// racecheck passes a bare one-writer, two-reader bar.sync pattern (benchmarks/RESULTS.md), so this
+// rebuilds the kernel's pattern and adds its other ingredients one variant at a time:
 //   0  the pattern: per tile, warpgroup t % 2 writes slot t % 2 of the row bases (its lane_col 0
 //      threads, rows 16 w + lane / 4 and + 8), bar.sync 1, 256, both warpgroups read the slot; at the
 //      end each writes its row sums, bar.sync 1, 256, both read both. Warpgroup 2 exits at once.
