@@ -10,15 +10,19 @@
 //      O and lse to fp32 workspaces.
 //   3. sm90_mla_combine: log-sum-exp merge of the splits of every split request.
 //
-// Roles (3 warpgroups): warps 0-7 are the consumers, warp 8 the producer (warps 9-11 exit at once).
-// The producer walks the same (request, tile) sequence as the consumers and fills a ring of page
-// buffers as soon as one is released, across request boundaries, so loads never wait on the softmax:
-//   bf16: 2 swizzled K tiles; a full page is 9 TMA boxes (64 columns x 64 tokens, SWIZZLE_128B); the
-//         page holding seqlen's end (or no valid token) is copied by the producer warp with zero-filling
-//         cp.async, so tokens at or past seqlen are never read and their K/V rows are exactly 0.
-//   FP8:  1 raw staging page (one cp.async.bulk of the valid tokens' bytes) + 1 bf16 K tile that the
-//         consumers dequantize into (invalid tokens written as 0, their staging bytes never read).
-// Handshake per buffer: full (32 producer arrivals + the TMA bytes) and empty (8 consumer warps).
+// Roles (3 warpgroups): warps 0-7 are the consumers; warpgroup 2 fills a ring of 2 swizzled K tiles.
+// It walks the same (request, tile) sequence as the consumers and fills a buffer as soon as it is
+// released, across request boundaries, so loads never wait on the softmax:
+//   bf16: warp 8 alone (warps 9-11 exit, lending their registers). A full page is 9 TMA boxes
+//         (64 columns x 64 tokens, SWIZZLE_128B); the page holding seqlen's end (or no valid token)
+//         is copied with zero-filling cp.async, so tokens at or past seqlen are never read and their
+//         K/V rows are exactly 0.
+//   FP8:  the whole warpgroup dequantizes, from global memory straight into registers (no staging
+//         tile, so a page's loads are issued while its buffer is still being read), and stores the
+//         bf16 K tile; tokens at or past seqlen are not read and written as 0. The consumers then run
+//         exactly the bf16 path, and a page's dequantization overlaps the MMAs of the page before it.
+// Handshake per buffer: full (bf16: 32 producer arrivals + the TMA bytes; FP8: the 128 dequantizer
+// threads) and empty (8 consumer warps).
 // NOTE: fill n of a ring of kStages uses buffer n % kStages in round n / kStages: the consumers wait
 // full with parity round & 1, the producer waits empty with parity (round & 1) ^ 1 (a fresh barrier
 // counts as having completed the phase before phase 0, so the first round does not wait).
@@ -50,6 +54,7 @@
 #include "fp8.cuh"
 #include "griddep.cuh"
 #include "mbarrier.cuh"
+#include "memory.cuh"
 #include "sm90_mla_decode.h"
 #include "tensor_map.h"
 #include "tma.cuh"
@@ -61,12 +66,18 @@ namespace dso {
 namespace {
 
 constexpr int kNumConsumers = 256;             // 2 warpgroups
-// NOTE: a whole producer warpgroup although one warp loads: each SM sub-partition holds 16K registers,
-// so a 9th warp would cap every thread at 168. With 3 warpgroups, setmaxnreg moves the producer's
-// share to the consumers: per sub-partition 2 x 232 + 40 <= 512 registers a lane.
+// NOTE: a whole third warpgroup although the bf16 cache needs one loading warp: each SM sub-partition
+// holds 16K registers, so a 9th warp would cap every thread at 168 either way, and setmaxnreg moves
+// registers between the warpgroups within the launch's 168 a thread: a consumer, a consumer and a
+// warpgroup-2 lane of one sub-partition share 3 x 168. bf16: 40 for the TMA warp, 232 for the
+// consumers. FP8: 120 for the dequantizers (a page's loads, 96 registers, in flight at once) and 192
+// for the consumers, which need no more (no spill; at 184 they spill).
 constexpr int kThreads = kNumConsumers + 128;
-constexpr int kProducerRegs = 40;
-constexpr int kConsumerRegs = 232;
+constexpr int kLaunchRegs = 168;
+template <bool kFp8> constexpr int kProducerRegs = kFp8 ? 120 : 40;
+template <bool kFp8> constexpr int kConsumerRegs = kFp8 ? 192 : 232;
+static_assert(2 * kConsumerRegs<true> + kProducerRegs<true> <= 3 * kLaunchRegs &&
+              2 * kConsumerRegs<false> + kProducerRegs<false> <= 3 * kLaunchRegs, "the CTA's registers");
 constexpr int kNumConsumerWarps = kNumConsumers / 32;
 constexpr uint32_t kConsumerBarrier = 1;        // named barrier of the 256 consumer threads
 constexpr uint32_t kWarpgroupBarrier = 2;       // + half: named barrier of one consumer warpgroup
@@ -75,7 +86,6 @@ constexpr int BLOCK_N = kMlaPageSize;    // tokens per tile = one page
 constexpr int kRowBytes = kMlaHeadDimQK * 2;          // 1152: one bf16 token or query row
 constexpr int kRowChunks = kRowBytes / 16;            // 72 16-byte chunks
 constexpr int kTileBytes = BLOCK_N * kRowBytes;       // 73728 (also the Q tile)
-constexpr int kFp8PageBytes = BLOCK_N * kMlaFp8TokenBytes;
 constexpr int kSplitOverheadTiles = 5;  // a split's fixed cost (Q load, epilogue, combine) in tiles
 constexpr int kMaxSeqlen = 1 << 24;     // device seqlens are clamped here so tile counts cannot overflow
 constexpr float kLog2e = 1.4426950408889634f;
@@ -86,20 +96,37 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kRescaleThreshold = 8.0f;
 
 constexpr int kSwizzleBlockBytes = BLOCK_N * 128;    // one 64-column block of a 64-row tile
+constexpr int kRopeBox = kTileBytes / kSwizzleBlockBytes - 1;  // the last block: RoPE, then P
 using ScoreMma = ptx::Wgmma<__nv_bfloat16, BLOCK_N>;        // S = Q K^T, all 64 tokens of a tile
 using PvMma = ptx::Wgmma<__nv_bfloat16, kMlaHeadDimV / 2>;  // O += P V, one warpgroup's 256 columns
 static_assert(ScoreMma::kNumAccum == 32 && PvMma::kNumAccum == 128, "S is 8 x 4 and O 32 x 4 registers a thread");
 static_assert(kRowChunks % 8 == 0, "rows split into whole 128-byte swizzle blocks");
 static_assert(BLOCK_M == BLOCK_N, "Q and K tiles share one layout");
-static_assert(kMlaFp8TokenBytes % 16 == 0, "a bulk copy of whole FP8 tokens is a multiple of 16 bytes");
-static_assert(kFp8PageBytes <= kTileBytes, "the FP8 staging page reuses the second bf16 tile buffer");
 static_assert(BLOCK_M == 4 * 16 && kNumConsumerWarps == 8, "4 row groups of 16 x 2 column halves");
 static_assert(kTileBytes == 9 * kSwizzleBlockBytes, "a bf16 page is 9 TMA boxes of 64 columns");
 static_assert(BLOCK_N * BLOCK_N * 2 == kSwizzleBlockBytes, "P (64 rows x 64 tokens) fills the RoPE block");
 
-// Shared memory: Q tile, two K tiles (FP8: one K tile + the raw staging page; P of a tile is written
-// over its K tile's RoPE block), row bases of the last two tiles, row sums, then the full/empty
-// mbarriers of the two buffers.
+// FP8 dequantization: warp w of warpgroup 2 takes tokens 16 w .. + 15 of a page, in 8 pairs. One load
+// instruction reads one half (256 bytes) of a pair's two value rows: lane l takes token 2 j + (l / 4) % 2
+// of the pair and 16-byte chunk 4 (l / 8) + l % 4 of the half, so each instruction reads two contiguous
+// 256-byte runs (few L1 wavefronts), and in each 8-lane phase of a 16-byte tile store the two tokens'
+// rows (even, odd) put the same chunks in different swizzle slots (no bank conflict). The RoPE rows
+// (128 bytes, bf16 already) go global -> shared by cp.async, no register: one instruction per 4
+// tokens, lane l taking token l / 8, chunk l % 8.
+constexpr int kDequantThreads = 128;
+constexpr int kFp8PageBytes = BLOCK_N * kMlaFp8TokenBytes;
+constexpr int kWarpTokens = BLOCK_N / (kDequantThreads / 32);  // 16
+constexpr int kWarpPairs = kWarpTokens / 2;
+constexpr int kHalfBytes = kMlaHeadDimV / 2;                  // 256 e4m3 a value half
+constexpr int kRopeBytes = (kMlaHeadDimQK - kMlaHeadDimV) * 2;  // 128
+constexpr int kRopeCopies = kWarpTokens / (32 * 16 / kRopeBytes);  // 4 tokens a copy instruction
+static_assert(kHalfBytes == 16 * 16 && kRopeBytes == 8 * 16, "16 lanes a value half, 8 a RoPE row");
+static_assert(kMlaFp8TokenBytes % 16 == 0 && kMlaFp8ScalesOffset % 16 == 0 && kMlaFp8RopeOffset % 16 == 0,
+              "a token's chunks are 16-byte aligned");
+static_assert(kMlaFp8ScalesOffset == kMlaHeadDimV && kMlaHeadDimV / 128 == 4, "4 scales (float4) after the values");
+
+// Shared memory: Q tile, two K tiles (P of a tile is written over its K tile's RoPE block), row bases
+// of the last two tiles, row sums, then the full/empty mbarriers of the two buffers.
 constexpr int kSmemQ = 0;
 constexpr int kSmemK = kSmemQ + kTileBytes;
 constexpr int kSmemBase = kSmemK + 2 * kTileBytes;
@@ -276,63 +303,37 @@ __device__ __forceinline__ void produce_tile_bf16(const MlaDecodeArgs& args, con
   ptx::mbarrier_arrive(full);       // release: the consumers' acquire of `full` sees the tile
 }
 
-// Packed FP8 page -> linear staging buffer: the valid tokens' bytes only, in one bulk copy.
-__device__ __forceinline__ void produce_tile_fp8(const MlaDecodeArgs& args, const Request& r, int tile,
-                                                 uint8_t* smem_stage, uint64_t* full, bool read_once,
-                                                 uint64_t evict_first) {
-  if (threadIdx.x % 32 != 0) {
-    ptx::mbarrier_arrive(full);
-    return;
-  }
-  const int num_valid = min(max(r.seqlen - tile * BLOCK_N, 0), BLOCK_N);
-  const uint32_t bytes = num_valid * kMlaFp8TokenBytes;
-  if (bytes == 0) {
-    ptx::mbarrier_arrive(full);
-    return;
-  }
-  const uint8_t* gmem_page = static_cast<const uint8_t*>(args.kv_cache) + page_of(args, r, tile) * kFp8PageBytes;
-  ptx::mbarrier_arrive_expect_tx(full, bytes);
-  if (read_once) {
-    ptx::bulk_load(smem_stage, gmem_page, bytes, full, evict_first);
-  } else {
-    ptx::bulk_load(smem_stage, gmem_page, bytes, full);
-  }
-}
+// A page read by one CTA only (one head block) is read once: its lines are the first L2 evicts, so
+// the stream replaces itself instead of what else L2 holds, and no dirty line has to be written back
+// to make room (the A/B is in benchmarks/RESULTS.md). With several head blocks the other CTAs of the
+// part read the same page at about the same time: no hint.
+__device__ __forceinline__ bool page_read_once() { return gridDim.x == 1; }
 
-template <bool kFp8>
+// Warp 8 over a bf16 cache: walks the consumers' (request, tile) sequence and refills each buffer once
+// it is released.
 __device__ __forceinline__ void producer(const MlaDecodeArgs& args, const CUtensorMap* tmap_kv, const int* sched,
                                          uint8_t* smem, uint64_t* full, uint64_t* empty) {
-  constexpr int kStages = kFp8 ? 1 : 2;
-  // A page read by one CTA only (one head block) is read once: its lines are the first L2 evicts, so
-  // the stream replaces itself instead of what else L2 holds, and no dirty line has to be written
-  // back to make room (the A/B is in benchmarks/RESULTS.md). With several head blocks the other
-  // CTAs of the part read the same page at about the same time: no hint.
-  const bool read_once = gridDim.x == 1;
+  const bool read_once = page_read_once();
   const uint64_t evict_first = ptx::l2_policy_evict_first();
   uint32_t fill = 0;
   for (int req = first_request(sched); req <= last_request(args, sched); ++req) {
     Request r;
     if (!make_request(args, sched, req, r)) continue;
     for (int tile = r.tile_begin; tile < r.tile_end; ++tile, ++fill) {
-      const int stage = fill % kStages;
-      ptx::mbarrier_wait(&empty[stage], ((fill / kStages) & 1) ^ 1);
-      if constexpr (kFp8) {
-        produce_tile_fp8(args, r, tile, smem + kSmemK + kTileBytes, &full[0], read_once, evict_first);
-      } else {
-        produce_tile_bf16(args, tmap_kv, r, tile, smem + kSmemK + stage * kTileBytes, &full[stage], read_once,
-                          evict_first);
-      }
+      const int stage = fill % 2;
+      uint8_t* smem_k = smem + kSmemK + stage * kTileBytes;
+      ptx::mbarrier_wait(&empty[stage], ((fill / 2) & 1) ^ 1);
+      produce_tile_bf16(args, tmap_kv, r, tile, smem_k, &full[stage], read_once, evict_first);
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Consumers (warps 0-7)
+// FP8 dequantizers (warpgroup 2)
 // ---------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ void consumer_sync() { ptx::named_barrier_sync(kConsumerBarrier, kNumConsumers); }
-
-// bf16(e4m3 * scale) of 16 values (two per output word, low byte first), rounded as the reference does.
+// bf16(e4m3 * scale) of 16 values (two per output word, low byte first), rounded as the reference does:
+// any scale (the path of a page with a scale that is not a power of two).
 __device__ __forceinline__ void dequant_e4m3x16(const uint4 raw, float scale, uint32_t (&out)[8]) {
   const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&raw);
 #pragma unroll
@@ -343,51 +344,211 @@ __device__ __forceinline__ void dequant_e4m3x16(const uint4 raw, float scale, ui
   }
 }
 
-// Staging page -> bf16 K tile: value * scale of its 128-group, rounded to bf16 (as the reference
-// dequantizes); the RoPE part is copied. Tokens at or past num_valid (never loaded) become 0.
-// NOTE: 8 consumer warps are too few to hide shared-memory latency one chunk at a time, so each thread
-// loads all its chunks before converting any (the compiler may not move a load above a store to the K
-// tile: both are shared memory). Batches of fewer chunks, and moving e4m3 bits into bf16 instead of
-// the cvt instructions (more instructions), measured slower (benchmarks/RESULTS.md).
-__device__ __forceinline__ void dequant_tile_fp8(const uint8_t* smem_stage, uint8_t* smem_k, int num_valid) {
-  constexpr int kValueChunks = kMlaHeadDimV / 16;                      // 32 chunks of 16 e4m3 a token
-  constexpr int kRopeChunks = (kMlaHeadDimQK - kMlaHeadDimV) * 2 / 16;  // 8 chunks of bf16 RoPE a token
-  constexpr int kValuesPerThread = BLOCK_N * kValueChunks / kNumConsumers;
-  constexpr int kRopesPerThread = BLOCK_N * kRopeChunks / kNumConsumers;
-  static_assert(BLOCK_N * kValueChunks % kNumConsumers == 0 && BLOCK_N * kRopeChunks % kNumConsumers == 0,
-                "every thread converts the same number of chunks");
-  uint4 raw[kValuesPerThread], rope[kRopesPerThread];
-  float scale[kValuesPerThread];
+// The cache's scales are powers of two (csrc/sm90_mla_cache.h): bf16(e4m3 * scale) is then the e4m3
+// pair widened exactly (F2FP to f16x2, two HADD2.F32) and packed to bf16x2 (exact: every e4m3 value
+// is a bf16), times the scale in one bf16x2 multiply (exact for a power of two: the products stay
+// normal). A NaN byte stays NaN. The factor (bf16x2 (scale, scale)) where the scale is a power of two
+// that bf16 represents, else false: that page takes dequant_e4m3x16.
+__device__ __forceinline__ bool pow2_scale_factor(float scale, uint32_t& factor) {
+  const uint32_t bits = __float_as_uint(scale);
+  const uint32_t e = bits >> 23;  // the biased exponent where the sign is 0
+  factor = bits >> 16 | (bits & 0xffff0000u);
+  return (bits & 0x807fffffu) == 0 && e >= 1 && e <= 254;
+}
+
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t x, uint32_t y) {
+  const __nv_bfloat162 p = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&x), *reinterpret_cast<const __nv_bfloat162*>(&y));
+  return *reinterpret_cast<const uint32_t*>(&p);
+}
+
+// dequant_e4m3x16 for a power-of-two scale (its factor from pow2_scale_factor).
+__device__ __forceinline__ void dequant_e4m3x16_pow2(const uint4 raw, uint32_t factor, uint32_t (&out)[8]) {
+  const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&raw);
 #pragma unroll
-  for (int v = 0; v < kValuesPerThread; ++v) {
-    const int i = threadIdx.x + v * kNumConsumers, token = i / kValueChunks, chunk = i % kValueChunks;
-    const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes;
-    const bool valid = token < num_valid;
-    raw[v] = valid ? *reinterpret_cast<const uint4*>(src + chunk * 16) : make_uint4(0, 0, 0, 0);
-    scale[v] = valid ? reinterpret_cast<const float*>(src + kMlaFp8ScalesOffset)[chunk / 8] : 0.0f;
-  }
-#pragma unroll
-  for (int r = 0; r < kRopesPerThread; ++r) {
-    const int i = threadIdx.x + r * kNumConsumers, token = i / kRopeChunks, chunk = i % kRopeChunks;
-    const uint8_t* src = smem_stage + token * kMlaFp8TokenBytes + kMlaFp8RopeOffset + chunk * 16;
-    rope[r] = token < num_valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
-  }
-#pragma unroll
-  for (int v = 0; v < kValuesPerThread; ++v) {
-    const int i = threadIdx.x + v * kNumConsumers, token = i / kValueChunks, chunk = i % kValueChunks;
-    uint32_t bf16x2[8];
-    dequant_e4m3x16(raw[v], scale[v], bf16x2);  // zero bytes and scale give +0
-    *reinterpret_cast<uint4*>(smem_k + swizzled(token, 2 * chunk)) =
-        make_uint4(bf16x2[0], bf16x2[1], bf16x2[2], bf16x2[3]);
-    *reinterpret_cast<uint4*>(smem_k + swizzled(token, 2 * chunk + 1)) =
-        make_uint4(bf16x2[4], bf16x2[5], bf16x2[6], bf16x2[7]);
-  }
-#pragma unroll
-  for (int r = 0; r < kRopesPerThread; ++r) {
-    const int i = threadIdx.x + r * kNumConsumers, token = i / kRopeChunks, chunk = i % kRopeChunks;
-    *reinterpret_cast<uint4*>(smem_k + swizzled(token, 2 * kValueChunks + chunk)) = rope[r];
+  for (int p = 0; p < 8; ++p) {
+    const float2 v = ptx::e4m3x2_to_float2(pairs[p]);
+    const __nv_bfloat162 b = __floats2bfloat162_rn(v.x, v.y);
+    out[p] = bf16x2_mul(*reinterpret_cast<const uint32_t*>(&b), factor);
   }
 }
+
+// One lane's share of a page (see kWarpTokens), as loaded.
+struct DequantTile {
+  uint4 values[kWarpPairs][2];  // pair j, half h: 16 e4m3 of the lane's token of the pair
+  float scales[kWarpPairs][2];  // their scale
+};
+
+// A lane's fixed places in a page (see kWarpTokens): its token of each pair (pair_token) and 16-byte
+// chunk of each half (chunk), its RoPE token of each copy (rope_token) and chunk (lane % 8), and their
+// K tile offsets. Value chunk c of the half becomes bf16 chunks 2 c, 2 c + 1 of the row: block c / 4
+// (+ 4 for the second half), swizzle slots s ^ 2 (j % 4) and that ^ 1, s = 2 (c % 4) ^ pair_token
+// (row 16 w + 2 j + pair_token, whose row % 8 is 2 (j % 4) ^ pair_token). RoPE copy r: row 16 w +
+// 4 r + lane / 8 of the RoPE block, slot (lane % 8) ^ (lane / 8) ^ 4 (r % 2).
+struct DequantLane {
+  int pair_token, chunk, rope_token;
+  int value_src, scale_src, rope_src;  // page offsets of the lane's value chunk (pair 0, half 0), its
+                                       // scale, its RoPE chunk (copy 0): the rest are immediates
+  int value_base;       // K tile offset of pair 0, half 0, slot bits 0
+  int value_slot[4];    // + 16 (s ^ 2 k), k = j % 4 (the hi chunk: ^ 16)
+  int rope_offset[2];   // K tile offset of RoPE copy r, r % 2
+};
+
+__device__ __forceinline__ DequantLane make_dequant_lane() {
+  const int lane = threadIdx.x % 32, first = threadIdx.x % kDequantThreads / 32 * kWarpTokens;
+  DequantLane l;
+  l.pair_token = lane / 4 % 2;
+  l.chunk = lane / 8 * 4 + lane % 4;
+  l.rope_token = first + lane / 8;
+  l.value_base = l.chunk / 4 * kSwizzleBlockBytes + (first + l.pair_token) * 128;
+  l.value_src = (first + l.pair_token) * kMlaFp8TokenBytes + 16 * l.chunk;
+  l.scale_src = (first + l.pair_token) * kMlaFp8TokenBytes + kMlaFp8ScalesOffset + 4 * (16 * l.chunk / 128);
+  l.rope_src = l.rope_token * kMlaFp8TokenBytes + kMlaFp8RopeOffset + 16 * (lane % 8);
+  const int s = 2 * (l.chunk % 4) ^ l.pair_token;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) l.value_slot[k] = 16 * (s ^ 2 * k);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l.rope_offset[r] = kRopeBox * kSwizzleBlockBytes + l.rope_token * 128 + 16 * ((lane % 8) ^ (lane / 8) ^ 4 * r);
+  }
+  return l;
+}
+
+__device__ __forceinline__ uint4 ld_chunk(const uint8_t* src) {
+  const int4 v = ptx::ld_nc_na_l2_256_v4(src);
+  return make_uint4(v.x, v.y, v.z, v.w);
+}
+
+// The lane's token of pair j.
+__device__ __forceinline__ int pair_token(const DequantLane& l, int j) {
+  return threadIdx.x % kDequantThreads / 32 * kWarpTokens + 2 * j + l.pair_token;
+}
+
+// Issues the lane's loads of a page's values. A token at or past seqlen is not read: its values are 0
+// with scale 1, which the power-of-two path turns into exact zeros. Every page but a request's last is
+// full: those loads take no predicate.
+template <bool kFull>
+__device__ __forceinline__ void load_tile(const DequantLane& l, const uint8_t* page, int num_valid, DequantTile& d) {
+  const uint8_t* values = page + l.value_src;
+  const float* scales = reinterpret_cast<const float*>(page + l.scale_src);
+#pragma unroll
+  for (int j = 0; j < kWarpPairs; ++j) {
+    const bool valid = kFull || pair_token(l, j) < num_valid;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      d.values[j][h] = valid ? ld_chunk(values + 2 * j * kMlaFp8TokenBytes + kHalfBytes * h) : make_uint4(0, 0, 0, 0);
+      d.scales[j][h] = valid ? __ldg(scales + (2 * j * kMlaFp8TokenBytes + kHalfBytes * h / 128 * 4) / 4) : 1.0f;
+    }
+  }
+}
+
+// The lane's RoPE chunks into the K tile (zeros for a token at or past seqlen: not read), as one
+// cp.async group that the caller waits for before it publishes the tile.
+__device__ __forceinline__ void copy_rope(const DequantLane& l, const uint8_t* page, int num_valid, uint8_t* smem_k) {
+  const uint8_t* rope = page + l.rope_src;
+#pragma unroll
+  for (int r = 0; r < kRopeCopies; ++r) {
+    const bool valid = l.rope_token + 4 * r < num_valid;
+    ptx::cp_async_cg_16(smem_k + l.rope_offset[r % 2] + r * 4 * 128, valid ? rope + 4 * r * kMlaFp8TokenBytes : page,
+                        valid ? 16 : 0);
+  }
+  ptx::cp_async_commit();
+}
+
+__device__ __forceinline__ void store_value(uint8_t* smem_k, const DequantLane& l, int j, int h,
+                                            const uint32_t (&bf16x2)[8]) {
+  uint8_t* dst = smem_k + l.value_base + 4 * h * kSwizzleBlockBytes + j * 256;
+  *reinterpret_cast<uint4*>(dst + l.value_slot[j % 4]) = make_uint4(bf16x2[0], bf16x2[1], bf16x2[2], bf16x2[3]);
+  *reinterpret_cast<uint4*>(dst + (l.value_slot[j % 4] ^ 16)) = make_uint4(bf16x2[4], bf16x2[5], bf16x2[6], bf16x2[7]);
+}
+
+// The lane's share as bf16 into the K tile by the power-of-two path; false where a scale is not a
+// power of two: the caller then redoes the page by store_tile_any_scale.
+__device__ __forceinline__ bool store_tile(const DequantLane& l, const DequantTile& d, uint8_t* smem_k) {
+  bool exact = true;
+#pragma unroll
+  for (int j = 0; j < kWarpPairs; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t factor, bf16x2[8];
+      exact &= pow2_scale_factor(d.scales[j][h], factor);
+      dequant_e4m3x16_pow2(d.values[j][h], factor, bf16x2);
+      store_value(smem_k, l, j, h, bf16x2);
+    }
+  }
+  return exact;
+}
+
+// The lane's values again (reloaded: the page is still in L2), for any scale (rare; out of line, so the
+// hot loop stays short). A token past seqlen has zero bytes: +0 at any scale.
+__device__ __noinline__ void store_tile_any_scale(const uint8_t* page, int num_valid, uint8_t* smem_k) {
+  const DequantLane l = make_dequant_lane();
+  DequantTile d;
+  load_tile<false>(l, page, num_valid, d);
+#pragma unroll
+  for (int j = 0; j < kWarpPairs; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t bf16x2[8];
+      dequant_e4m3x16(d.values[j][h], d.scales[j][h], bf16x2);
+      store_value(smem_k, l, j, h, bf16x2);
+    }
+  }
+}
+
+// Warpgroup 2 over an FP8 cache: walks the consumers' (request, tile) sequence. A page's loads are
+// issued before the wait for its buffer, so they are in flight while the consumers still read it, and
+// the next page of the request is prefetched into L2 meanwhile. After a page's stores every thread
+// fences them for the wgmma reads and arrives on full (count 128).
+// Lane l holds the page of tile pages_base + l of the request: one coalesced read of the block table
+// per 32 tiles instead of a dependent read before every page's loads.
+__device__ __forceinline__ void dequantizer(const MlaDecodeArgs& args, const int* sched, uint8_t* smem,
+                                            uint64_t* full, uint64_t* empty) {
+  const int lane = threadIdx.x % 32;
+  const bool prefetcher = threadIdx.x % kDequantThreads == 0;
+  const uint8_t* kv = static_cast<const uint8_t*>(args.kv_cache);
+  const DequantLane l = make_dequant_lane();
+  uint32_t fill = 0;
+  for (int req = first_request(sched); req <= last_request(args, sched); ++req) {
+    Request r;
+    if (!make_request(args, sched, req, r)) continue;
+    int pages_base = r.tile_begin, pages = static_cast<int>(page_of(args, r, r.tile_begin + lane));
+    for (int tile = r.tile_begin; tile < r.tile_end; ++tile, ++fill) {
+      if (tile - pages_base == 32) {
+        pages_base = tile;
+        pages = static_cast<int>(page_of(args, r, tile + lane));
+      }
+      const int page = __shfl_sync(0xffffffffu, pages, tile - pages_base);
+      const int num_valid = r.seqlen - tile * BLOCK_N;
+      const uint8_t* src = kv + static_cast<int64_t>(page) * kFp8PageBytes;
+      DequantTile d;
+      if (num_valid >= BLOCK_N) {
+        load_tile<true>(l, src, num_valid, d);
+      } else {
+        load_tile<false>(l, src, num_valid, d);
+      }
+      const int next = tile + 1 - pages_base;
+      const int next_page = __shfl_sync(0xffffffffu, pages, next % 32);
+      const int next_valid = min(num_valid - BLOCK_N, BLOCK_N);
+      if (prefetcher && tile + 1 < r.tile_end && next < 32 && next_valid > 0) {
+        ptx::bulk_prefetch_l2(kv + static_cast<int64_t>(next_page) * kFp8PageBytes, next_valid * kMlaFp8TokenBytes);
+      }
+      const int stage = fill % 2;
+      ptx::mbarrier_wait(&empty[stage], ((fill / 2) & 1) ^ 1);
+      uint8_t* smem_k = smem + kSmemK + stage * kTileBytes;
+      copy_rope(l, src, num_valid, smem_k);
+      if (!store_tile(l, d, smem_k)) store_tile_any_scale(src, num_valid, smem_k);
+      ptx::cp_async_wait<0>();
+      ptx::fence_proxy_async_shared();  // this thread's stores and copies -> the consumers' wgmma reads
+      ptx::mbarrier_arrive(&full[stage]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumers (warps 0-7)
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void consumer_sync() { ptx::named_barrier_sync(kConsumerBarrier, kNumConsumers); }
 
 // Per-thread state of one warp's share of a request: O columns 256 * half .. +255 of rows lane_row
 // and lane_row + 8 of its row group, the row base (log2 domain: the scale of O, of the row sums and
@@ -591,7 +752,6 @@ __device__ __forceinline__ void release(uint64_t* bar) {
   if (threadIdx.x % 32 == 0) ptx::mbarrier_arrive(bar);
 }
 
-template <bool kFp8>
 __device__ __forceinline__ void consumer(const MlaDecodeArgs& args, const int* sched, uint8_t* smem, uint64_t* full,
                                          uint64_t* empty) {
   uint8_t* smem_q = smem + kSmemQ;
@@ -623,19 +783,12 @@ __device__ __forceinline__ void consumer(const MlaDecodeArgs& args, const int* s
     consumer_sync();
 
     for (int tile = r.tile_begin; tile < r.tile_end; ++tile, ++fill) {
-      const int stage = kFp8 ? 0 : fill % 2;
+      const int stage = fill % 2;
       uint8_t* smem_k = smem + kSmemK + stage * kTileBytes;
-      ptx::mbarrier_wait(&full[stage], (kFp8 ? fill : fill / 2) & 1);
-      if constexpr (kFp8) {
-        consumer_sync();  // every PV of the previous tile has completed: the K tile may be overwritten
-        dequant_tile_fp8(smem + kSmemK + kTileBytes, smem_k, r.seqlen - tile * BLOCK_N);
-        release(&empty[0]);               // staging read: the producer may load the next page
-        ptx::fence_proxy_async_shared();  // dequantized K stores -> wgmma reads
-        consumer_sync();
-      }
-      // Warpgroup fill % 2 scores the tile (bf16: the one of its buffer), so each scores every other tile.
+      ptx::mbarrier_wait(&full[stage], (fill / 2) & 1);
+      // Warpgroup fill % 2 scores the tile (the one of its buffer), so each scores every other tile.
       process_tile(c, smem_q, smem_k, smem_base + (fill & 1) * BLOCK_M, tile, (fill & 1) == c.half, scale_log2);
-      if constexpr (!kFp8) release(&empty[stage]);  // this warp's wgmma reads of the tile (S, PV) have completed
+      release(&empty[stage]);  // this warp's wgmma reads of the tile (S, PV) have completed
     }
     write_results(c, args, r, row_base, smem_sum);
   }
@@ -656,7 +809,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < 2; ++stage) {
-      ptx::mbarrier_init(&full[stage], 32);                 // every producer lane, once a fill
+      // bf16: every producer lane, once a fill; FP8: every dequantizer thread.
+      ptx::mbarrier_init(&full[stage], kFp8 ? kDequantThreads : 32);
       ptx::mbarrier_init(&empty[stage], kNumConsumerWarps);  // every consumer warp, once a fill
     }
     ptx::fence_mbarrier_init();
@@ -664,13 +818,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();  // the only CTA-wide barrier: the roles never wait for each other's threads after it
 
   if (threadIdx.x >= kNumConsumers) {
-    ptx::warpgroup::setmaxnreg_dec<kProducerRegs>();
-    if (threadIdx.x / 32 != kNumConsumers / 32) return;  // warps 9-11 only lend their registers
-    if (!kFp8 && threadIdx.x == kNumConsumers) ptx::tma_prefetch_descriptor(&tmap_kv);
-    producer<kFp8>(args, &tmap_kv, sched, smem, full, empty);
+    ptx::warpgroup::setmaxnreg_dec<kProducerRegs<kFp8>>();
+    if constexpr (kFp8) {
+      dequantizer(args, sched, smem, full, empty);
+      return;
+    }
+    if (threadIdx.x / 32 != kNumConsumers / 32) return;  // over a bf16 cache, warps 9-11 only lend their registers
+    if (threadIdx.x == kNumConsumers) ptx::tma_prefetch_descriptor(&tmap_kv);
+    producer(args, &tmap_kv, sched, smem, full, empty);
   } else {
-    ptx::warpgroup::setmaxnreg_inc<kConsumerRegs>();
-    consumer<kFp8>(args, sched, smem, full, empty);
+    ptx::warpgroup::setmaxnreg_inc<kConsumerRegs<kFp8>>();
+    consumer(args, sched, smem, full, empty);
   }
 }
 
@@ -765,7 +923,7 @@ void launch_decode_kernel(const MlaDecodeArgs& args, dim3 grid, cudaStream_t str
   once_per_device(attribute_set, [kernel] {
     DSO_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   });
-  const CUtensorMap tmap_kv = kFp8 ? CUtensorMap{} : make_kv_tensor_map(args);
+  const CUtensorMap tmap_kv = kFp8 ? CUtensorMap{} : make_kv_tensor_map(args);  // FP8: read without TMA
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(args, tmap_kv);
   DSO_LAUNCH_CHECK();
 }

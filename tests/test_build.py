@@ -34,11 +34,12 @@ SASS_REQUIREMENTS: Dict[str, List[str]] = {
     # SwiGLU backward: 16-byte loads of dact, gate and up, 16-byte e4m3 stores both ways, 16-byte tile writes.
     "sm90_swiglu_backward_quant_fp8_kernel": [LDG_128, STG_128, r"STS\.128"],
     "sm90_zero_ungrouped_rows_kernel": [STG_128],
-    # MLA decode, template <kFp8>: wgmma S and PV, TMA page loads (bf16) / bulk copies (fp8), mbarriers.
+    # MLA decode, template <kFp8>: wgmma S and PV, mbarriers; bf16: TMA page loads; FP8: 16-byte loads
+    # into the dequantizers' registers, 16-byte tile stores, the L2 prefetch of the next page.
     "sm90_mla_decode_kernelILb0E": [r"HGMMA\.64x64x16\.F32\.BF16", r"HGMMA\.64x256x16\.F32\.BF16",
                                     r"UTMALDG\.2D", r"SYNCS"],
     "sm90_mla_decode_kernelILb1E": [r"HGMMA\.64x64x16\.F32\.BF16", r"HGMMA\.64x256x16\.F32\.BF16",
-                                    r"UBLKCP", r"SYNCS"],
+                                    LDG_128, r"STS\.128", r"UBLKPF\.L2", r"SYNCS"],
     # FP8 GEMMs (mangled sm90_fp8_gemm_kernel<BLOCK_M, BLOCK_N, GemmType, fp32 output>): e4m3 wgmma and
     # TMA tile loads; bf16 output through stmatrix and TMA stores (the grouped layouts also keep 16-byte
     # stores for tiles with rows they must not write); fp32 output through 16-byte stores; weight
