@@ -58,11 +58,16 @@ void check(cudaError_t status, const char* what) {
 }
 
 // Device buffers large enough for every shape of the sweep (and any `time` shape up to them).
+// Split K's partials: the heuristic splits only grids under one wave, so at most one partial tile per
+// SM (132 tiles of <= 128 x 192) at a time; forced splits beyond that are not supported here.
+constexpr size_t kPartialsFloats = 132 * 128 * 192;
+
 struct Buffers {
   uint8_t *a = nullptr, *b = nullptr;
-  float *a_scales = nullptr, *b_scales = nullptr;
+  float *a_scales = nullptr, *b_scales = nullptr, *partials = nullptr;
   void *d = nullptr, *flush = nullptr;
   Buffers(size_t a_bytes, size_t b_bytes, size_t sa_floats, size_t sb_floats, size_t d_bytes) {
+    check(cudaMalloc(&partials, kPartialsFloats * 4), "cudaMalloc partials");
     check(cudaMalloc(&a, a_bytes), "cudaMalloc a");
     check(cudaMalloc(&b, b_bytes), "cudaMalloc b");
     check(cudaMalloc(&a_scales, sa_floats * 4), "cudaMalloc a_scales");
@@ -78,7 +83,7 @@ struct Buffers {
   dso::Fp8GemmProblem problem(int64_t m, int64_t n, int64_t k) const {
     dso::Fp8GemmProblem p;
     p.a = a, p.lda = k, p.a_scales = a_scales, p.a_scales_ld = (m + 3) / 4 * 4;
-    p.b = b, p.ldb = k, p.b_scales = b_scales, p.d = d, p.ldd = n;
+    p.b = b, p.ldb = k, p.b_scales = b_scales, p.d = d, p.ldd = n, p.split_partials = partials;
     p.m = m, p.n = n, p.k = k;
     return p;
   }

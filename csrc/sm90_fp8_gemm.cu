@@ -17,9 +17,12 @@
 //     (masked tails, contiguous padding) take bounded 16-byte stores instead. fp32 output (with the
 //     optional addend c) uses padded shared memory and 16-byte stores; weight gradients instead load
 //     their tile of c by TMA while the tile's K loop runs, add in shared memory and store by TMA.
+// Split K (dense bf16 output, few tiles and long K): the fp32-output kernel writes each split's partial
+// sums, and sm90_fp8_gemm_split_sum_kernel adds them into d.
 #include <cuda.h>
 #include <cuda_bf16.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -30,6 +33,8 @@
 #include "cache_policy.cuh"
 #include "common.h"
 #include "fence.cuh"
+#include "griddep.cuh"
+#include "launch_pdl.h"
 #include "mbarrier.cuh"
 #include "sm90_fp8_gemm.h"
 #include "sm90_fp8_gemm_layout.h"
@@ -63,6 +68,9 @@ struct Kernel {
   static_assert(kClusterSize == 1 || (kClusterSize == 2 && kType == GemmType::kNormal),
                 "clusters of two CTAs (sharing A) serve the dense layout");
   static constexpr bool kBScalesPerRow = is_wgrad(kType);
+  // Split K runs the dense fp32-output kernel into the partial sums: only that kernel's scheduler and
+  // consumers offset a tile's K blocks, so the bf16 kernels stay as they are without it.
+  static constexpr bool kSplitK = kType == GemmType::kNormal && kOutFp32 && kClusterSize == 1;
   // Weight gradients: one pass per warpgroup, fp32 output staged in 32-column atoms (kWgradAtomCols).
   static_assert(!kBScalesPerRow || (kOutFp32 && BLOCK_M <= 128 && BLOCK_N % kWgradAtomCols == 0 && BLOCK_N <= 192),
                 "weight gradients: fp32 output, tiles of <= 128 x 192 with BLOCK_N a multiple of 32");
@@ -104,7 +112,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
                                         const GemmParams& p, uint8_t* smem,
                                         const SmemLayout& layout, uint64_t* full, uint64_t* empty) {
   using K = Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>;
-  TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize> scheduler(p);
+  TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize, K::kSplitK> scheduler(p);
   const uint64_t evict_first = ptx::l2_policy_evict_first();
   const uint32_t rank = kClusterSize == 2 ? ptx::read_cluster_ctarank() : 0;
   int stage = 0;
@@ -193,11 +201,11 @@ __device__ __forceinline__ Tile warp_uniform(const Tile& t) {
   return u;
 }
 
-template <int BLOCK_M, int BLOCK_N, GemmType kType, int kClusterSize>
+template <int BLOCK_M, int BLOCK_N, GemmType kType, int kClusterSize, bool kSplitK>
 __device__ __forceinline__ void schedule(const GemmParams& p, uint8_t* smem, const SmemLayout& layout,
                                          uint64_t* tile_full, uint64_t* tile_empty) {
   constexpr bool kBScalesPerRow = is_wgrad(kType);
-  TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize> scheduler(p);
+  TileScheduler<kType, BLOCK_M, BLOCK_N, kClusterSize, kSplitK> scheduler(p);
   const int lane_idx = threadIdx.x % 32;
   const int num_n_scale_blocks = (p.n + 127) / 128;
   int slot = 0;
@@ -530,7 +538,7 @@ struct ConsumerRing {
   int lane_idx;
   uint32_t rank;    // clusters: this CTA's rank
   int num_k_blocks;
-  const float* sfb = nullptr;  // the current tile's B scales [2 column blocks][num_k_blocks] (its slot)
+  const float* sfb = nullptr;  // the current tile's B scales from its first K block: rows of num_k_blocks
   int k_count = 0;             // the current tile's K blocks (all of them but for k-grouped wgrad)
   bool peer_half = false;      // clusters: the current tile's stages hold half of A from the peer
   // Two positions in the ring: the stage the next K block is issued from, and the next one to release.
@@ -731,7 +739,9 @@ __device__ __forceinline__ void consume(const CUtensorMap* tmap_d, const CUtenso
     const TileSlotHeader header = *reinterpret_cast<const TileSlotHeader*>(slot_base);
     if (!header.valid) break;
     const Tile tile = warp_uniform(header.tile);
-    ring.sfb = reinterpret_cast<const float*>(slot_base + kTileSlotHeaderBytes);
+    // The K loop counts the tile's K blocks from 0; the slot holds every K block's scales (split K: the
+    // split's blocks start at k_begin).
+    ring.sfb = reinterpret_cast<const float*>(slot_base + kTileSlotHeaderBytes) + (K::kSplitK ? tile.k_begin : 0);
     ring.peer_half = tile.multicast;
     ring.k_count = tile.k_count;
     if constexpr (K::kBScalesPerRow) {
@@ -830,13 +840,38 @@ __global__ void __launch_bounds__(Kernel<BLOCK_M, BLOCK_N, kType, kOutFp32, kClu
       produce<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_sfb, p, smem, layout,
                                                                full, empty);
     } else if (threadIdx.x / 32 == K::kNumConsumerThreads / 32 + 1) {
-      schedule<BLOCK_M, BLOCK_N, kType, kClusterSize>(p, smem, layout, tile_full, tile_empty);
+      schedule<BLOCK_M, BLOCK_N, kType, kClusterSize, K::kSplitK>(p, smem, layout, tile_full, tile_empty);
     }
   } else {
     if constexpr (kReallocateRegisters) ptx::warpgroup::setmaxnreg_inc<kConsumerRegs>();
     consume<BLOCK_M, BLOCK_N, kType, kOutFp32, kClusterSize>(&tmap_d, &tmap_c, p, smem, layout, full, empty,
                                                              tile_full, tile_empty);
   }
+}
+
+// Split K: d [m, n] (bf16, row stride ldd) = the sum over splits of partials [num_splits, m, n] (fp32),
+// 8 columns a thread, the splits added in order (the result is the same bits every run).
+constexpr int kSplitSumThreads = 256;
+
+__global__ void __launch_bounds__(kSplitSumThreads) sm90_fp8_gemm_split_sum_kernel(
+    const float* __restrict__ partials, __nv_bfloat16* __restrict__ d, int64_t ldd, int m, int n, int num_splits) {
+  ptx::griddep_wait();  // launched with PDL behind the GEMM that writes the partials
+  const int chunks_per_row = n / 8;
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kSplitSumThreads + threadIdx.x;
+  if (chunk >= static_cast<int64_t>(m) * chunks_per_row) return;
+  const int64_t row = chunk / chunks_per_row;
+  const int col = static_cast<int>(chunk % chunks_per_row) * 8;
+  float sum[8] = {};
+  for (int split = 0; split < num_splits; ++split) {
+    const float4* src = reinterpret_cast<const float4*>(partials + (split * static_cast<int64_t>(m) + row) * n + col);
+    const float4 lo = __ldcs(src), hi = __ldcs(src + 1);  // read once: streaming
+    sum[0] += lo.x, sum[1] += lo.y, sum[2] += lo.z, sum[3] += lo.w;
+    sum[4] += hi.x, sum[5] += hi.y, sum[6] += hi.z, sum[7] += hi.w;
+  }
+  __nv_bfloat162 out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) out[i] = __floats2bfloat162_rn(sum[2 * i], sum[2 * i + 1]);
+  *reinterpret_cast<int4*>(d + row * ldd + col) = *reinterpret_cast<const int4*>(out);
 }
 
 }  // namespace dso::gemm
@@ -980,6 +1015,15 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
   LaunchArgs args;
   args.config = select_sm90_fp8_gemm_config(p);
   args.stream = stream;
+  // Split K: the GEMM writes fp32 partial sums [num_splits * m, n] (split s: rows s * m + row), then
+  // sm90_fp8_gemm_split_sum_kernel adds them into d.
+  const int num_splits = args.config.num_splits;
+  const bool split = num_splits > 1;
+  if (split && (p.type != GemmType::kNormal || p.d_fp32 || p.c != nullptr || p.split_partials == nullptr ||
+                num_splits * p.m > INT32_MAX)) {
+    throw std::runtime_error("deepseek_ops: split-K fp8 gemm needs the dense layout, bf16 output, no c, "
+                             "split_partials, and num_splits * m < 2^31");
+  }
   const int block_m = args.config.block_m, block_n = args.config.block_n;
   const bool masked = p.type == GemmType::kGroupedMasked;
   const int64_t a_rows = masked ? p.num_groups * p.m : p.m;
@@ -1011,37 +1055,47 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
     };
     args.tmap_d = fp32_map(static_cast<const float*>(p.d), p.ldd, "d");
     if (p.c != nullptr) args.tmap_c = fp32_map(p.c, p.ldc, "c");
-  } else if (!p.d_fp32) {
+  } else if (!p.d_fp32 && !split) {
     // Each consumer warpgroup stores its rows in boxes of one swizzle atom's columns.
     const int swizzle = gemm::d_swizzle_bytes(block_n);
     args.tmap_d = cached_tensor_map_2d(p.d, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.n, a_rows, p.ldd, swizzle / 2,
                                      wg_rows, swizzle_mode(swizzle), "d");
   }
   args.params = GemmParams{p.b_scales,
-                           p.d,
+                           split ? static_cast<void*>(p.split_partials) : p.d,
                            p.c,
                            p.m_indices,
                            p.masked_m,
-                           p.ldd,
+                           split ? p.n : p.ldd,
                            p.ldc,
                            static_cast<int>(p.m),
                            static_cast<int>(p.n),
                            static_cast<int>(num_k_blocks),
                            static_cast<int>(p.num_groups),
                            p.k_block_offsets,
-                           args.config.reduce_c_into_d};
+                           args.config.reduce_c_into_d,
+                           num_splits};
   if (verbose()) {
     std::fprintf(stderr, "deepseek_ops fp8 gemm: type %d m %lld n %lld k %lld groups %lld -> BLOCK_M %d BLOCK_N %d "
-                 "stages %d cluster %d ctas %d%s\n", static_cast<int>(p.type), static_cast<long long>(p.m),
-                 static_cast<long long>(p.n), static_cast<long long>(p.k), static_cast<long long>(p.num_groups),
-                 block_m, block_n, args.config.num_stages, args.config.cluster_size, args.config.num_ctas,
+                 "stages %d cluster %d splits %d ctas %d%s\n", static_cast<int>(p.type),
+                 static_cast<long long>(p.m), static_cast<long long>(p.n), static_cast<long long>(p.k),
+                 static_cast<long long>(p.num_groups), block_m, block_n, args.config.num_stages,
+                 args.config.cluster_size, num_splits, args.config.num_ctas,
                  args.config.reduce_c_into_d ? " in-place reduce-add" : "");
   }
-  if (!dispatch(args, p.type, p.d_fp32)) {
+  if (!dispatch(args, p.type, p.d_fp32 || split)) {
     throw std::runtime_error("deepseek_ops: no fp8 gemm kernel instantiated for BLOCK_M=" + std::to_string(block_m) +
                              ", BLOCK_N=" + std::to_string(block_n) + ", cluster " +
                              std::to_string(args.config.cluster_size) + (p.d_fp32 ? ", fp32" : ", bf16") +
                              " output and this gemm type");
+  }
+  if (split) {
+    const int64_t chunks = p.m * (p.n / 8);
+    launch_with_pdl(gemm::sm90_fp8_gemm_split_sum_kernel,
+                    dim3(static_cast<unsigned>((chunks + gemm::kSplitSumThreads - 1) / gemm::kSplitSumThreads)),
+                    gemm::kSplitSumThreads, 0, stream, static_cast<const float*>(p.split_partials),
+                    static_cast<__nv_bfloat16*>(p.d), p.ldd, static_cast<int>(p.m), static_cast<int>(p.n),
+                    num_splits);
   }
 }
 

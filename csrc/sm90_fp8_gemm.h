@@ -51,17 +51,25 @@ struct Fp8GemmProblem {
   int64_t k = 0;                       // a positive multiple of 128
   int64_t num_groups = 1;
   int64_t expected_m = 0;              // masked: rows per group to tune for (a hint)
+  // Dense bf16 output without c, when the configuration splits K (Fp8GemmConfig::num_splits > 1): fp32
+  // workspace [num_splits, m, n], contiguous, for the splits' partial sums. The caller allocates it on
+  // the launch's stream (select_sm90_fp8_gemm_config says whether and how large).
+  float* split_partials = nullptr;
 };
 
 // Tile configuration. Chosen by a heuristic (csrc/sm90_fp8_gemm_config.cpp) unless the environment
-// variable DSO_FP8_GEMM_CONFIG="BLOCK_MxBLOCK_N[xSTAGES[xCLUSTER]]" forces one (STAGES 0: as many as
-// fit; used by tests to cover every variant); DSO_FP8_GEMM_VERBOSE=1 prints the configuration of
-// every launch to stderr (for tuning).
+// variable DSO_FP8_GEMM_CONFIG="BLOCK_MxBLOCK_N[xSTAGES[xCLUSTER[xSPLITS]]]" forces one (STAGES 0: as
+// many as fit; used by tests to cover every variant); DSO_FP8_GEMM_VERBOSE=1 prints the configuration
+// of every launch to stderr (for tuning).
 struct Fp8GemmConfig {
   int block_m = 0;
   int block_n = 0;
   int num_stages = 0;
   int cluster_size = 1;  // 2: pairs of CTAs share A through TMA multicast (dense)
+  // Split K (dense, bf16 output, no c): each tile's K blocks are shared by num_splits CTAs, which write
+  // fp32 partial sums into Fp8GemmProblem::split_partials; a second kernel adds them into d. For few
+  // tiles and long K (small M), where the unsplit grid leaves SMs idle or re-reads A from L2 per tile.
+  int num_splits = 1;
   int num_ctas = 0;
   // Weight gradients with c == d (accumulated in place): add each tile into d by TMA reduce-add (true),
   // or load c's tile into shared memory first and store the sum (false). Chosen per call

@@ -34,6 +34,9 @@ struct GemmParams {
   int num_groups;
   const int32_t* k_block_offsets;  // k-grouped wgrad
   bool reduce_c_into_d;            // weight gradients, c == d: Fp8GemmConfig::reduce_c_into_d
+  // Dense: Fp8GemmConfig::num_splits. Above 1, d is the fp32 partials [num_splits * m, n] and split s of
+  // a tile writes its rows s * m + row.
+  int num_splits;
 };
 
 struct Tile {
@@ -42,8 +45,8 @@ struct Tile {
   int group_idx;
   int row;        // first row of the tile in D's row space, groups flattened
   int a_row;      // its first row in A's row space: `row`, except for k-grouped wgrad (A shared by groups)
-  int k_begin;    // the tile's K blocks: [k_begin, k_begin + k_count), all of them except for k-grouped wgrad
-  int k_count;
+  int k_begin;    // the tile's K blocks: [k_begin, k_begin + k_count), all of them except for k-grouped
+  int k_count;    // wgrad and split K
   int num_rows;   // rows of the tile that hold valid output (<= BLOCK_M)
   bool multicast; // clusters: the peer CTA's tile has the same rows, and each loads half of A for both
 };
@@ -59,10 +62,13 @@ __device__ __forceinline__ void rasterize(int tile_idx, int num_m_blocks, int nu
   n_block_idx = in_band / band_m_blocks;
 }
 
-template <GemmType kType, int BLOCK_M, int BLOCK_N, int kClusterSize = 1>
+// kSplitK: the dense layout's tiles split over K (GemmParams::num_splits; only the kernel that may split
+// carries the split arithmetic, Kernel::kSplitK).
+template <GemmType kType, int BLOCK_M, int BLOCK_N, int kClusterSize = 1, bool kSplitK = false>
 struct TileScheduler {
   static_assert(kClusterSize == 1 || (kClusterSize == 2 && kType == GemmType::kNormal),
                 "clusters of two CTAs serve the dense layout");
+  static_assert(!kSplitK || (kType == GemmType::kNormal && kClusterSize == 1), "split K: dense, no cluster");
   const GemmParams& p;
   int num_n_blocks;
   int num_m_blocks;  // dense / contiguous; masked: of the current group
@@ -104,7 +110,7 @@ struct TileScheduler {
 
   __device__ __forceinline__ bool next(Tile& tile) {
     const bool found = next_tile(tile);
-    if constexpr (kType != GemmType::kKGroupedWgrad) {
+    if constexpr (kType != GemmType::kKGroupedWgrad && !kSplitK) {
       tile.a_row = tile.row;
       tile.k_begin = 0;
       tile.k_count = p.num_k_blocks;
@@ -149,6 +155,20 @@ struct TileScheduler {
         tile.k_begin = min(max(__ldg(p.k_block_offsets + tile.group_idx), 0), p.num_k_blocks);
         tile.k_count = min(max(__ldg(p.k_block_offsets + tile.group_idx + 1), tile.k_begin), p.num_k_blocks) -
                        tile.k_begin;
+        return true;
+      } else if constexpr (kSplitK) {
+        // Split K: the splits of a tile are adjacent in the order (they share A's rows and B's columns
+        // in L2); split s takes K blocks [s * nkb / S, (s + 1) * nkb / S), at least one as S <= nkb.
+        const int num_splits = p.num_splits;
+        if (tile_idx >= num_m_blocks * num_n_blocks * num_splits) return false;
+        const int split = tile_idx % num_splits;
+        rasterize(tile_idx / num_splits, num_m_blocks, num_n_blocks, tile.m_block_idx, tile.n_block_idx);
+        tile.a_row = tile.m_block_idx * BLOCK_M;
+        tile.row = split * p.m + tile.a_row;
+        tile.num_rows = min(BLOCK_M, p.m - tile.a_row);
+        tile.group_idx = 0;
+        tile.k_begin = split * p.num_k_blocks / num_splits;
+        tile.k_count = (split + 1) * p.num_k_blocks / num_splits - tile.k_begin;
         return true;
       } else {
         if (tile_idx >= num_m_blocks * num_n_blocks) return false;

@@ -45,7 +45,7 @@ def pytest_runtest_makereport(item, call):
 def gemm_config(monkeypatch):
     """Forces an FP8 GEMM tile configuration through DSO_FP8_GEMM_CONFIG (read on every launch)."""
 
-    def force(block_m: int, block_n: int, stages: int = 0, cluster: int = 1):
-        monkeypatch.setenv("DSO_FP8_GEMM_CONFIG", f"{block_m}x{block_n}x{stages}x{cluster}")
+    def force(block_m: int, block_n: int, stages: int = 0, cluster: int = 1, splits: int = 1):
+        monkeypatch.setenv("DSO_FP8_GEMM_CONFIG", f"{block_m}x{block_n}x{stages}x{cluster}x{splits}")
 
     return force

@@ -134,6 +134,42 @@ def test_fp8_gemm_pipeline_depths(gemm_config, block_m, block_n, stages, cluster
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block_m,block_n,splits", [(64, 64, 2), (64, 16, 4), (128, 112, 3), (64, 192, 8),
+                                                    (128, 128, 7)])
+@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (65, 2112, 1024), (7, 16, 1024), (200, 1040, 2048)])
+def test_fp8_gemm_split_k(gemm_config, block_m, block_n, splits, m, n, k):
+    # Split K: each split sums its share of the K blocks (uneven shares where splits does not divide
+    # K / 128, e.g. 8 K blocks over 3 or 7 splits) into fp32 partials, a second kernel adds them into
+    # out. Partial row and column blocks, and the same bits on a repeat.
+    if splits > k // 128:
+        pytest.skip("more splits than K blocks is rejected (test_fp8_gemm_split_k_is_validated)")
+    gemm_config(block_m, block_n, splits=splits)
+    a, a_scales, b, b_scales = make_operands(m, n, k)
+    out = poison_(torch.empty(m, n, device="cuda", dtype=torch.bfloat16))
+    deepseek_ops.fp8_gemm(a, a_scales, b, b_scales, out=out)
+    assert_written(out)
+    check_parity(out, a, a_scales, b, b_scales)
+    assert_bitwise_equal(deepseek_ops.fp8_gemm(a, a_scales, b, b_scales), out)
+
+
+@pytest.mark.gpu
+def test_fp8_gemm_split_k_is_validated(gemm_config):
+    a, a_scales, b, b_scales = make_operands(64, 256, 512)
+    gemm_config(64, 64, splits=5)  # 4 K blocks
+    with pytest.raises(RuntimeError, match="splits of K need"):
+        deepseek_ops.fp8_gemm(a, a_scales, b, b_scales)
+    gemm_config(64, 64, splits=2)  # split K writes bf16 only, without c
+    with pytest.raises(RuntimeError, match="splits of K need"):
+        deepseek_ops.fp8_gemm(a, a_scales, b, b_scales, out_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="splits of K need"):
+        deepseek_ops.fp8_gemm(a, a_scales, b, b_scales, c=torch.zeros(64, 256, device="cuda"),
+                              out_dtype=torch.float32)
+    gemm_config(256, 128, cluster=2, splits=2)
+    with pytest.raises(RuntimeError, match="splits of K need"):
+        deepseek_ops.fp8_gemm(a, a_scales, b, b_scales)
+
+
+@pytest.mark.gpu
 def test_fp8_gemm_config_override_is_validated(gemm_config):
     a, a_scales, b, b_scales = make_operands(128, 128, 128)
     gemm_config(128, 120)
