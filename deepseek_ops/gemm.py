@@ -134,6 +134,9 @@ def fp8_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales:
     out_dtype: bfloat16 or float32. c: optional fp32 [M, N] added to the product (float32 output
         only; it may be `out` itself, to accumulate in place). out: optional [M, N] contiguous buffer.
     Returns d [M, N] (`out` when given).
+    Where few tiles would leave SMs idle (small M, long K; bf16 output, no c) the GPU kernel splits K
+    and takes an fp32 [splits, M, N] workspace from the caching allocator on the current stream; the
+    splits are summed in a fixed order, so the result is the same bits on every call.
     """
     if c is not None or torch.compiler.is_compiling() or not _fp8_gemm_ok(a, a_scales, b, b_scales, out_dtype, out):
         _check_fp8_gemm(a, a_scales, b, b_scales, out_dtype, out, c)
