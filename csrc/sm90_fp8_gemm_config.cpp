@@ -1,6 +1,7 @@
 // Tile configuration of the FP8 GEMM (host only): which instantiated variant (gemm::variant_instantiated)
 // and how many pipeline stages a problem runs with.
 #include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <iterator>
@@ -259,11 +260,14 @@ Fp8GemmConfig complete(Fp8GemmConfig config, const Fp8GemmProblem& p, const Devi
     throw std::runtime_error("deepseek_ops: fp8 gemm: no tile configuration fits in shared memory for K = " +
                              std::to_string(p.k));
   }
+  // Above one split the partials' rows (splits * M) are int-indexed in the kernel.
   if (config.num_splits < 1 ||
-      (config.num_splits > 1 && (!splittable(p) || config.cluster_size != 1 || config.num_splits > p.k / 128))) {
+      (config.num_splits > 1 && (!splittable(p) || config.cluster_size != 1 || config.num_splits > p.k / 128 ||
+                                 config.num_splits * p.m > INT32_MAX))) {
     throw std::runtime_error("deepseek_ops: fp8 gemm config: " + std::to_string(config.num_splits) +
                              " splits of K need 1 <= splits <= K / 128 = " + std::to_string(p.k / 128) +
-                             ", and above 1 the dense layout with bf16 output, no c and no cluster");
+                             ", and above 1 the dense layout with bf16 output, no c, no cluster and "
+                             "splits * M < 2^31");
   }
   const bool out_fp32 = kernel_out_fp32(p, config.num_splits);
   if (!gemm::variant_instantiated(p.type, out_fp32, config.block_m, config.block_n, config.cluster_size)) {
