@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "sm90_fp8_gemm.h"
@@ -59,7 +60,7 @@ void check(cudaError_t status, const char* what) {
 
 // Device buffers large enough for every shape of the sweep (and any `time` shape up to them).
 // Split K's partials: the heuristic splits only grids under one wave, so at most one partial tile per
-// SM (132 tiles of <= 128 x 192) at a time; forced splits beyond that are not supported here.
+// SM (132 tiles of <= 128 x 192) at a time; problem() refuses a forced split beyond that.
 constexpr size_t kPartialsFloats = 132 * 128 * 192;
 
 struct Buffers {
@@ -85,6 +86,11 @@ struct Buffers {
     p.a = a, p.lda = k, p.a_scales = a_scales, p.a_scales_ld = (m + 3) / 4 * 4;
     p.b = b, p.ldb = k, p.b_scales = b_scales, p.d = d, p.ldd = n, p.split_partials = partials;
     p.m = m, p.n = n, p.k = k;
+    const int splits = dso::select_sm90_fp8_gemm_config(p).num_splits;
+    if (splits > 1 && static_cast<size_t>(splits) * m * n > kPartialsFloats) {
+      throw std::runtime_error("split K: " + std::to_string(splits) + " x " + std::to_string(m) + " x " +
+                               std::to_string(n) + " partials exceed this harness's buffer");
+    }
     return p;
   }
 };
