@@ -26,7 +26,12 @@ def passes_check(label: str, impl: str, error: float, bound: float, ours: str) -
 @functools.lru_cache(maxsize=None)
 def _import(name: str):
     try:
-        return __import__(name)
+        module = __import__(name)
+        if name == "deep_gemm":
+            # deep_gemm imports without its kernels when they fail to load (it swallows that ImportError):
+            # raise it here, so that the peer is skipped with its cause rather than failing at the call.
+            from deep_gemm._C import fp8_gemm_nt  # noqa: F401
+        return module
     except ImportError as exc:
         print(f"peer {name} not importable ({exc}); its records are skipped", flush=True)
         return None

@@ -3,11 +3,13 @@ import datetime
 import importlib
 import inspect
 import json
+import sys
+import types
 
 import pytest
 
 from benchmarks import __main__ as bench_main
-from benchmarks import report
+from benchmarks import peers, report
 from benchmarks.peers import passes_check
 from benchmarks.report import OURS, Record
 
@@ -95,3 +97,21 @@ def test_peer_failing_the_reference_check_is_skipped_and_ours_raises(capsys):
     assert "flashmla calc_diff nan" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="deepseek_ops calc_diff 0.5"):
         passes_check("shape", "deepseek_ops", 0.5, 1e-5, "deepseek_ops")
+
+
+def test_deepgemm_without_its_kernels_is_skipped_with_the_cause(monkeypatch, capsys):
+    # deep_gemm's __init__ swallows an ImportError of its kernels and imports without them: the peer must
+    # then be skipped (None and one line naming the cause), not fail at its first call.
+    package = types.ModuleType("deep_gemm")
+    package.__path__ = []
+    monkeypatch.setitem(sys.modules, "deep_gemm", package)
+    monkeypatch.setitem(sys.modules, "deep_gemm._C", types.ModuleType("deep_gemm._C"))
+    peers._import.cache_clear()
+    try:
+        assert peers._import("deep_gemm") is None
+        assert "peer deep_gemm not importable (cannot import name 'fp8_gemm_nt'" in capsys.readouterr().out
+        sys.modules["deep_gemm._C"].fp8_gemm_nt = lambda *args: None
+        peers._import.cache_clear()
+        assert peers._import("deep_gemm") is package
+    finally:
+        peers._import.cache_clear()
