@@ -997,9 +997,7 @@ bool dispatch(const LaunchArgs& args, GemmType type, bool out_fp32) {
   return false;
 }
 
-}  // namespace
-
-void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
+void check_problem(const Fp8GemmProblem& p) {
   if (p.m <= 0 || p.n <= 0 || p.k <= 0 || p.k % 128 != 0 || p.n % 16 != 0) {
     throw std::runtime_error("deepseek_ops: launch_sm90_fp8_gemm needs m > 0, n a multiple of 16, k a multiple of 128");
   }
@@ -1012,8 +1010,11 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
   if (p.c != nullptr && (reinterpret_cast<uintptr_t>(p.c) % 16 != 0 || (p.ldc * 4) % 16 != 0)) {
     throw std::runtime_error("deepseek_ops: launch_sm90_fp8_gemm needs c and its row stride 16-byte aligned");
   }
+}
+
+void launch_checked(const Fp8GemmProblem& p, const Fp8GemmConfig& config, cudaStream_t stream) {
   LaunchArgs args;
-  args.config = select_sm90_fp8_gemm_config(p);
+  args.config = config;
   args.stream = stream;
   // Split K: the GEMM writes fp32 partial sums [num_splits * m, n] (split s: rows s * m + row), then
   // sm90_fp8_gemm_split_sum_kernel adds them into d. complete() (sm90_fp8_gemm_config.cpp) holds the
@@ -1097,6 +1098,18 @@ void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
                     static_cast<__nv_bfloat16*>(p.d), p.ldd, static_cast<int>(p.m), static_cast<int>(p.n),
                     num_splits);
   }
+}
+
+}  // namespace
+
+void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, const Fp8GemmConfig& config, cudaStream_t stream) {
+  check_problem(p);
+  launch_checked(p, config, stream);
+}
+
+void launch_sm90_fp8_gemm(const Fp8GemmProblem& p, cudaStream_t stream) {
+  check_problem(p);
+  launch_checked(p, select_sm90_fp8_gemm_config(p), stream);
 }
 
 }  // namespace dso

@@ -82,5 +82,8 @@ Fp8GemmConfig select_sm90_fp8_gemm_config(const Fp8GemmProblem& problem);
 
 // Requires m > 0 (callers return early for empty outputs). Throws std::runtime_error on bad config.
 void launch_sm90_fp8_gemm(const Fp8GemmProblem& problem, cudaStream_t stream);
+// The same with the configuration select_sm90_fp8_gemm_config returned for this problem, for callers
+// that read it first (to size the split-K workspace): one selection a call, not two.
+void launch_sm90_fp8_gemm(const Fp8GemmProblem& problem, const Fp8GemmConfig& config, cudaStream_t stream);
 
 }  // namespace dso

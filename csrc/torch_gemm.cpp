@@ -135,12 +135,12 @@ void launch_fp8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::
   // Split K writes fp32 partial sums first: from the caching allocator on this stream, so the memory
   // is reused only after the kernels that read it.
   at::Tensor split_partials;
-  const int num_splits = dso::select_sm90_fp8_gemm_config(p).num_splits;
-  if (num_splits > 1) {
-    split_partials = at::empty({num_splits, p.m, p.n}, a.options().dtype(at::kFloat));
+  const dso::Fp8GemmConfig config = dso::select_sm90_fp8_gemm_config(p);
+  if (config.num_splits > 1) {
+    split_partials = at::empty({config.num_splits, p.m, p.n}, a.options().dtype(at::kFloat));
     p.split_partials = split_partials.data_ptr<float>();
   }
-  dso::launch_sm90_fp8_gemm(p, dso::current_stream());
+  dso::launch_sm90_fp8_gemm(p, config, dso::current_stream());
 }
 
 void fp8_gemm_out_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
