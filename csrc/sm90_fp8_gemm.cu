@@ -32,6 +32,7 @@
 #include "barrier.cuh"
 #include "cache_policy.cuh"
 #include "common.h"
+#include "cp_async.cuh"
 #include "fence.cuh"
 #include "griddep.cuh"
 #include "launch_pdl.h"
@@ -220,14 +221,17 @@ __device__ __forceinline__ void schedule(const GemmParams& p, uint8_t* smem, con
       float* smem_sfb = reinterpret_cast<float*>(slot_base + kTileSlotHeaderBytes);
       const int first_block = tile.n_block_idx * BLOCK_N / 128;
       const float* gmem_sfb = p.b_scales + static_cast<int64_t>(tile.group_idx) * num_n_scale_blocks * p.num_k_blocks;
-#pragma unroll 1  // the producer warpgroup's 40 registers: one load in flight per lane
+      // Every lane's copies in flight at once and no registers held (the producer warpgroup has 40): a
+      // CTA's first tile waits for them, and with one tile per CTA (small M) nothing hides that wait.
+#pragma unroll 1
       for (int i = lane_idx; i < 2 * p.num_k_blocks; i += 32) {
         const int which = i >= p.num_k_blocks;
         const int n_scale_block = min(first_block + which, num_n_scale_blocks - 1);
-        smem_sfb[i] = __ldg(gmem_sfb + n_scale_block * p.num_k_blocks + (i - which * p.num_k_blocks));
+        ptx::cp_async_ca_4(smem_sfb + i, gmem_sfb + n_scale_block * p.num_k_blocks + (i - which * p.num_k_blocks));
       }
+      ptx::cp_async_mbarrier_arrive(&tile_full[slot]);  // the slot is full once this lane's copies land
     }
-    ptx::mbarrier_arrive(&tile_full[slot]);  // every lane: each releases its own writes
+    ptx::mbarrier_arrive(&tile_full[slot]);  // every lane: each releases its own writes (lane 0: the header)
     if (!valid) return;
     if (++slot == kNumTileSlots) {
       slot = 0;
@@ -636,14 +640,20 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
       ring.issue(acc, 0);
       ring.next_issue_stage();
     };
-    // K block k_block_idx (its group the oldest in flight, in acc) -> final_acc; frees its stage.
-    auto promote_oldest = [&](float (&acc)[kNumAccum], int k_block_idx) {
-      ptx::warpgroup::fence_accumulators(acc);
+    // Waits until K block k_block_idx (the oldest group in flight, in acc; `last`: the only one) has
+    // landed, and promotes it into final_acc; frees its stage. Block-scaled B: the scales are read from
+    // shared memory before the wait, so their latency runs under the wgmma instead of ahead of the FFMAs.
+    auto wait_and_promote_oldest = [&](bool last, float (&acc)[kNumAccum], int k_block_idx) {
+      auto wait = [last]() { last ? ptx::warpgroup::wgmma_wait_group<0>() : ptx::warpgroup::wgmma_wait_group<1>(); };
       if constexpr (K::kBScalesPerRow) {
+        wait();
+        ptx::warpgroup::fence_accumulators(acc);
         ring.promote_per_column_from(ring.release_stage, 0, final_acc[0], acc);
         ring.release_oldest();
       } else {
         const PassScales s = ring.scales(ring.release_stage, 0, k_block_idx);
+        wait();
+        ptx::warpgroup::fence_accumulators(acc);
         ring.release_oldest();
         promote<kNumFirstGroups>(final_acc[0], acc, s);
       }
@@ -657,21 +667,16 @@ __device__ __forceinline__ void k_loop(ConsumerRing<K>& ring, float (&final_acc)
     int k_block_idx = 0;
     for (; k_block_idx + 2 < num_k_blocks; k_block_idx += 2) {  // acc0 in flight at the top
       issue_next(acc1);
-      ptx::warpgroup::wgmma_wait_group<1>();
-      promote_oldest(acc0, k_block_idx);
+      wait_and_promote_oldest(false, acc0, k_block_idx);
       issue_next(acc0);
-      ptx::warpgroup::wgmma_wait_group<1>();
-      promote_oldest(acc1, k_block_idx + 1);
+      wait_and_promote_oldest(false, acc1, k_block_idx + 1);
     }
     if (k_block_idx + 1 < num_k_blocks) {
       issue_next(acc1);
-      ptx::warpgroup::wgmma_wait_group<1>();
-      promote_oldest(acc0, k_block_idx);
-      ptx::warpgroup::wgmma_wait_group<0>();
-      promote_oldest(acc1, k_block_idx + 1);
+      wait_and_promote_oldest(false, acc0, k_block_idx);
+      wait_and_promote_oldest(true, acc1, k_block_idx + 1);
     } else {
-      ptx::warpgroup::wgmma_wait_group<0>();
-      promote_oldest(acc0, k_block_idx);
+      wait_and_promote_oldest(true, acc0, k_block_idx);
     }
   } else {
     // One accumulator: each pass is issued, waited for and promoted in turn; the tensor cores stay

@@ -28,4 +28,12 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
+// PTX ISA, cp.async.mbarrier.arrive (without .noinc): the mbarrier's current phase also waits
+// for every cp.async this thread issued so far. It adds a pending arrival now and arrives when they land,
+// so the barrier's expected count stays as it is (the thread still arrives on it as usual).
+__device__ __forceinline__ void cp_async_mbarrier_arrive(uint64_t* bar) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];" ::"r"(addr) : "memory");
+}
+
 }  // namespace dso::ptx
