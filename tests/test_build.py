@@ -195,7 +195,8 @@ def test_no_dead_uniform_moves():
     assert not offenders, f"kernels with a move into a uniform register that never runs: {offenders}"
 
 
-@pytest.mark.parametrize("source", ["fp8_gemm_standalone.cu", "e4m3_dequant_micro.cu", "mla_barrier_racecheck.cu"])
+@pytest.mark.parametrize("source", ["fp8_gemm_standalone.cu", "e4m3_dequant_micro.cu", "mla_barrier_racecheck.cu",
+                                    "gemm_slot_racecheck.cu"])
 def test_standalone_harness_compiles(tmp_path, source):
     """The no-torch harnesses in benchmarks/ compile (the GEMM one stays in step with the launcher's header)."""
     root = Path(__file__).resolve().parent.parent
