@@ -17,12 +17,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 
 #include "common.h"
 #include "fence.cuh"
 #include "mbarrier.cuh"
+#include "racecheck_repro.cuh"
 
 namespace {
 
@@ -68,26 +67,9 @@ __global__ void __launch_bounds__(kThreads, 1) slot_kernel(int* mismatches) {
   }
 }
 
-template <int kVariant>
-int run() {
-  int* mismatches;
-  DSO_CUDA_CHECK(cudaMalloc(&mismatches, sizeof(int)));
-  DSO_CUDA_CHECK(cudaMemset(mismatches, 0, sizeof(int)));
-  slot_kernel<kVariant><<<1, kThreads>>>(mismatches);
-  DSO_CUDA_CHECK(cudaGetLastError());
-  int host = 0;
-  DSO_CUDA_CHECK(cudaMemcpy(&host, mismatches, sizeof(int), cudaMemcpyDeviceToHost));
-  DSO_CUDA_CHECK(cudaFree(mismatches));
-  std::printf("variant %d: %d mismatched loads\n", kVariant, host);
-  return host == 0 ? 0 : 1;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int variant = argc > 1 ? std::atoi(argv[1]) : -1;
-  int status = 0;
-  if (variant < 0 || variant == 0) status |= run<0>();
-  if (variant < 0 || variant == 1) status |= run<1>();
-  return status;
+  void (*const kernels[])(int*) = {slot_kernel<0>, slot_kernel<1>};
+  return dso::repro::run_selected(argc, argv, kernels, kThreads);
 }

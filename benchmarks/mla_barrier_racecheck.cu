@@ -19,13 +19,12 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 
 #include "barrier.cuh"
 #include "common.h"
 #include "fence.cuh"
 #include "mbarrier.cuh"
+#include "racecheck_repro.cuh"
 #include "warpgroup.cuh"
 
 namespace {
@@ -89,28 +88,9 @@ __global__ void __launch_bounds__(kThreads, 1) pattern_kernel(int* mismatches) {
   if (sums[row] != sums[kRows + row]) atomicAdd(mismatches, 1);  // both warpgroups summed the same bases
 }
 
-template <int kVariant>
-int run() {
-  int* mismatches;
-  DSO_CUDA_CHECK(cudaMalloc(&mismatches, sizeof(int)));
-  DSO_CUDA_CHECK(cudaMemset(mismatches, 0, sizeof(int)));
-  pattern_kernel<kVariant><<<1, kThreads>>>(mismatches);
-  DSO_CUDA_CHECK(cudaGetLastError());
-  int host = 0;
-  DSO_CUDA_CHECK(cudaMemcpy(&host, mismatches, sizeof(int), cudaMemcpyDeviceToHost));
-  DSO_CUDA_CHECK(cudaFree(mismatches));
-  std::printf("variant %d: %d mismatched loads\n", kVariant, host);
-  return host == 0 ? 0 : 1;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int variant = argc > 1 ? std::atoi(argv[1]) : -1;
-  int status = 0;
-  if (variant < 0 || variant == 0) status |= run<0>();
-  if (variant < 0 || variant == 1) status |= run<1>();
-  if (variant < 0 || variant == 2) status |= run<2>();
-  if (variant < 0 || variant == 3) status |= run<3>();
-  return status;
+  void (*const kernels[])(int*) = {pattern_kernel<0>, pattern_kernel<1>, pattern_kernel<2>, pattern_kernel<3>};
+  return dso::repro::run_selected(argc, argv, kernels, kThreads);
 }
