@@ -112,9 +112,10 @@ double mma_efficiency(GemmType type, int block_m, int block_n) {
 constexpr double kSmFlops = 0.9e15 / 132;
 constexpr double kSmL2BytesPerS = 80e9;
 constexpr double kDramBytesPerS = 3.0e12;
-// Split K's sum kernel: its launch behind the GEMM and its tail, a guess (the partials' bytes are
-// charged at DRAM rate on top). Not fitted: the one split bench shape (64 x 2112 x 7168, 4 splits of
-// 64 x 64 tiles) ran 10.9 us on the H100 against 10.2 us estimated.
+// Split K's sum kernel: its launch behind the GEMM and its tail (the partials' bytes are charged at DRAM
+// rate on top). torch.profiler on an H100 (benchmarks/RESULTS.md, session 30): the sum kernel ran 1.9-2.2 us
+// per call behind 2- and 4-split GEMMs of 128 x 2112 x 7168 and 64 x 2112 x 7168, and the call's span was the
+// GEMM's time plus the sum's (nothing overlapped).
 constexpr double kSplitSumFixedSeconds = 2e-6;
 
 // Estimated time of a configuration: waves of tiles, each costing the slower of its tensor-core time
