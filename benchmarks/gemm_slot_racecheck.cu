@@ -20,8 +20,6 @@
 
 #include <cstdint>
 
-#include "common.h"
-#include "fence.cuh"
 #include "mbarrier.cuh"
 #include "racecheck_repro.cuh"
 

@@ -21,8 +21,6 @@
 #include <cstdint>
 
 #include "barrier.cuh"
-#include "common.h"
-#include "fence.cuh"
 #include "mbarrier.cuh"
 #include "racecheck_repro.cuh"
 #include "warpgroup.cuh"
