@@ -8,9 +8,9 @@
 //   1  every consumer lane arrives on empty[slot] (count 128): no __syncwarp between a lane's loads and
 //      its warp's release.
 // Each variant checks what its consumers load (exit status 1 on a mismatch); racecheck's report says
-// which variant, if any, it flags. H100, 2026-12-07: variant 0 28032 hazards, variant 1 none, and no
-// mismatched load in either: racecheck does not take __syncwarp + one lane's arrival as ordering the
-// other lanes' loads.
+// which variant, if any, it flags. It flags variant 0 and not variant 1, with no mismatched load in either
+// (benchmarks/RESULTS.md, session 30): racecheck does not take __syncwarp + one lane's arrival as ordering
+// the other lanes' loads.
 //
 // Build and run (from the repository root; any sm_90 GPU):
 //   nvcc -std=c++20 -O3 -gencode arch=compute_90a,code=sm_90a -Iptx -Icsrc benchmarks/gemm_slot_racecheck.cu \
